@@ -1,0 +1,241 @@
+//! The subcommands of DESIGN §2. Each arm loads what it needs and calls one library function;
+//! `main.rs` turns the outcome into an exit code.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use invalidator::change::Op;
+use invalidator::check::{self, Severity};
+use invalidator::config::Config;
+use invalidator::redact::redact;
+use invalidator::rules::RuleSet;
+use invalidator::source::setup;
+use invalidator::{explain, run};
+use tokio_util::sync::CancellationToken;
+
+/// Keeps a Redis cache correct by deleting the keys that Postgres changes make stale.
+#[derive(Debug, Parser)]
+#[command(name = "invalidator", version, about)]
+pub struct Cli {
+    /// The subcommand.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// What to do.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the sidecar until SIGTERM or SIGINT.
+    Run {
+        /// Configuration file [default: ./invalidator.toml].
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Load and compile the rules, then check them against the live database.
+    Check {
+        /// Configuration file [default: ./invalidator.toml].
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Only load and compile; do not connect.
+        #[arg(long)]
+        offline: bool,
+    },
+    /// Print the keys and patterns one change would invalidate.
+    Explain {
+        /// Configuration file [default: ./invalidator.toml].
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The table, `schema.table` or a bare name in `public`.
+        #[arg(long)]
+        table: String,
+        /// insert, update, delete or truncate.
+        #[arg(long)]
+        op: Op,
+        /// The old row as a JSON object (update, delete).
+        #[arg(long)]
+        old: Option<String>,
+        /// The new row as a JSON object (insert, update).
+        #[arg(long)]
+        new: Option<String>,
+    },
+    /// Create or repair the publication and the replication slot.
+    Setup {
+        /// Configuration file [default: ./invalidator.toml].
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Print the SQL instead of running it.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Show the slot: active or not, confirmed LSN, lag in bytes.
+    Status {
+        /// Configuration file [default: ./invalidator.toml].
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
+
+impl Command {
+    /// The `--config` of any subcommand.
+    pub fn config_path(&self) -> Option<&std::path::Path> {
+        match self {
+            Command::Run { config }
+            | Command::Check { config, .. }
+            | Command::Explain { config, .. }
+            | Command::Setup { config, .. }
+            | Command::Status { config } => config.as_deref(),
+        }
+    }
+}
+
+/// Configuration and rules, loaded before anything connects: failures here exit 2.
+pub struct Loaded {
+    /// The validated configuration.
+    pub config: Config,
+    /// The compiled rules.
+    pub rules: Arc<RuleSet>,
+}
+
+/// Loads the configuration and compiles the rules.
+pub fn load(command: &Command) -> anyhow::Result<Loaded> {
+    let config = Config::load(command.config_path())?;
+    let rules = RuleSet::load(&config.rules_path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(Loaded {
+        config,
+        rules: Arc::new(rules),
+    })
+}
+
+/// Runs a subcommand whose configuration and rules loaded.
+pub async fn execute(command: Command, loaded: Loaded) -> anyhow::Result<ExitCode> {
+    let Loaded { config, rules } = loaded;
+    match command {
+        Command::Run { .. } => {
+            let cancel = CancellationToken::new();
+            tokio::spawn(cancel_on_signal(cancel.clone()));
+            run::run(config, rules, cancel).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Check { offline: true, .. } => {
+            println!("{}", summary(&rules, "compiled (offline)"));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Check { offline: false, .. } => {
+            let mut db = connect(&config).await?;
+            let findings = check::against_database(&mut db, &rules).await?;
+            for finding in &findings {
+                println!("{finding}");
+            }
+            let errors = findings
+                .iter()
+                .filter(|f| f.severity == Severity::Error)
+                .count();
+            if errors > 0 {
+                println!("{errors} problem(s) found");
+                Ok(ExitCode::FAILURE)
+            } else {
+                println!("{}", summary(&rules, "ok"));
+                Ok(ExitCode::SUCCESS)
+            }
+        }
+        Command::Explain {
+            table,
+            op,
+            old,
+            new,
+            ..
+        } => {
+            let change = explain::change(&table, op, old.as_deref(), new.as_deref())?;
+            println!("{}", explain::explain(&rules, &change));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Setup { dry_run, .. } => {
+            let mut db = connect(&config).await?;
+            let tables = rules.tables().cloned().collect();
+            let actions = setup::plan(
+                &mut db,
+                &tables,
+                &config.postgres.publication,
+                &config.postgres.slot,
+            )
+            .await?;
+            if actions.is_empty() {
+                println!("publication and slot are in place; nothing to do");
+            } else if dry_run {
+                for action in &actions {
+                    println!("-- {}\n{};", action.why, action.sql);
+                }
+            } else {
+                setup::apply(&mut db, &actions).await?;
+                for action in &actions {
+                    println!("done: {}", action.why);
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status { .. } => {
+            let mut db = connect(&config).await?;
+            let slot = &config.postgres.slot;
+            let Some(info) = setup::slot_info(&mut db, slot).await? else {
+                println!("slot {slot}: does not exist (run `invalidator setup`)");
+                return Ok(ExitCode::FAILURE);
+            };
+            let state = match &info.active_pid {
+                Some(pid) if info.active => format!("active (pid {pid})"),
+                _ => "inactive".to_owned(),
+            };
+            let confirmed = info
+                .confirmed_flush
+                .map_or_else(|| "none".to_owned(), |l| l.to_string());
+            let lag = info
+                .lag_bytes
+                .map_or_else(|| "unknown".to_owned(), |b| b.to_string());
+            let wal_status = info.wal_status.unwrap_or_else(|| "unknown".to_owned());
+            println!(
+                "slot {slot}: {state}, confirmed {confirmed}, lag {lag} bytes, wal_status {wal_status}"
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn summary(rules: &RuleSet, verdict: &str) -> String {
+    format!(
+        "{} rules on {} tables: {verdict}",
+        rules.rules().len(),
+        rules.tables().count()
+    )
+}
+
+/// An ordinary (non-replication) connection for setup, check and status.
+async fn connect(config: &Config) -> anyhow::Result<tokio_postgres::Client> {
+    let (client, connection) = tokio_postgres::connect(&config.postgres.url, tokio_postgres::NoTls)
+        .await
+        .with_context(|| format!("connecting to {}", redact(&config.postgres.url)))?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::warn!(error = %e, "postgres connection ended");
+        }
+    });
+    Ok(client)
+}
+
+/// Fires `cancel` on the first SIGTERM or SIGINT.
+async fn cancel_on_signal(cancel: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: finishing the batch in flight"),
+        _ = int.recv() => tracing::info!("SIGINT: finishing the batch in flight"),
+    }
+    cancel.cancel();
+}

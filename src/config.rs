@@ -1,0 +1,515 @@
+//! Configuration: the TOML file, then `INVALIDATOR_<SECTION>_<KEY>` environment overrides, then
+//! validation into a [`Config`]. Opens no connections.
+//!
+//! Precedence is environment over file over default. `DATABASE_URL` and `REDIS_URL` are honoured
+//! as the conventional names, but the specific `INVALIDATOR_POSTGRES_URL` / `INVALIDATOR_REDIS_URL`
+//! win over them when both are set.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::redact::redact;
+
+/// How changes are read from Postgres.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Logical replication with the built-in `pgoutput` plugin.
+    Replication,
+    /// Triggers writing to an outbox table, announced with NOTIFY.
+    Notify,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The Postgres connection and replication objects.
+    pub postgres: PostgresConfig,
+    /// Redis connection URL (may hold a password: print it only through [`redact`]).
+    pub redis_url: String,
+    /// A rules directory or a single rules file.
+    pub rules_path: PathBuf,
+    /// Address of the HTTP server for `/metrics`, `/healthz` and `/readyz`.
+    pub http_listen: SocketAddr,
+    /// Batching and acknowledgement tuning.
+    pub pipeline: PipelineConfig,
+    /// Logging.
+    pub log: LogConfig,
+}
+
+/// The `[postgres]` section.
+#[derive(Debug, Clone)]
+pub struct PostgresConfig {
+    /// Connection URL (may hold a password: print it only through [`redact`]).
+    pub url: String,
+    /// Replication or notify mode.
+    pub mode: Mode,
+    /// Replication slot name.
+    pub slot: String,
+    /// Publication name.
+    pub publication: String,
+}
+
+/// The `[pipeline]` section; the defaults need no tuning.
+#[derive(Debug, Clone)]
+pub struct PipelineConfig {
+    /// A batch stops taking more transactions once it holds this many keys and patterns.
+    pub max_batch_keys: usize,
+    /// How often a standby status update is sent even when nothing changed.
+    pub status_interval: Duration,
+}
+
+/// The `[log]` section.
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    /// Text or JSON lines.
+    pub format: LogFormat,
+    /// A `tracing` filter directive such as `info` or `invalidator=debug`; `RUST_LOG` overrides.
+    pub level: String,
+}
+
+/// The configuration could not be loaded; always names where the problem is.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has unknown or mistyped keys.
+    #[error("{path}:{line}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line of the problem.
+        line: usize,
+        /// What is wrong.
+        message: String,
+    },
+    /// A value is present but not acceptable.
+    #[error("{origin}: {message}")]
+    Invalid {
+        /// The file and key, or the environment variable, that supplied the value.
+        origin: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    postgres: RawPostgres,
+    #[serde(default)]
+    redis: RawRedis,
+    #[serde(default)]
+    rules: RawRules,
+    #[serde(default)]
+    http: RawHttp,
+    #[serde(default)]
+    pipeline: RawPipeline,
+    #[serde(default)]
+    log: RawLog,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPostgres {
+    url: Option<String>,
+    mode: Option<String>,
+    slot: Option<String>,
+    publication: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRedis {
+    url: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRules {
+    path: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHttp {
+    listen: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPipeline {
+    max_batch_keys: Option<usize>,
+    status_interval_ms: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    format: Option<String>,
+    level: Option<String>,
+}
+
+/// The default config file, used when `--config` is not given.
+pub const DEFAULT_PATH: &str = "invalidator.toml";
+
+impl Config {
+    /// Loads the configuration from the process environment and, when it exists, `path`.
+    ///
+    /// An explicit path that does not exist is an error; the default path may be absent, in
+    /// which case defaults and the environment alone apply.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let env: Vec<(String, String)> = std::env::vars().collect();
+        Config::load_with_env(path, &env)
+    }
+
+    /// Like [`Config::load`], with the environment given explicitly (for tests).
+    pub fn load_with_env(
+        path: Option<&Path>,
+        env: &[(String, String)],
+    ) -> Result<Config, ConfigError> {
+        let (file, explicit) = match path {
+            Some(p) => (p.to_path_buf(), true),
+            None => (PathBuf::from(DEFAULT_PATH), false),
+        };
+        let text = match std::fs::read_to_string(&file) {
+            Ok(text) => Some(text),
+            Err(e) if !explicit && e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(source) => return Err(ConfigError::Read { path: file, source }),
+        };
+        let mut raw = match &text {
+            Some(text) => toml::from_str::<RawConfig>(text).map_err(|e| ConfigError::Parse {
+                path: file.clone(),
+                line: e.span().map_or(1, |s| line_of(text, s.start)),
+                message: e.message().to_owned(),
+            })?,
+            None => RawConfig::default(),
+        };
+        // Relative rule paths in a file are relative to that file, so a config and its rules
+        // can move together (e.g. mounted at /etc/invalidator).
+        let base = file.parent().map(Path::to_path_buf).unwrap_or_default();
+        if let Some(p) = raw.rules.path.take() {
+            raw.rules.path = Some(if p.is_relative() { base.join(p) } else { p });
+        }
+        let mut database_url = None;
+        let mut redis_url = None;
+        for (name, value) in env {
+            match name.as_str() {
+                "DATABASE_URL" => database_url = Some(value.clone()),
+                "REDIS_URL" => redis_url = Some(value.clone()),
+                _ if name.starts_with("INVALIDATOR_") => apply_env(&mut raw, name, value)?,
+                _ => {}
+            }
+        }
+        let env_wins = |name: &str| env.iter().any(|(n, _)| n == name);
+        if !env_wins("INVALIDATOR_POSTGRES_URL") && database_url.is_some() {
+            raw.postgres.url = database_url;
+        }
+        if !env_wins("INVALIDATOR_REDIS_URL") && redis_url.is_some() {
+            raw.redis.url = redis_url;
+        }
+        validate(raw, &file)
+    }
+}
+
+fn apply_env(raw: &mut RawConfig, name: &str, value: &str) -> Result<(), ConfigError> {
+    let v = Some(value.to_owned());
+    let number = |v: &str| {
+        v.parse().map_err(|_| ConfigError::Invalid {
+            origin: name.to_owned(),
+            message: format!("expected a non-negative integer, got {v:?}"),
+        })
+    };
+    match name {
+        "INVALIDATOR_POSTGRES_URL" => raw.postgres.url = v,
+        "INVALIDATOR_POSTGRES_MODE" => raw.postgres.mode = v,
+        "INVALIDATOR_POSTGRES_SLOT" => raw.postgres.slot = v,
+        "INVALIDATOR_POSTGRES_PUBLICATION" => raw.postgres.publication = v,
+        "INVALIDATOR_REDIS_URL" => raw.redis.url = v,
+        "INVALIDATOR_RULES_PATH" => raw.rules.path = Some(PathBuf::from(value)),
+        "INVALIDATOR_HTTP_LISTEN" => raw.http.listen = v,
+        "INVALIDATOR_PIPELINE_MAX_BATCH_KEYS" => raw.pipeline.max_batch_keys = Some(number(value)?),
+        "INVALIDATOR_PIPELINE_STATUS_INTERVAL_MS" => {
+            raw.pipeline.status_interval_ms = Some(number(value)? as u64)
+        }
+        "INVALIDATOR_LOG_FORMAT" => raw.log.format = v,
+        "INVALIDATOR_LOG_LEVEL" => raw.log.level = v,
+        _ => {
+            return Err(ConfigError::Invalid {
+                origin: name.to_owned(),
+                message: "unknown setting (expected INVALIDATOR_<SECTION>_<KEY> for a key of \
+                          the configuration file)"
+                    .to_owned(),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn validate(raw: RawConfig, file: &Path) -> Result<Config, ConfigError> {
+    let invalid = |key: &str, message: String| ConfigError::Invalid {
+        origin: format!("{} [{key}]", file.display()),
+        message,
+    };
+    let mode = match raw.postgres.mode.as_deref().unwrap_or("replication") {
+        "replication" => Mode::Replication,
+        "notify" => Mode::Notify,
+        other => {
+            return Err(invalid(
+                "postgres.mode",
+                format!("unknown mode {other:?}: expected \"replication\" or \"notify\""),
+            ));
+        }
+    };
+    let slot = raw
+        .postgres
+        .slot
+        .unwrap_or_else(|| "invalidator".to_owned());
+    let publication = raw
+        .postgres
+        .publication
+        .unwrap_or_else(|| "invalidator".to_owned());
+    for (key, name) in [
+        ("postgres.slot", &slot),
+        ("postgres.publication", &publication),
+    ] {
+        if !is_identifier(name) {
+            return Err(invalid(
+                key,
+                format!("{name:?} is not a valid name: use 1-63 of a-z, 0-9 and _"),
+            ));
+        }
+    }
+    let url = raw
+        .postgres
+        .url
+        .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
+    if let Err(e) = url.parse::<tokio_postgres::Config>() {
+        return Err(invalid(
+            "postgres.url",
+            format!("{} is not a valid Postgres URL: {e}", redact(&url)),
+        ));
+    }
+    let redis_url = raw
+        .redis
+        .url
+        .unwrap_or_else(|| "redis://127.0.0.1:6379/0".to_owned());
+    if !(redis_url.starts_with("redis://")
+        || redis_url.starts_with("rediss://")
+        || redis_url.starts_with("unix://"))
+    {
+        return Err(invalid(
+            "redis.url",
+            format!(
+                "{} is not a Redis URL: expected redis://, rediss:// or unix://",
+                redact(&redis_url)
+            ),
+        ));
+    }
+    let listen = raw
+        .http
+        .listen
+        .unwrap_or_else(|| "127.0.0.1:9187".to_owned());
+    let http_listen = listen.parse().map_err(|_| {
+        invalid(
+            "http.listen",
+            format!("{listen:?} is not an address like 127.0.0.1:9187"),
+        )
+    })?;
+    let format = match raw.log.format.as_deref().unwrap_or("text") {
+        "text" => LogFormat::Text,
+        "json" => LogFormat::Json,
+        other => {
+            return Err(invalid(
+                "log.format",
+                format!("unknown format {other:?}: expected \"text\" or \"json\""),
+            ));
+        }
+    };
+    let max_batch_keys = raw.pipeline.max_batch_keys.unwrap_or(10_000);
+    if max_batch_keys == 0 {
+        return Err(invalid(
+            "pipeline.max_batch_keys",
+            "must be at least 1".to_owned(),
+        ));
+    }
+    Ok(Config {
+        postgres: PostgresConfig {
+            url,
+            mode,
+            slot,
+            publication,
+        },
+        redis_url,
+        rules_path: raw.rules.path.unwrap_or_else(|| PathBuf::from("rules")),
+        http_listen,
+        pipeline: PipelineConfig {
+            max_batch_keys,
+            status_interval: Duration::from_millis(
+                raw.pipeline.status_interval_ms.unwrap_or(10_000).max(100),
+            ),
+        },
+        log: LogConfig {
+            format,
+            level: raw.log.level.unwrap_or_else(|| "info".to_owned()),
+        },
+    })
+}
+
+/// Whether `name` is safe to use unquoted as a slot or publication name.
+fn is_identifier(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+}
+
+/// 1-based line number of a byte offset.
+pub fn line_of(text: &str, offset: usize) -> usize {
+    let end = offset.min(text.len());
+    text.as_bytes()[..end]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn write(text: &str) -> tempfile::NamedTempFile {
+        let mut f = tempfile::Builder::new()
+            .suffix(".toml")
+            .tempfile()
+            .expect("temp config");
+        f.write_all(text.as_bytes()).expect("write temp config");
+        f
+    }
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_apply_when_the_default_file_is_absent() {
+        let cfg = Config::load_with_env(None, &[]);
+        // The test's working directory has no invalidator.toml, or has the example one; both load.
+        let cfg = cfg.expect("defaults load");
+        assert_eq!(cfg.postgres.slot, "invalidator");
+        assert_eq!(cfg.http_listen.to_string(), "127.0.0.1:9187");
+    }
+
+    #[test]
+    fn an_explicit_missing_file_is_an_error() {
+        let err = Config::load_with_env(Some(Path::new("/nonexistent/x.toml")), &[]).unwrap_err();
+        assert!(err.to_string().starts_with("/nonexistent/x.toml:"), "{err}");
+    }
+
+    #[test]
+    fn environment_beats_file_beats_default() {
+        let f = write("[postgres]\nslot = \"from_file\"\npublication = \"pub_file\"\n");
+        let cfg = Config::load_with_env(
+            Some(f.path()),
+            &env(&[("INVALIDATOR_POSTGRES_SLOT", "from_env")]),
+        )
+        .unwrap();
+        assert_eq!(cfg.postgres.slot, "from_env");
+        assert_eq!(cfg.postgres.publication, "pub_file");
+        assert_eq!(cfg.postgres.mode, Mode::Replication);
+    }
+
+    #[test]
+    fn database_url_overrides_the_file_but_not_the_specific_variable() {
+        let f = write("[postgres]\nurl = \"postgres://a@h/file\"\n");
+        let cfg = Config::load_with_env(
+            Some(f.path()),
+            &env(&[("DATABASE_URL", "postgres://a@h/generic")]),
+        )
+        .unwrap();
+        assert_eq!(cfg.postgres.url, "postgres://a@h/generic");
+        let cfg = Config::load_with_env(
+            Some(f.path()),
+            &env(&[
+                ("DATABASE_URL", "postgres://a@h/generic"),
+                ("INVALIDATOR_POSTGRES_URL", "postgres://a@h/specific"),
+                ("REDIS_URL", "redis://r:1/2"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(cfg.postgres.url, "postgres://a@h/specific");
+        assert_eq!(cfg.redis_url, "redis://r:1/2");
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_with_file_and_line() {
+        let f = write("[postgres]\nslot = \"s\"\n\n[redis]\nurll = \"redis://x\"\n");
+        let err = Config::load_with_env(Some(f.path()), &[]).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.starts_with(&format!("{}:5:", f.path().display())),
+            "{text}"
+        );
+        assert!(text.contains("urll"), "{text}");
+    }
+
+    #[test]
+    fn unknown_environment_settings_are_errors() {
+        let err = Config::load_with_env(None, &env(&[("INVALIDATOR_HTTP_PORT", "1")])).unwrap_err();
+        assert!(err.to_string().contains("INVALIDATOR_HTTP_PORT"), "{err}");
+    }
+
+    #[test]
+    fn passwords_never_appear_in_errors() {
+        let err = Config::load_with_env(
+            None,
+            &env(&[("INVALIDATOR_REDIS_URL", "http://user:hunter2@host:6379")]),
+        )
+        .unwrap_err();
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn relative_rule_paths_follow_the_config_file() {
+        let f = write("[rules]\npath = \"my-rules\"\n");
+        let cfg = Config::load_with_env(Some(f.path()), &[]).unwrap();
+        assert_eq!(cfg.rules_path, f.path().parent().unwrap().join("my-rules"));
+    }
+
+    #[test]
+    fn bad_names_and_modes_are_rejected() {
+        for (var, value) in [
+            ("INVALIDATOR_POSTGRES_SLOT", "Bad-Slot"),
+            ("INVALIDATOR_POSTGRES_MODE", "logical"),
+            ("INVALIDATOR_HTTP_LISTEN", "9187"),
+            ("INVALIDATOR_PIPELINE_MAX_BATCH_KEYS", "lots"),
+        ] {
+            let err = Config::load_with_env(None, &env(&[(var, value)]));
+            assert!(err.is_err(), "{var}={value} accepted");
+        }
+    }
+}

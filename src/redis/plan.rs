@@ -1,0 +1,256 @@
+//! How a set of glob patterns becomes SCAN passes: pure code, no I/O.
+//!
+//! Every SCAN pass walks the whole keyspace, whatever its MATCH (Redis filters after it has
+//! fetched each key), so the cost of resolving patterns is the number of passes. Two ways cut it:
+//! - coalescing drops a pattern when a wider `prefix*` pattern of the same batch covers it;
+//! - above [`SHARED_PASS_THRESHOLD`] patterns, one shared pass returns the keys under the common
+//!   literal prefix and the client filters them with a Redis-faithful matcher.
+
+use std::collections::HashSet;
+
+/// A Redis-faithful glob matcher: `matcher(pattern, subject)`.
+pub type GlobMatcher = fn(&[u8], &[u8]) -> bool;
+
+/// Above this many patterns (after coalescing) in one batch, they share one SCAN pass.
+///
+/// A per-pattern pass costs the server one walk of the keyspace but sends back only the matches;
+/// the shared pass walks once but sends every key under the common prefix, and each one costs the
+/// server about as much as several MATCH comparisons to reply and the client some matching. Up to
+/// about eight patterns the extra walks are the cheaper side; past that one walk wins, and it wins
+/// big for the batches that matter (a bulk update renders hundreds of `entity:{id}:*` patterns).
+pub const SHARED_PASS_THRESHOLD: usize = 8;
+
+/// The bytes that make a glob pattern more than literal text.
+const GLOB_BYTES: &[u8] = b"*?[\\";
+
+/// One walk over the keyspace with SCAN.
+#[derive(Clone, Debug)]
+pub struct ScanPass {
+    /// The MATCH argument, or `None` to have SCAN return every key.
+    match_arg: Option<Vec<u8>>,
+    /// Decides which returned keys to delete; `None` when MATCH alone decides.
+    filter: Option<KeyFilter>,
+}
+
+impl ScanPass {
+    /// The MATCH argument to send, if any.
+    pub fn match_arg(&self) -> Option<&[u8]> {
+        self.match_arg.as_deref()
+    }
+
+    /// Whether a key that SCAN returned in this pass is to be deleted.
+    pub fn wants(&self, key: &[u8]) -> bool {
+        self.filter
+            .as_ref()
+            .is_none_or(|filter| filter.matches(key))
+    }
+}
+
+/// The client-side filter of a shared pass: any of several patterns.
+#[derive(Clone, Debug)]
+struct KeyFilter {
+    /// Literal prefixes of the `prefix*` patterns, looked up by hash rather than matched one by
+    /// one, so hundreds of `entity:{id}:*` patterns cost a few lookups per key.
+    prefixes: HashSet<Vec<u8>>,
+    /// The length of the longest entry of `prefixes`.
+    longest_prefix: usize,
+    /// The other patterns, matched one by one.
+    globs: Vec<Vec<u8>>,
+    /// The matcher for `globs`.
+    matcher: GlobMatcher,
+}
+
+impl KeyFilter {
+    /// Whether `key` matches any of the patterns.
+    fn matches(&self, key: &[u8]) -> bool {
+        let longest = self.longest_prefix.min(key.len());
+        (0..=longest).any(|len| self.prefixes.contains(&key[..len]))
+            || self.globs.iter().any(|glob| (self.matcher)(glob, key))
+    }
+}
+
+/// Returns the patterns left once every pattern that a wider `prefix*` pattern of the set covers
+/// is dropped, sorted so passes run in a stable order.
+///
+/// `P = L*` where `L` holds no glob byte covers any other pattern `Q` that begins with `L`: glob
+/// matching consumes `L` literally, so every key that `Q` matches begins with `L`. Nothing subtler
+/// is attempted; a pattern kept in vain costs one pass, a pattern dropped in error a missed key.
+pub fn coalesce(patterns: &HashSet<String>) -> Vec<&str> {
+    let prefixes: HashSet<&[u8]> = patterns
+        .iter()
+        .filter_map(|pattern| prefix_wildcard(pattern.as_bytes()))
+        .collect();
+    let mut kept: Vec<&str> = patterns
+        .iter()
+        .map(String::as_str)
+        .filter(|pattern| !covered(pattern.as_bytes(), &prefixes))
+        .collect();
+    kept.sort_unstable();
+    kept
+}
+
+/// Plans the SCAN passes for coalesced `patterns`: one per pattern up to the threshold, else one
+/// shared pass filtered on the client with `matcher`.
+pub fn passes(patterns: &[&str], matcher: GlobMatcher) -> Vec<ScanPass> {
+    if patterns.len() <= SHARED_PASS_THRESHOLD {
+        return patterns
+            .iter()
+            .map(|pattern| ScanPass {
+                match_arg: Some(pattern.as_bytes().to_vec()),
+                filter: None,
+            })
+            .collect();
+    }
+    let common = common_prefix(patterns.iter().map(|p| literal_prefix(p.as_bytes())));
+    // Every pattern begins with `common` literally, so `common*` returns a superset of the
+    // matches; an empty prefix would make MATCH `*`, which only costs comparisons.
+    let match_arg = (!common.is_empty()).then(|| [common, b"*"].concat());
+    let mut prefixes = HashSet::new();
+    let mut globs = Vec::new();
+    for pattern in patterns {
+        match prefix_wildcard(pattern.as_bytes()) {
+            Some(prefix) => prefixes.insert(prefix.to_vec()),
+            None => {
+                globs.push(pattern.as_bytes().to_vec());
+                true
+            }
+        };
+    }
+    let longest_prefix = prefixes.iter().map(Vec::len).max().unwrap_or(0);
+    vec![ScanPass {
+        match_arg,
+        filter: Some(KeyFilter {
+            prefixes,
+            longest_prefix,
+            globs,
+            matcher,
+        }),
+    }]
+}
+
+/// For a pattern of the form `L*` with no glob byte in `L`, returns `L`.
+fn prefix_wildcard(pattern: &[u8]) -> Option<&[u8]> {
+    let prefix = pattern.strip_suffix(b"*")?;
+    (!prefix.iter().any(|b| GLOB_BYTES.contains(b))).then_some(prefix)
+}
+
+/// Whether a `prefix*` pattern other than `pattern` itself covers `pattern`.
+fn covered(pattern: &[u8], prefixes: &HashSet<&[u8]>) -> bool {
+    let own = prefix_wildcard(pattern);
+    // A covering prefix has no glob byte, so it lies within the pattern's literal prefix.
+    (0..=literal_prefix(pattern).len()).any(|len| {
+        let candidate = &pattern[..len];
+        Some(candidate) != own && prefixes.contains(candidate)
+    })
+}
+
+/// The bytes of `pattern` before its first glob byte.
+fn literal_prefix(pattern: &[u8]) -> &[u8] {
+    let end = pattern
+        .iter()
+        .position(|b| GLOB_BYTES.contains(b))
+        .unwrap_or(pattern.len());
+    &pattern[..end]
+}
+
+/// The longest common prefix of `items` (empty for none).
+fn common_prefix<'a>(mut items: impl Iterator<Item = &'a [u8]>) -> &'a [u8] {
+    let Some(mut common) = items.next() else {
+        return &[];
+    };
+    for item in items {
+        let same = common.iter().zip(item).take_while(|(a, b)| a == b).count();
+        common = &common[..same];
+    }
+    common
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stub matcher that understands only `*`, enough to test the planning around it.
+    fn star_only(pattern: &[u8], subject: &[u8]) -> bool {
+        match pattern.split_first() {
+            None => subject.is_empty(),
+            Some((b'*', rest)) => (0..=subject.len()).any(|i| star_only(rest, &subject[i..])),
+            Some((c, rest)) => subject.first() == Some(c) && star_only(rest, &subject[1..]),
+        }
+    }
+
+    fn set(patterns: &[&str]) -> HashSet<String> {
+        patterns.iter().map(|p| p.to_string()).collect()
+    }
+
+    #[test]
+    fn a_prefix_wildcard_covers_patterns_that_begin_with_its_prefix() {
+        let patterns = set(&[
+            "user:*",
+            "user:1:*",
+            "user:?",
+            "user:[ab]*",
+            "users*",
+            "order:*",
+        ]);
+        assert_eq!(coalesce(&patterns), ["order:*", "user:*", "users*"]);
+    }
+
+    #[test]
+    fn a_lone_star_covers_everything() {
+        assert_eq!(coalesce(&set(&["*", "a*", r"b\*", "[x]"])), ["*"]);
+    }
+
+    #[test]
+    fn escaped_or_wildcard_prefixes_cover_nothing() {
+        let patterns = set(&[r"user:\*", r"user:\*:x", "a?*", "a?b", "[ab]*", "[ab]c"]);
+        assert_eq!(coalesce(&patterns).len(), patterns.len());
+    }
+
+    #[test]
+    fn a_pattern_does_not_cover_itself() {
+        assert_eq!(coalesce(&set(&["a:*", "a:**"])), ["a:*"]);
+        assert_eq!(coalesce(&set(&["a:*"])), ["a:*"]);
+    }
+
+    #[test]
+    fn few_patterns_get_one_pass_each_with_match() {
+        let passes = passes(&["a:*", "b:?"], star_only);
+        let args: Vec<_> = passes
+            .iter()
+            .map(|p| p.match_arg().unwrap_or(b""))
+            .collect();
+        assert_eq!(args, [&b"a:*"[..], b"b:?"]);
+        assert!(passes.iter().all(|p| p.wants(b"anything")));
+    }
+
+    #[test]
+    fn many_patterns_share_one_pass_under_their_common_prefix() {
+        let patterns: Vec<String> = (0..20).map(|i| format!("car:{i}:*")).collect();
+        let mut refs: Vec<&str> = patterns.iter().map(String::as_str).collect();
+        refs.push("car:*:x");
+        let passes = passes(&refs, star_only);
+        assert_eq!(passes.len(), 1);
+        assert_eq!(passes[0].match_arg(), Some(&b"car:*"[..]));
+        assert!(passes[0].wants(b"car:7:avail"));
+        assert!(passes[0].wants(b"car:99:x"));
+        assert!(!passes[0].wants(b"car:99:y"));
+        assert!(!passes[0].wants(b"car:"));
+    }
+
+    #[test]
+    fn a_shared_pass_without_common_prefix_scans_everything() {
+        let patterns: Vec<String> = (0..10).map(|i| format!("{i}x*")).collect();
+        let refs: Vec<&str> = patterns.iter().map(String::as_str).collect();
+        let passes = passes(&refs, star_only);
+        assert_eq!(passes[0].match_arg(), None);
+        assert!(passes[0].wants(b"3x"));
+        assert!(!passes[0].wants(b"x3"));
+    }
+
+    #[test]
+    fn the_common_prefix_stops_at_the_first_glob_byte() {
+        let patterns: Vec<String> = (0..10).map(|i| format!(r"k\*{i}")).collect();
+        let refs: Vec<&str> = patterns.iter().map(String::as_str).collect();
+        assert_eq!(passes(&refs, star_only)[0].match_arg(), Some(&b"k*"[..]));
+    }
+}

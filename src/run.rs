@@ -1,0 +1,308 @@
+//! `invalidator run`: HTTP, the Redis delete loop, and the replication connection with its
+//! reconnect loop, until shutdown.
+
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::change::Lsn;
+use crate::config::{Config, Mode};
+use crate::pgoutput::Decoder;
+use crate::pipeline::{self, Links, SourceEnd, SourceError, WalStream};
+use crate::redact::redact;
+use crate::redis::{DeleteError, Deleter};
+use crate::rules::RuleSet;
+use crate::source::replication::{
+    ReplicationClient, ReplicationError, ReplicationMessage, ReplicationStream,
+};
+use crate::source::setup::{self, SetupError};
+use crate::telemetry::{self, Health};
+
+/// Why `run` stopped with a failure.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The HTTP port could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// The configured address.
+        addr: std::net::SocketAddr,
+        /// The bind error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A permanent Postgres problem (credentials, privileges, missing tables, a bad slot).
+    #[error("postgres: {0}")]
+    Postgres(String),
+    /// A permanent Redis problem (credentials).
+    #[error("redis: {0}")]
+    Redis(#[from] DeleteError),
+    /// The configured mode is not available in this build.
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+impl WalStream for ReplicationStream {
+    async fn next(&mut self) -> Result<Option<ReplicationMessage>, ReplicationError> {
+        ReplicationStream::next(self).await
+    }
+
+    async fn send_status(&mut self, flush: Lsn) -> Result<(), ReplicationError> {
+        ReplicationStream::send_status(self, flush, flush, flush, false).await
+    }
+}
+
+impl pipeline::Sink for Deleter {
+    type Error = DeleteError;
+
+    fn is_transient(error: &DeleteError) -> bool {
+        error.is_transient()
+    }
+
+    async fn delete(
+        &mut self,
+        inv: &crate::rules::Invalidation,
+    ) -> Result<crate::redis::DeleteStats, DeleteError> {
+        Deleter::delete(self, &inv.keys, &inv.patterns).await
+    }
+
+    async fn ping(&mut self) -> Result<(), DeleteError> {
+        Deleter::ping(self).await
+    }
+}
+
+/// Runs the sidecar until `cancel` fires (then finishes the batch in flight, acknowledges it
+/// and returns `Ok`), or until a permanent error.
+pub async fn run(
+    config: Config,
+    rules: Arc<RuleSet>,
+    cancel: CancellationToken,
+) -> Result<(), RunError> {
+    if config.postgres.mode == Mode::Notify {
+        return Err(RunError::Unsupported(
+            "postgres.mode = \"notify\" is not available yet; use \"replication\"".to_owned(),
+        ));
+    }
+    let metrics = telemetry::install_metrics();
+    let health = Health::new();
+    let listener = telemetry::bind(config.http_listen)
+        .await
+        .map_err(|source| RunError::Listen {
+            addr: config.http_listen,
+            source,
+        })?;
+    let http_cancel = CancellationToken::new();
+    let http = tokio::spawn(telemetry::serve(
+        listener,
+        metrics,
+        health.clone(),
+        http_cancel.clone(),
+    ));
+    tracing::info!(
+        postgres = %redact(&config.postgres.url),
+        redis = %redact(&config.redis_url),
+        http = %config.http_listen,
+        tables = rules.tables().count(),
+        rules = rules.rules().len(),
+        "starting"
+    );
+
+    let Some(deleter) = connect_redis(&config.redis_url, &health, &cancel).await? else {
+        http_cancel.cancel();
+        return Ok(());
+    };
+    let (queue_tx, queue_rx) = mpsc::channel(pipeline::QUEUE_DEPTH);
+    let (confirmed_tx, confirmed_rx) = watch::channel(Lsn(0));
+    let deleter_done = CancellationToken::new();
+    let delete_loop = {
+        let (health, cancel, done) = (health.clone(), cancel.clone(), deleter_done.clone());
+        let max = config.pipeline.max_batch_keys;
+        tokio::spawn(async move {
+            let result =
+                pipeline::run_deleter(deleter, queue_rx, confirmed_tx, health, max, cancel).await;
+            done.cancel();
+            result
+        })
+    };
+    let mut links = Links {
+        queue: queue_tx,
+        confirmed: confirmed_rx,
+        cancel: cancel.clone(),
+        last_queued: Lsn(0),
+        reported: Lsn(0),
+    };
+
+    let mut delays = pipeline::backoff();
+    let source_result = loop {
+        if deleter_done.is_cancelled() {
+            break Ok(());
+        }
+        let attempt = stream_once(&config, &rules, &mut links, &health).await;
+        match attempt {
+            Ok(Streamed::Finished) => break Ok(()),
+            Ok(Streamed::Ended) => {
+                health.set_source(Some("the server ended the replication stream".to_owned()));
+            }
+            Err(Failure::Permanent(message)) => break Err(RunError::Postgres(message)),
+            Err(Failure::Transient {
+                reason,
+                standby: true,
+            }) => {
+                tracing::info!(slot = %config.postgres.slot, "slot is active elsewhere; waiting as a standby");
+                health.set_source(Some(format!("standby: {reason}")));
+            }
+            Err(Failure::Transient {
+                reason,
+                standby: false,
+            }) => {
+                metrics::counter!(telemetry::ERRORS_TOTAL, "kind" => "postgres").increment(1);
+                tracing::warn!(error = %reason, "replication interrupted; reconnecting");
+                health.set_source(Some(reason));
+            }
+        }
+        let delay = delays.next().unwrap_or(std::time::Duration::from_secs(10));
+        tokio::select! {
+            biased;
+            _ = deleter_done.cancelled() => break Ok(()),
+            _ = tokio::time::sleep(delay) => {}
+        }
+    };
+    // The source stopped: make sure the delete loop stops too, then collect its verdict.
+    cancel.cancel();
+    let deleted = delete_loop
+        .await
+        .unwrap_or_else(|e| panic!("delete loop panicked: {e}"));
+    http_cancel.cancel();
+    let _ = http.await;
+    source_result?;
+    deleted?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Connects to Redis, retrying transient failures until it answers; `None` on shutdown.
+async fn connect_redis(
+    url: &str,
+    health: &Health,
+    cancel: &CancellationToken,
+) -> Result<Option<Deleter>, RunError> {
+    let mut delays = pipeline::backoff();
+    loop {
+        match Deleter::connect(url).await {
+            Ok(deleter) => return Ok(Some(deleter)),
+            Err(e) if e.is_transient() => {
+                health.set_redis(Some(e.to_string()));
+                tracing::warn!(error = %e, "redis unavailable; retrying");
+            }
+            Err(e) => return Err(e.into()),
+        }
+        let delay = delays.next().unwrap_or(std::time::Duration::from_secs(10));
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return Ok(None),
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+/// How one connection's stream ended without an error.
+enum Streamed {
+    /// Shutdown completed: the delete loop finished and the last ack was sent.
+    Finished,
+    /// The server closed the stream; reconnect.
+    Ended,
+}
+
+/// How one connection's stream failed.
+enum Failure {
+    /// Worth retrying; `standby` when another instance holds the slot.
+    Transient { reason: String, standby: bool },
+    /// Not worth retrying.
+    Permanent(String),
+}
+
+impl From<SetupError> for Failure {
+    fn from(e: SetupError) -> Self {
+        classify(e.is_transient(), e.to_string(), None)
+    }
+}
+
+impl From<ReplicationError> for Failure {
+    fn from(e: ReplicationError) -> Self {
+        classify(e.is_transient(), e.to_string(), e.code())
+    }
+}
+
+impl From<SourceError> for Failure {
+    fn from(e: SourceError) -> Self {
+        let code = match &e {
+            SourceError::Replication(r) => r.code(),
+            SourceError::Decode { .. } => None,
+        };
+        classify(e.is_transient(), e.to_string(), code)
+    }
+}
+
+/// The one place that turns an error into "retry" or "give up".
+fn classify(transient: bool, reason: String, code: Option<&str>) -> Failure {
+    if transient {
+        Failure::Transient {
+            reason,
+            // 55006 object_in_use: the slot is streaming to another walsender.
+            standby: code == Some("55006"),
+        }
+    } else {
+        Failure::Permanent(reason)
+    }
+}
+
+/// Connects, repairs the publication and slot, and streams until the connection ends.
+async fn stream_once(
+    config: &Config,
+    rules: &RuleSet,
+    links: &mut Links,
+    health: &Health,
+) -> Result<Streamed, Failure> {
+    let pg: tokio_postgres::Config = config
+        .postgres
+        .url
+        .parse()
+        .map_err(|e| Failure::Permanent(format!("invalid postgres url: {e}")))?;
+    let mut client = ReplicationClient::connect(&pg, "invalidator").await?;
+    let tables = rules.tables().cloned().collect();
+    let actions = setup::plan(
+        &mut client,
+        &tables,
+        &config.postgres.publication,
+        &config.postgres.slot,
+    )
+    .await?;
+    setup::apply(&mut client, &actions).await?;
+    if let Some(info) = setup::slot_info(&mut client, &config.postgres.slot).await? {
+        if let Some(flush) = info.confirmed_flush {
+            links.reported = links.reported.max(flush);
+        }
+    }
+    let mut stream = client
+        .start_replication(&config.postgres.slot, Lsn(0), &config.postgres.publication)
+        .await?;
+    health.set_source(None);
+    tracing::info!(slot = %config.postgres.slot, from = %links.reported, "streaming");
+    let mut decoder = Decoder::default();
+    let outcome = pipeline::run_source(
+        &mut stream,
+        &mut decoder,
+        rules,
+        links,
+        config.pipeline.status_interval,
+    )
+    .await;
+    health.set_source(Some("reconnecting to postgres".to_owned()));
+    match outcome? {
+        SourceEnd::DeleterStopped => {
+            stream.finish().await;
+            Ok(Streamed::Finished)
+        }
+        SourceEnd::StreamEnded => Ok(Streamed::Ended),
+    }
+}

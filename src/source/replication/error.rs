@@ -1,0 +1,138 @@
+//! The one error type of the replication client, and whether retrying can help.
+
+use std::io;
+
+/// Everything that can go wrong while talking to a walsender.
+///
+/// Messages never hold the password: it is only ever handed to the hashing code, and server
+/// messages about failed logins name the user, not the secret.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicationError {
+    /// Connecting, reading or writing the socket failed.
+    #[error("i/o error on the replication connection: {0}")]
+    Io(#[from] io::Error),
+    /// The server sent bytes that break the protocol, or a message this client does not expect.
+    #[error("replication protocol error: {0}")]
+    Protocol(String),
+    /// The server answered with an ErrorResponse.
+    #[error("postgres error {code}: {message}{}", detail_suffix(.detail))]
+    Server {
+        /// The SQLSTATE code, e.g. `55006`.
+        code: String,
+        /// The primary, human-readable message.
+        message: String,
+        /// The optional detail line, which often names the object involved.
+        detail: Option<String>,
+    },
+    /// Authentication could not be completed on our side (no password, unsupported method,
+    /// the server's SCRAM proof did not verify).
+    #[error("authentication failed: {0}")]
+    Auth(String),
+    /// A setting or argument cannot be used, e.g. `sslmode=require` or a malformed slot name.
+    #[error("invalid replication setting: {0}")]
+    Invalid(String),
+    /// The server closed the connection without an error message.
+    #[error("the server closed the replication connection")]
+    Closed,
+}
+
+/// Renders the detail line after the message when there is one.
+fn detail_suffix(detail: &Option<String>) -> String {
+    detail
+        .as_deref()
+        .map(|d| format!(" ({d})"))
+        .unwrap_or_default()
+}
+
+impl ReplicationError {
+    /// The SQLSTATE code when the server reported the error.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            ReplicationError::Server { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+
+    /// Whether reconnecting later may succeed; a permanent error needs a person to act.
+    ///
+    /// Protocol, authentication and setting errors are permanent because retrying the same bytes
+    /// or the same credentials gives the same answer; an unknown SQLSTATE is permanent too, so a
+    /// surprise stops the process with a clear message instead of looping forever.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ReplicationError::Io(_) | ReplicationError::Closed => true,
+            ReplicationError::Server { code, .. } => is_transient_code(code),
+            ReplicationError::Protocol(_)
+            | ReplicationError::Auth(_)
+            | ReplicationError::Invalid(_) => false,
+        }
+    }
+}
+
+/// The SQLSTATE codes that describe a passing condition of the server rather than of our setup.
+fn is_transient_code(code: &str) -> bool {
+    match code {
+        // admin_shutdown, crash_shutdown, cannot_connect_now, idle_session_timeout
+        "57P01" | "57P02" | "57P03" | "57P05" => true,
+        // query_canceled: someone cancelled us, e.g. with pg_cancel_backend
+        "57014" => true,
+        // insufficient_resources and too_many_connections, disk_full, out_of_memory
+        "53000" | "53100" | "53200" | "53300" => true,
+        // object_in_use (the slot is active elsewhere), lock_not_available
+        "55006" | "55P03" => true,
+        // serialization_failure, deadlock_detected
+        "40001" | "40P01" => true,
+        // connection exceptions, except protocol_violation, which is our bug
+        "08P01" => false,
+        _ => code.starts_with("08"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server(code: &str) -> ReplicationError {
+        ReplicationError::Server {
+            code: code.to_owned(),
+            message: "m".to_owned(),
+            detail: None,
+        }
+    }
+
+    #[test]
+    fn shutdowns_busy_slots_and_full_servers_are_transient() {
+        for code in ["57P01", "57P02", "57P03", "53300", "55006", "08006"] {
+            assert!(server(code).is_transient(), "{code}");
+        }
+        assert!(ReplicationError::Closed.is_transient());
+        assert!(ReplicationError::Io(io::ErrorKind::ConnectionRefused.into()).is_transient());
+    }
+
+    #[test]
+    fn credentials_privileges_and_missing_objects_are_permanent() {
+        for code in [
+            "28P01", "28000", "42501", "3D000", "42704", "08P01", "XX000",
+        ] {
+            assert!(!server(code).is_transient(), "{code}");
+        }
+        assert!(!ReplicationError::Auth("x".into()).is_transient());
+        assert!(!ReplicationError::Protocol("x".into()).is_transient());
+        assert!(!ReplicationError::Invalid("x".into()).is_transient());
+    }
+
+    #[test]
+    fn server_errors_show_code_message_and_detail() {
+        let err = ReplicationError::Server {
+            code: "55006".into(),
+            message: "replication slot \"s\" is active for PID 7".into(),
+            detail: Some("d".into()),
+        };
+        assert_eq!(err.code(), Some("55006"));
+        assert_eq!(
+            err.to_string(),
+            "postgres error 55006: replication slot \"s\" is active for PID 7 (d)"
+        );
+        assert_eq!(ReplicationError::Closed.code(), None);
+    }
+}

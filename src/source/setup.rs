@@ -1,0 +1,377 @@
+//! Creates and repairs the publication and the replication slot, and reads the catalog facts
+//! that `check` and `status` report. Idempotent: running it twice changes nothing.
+//!
+//! Everything here speaks plain SQL through [`Sql`], so the same code runs over the replication
+//! connection (`run`) and over an ordinary connection (`setup`, `check`, `status`).
+
+use std::collections::BTreeSet;
+use std::future::Future;
+
+use crate::change::{Lsn, TableName};
+use crate::source::replication::{ReplicationClient, ReplicationError};
+
+/// Rows of text values, as the simple query protocol returns them.
+pub type Rows = Vec<Vec<Option<String>>>;
+
+/// A connection that runs SQL text and returns text rows.
+pub trait Sql {
+    /// Runs `sql` (one statement) and returns its rows.
+    fn query(&mut self, sql: &str) -> impl Future<Output = Result<Rows, SetupError>> + Send;
+}
+
+impl Sql for ReplicationClient {
+    async fn query(&mut self, sql: &str) -> Result<Rows, SetupError> {
+        Ok(self.simple_query(sql).await?)
+    }
+}
+
+impl Sql for tokio_postgres::Client {
+    async fn query(&mut self, sql: &str) -> Result<Rows, SetupError> {
+        let messages = self.simple_query(sql).await?;
+        Ok(messages
+            .into_iter()
+            .filter_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(row) => Some(
+                    (0..row.len())
+                        .map(|i| row.get(i).map(str::to_owned))
+                        .collect(),
+                ),
+                _ => None,
+            })
+            .collect())
+    }
+}
+
+/// Setup or catalog inspection failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    /// The replication connection failed.
+    #[error(transparent)]
+    Replication(#[from] ReplicationError),
+    /// An ordinary connection failed.
+    #[error("postgres: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    /// Tables named by the rules do not exist.
+    #[error("tables named in the rules do not exist: {}", list(.0))]
+    MissingTables(Vec<TableName>),
+    /// The slot exists but cannot be used by us.
+    #[error("replication slot {slot:?} exists but {problem}; drop it or choose another slot name")]
+    BadSlot {
+        /// The slot name.
+        slot: String,
+        /// What is wrong with it.
+        problem: String,
+    },
+    /// The server answered something we did not expect.
+    #[error("unexpected answer from Postgres to {0}")]
+    Unexpected(String),
+}
+
+impl SetupError {
+    /// Whether trying again later can help.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            SetupError::Replication(e) => e.is_transient(),
+            SetupError::Postgres(e) => e.as_db_error().is_none_or(|db| {
+                let code = db.code().code();
+                code.starts_with("08") || code.starts_with("57P") || code == "53300"
+            }),
+            SetupError::MissingTables(_) | SetupError::BadSlot { .. } => false,
+            SetupError::Unexpected(_) => true,
+        }
+    }
+}
+
+fn list(tables: &[TableName]) -> String {
+    tables
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Quotes an identifier for SQL text.
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// Quotes a string literal for SQL text (standard_conforming_strings is on since 9.1).
+pub fn quote_literal(value: &str) -> String {
+    format!("'{}'", value.replace('\'', "''"))
+}
+
+fn qualified(table: &TableName) -> String {
+    format!(
+        "{}.{}",
+        quote_ident(&table.schema),
+        quote_ident(&table.name)
+    )
+}
+
+/// One statement setup would run, with why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Action {
+    /// What it achieves, for `setup --dry-run` and logs.
+    pub why: String,
+    /// The SQL to run.
+    pub sql: String,
+}
+
+/// Works out what is missing: tables are checked, then the publication, then the slot (the
+/// publication must exist before the slot, or pgoutput fails on WAL older than it).
+pub async fn plan(
+    db: &mut impl Sql,
+    tables: &BTreeSet<TableName>,
+    publication: &str,
+    slot: &str,
+) -> Result<Vec<Action>, SetupError> {
+    let missing = missing_tables(db, tables).await?;
+    if !missing.is_empty() {
+        return Err(SetupError::MissingTables(missing));
+    }
+    let mut actions = Vec::new();
+    let exists = db
+        .query(&format!(
+            "SELECT 1 FROM pg_publication WHERE pubname = {}",
+            quote_literal(publication)
+        ))
+        .await?;
+    if exists.is_empty() {
+        let names: Vec<String> = tables.iter().map(qualified).collect();
+        actions.push(Action {
+            why: format!(
+                "create publication {publication} for {} tables",
+                names.len()
+            ),
+            sql: format!(
+                "CREATE PUBLICATION {} FOR TABLE {}",
+                quote_ident(publication),
+                names.join(", ")
+            ),
+        });
+    } else {
+        let published: BTreeSet<TableName> = db
+            .query(&format!(
+                "SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = {}",
+                quote_literal(publication)
+            ))
+            .await?
+            .into_iter()
+            .filter_map(|row| match row.as_slice() {
+                [Some(schema), Some(name)] => Some(TableName::new(schema, name)),
+                _ => None,
+            })
+            .collect();
+        let gained: Vec<String> = tables.difference(&published).map(qualified).collect();
+        if !gained.is_empty() {
+            actions.push(Action {
+                why: format!(
+                    "add {} tables the rules gained to publication {publication}",
+                    gained.len()
+                ),
+                sql: format!(
+                    "ALTER PUBLICATION {} ADD TABLE {}",
+                    quote_ident(publication),
+                    gained.join(", ")
+                ),
+            });
+        }
+    }
+    match slot_info(db, slot).await? {
+        None => actions.push(Action {
+            why: format!("create logical replication slot {slot} (pgoutput)"),
+            sql: format!(
+                "SELECT lsn FROM pg_create_logical_replication_slot({}, 'pgoutput')",
+                quote_literal(slot)
+            ),
+        }),
+        Some(info) => {
+            let problem = if info.plugin.as_deref() != Some("pgoutput") {
+                Some(format!(
+                    "uses plugin {:?}, not pgoutput",
+                    info.plugin.unwrap_or_default()
+                ))
+            } else if !info.same_database {
+                Some("belongs to another database".to_owned())
+            } else if info.wal_status.as_deref() == Some("lost") {
+                Some("has lost WAL it needs (wal_status = lost)".to_owned())
+            } else {
+                None
+            };
+            if let Some(problem) = problem {
+                return Err(SetupError::BadSlot {
+                    slot: slot.to_owned(),
+                    problem,
+                });
+            }
+        }
+    }
+    Ok(actions)
+}
+
+/// Runs the actions in order.
+pub async fn apply(db: &mut impl Sql, actions: &[Action]) -> Result<(), SetupError> {
+    for action in actions {
+        tracing::info!(action = %action.why, "setup");
+        db.query(&action.sql).await?;
+    }
+    Ok(())
+}
+
+async fn missing_tables(
+    db: &mut impl Sql,
+    tables: &BTreeSet<TableName>,
+) -> Result<Vec<TableName>, SetupError> {
+    let mut missing = Vec::new();
+    for table in tables {
+        let rows = db
+            .query(&format!(
+                "SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE n.nspname = {} AND c.relname = {} AND c.relkind IN ('r', 'p')",
+                quote_literal(&table.schema),
+                quote_literal(&table.name)
+            ))
+            .await?;
+        if rows.is_empty() {
+            missing.push(table.clone());
+        }
+    }
+    Ok(missing)
+}
+
+/// What the server says about a replication slot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotInfo {
+    /// The output plugin.
+    pub plugin: Option<String>,
+    /// Whether it belongs to the connected database.
+    pub same_database: bool,
+    /// Whether a walsender streams from it now.
+    pub active: bool,
+    /// Process id of that walsender.
+    pub active_pid: Option<String>,
+    /// The last position a consumer acknowledged.
+    pub confirmed_flush: Option<Lsn>,
+    /// `reserved`, `extended`, `unreserved` or `lost`.
+    pub wal_status: Option<String>,
+    /// Bytes of WAL between the confirmed position and the server's current one.
+    pub lag_bytes: Option<i64>,
+}
+
+/// Reads the slot, or `None` when it does not exist.
+pub async fn slot_info(db: &mut impl Sql, slot: &str) -> Result<Option<SlotInfo>, SetupError> {
+    let rows = db
+        .query(&format!(
+            "SELECT plugin, database = current_database(), active, active_pid::text, \
+             confirmed_flush_lsn::text, wal_status, \
+             (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_receive_lsn() \
+              ELSE pg_current_wal_lsn() END - confirmed_flush_lsn)::bigint::text \
+             FROM pg_replication_slots WHERE slot_name = {}",
+            quote_literal(slot)
+        ))
+        .await?;
+    let Some(row) = rows.into_iter().next() else {
+        return Ok(None);
+    };
+    let [plugin, same_db, active, pid, flush, wal_status, lag] =
+        <[Option<String>; 7]>::try_from(row)
+            .map_err(|_| SetupError::Unexpected("the slot query".to_owned()))?;
+    Ok(Some(SlotInfo {
+        plugin,
+        same_database: same_db.as_deref() == Some("t"),
+        active: active.as_deref() == Some("t"),
+        active_pid: pid,
+        confirmed_flush: flush.and_then(|s| s.parse().ok()),
+        wal_status,
+        lag_bytes: lag.and_then(|s| s.parse().ok()),
+    }))
+}
+
+/// Facts about one table that decide what a rule can rely on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableInfo {
+    /// Column names in table order.
+    pub columns: Vec<String>,
+    /// `d` default, `f` full, `i` index, `n` nothing.
+    pub replica_identity: char,
+    /// Columns Postgres sends in the old row of an update or delete under that identity.
+    pub identity_columns: Vec<String>,
+}
+
+/// Reads a table's columns and replica identity, or `None` when it does not exist.
+pub async fn table_info(
+    db: &mut impl Sql,
+    table: &TableName,
+) -> Result<Option<TableInfo>, SetupError> {
+    let oid = format!(
+        "(SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+         WHERE n.nspname = {} AND c.relname = {})",
+        quote_literal(&table.schema),
+        quote_literal(&table.name)
+    );
+    let ident = db
+        .query(&format!(
+            "SELECT relreplident::text FROM pg_class WHERE oid = {oid}"
+        ))
+        .await?;
+    let Some(replica_identity) = ident
+        .first()
+        .and_then(|r| r.first().cloned().flatten())
+        .and_then(|s| s.chars().next())
+    else {
+        return Ok(None);
+    };
+    let columns = first_column(
+        db.query(&format!(
+            "SELECT attname FROM pg_attribute WHERE attrelid = {oid} AND attnum > 0 \
+             AND NOT attisdropped ORDER BY attnum"
+        ))
+        .await?,
+    );
+    let identity_columns = match replica_identity {
+        'f' => columns.clone(),
+        'n' => Vec::new(),
+        _ => {
+            // DEFAULT uses the primary key; INDEX uses the chosen index.
+            let which = if replica_identity == 'i' {
+                "indisreplident"
+            } else {
+                "indisprimary"
+            };
+            first_column(
+                db.query(&format!(
+                    "SELECT a.attname FROM pg_index i JOIN pg_attribute a \
+                     ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) \
+                     WHERE i.indrelid = {oid} AND i.{which} ORDER BY a.attnum"
+                ))
+                .await?,
+            )
+        }
+    };
+    Ok(Some(TableInfo {
+        columns,
+        replica_identity,
+        identity_columns,
+    }))
+}
+
+fn first_column(rows: Rows) -> Vec<String> {
+    rows.into_iter()
+        .filter_map(|r| r.into_iter().next().flatten())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoting_doubles_the_quote_character() {
+        assert_eq!(quote_ident("we\"ird"), "\"we\"\"ird\"");
+        assert_eq!(quote_literal("o'clock"), "'o''clock'");
+        assert_eq!(
+            qualified(&TableName::new("Sales", "order items")),
+            "\"Sales\".\"order items\""
+        );
+    }
+}

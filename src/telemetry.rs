@@ -1,0 +1,166 @@
+//! Metric names, the readiness state, and the HTTP server for `/metrics`, `/healthz`, `/readyz`.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio_util::sync::CancellationToken;
+
+/// Row changes read from the source, labelled `table` and `op`.
+pub const CHANGES_TOTAL: &str = "invalidator_changes_total";
+/// Keys Redis reported as deleted by `UNLINK`.
+pub const KEYS_DELETED_TOTAL: &str = "invalidator_keys_deleted_total";
+/// Patterns resolved with `SCAN`.
+pub const PATTERNS_TOTAL: &str = "invalidator_patterns_total";
+/// Errors, labelled `kind` (`redis`, `postgres`, `decode`).
+pub const ERRORS_TOTAL: &str = "invalidator_errors_total";
+/// Transactions whose invalidations Redis confirmed.
+pub const TRANSACTIONS_TOTAL: &str = "invalidator_transactions_total";
+/// Seconds from the commit timestamp in the WAL to the confirmed delete.
+pub const COMMIT_TO_DELETE_SECONDS: &str = "invalidator_commit_to_delete_seconds";
+/// The flush LSN last acknowledged to Postgres, as a number.
+pub const CONFIRMED_LSN: &str = "invalidator_confirmed_lsn";
+/// Bytes of WAL the server has that are not yet acknowledged.
+pub const REPLICATION_LAG_BYTES: &str = "invalidator_replication_lag_bytes";
+
+/// Installs the process-wide Prometheus recorder once and returns its handle.
+pub fn install_metrics() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    Matcher::Full(COMMIT_TO_DELETE_SECONDS.to_owned()),
+                    &[
+                        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                        10.0, 30.0, 60.0,
+                    ],
+                )
+                .expect("bucket list is not empty");
+            let recorder = builder.build_recorder();
+            let handle = recorder.handle();
+            // Another recorder can only be present in tests that install their own; the
+            // handle still renders what this one records.
+            let _ = metrics::set_global_recorder(recorder);
+            // Series that exist from the start, so dashboards and alerts see zeros, not gaps.
+            metrics::counter!(KEYS_DELETED_TOTAL).absolute(0);
+            metrics::counter!(PATTERNS_TOTAL).absolute(0);
+            metrics::counter!(TRANSACTIONS_TOTAL).absolute(0);
+            metrics::gauge!(CONFIRMED_LSN).set(0.0);
+            metrics::gauge!(REPLICATION_LAG_BYTES).set(0.0);
+            handle
+        })
+        .clone()
+}
+
+/// What `/readyz` reports: ready only while changes stream and Redis answers.
+#[derive(Debug, Default)]
+pub struct Health {
+    state: Mutex<HealthState>,
+}
+
+#[derive(Debug, Default)]
+struct HealthState {
+    /// Why the source is not streaming, or `None` while it streams.
+    source: Option<String>,
+    /// Why Redis is not usable, or `None` while it answers.
+    redis: Option<String>,
+}
+
+impl Health {
+    /// A new state: not ready until the source streams.
+    pub fn new() -> Arc<Health> {
+        let health = Health::default();
+        health.set_source(Some("starting".to_owned()));
+        Arc::new(health)
+    }
+
+    /// Records why the source is not streaming (`None`: it streams).
+    pub fn set_source(&self, reason: Option<String>) {
+        self.lock().source = reason;
+    }
+
+    /// Records why Redis is not usable (`None`: it answers).
+    pub fn set_redis(&self, reason: Option<String>) {
+        self.lock().redis = reason;
+    }
+
+    /// `Ok` when ready, else the one-line reason.
+    pub fn readiness(&self) -> Result<(), String> {
+        let state = self.lock();
+        match (&state.source, &state.redis) {
+            (None, None) => Ok(()),
+            (Some(reason), _) => Err(reason.clone()),
+            (None, Some(reason)) => Err(format!("redis: {reason}")),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HealthState> {
+        // The state is two strings; a panic while holding the lock cannot leave it torn.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[derive(Clone)]
+struct AppState {
+    metrics: PrometheusHandle,
+    health: Arc<Health>,
+}
+
+/// Binds the HTTP listener; separate from [`serve`] so that a taken port fails at startup.
+pub async fn bind(listen: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(listen).await
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` until `cancel` fires.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    metrics: PrometheusHandle,
+    health: Arc<Health>,
+    cancel: CancellationToken,
+) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(render_metrics))
+        .with_state(AppState { metrics, health });
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { cancel.cancelled().await })
+        .await
+}
+
+async fn readyz(State(state): State<AppState>) -> (StatusCode, String) {
+    match state.health.readiness() {
+        Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
+        Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, format!("{reason}\n")),
+    }
+}
+
+async fn render_metrics(State(state): State<AppState>) -> String {
+    state.metrics.render()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readiness_needs_both_source_and_redis() {
+        let health = Health::new();
+        assert_eq!(health.readiness(), Err("starting".to_owned()));
+        health.set_source(None);
+        assert_eq!(health.readiness(), Ok(()));
+        health.set_redis(Some("connection refused".to_owned()));
+        assert_eq!(
+            health.readiness(),
+            Err("redis: connection refused".to_owned())
+        );
+        health.set_redis(None);
+        health.set_source(Some("standby".to_owned()));
+        assert_eq!(health.readiness(), Err("standby".to_owned()));
+    }
+}

@@ -1,0 +1,250 @@
+//! Runs the real `invalidator` binary against a test's own database and Redis server.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::Duration;
+
+use crate::support::{PgCluster, RedisServer, free_port, unique_name, wait_until};
+
+/// The binary under test.
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_invalidator")
+}
+
+/// A configuration directory: `invalidator.toml` and `rules/`.
+pub struct Setup {
+    /// Holds the files; removed on drop.
+    pub dir: tempfile::TempDir,
+    /// Slot and publication name.
+    pub slot: String,
+    /// HTTP port.
+    pub http: u16,
+}
+
+impl Setup {
+    /// Writes a configuration for `db_url` and `redis_url` with `rules` as `rules/rules.toml`.
+    pub fn new(db_url: &str, redis_url: &str, rules: &str) -> Setup {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let slot = unique_name("slot");
+        let http = free_port();
+        std::fs::create_dir(dir.path().join("rules")).unwrap();
+        std::fs::write(dir.path().join("rules/rules.toml"), rules).unwrap();
+        let config = format!(
+            "[postgres]\nurl = \"{db_url}\"\nslot = \"{slot}\"\npublication = \"{slot}\"\n\n\
+             [redis]\nurl = \"{redis_url}\"\n\n[http]\nlisten = \"127.0.0.1:{http}\"\n\n\
+             [pipeline]\nstatus_interval_ms = 500\n\n[log]\nlevel = \"invalidator=debug,info\"\n"
+        );
+        std::fs::write(dir.path().join("invalidator.toml"), config).unwrap();
+        Setup { dir, slot, http }
+    }
+
+    /// The configuration file.
+    pub fn config(&self) -> PathBuf {
+        self.dir.path().join("invalidator.toml")
+    }
+
+    /// Runs a subcommand to completion; returns its status and combined output.
+    pub fn command(&self, args: &[&str]) -> (ExitStatus, String) {
+        let out = Command::new(binary())
+            .args(args)
+            .arg("--config")
+            .arg(self.config())
+            .env_remove("DATABASE_URL")
+            .env_remove("REDIS_URL")
+            .output()
+            .expect("run invalidator");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status, text)
+    }
+
+    /// Starts `invalidator run` in the background.
+    pub fn spawn(&self) -> Sidecar {
+        let log = self
+            .dir
+            .path()
+            .join(format!("run-{}.log", unique_name("log")));
+        let child = Command::new(binary())
+            .arg("run")
+            .arg("--config")
+            .arg(self.config())
+            .env_remove("DATABASE_URL")
+            .env_remove("REDIS_URL")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("spawn invalidator run");
+        Sidecar {
+            child: Some(child),
+            http: self.http,
+            log,
+        }
+    }
+
+    /// Starts `invalidator run` and waits until `/readyz` says ready.
+    pub fn start(&self) -> Sidecar {
+        let sidecar = self.spawn();
+        sidecar.wait_ready();
+        sidecar
+    }
+}
+
+/// A running `invalidator run` process.
+pub struct Sidecar {
+    child: Option<Child>,
+    http: u16,
+    log: PathBuf,
+}
+
+impl Sidecar {
+    /// Waits until `/readyz` answers 200.
+    pub fn wait_ready(&self) {
+        wait_until(Duration::from_secs(30), "the sidecar is ready", || {
+            self.assert_alive();
+            http_get(self.http, "/readyz").is_some_and(|(status, _)| status == 200)
+        });
+    }
+
+    /// Panics with the log if the process has exited.
+    pub fn assert_alive(&self) {
+        let pid = self.child.as_ref().map(Child::id);
+        let alive = pid.is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists())
+            && !std::fs::read_to_string(format!("/proc/{}/stat", pid.unwrap_or(0)))
+                .is_ok_and(|s| s.contains(") Z "));
+        assert!(alive, "the sidecar exited; its log:\n{}", self.log());
+    }
+
+    /// GET a path on the sidecar's HTTP port.
+    pub fn get(&self, path: &str) -> Option<(u16, String)> {
+        http_get(self.http, path)
+    }
+
+    /// The value of an unlabelled counter or gauge in `/metrics`.
+    pub fn metric(&self, name: &str) -> f64 {
+        let (_, body) = self.get("/metrics").expect("metrics answer");
+        body.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    /// The log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// kill -9.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, then waits for the exit status.
+    pub fn terminate(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        signal(child.id(), "TERM");
+        let status = child.wait().expect("wait");
+        status
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Sends a signal by name with `kill`, which every machine has.
+pub fn signal(pid: u32, name: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("kill");
+    assert!(status.success(), "kill -{name} {pid} failed");
+}
+
+/// A minimal HTTP/1.0 GET: status code and body, or `None` if nothing answers.
+pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let status = response.split(' ').nth(1)?.parse().ok()?;
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
+    Some((status, body))
+}
+
+/// A test's own database (in the shared cluster), Redis server and configuration.
+pub struct Fixture {
+    /// The database name.
+    pub db: String,
+    /// The test's Redis.
+    pub redis: RedisServer,
+    /// The configuration.
+    pub setup: Setup,
+}
+
+impl Fixture {
+    /// Creates a database with `schema` applied, a Redis server, and a configuration.
+    pub fn new(schema: &str, rules: &str) -> Fixture {
+        let cluster = PgCluster::shared();
+        let db = unique_name("db");
+        let url = cluster.create_database(&db);
+        cluster.psql(&db, schema);
+        let redis = RedisServer::start();
+        let setup = Setup::new(&url, &redis.url(), rules);
+        Fixture { db, redis, setup }
+    }
+
+    /// Runs SQL in the test's database.
+    pub fn sql(&self, sql: &str) -> String {
+        PgCluster::shared().psql(&self.db, sql)
+    }
+
+    /// Caches `keys` (value `cached`).
+    pub fn cache(&self, keys: &[&str]) {
+        self.redis.set_keys(keys.iter());
+    }
+
+    /// Waits until none of `keys` exists.
+    pub fn wait_deleted(&self, keys: &[&str]) {
+        wait_until(
+            Duration::from_secs(30),
+            &format!("{keys:?} are deleted"),
+            || keys.iter().all(|k| !self.redis.exists(k)),
+        );
+    }
+
+    /// Asserts every one of `keys` still exists.
+    pub fn assert_kept(&self, keys: &[&str]) {
+        for k in keys {
+            assert!(
+                self.redis.exists(k),
+                "{k} was deleted but should have been kept"
+            );
+        }
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        // Free the slot so the shared cluster keeps neither WAL nor slot capacity for it.
+        let _ = PgCluster::shared().try_psql(
+            "postgres",
+            &format!(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+                 WHERE slot_name = '{}' AND NOT active",
+                self.setup.slot
+            ),
+        );
+    }
+}

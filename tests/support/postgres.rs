@@ -1,0 +1,352 @@
+//! Private PostgreSQL clusters with logical replication enabled.
+
+use super::{Watchdog, free_port, scratch_dir, sh_quote, wait_until};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+/// How often `start` tries new ports before it gives up.
+const START_ATTEMPTS: usize = 5;
+
+/// Settings every cluster gets; tests add or override with [`PgCluster::start_with`].
+const BASE_SETTINGS: &[(&str, &str)] = &[
+    ("wal_level", "logical"),
+    ("fsync", "off"),
+    // The walsender sends only flushed WAL; with this off every consumer waits for the WAL writer.
+    ("synchronous_commit", "on"),
+    ("full_page_writes", "off"),
+    ("listen_addresses", "'127.0.0.1'"),
+    ("max_wal_senders", "20"),
+    ("max_replication_slots", "20"),
+    ("wal_sender_timeout", "'30s'"),
+    ("max_connections", "100"),
+    ("shared_buffers", "'32MB'"),
+    ("log_min_messages", "info"),
+];
+
+/// How a cluster is stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopMode {
+    /// Disconnect clients, write a checkpoint and shut down cleanly (`pg_ctl -m fast`).
+    Fast,
+    /// Quit at once like a crash; the next start runs recovery (`pg_ctl -m immediate`).
+    Immediate,
+}
+
+impl StopMode {
+    /// The `pg_ctl -m` argument for this mode.
+    fn arg(self) -> &'static str {
+        match self {
+            StopMode::Fast => "fast",
+            StopMode::Immediate => "immediate",
+        }
+    }
+}
+
+/// A PostgreSQL cluster in a temporary directory, owned by one test (or by the whole binary, see
+/// [`PgCluster::shared`]); dropping it stops the server at once and removes the directory.
+pub struct PgCluster {
+    /// The directory that holds the data directory, the socket and the log.
+    dir: PathBuf,
+    /// The data directory (`-D`).
+    data: PathBuf,
+    /// Where `initdb`, `pg_ctl`, `psql` live.
+    bindir: PathBuf,
+    /// The TCP port on 127.0.0.1; kept across restarts.
+    port: u16,
+    /// Stops the server and removes `dir` if the test binary dies before `Drop` runs.
+    _watchdog: Watchdog,
+}
+
+impl PgCluster {
+    /// Creates and starts a new cluster with the base settings (logical WAL, no fsync).
+    pub fn start() -> PgCluster {
+        PgCluster::start_with(&[])
+    }
+
+    /// Creates and starts a new cluster; `settings` are `postgresql.conf` lines (`name`, `value`
+    /// as written in the file, strings quoted) that come after and so override the base settings.
+    pub fn start_with(settings: &[(&str, &str)]) -> PgCluster {
+        let bindir = bindir();
+        let dir = scratch_dir("pg");
+        let data = dir.join("data");
+        run_checked(Command::new("chown").arg("postgres:postgres").arg(&dir));
+        let watchdog = Watchdog::spawn(&format!(
+            "runuser -u postgres -- {} -D {} stop -m immediate >/dev/null 2>&1; rm -rf {}",
+            sh_quote(&bindir.join("pg_ctl").to_string_lossy()),
+            sh_quote(&data.to_string_lossy()),
+            sh_quote(&dir.to_string_lossy()),
+        ));
+        run_checked(
+            Command::new("runuser")
+                .args(["-u", "postgres", "--"])
+                .arg(bindir.join("initdb"))
+                .arg("-D")
+                .arg(&data)
+                .args(["-A", "trust", "-U", "postgres", "--no-sync"])
+                .args(["-E", "UTF8", "--locale=C"]),
+        );
+        let mut conf = std::fs::OpenOptions::new()
+            .append(true)
+            .open(data.join("postgresql.conf"))
+            .expect("open postgresql.conf");
+        // An include at the end lets the harness rewrite its own settings (the port) on retries.
+        writeln!(conf, "\ninclude_if_exists = 'harness.conf'").expect("write postgresql.conf");
+        let mut cluster = PgCluster {
+            dir,
+            data,
+            bindir,
+            port: 0,
+            _watchdog: watchdog,
+        };
+        for attempt in 1..=START_ATTEMPTS {
+            cluster.port = free_port();
+            cluster.write_settings(settings);
+            let out = cluster.pg_ctl(&["start", "-w", "-t", "60"]);
+            if out.status.success() {
+                return cluster;
+            }
+            let log = cluster.log();
+            let port_taken = log.contains("could not bind") || log.contains("already in use");
+            if !port_taken || attempt == START_ATTEMPTS {
+                panic!(
+                    "postgres did not start: {}\n{}\nlog:\n{log}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
+        unreachable!("the last attempt returns or panics")
+    }
+
+    /// A cluster shared by every test of this binary that only needs its own database (see
+    /// [`PgCluster::create_database`]); never stop it. The watchdog removes it after the run.
+    pub fn shared() -> &'static PgCluster {
+        static SHARED: OnceLock<PgCluster> = OnceLock::new();
+        SHARED.get_or_init(PgCluster::start)
+    }
+
+    /// The TCP port the server listens on at 127.0.0.1.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// A URL for the `postgres` superuser and database `db`, over TCP.
+    pub fn url(&self, db: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
+    }
+
+    /// A URL for another role, with its password, and database `db`, over TCP.
+    pub fn url_as(&self, user: &str, password: &str, db: &str) -> String {
+        format!("postgres://{user}:{password}@127.0.0.1:{}/{db}", self.port)
+    }
+
+    /// The directory of the server's Unix socket (also a valid `host` for libpq).
+    pub fn socket_dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Creates database `name` and returns its URL.
+    pub fn create_database(&self, name: &str) -> String {
+        self.psql("postgres", &format!("CREATE DATABASE \"{name}\""));
+        self.url(name)
+    }
+
+    /// Runs `sql` (one or more statements) with psql as `postgres` in database `db` and returns
+    /// the output (unaligned, tuples only, `|` between columns); panics if psql fails.
+    pub fn psql(&self, db: &str, sql: &str) -> String {
+        match self.try_psql(db, sql) {
+            Ok(out) => out,
+            Err(err) => panic!("psql in {db} failed: {err}\nsql: {sql}"),
+        }
+    }
+
+    /// Like [`PgCluster::psql`], but returns psql's error output instead of panicking.
+    pub fn try_psql(&self, db: &str, sql: &str) -> Result<String, String> {
+        // The Unix socket is used because `set_hba` always keeps it open for `postgres`.
+        let mut child = Command::new(self.bindir.join("psql"))
+            .args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1"])
+            .arg("-h")
+            .arg(&self.dir)
+            .args([
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+                "-d",
+                db,
+                "-f",
+                "-",
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn psql");
+        child
+            .stdin
+            .take()
+            .expect("psql stdin is piped")
+            .write_all(sql.as_bytes())
+            .expect("write sql to psql");
+        let out = child.wait_with_output().expect("wait for psql");
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).trim_end().to_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+
+    /// Stops the server; panics if it was not running.
+    pub fn stop(&self, mode: StopMode) {
+        let out = self.pg_ctl(&["stop", "-w", "-t", "60", "-m", mode.arg()]);
+        assert!(
+            out.status.success(),
+            "pg_ctl stop failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Starts the stopped server again with the same data and port.
+    pub fn start_again(&self) {
+        let out = self.pg_ctl(&["start", "-w", "-t", "60"]);
+        assert!(
+            out.status.success(),
+            "pg_ctl start failed: {}\nlog:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log()
+        );
+    }
+
+    /// Stops the server in `mode` and starts it again.
+    pub fn restart(&self, mode: StopMode) {
+        self.stop(mode);
+        self.start_again();
+    }
+
+    /// Whether the server is running (`pg_ctl status`).
+    pub fn is_running(&self) -> bool {
+        self.pg_ctl(&["status"]).status.success()
+    }
+
+    /// The server log so far, for assertion messages and debugging.
+    pub fn log(&self) -> String {
+        std::fs::read(self.dir.join("postgres.log"))
+            .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// Replaces `pg_hba.conf` with `lines` and reloads, returning once the server has read it.
+    ///
+    /// A first line `local all postgres trust` is always kept, so the harness's own psql (over
+    /// the Unix socket) still works; TCP connections follow `lines` only.
+    pub fn set_hba(&self, lines: &[&str]) {
+        let mut text = String::from("local all postgres trust\n");
+        for line in lines {
+            text.push_str(line);
+            text.push('\n');
+        }
+        std::fs::write(self.data.join("pg_hba.conf"), text).expect("write pg_hba.conf");
+        self.reload();
+    }
+
+    /// Makes the server re-read its configuration files and waits until it has.
+    pub fn reload(&self) {
+        // The postmaster logs this line, then reloads before it accepts the next connection.
+        const MARK: &str = "received SIGHUP, reloading configuration files";
+        let before = self.log().matches(MARK).count();
+        let out = self.pg_ctl(&["reload"]);
+        assert!(out.status.success(), "pg_ctl reload failed");
+        wait_until(Duration::from_secs(10), "postgres reloaded", || {
+            self.log().matches(MARK).count() > before
+        });
+    }
+
+    /// Writes `harness.conf`: the base settings, the port, the socket dir, then `extra`.
+    fn write_settings(&self, extra: &[(&str, &str)]) {
+        let mut text = String::new();
+        let port = self.port.to_string();
+        let socket_dir = format!("'{}'", self.dir.display());
+        let own = [
+            ("port", port.as_str()),
+            ("unix_socket_directories", &socket_dir),
+        ];
+        for (name, value) in BASE_SETTINGS.iter().chain(&own).chain(extra) {
+            text.push_str(&format!("{name} = {value}\n"));
+        }
+        std::fs::write(self.data.join("harness.conf"), text).expect("write harness.conf");
+        run_checked(
+            Command::new("chown")
+                .arg("postgres:postgres")
+                .arg(self.data.join("harness.conf")),
+        );
+    }
+
+    /// Runs `pg_ctl` as the postgres user with `args`, logging to the cluster's log file.
+    fn pg_ctl(&self, args: &[&str]) -> Output {
+        Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(self.bindir.join("pg_ctl"))
+            .arg("-D")
+            .arg(&self.data)
+            .arg("-l")
+            .arg(self.dir.join("postgres.log"))
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run pg_ctl")
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        // Errors mean it is already stopped; the directory goes either way.
+        let _ = self.pg_ctl(&["stop", "-w", "-m", "immediate"]);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Finds the PostgreSQL binaries: `pg_config --bindir`, else the newest /usr/lib/postgresql/*/bin.
+fn bindir() -> PathBuf {
+    static BINDIR: OnceLock<PathBuf> = OnceLock::new();
+    BINDIR
+        .get_or_init(|| {
+            let from_pg_config = Command::new("pg_config")
+                .arg("--bindir")
+                .output()
+                .ok()
+                .filter(|out| out.status.success())
+                .map(|out| PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+                .filter(|dir| dir.join("initdb").exists());
+            from_pg_config.unwrap_or_else(|| {
+                let mut found: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+                    .expect("PostgreSQL is installed under /usr/lib/postgresql")
+                    .filter_map(|entry| {
+                        let entry = entry.ok()?;
+                        let version = entry.file_name().to_string_lossy().parse().ok()?;
+                        Some((version, entry.path().join("bin")))
+                    })
+                    .filter(|(_, dir)| dir.join("initdb").exists())
+                    .collect();
+                found.sort();
+                found
+                    .pop()
+                    .expect("no initdb under /usr/lib/postgresql/*/bin")
+                    .1
+            })
+        })
+        .clone()
+}
+
+/// Runs `cmd` and panics with its output if it fails.
+fn run_checked(cmd: &mut Command) {
+    let out = cmd.stdin(Stdio::null()).output().expect("spawn command");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

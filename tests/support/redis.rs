@@ -1,0 +1,477 @@
+//! Private `redis-server` processes.
+
+use super::{Watchdog, free_port, scratch_dir, sh_quote};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
+use std::time::{Duration, Instant};
+
+/// How often `start` tries new ports before it gives up.
+const START_ATTEMPTS: usize = 5;
+
+/// How long a server may take to answer its first PING.
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A `redis-server` on a free loopback port, owned by one test (or the whole binary, see
+/// [`RedisServer::shared`]); dropping it kills the server and removes its directory.
+pub struct RedisServer {
+    /// Holds the log, the pid file the watchdog reads, and TLS material.
+    dir: PathBuf,
+    /// The port on 127.0.0.1 (the TLS port for a TLS server); kept across restarts.
+    port: u16,
+    /// Arguments after the harness's own, such as `--requirepass`.
+    extra_args: Vec<String>,
+    /// The CA certificate (PEM) that signed the server certificate, for a TLS server.
+    tls_ca: Option<Vec<u8>>,
+    /// The running process, if any; a mutex so tests can kill and restart through `&self`.
+    child: Mutex<Option<Child>>,
+    /// Kills the server and removes `dir` if the test binary dies before `Drop` runs.
+    _watchdog: Watchdog,
+}
+
+impl RedisServer {
+    /// Starts a plain server without persistence.
+    pub fn start() -> RedisServer {
+        RedisServer::start_with(&[])
+    }
+
+    /// Starts a server with `args` appended to the harness's (later ones win in redis-server),
+    /// for example `["--requirepass", "secret"]`.
+    pub fn start_with(args: &[&str]) -> RedisServer {
+        RedisServer::launch(args.iter().map(|a| a.to_string()).collect(), false)
+    }
+
+    /// Starts a server that speaks only TLS, with a certificate for 127.0.0.1 signed by a fresh
+    /// CA; [`RedisServer::tls_ca_pem`] returns that CA and [`RedisServer::url`] a `rediss://` URL.
+    pub fn start_tls() -> RedisServer {
+        RedisServer::launch(Vec::new(), true)
+    }
+
+    /// A server shared by every test of this binary that only needs its own key prefix (see
+    /// [`super::unique_name`]); never kill it or flush it. The watchdog removes it after the run.
+    pub fn shared() -> &'static RedisServer {
+        static SHARED: OnceLock<RedisServer> = OnceLock::new();
+        SHARED.get_or_init(RedisServer::start)
+    }
+
+    /// Creates the directory and watchdog, then starts on free ports until one works.
+    fn launch(extra_args: Vec<String>, tls: bool) -> RedisServer {
+        let dir = scratch_dir("redis");
+        let pidfile = dir.join("server.pid");
+        let watchdog = Watchdog::spawn(&format!(
+            "[ -f {pid} ] && kill -9 $(cat {pid}); rm -rf {dir}",
+            pid = sh_quote(&pidfile.to_string_lossy()),
+            dir = sh_quote(&dir.to_string_lossy()),
+        ));
+        let tls_ca = tls.then(|| make_certificates(&dir));
+        let mut server = RedisServer {
+            dir,
+            port: 0,
+            extra_args,
+            tls_ca,
+            child: Mutex::new(None),
+            _watchdog: watchdog,
+        };
+        for attempt in 1..=START_ATTEMPTS {
+            server.port = free_port();
+            match server.spawn() {
+                Ok(()) => return server,
+                Err(log) if attempt == START_ATTEMPTS => panic!("redis did not start:\n{log}"),
+                Err(_) => continue,
+            }
+        }
+        unreachable!("the last attempt returns or panics")
+    }
+
+    /// The port on 127.0.0.1.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The server's URL (`redis://`, or `rediss://` for a TLS server), database 0, no password.
+    pub fn url(&self) -> String {
+        let scheme = if self.tls_ca.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        format!("{scheme}://127.0.0.1:{}/0", self.port)
+    }
+
+    /// The CA certificate (PEM) that signed a TLS server's certificate.
+    pub fn tls_ca_pem(&self) -> Option<&[u8]> {
+        self.tls_ca.as_deref()
+    }
+
+    /// A client for this server (trusting its CA when it speaks TLS), for test assertions.
+    pub fn client(&self) -> redis::Client {
+        match &self.tls_ca {
+            Some(ca) => redis::Client::build_with_tls(
+                self.url(),
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(ca.clone()),
+                },
+            ),
+            None => redis::Client::open(self.url()),
+        }
+        .expect("build a redis client")
+    }
+
+    /// A blocking connection (without a password: for servers started with `--requirepass`,
+    /// build a client from a URL that carries it).
+    pub fn connection(&self) -> redis::Connection {
+        self.client()
+            .get_connection_with_timeout(Duration::from_secs(5))
+            .expect("connect to the test redis")
+    }
+
+    /// Sets each of `keys` to "1".
+    pub fn set_keys<K: AsRef<[u8]>>(&self, keys: impl IntoIterator<Item = K>) {
+        let mut con = self.connection();
+        let mut pipe = redis::pipe();
+        for key in keys {
+            pipe.cmd("SET").arg(key.as_ref()).arg("1").ignore();
+        }
+        pipe.exec(&mut con).expect("SET test keys");
+    }
+
+    /// Whether `key` exists.
+    pub fn exists(&self, key: impl AsRef<[u8]>) -> bool {
+        redis::cmd("EXISTS")
+            .arg(key.as_ref())
+            .query::<bool>(&mut self.connection())
+            .expect("EXISTS")
+    }
+
+    /// All keys matching `pattern`, sorted, found with SCAN (lossy UTF-8; see `scan_raw_keys`).
+    pub fn scan_keys(&self, pattern: &str) -> Vec<String> {
+        let mut keys: Vec<String> = self
+            .scan_raw_keys(pattern)
+            .iter()
+            .map(|key| String::from_utf8_lossy(key).into_owned())
+            .collect();
+        keys.sort();
+        keys
+    }
+
+    /// All keys matching `pattern` as bytes, sorted and distinct, found with SCAN.
+    pub fn scan_raw_keys(&self, pattern: &str) -> Vec<Vec<u8>> {
+        let mut con = self.connection();
+        let mut keys: Vec<Vec<u8>> = redis::cmd("SCAN")
+            .cursor_arg(0)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .clone()
+            .iter::<Vec<u8>>(&mut con)
+            .expect("SCAN")
+            .collect::<Result<_, _>>()
+            .expect("SCAN page");
+        keys.sort();
+        keys.dedup();
+        keys
+    }
+
+    /// The `INFO commandstats` section, to check which commands a client sent.
+    pub fn command_stats(&self) -> String {
+        redis::cmd("INFO")
+            .arg("commandstats")
+            .query::<String>(&mut self.connection())
+            .expect("INFO commandstats")
+    }
+
+    /// Kills the server with SIGKILL (no shutdown, no save) and waits until it is gone.
+    pub fn kill(&self) {
+        let mut child = self.lock_child();
+        if let Some(mut running) = child.take() {
+            // An error means it already died, which is what we want.
+            let _ = running.kill();
+            let _ = running.wait();
+        }
+        let _ = std::fs::remove_file(self.dir.join("server.pid"));
+    }
+
+    /// Starts the killed server again on the same port (empty: nothing was persisted).
+    pub fn start_again(&self) {
+        if let Err(log) = self.spawn() {
+            panic!("redis did not start again on port {}:\n{log}", self.port);
+        }
+    }
+
+    /// Whether the server process is running.
+    pub fn is_running(&self) -> bool {
+        self.lock_child()
+            .as_mut()
+            .is_some_and(|child| matches!(child.try_wait(), Ok(None)))
+    }
+
+    /// The server log so far.
+    pub fn log(&self) -> String {
+        std::fs::read(self.dir.join("redis.log"))
+            .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// Locks the child slot, ignoring poisoning (a panicking test must still be able to clean up).
+    fn lock_child(&self) -> MutexGuard<'_, Option<Child>> {
+        self.child.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Spawns redis-server on `self.port` and waits until it is ready; on failure returns the log.
+    fn spawn(&self) -> Result<(), String> {
+        let mut slot = self.lock_child();
+        let dir = self.dir.to_string_lossy().into_owned();
+        let port = self.port.to_string();
+        let mut cmd = Command::new("redis-server");
+        cmd.args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--daemonize", "no", "--dir", &dir, "--logfile", "redis.log"]);
+        match &self.tls_ca {
+            Some(_) => cmd
+                .args(["--port", "0", "--tls-port", &port])
+                .args([
+                    "--tls-cert-file",
+                    "server.crt",
+                    "--tls-key-file",
+                    "server.key",
+                ])
+                .args(["--tls-ca-cert-file", "ca.crt", "--tls-auth-clients", "no"]),
+            None => cmd.args(["--port", &port]),
+        };
+        let mut child = cmd
+            .args(&self.extra_args)
+            .current_dir(&self.dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn redis-server");
+        std::fs::write(self.dir.join("server.pid"), child.id().to_string())
+            .expect("write the pid file");
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if !matches!(child.try_wait(), Ok(None)) {
+                // It exited, most likely because the port was taken: the caller may retry.
+                let _ = std::fs::remove_file(self.dir.join("server.pid"));
+                return Err(self.log());
+            }
+            if self.ready() {
+                break;
+            }
+            if Instant::now() >= deadline {
+                // No stray server may outlive a failed start.
+                let _ = child.kill();
+                let _ = child.wait();
+                let _ = std::fs::remove_file(self.dir.join("server.pid"));
+                panic!(
+                    "redis-server was not ready within {READY_TIMEOUT:?}:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        *slot = Some(child);
+        Ok(())
+    }
+
+    /// Whether our server accepts clients: its own log says so (a reply alone could come from a
+    /// stranger that holds the port), and, without TLS, a PING is answered.
+    fn ready(&self) -> bool {
+        if !self.log().contains("Ready to accept connections") {
+            return false;
+        }
+        if self.tls_ca.is_some() {
+            return true;
+        }
+        let Ok(mut stream) = TcpStream::connect(("127.0.0.1", self.port)) else {
+            return false;
+        };
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+        // Any reply will do: a server with a password answers -NOAUTH, and is ready all the same.
+        let mut reply = [0u8; 1];
+        stream.write_all(b"PING\r\n").is_ok()
+            && stream.read_exact(&mut reply).is_ok()
+            && matches!(reply[0], b'+' | b'-')
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Writes `ca.crt`, `server.crt` and `server.key` (P-256, for 127.0.0.1) into `dir` with openssl
+/// and returns the CA certificate.
+fn make_certificates(dir: &std::path::Path) -> Vec<u8> {
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+    )
+    .expect("write server.ext");
+    let steps: [&[&str]; 3] = [
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=invalidator test CA",
+        ],
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ],
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.crt",
+            "-days",
+            "2",
+            "-extfile",
+            "server.ext",
+        ],
+    ];
+    for args in steps {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run openssl");
+        assert!(
+            out.status.success(),
+            "openssl {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    std::fs::read(dir.join("ca.crt")).expect("read ca.crt")
+}
+
+/// A Redis Cluster of primaries without replicas, each a private [`RedisServer`].
+pub struct RedisCluster {
+    /// The primaries, in the order their slots were assigned.
+    nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    /// Starts `primaries` servers in cluster mode, joins them with `redis-cli --cluster create`
+    /// and waits until every node reports the cluster healthy.
+    pub fn start(primaries: usize) -> RedisCluster {
+        let nodes: Vec<RedisServer> = (0..primaries)
+            .map(|_| {
+                RedisServer::start_with(&[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    "5000",
+                ])
+            })
+            .collect();
+        let out = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(nodes.iter().map(|n| format!("127.0.0.1:{}", n.port())))
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("run redis-cli --cluster create");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let cluster = RedisCluster { nodes };
+        super::wait_until(Duration::from_secs(30), "the cluster is ok", || {
+            cluster.nodes.iter().all(|node| {
+                redis::cmd("CLUSTER")
+                    .arg("INFO")
+                    .query::<String>(&mut node.connection())
+                    .is_ok_and(|info| info.contains("cluster_state:ok"))
+            })
+        });
+        cluster
+    }
+
+    /// The URL of the first node, a seed for cluster clients.
+    pub fn url(&self) -> String {
+        self.nodes[0].url()
+    }
+
+    /// The nodes, to inspect or kill one.
+    pub fn nodes(&self) -> &[RedisServer] {
+        &self.nodes
+    }
+
+    /// A cluster client, for test assertions.
+    pub fn client(&self) -> redis::cluster::ClusterClient {
+        redis::cluster::ClusterClient::new(
+            self.nodes.iter().map(RedisServer::url).collect::<Vec<_>>(),
+        )
+        .expect("build a cluster client")
+    }
+
+    /// Sets each of `keys` to "1", each on the node that owns its slot.
+    pub fn set_keys<K: AsRef<[u8]>>(&self, keys: impl IntoIterator<Item = K>) {
+        let mut con = self
+            .client()
+            .get_connection()
+            .expect("connect to the cluster");
+        for key in keys {
+            redis::cmd("SET")
+                .arg(key.as_ref())
+                .arg("1")
+                .exec(&mut con)
+                .expect("SET in the cluster");
+        }
+    }
+
+    /// All keys of all nodes, sorted.
+    pub fn all_keys(&self) -> Vec<String> {
+        let mut keys: Vec<String> = self.nodes.iter().flat_map(|n| n.scan_keys("*")).collect();
+        keys.sort();
+        keys
+    }
+
+    /// How many nodes hold at least one key, to check that test keys spread over the cluster.
+    pub fn nodes_with_keys(&self) -> usize {
+        self.nodes
+            .iter()
+            .filter(|n| !n.scan_keys("*").is_empty())
+            .count()
+    }
+}
