@@ -3,6 +3,7 @@
 
 mod cli;
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -22,6 +23,7 @@ fn main() -> ExitCode {
         .unwrap_or_else(|_| EnvFilter::new(&loaded.config.log.level));
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match loaded.config.log.format {
         LogFormat::Text => logs.init(),

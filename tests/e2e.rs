@@ -91,9 +91,10 @@ fn insert_update_delete_and_truncate_delete_their_keys() {
         "plain:1",
     ]);
     f.sql("TRUNCATE items");
-    f.wait_deleted(&["item:3", "item:4", "items:category:anything", "price:9"]);
+    f.wait_deleted(&["item:3", "item:4", "items:category:anything"]);
     barrier(&f);
-    f.assert_kept(&["plain:1"]);
+    // Rule "price" lists only updates in `on`, so a truncate does not fire it.
+    f.assert_kept(&["plain:1", "price:9"]);
 }
 
 #[test]

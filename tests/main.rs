@@ -1,5 +1,7 @@
 //! The one integration test binary: real Postgres and Redis servers owned by the harness.
 
+mod deleter;
 mod e2e;
+mod exodrive;
 mod sidecar;
 mod support;

@@ -1,0 +1,479 @@
+//! The Redis deleter against real redis-server processes.
+
+use std::collections::HashSet;
+use std::error::Error as _;
+use std::time::{Duration, Instant};
+
+use invalidator::redis::{DeleteError, DeleteStats, Deleter, DeleterOptions, SHARED_PASS_THRESHOLD};
+
+use crate::support::{CutMode, RedisCluster, RedisServer, TcpProxy, unique_name};
+
+/// Builds a set of owned strings.
+fn set<S: AsRef<str>>(items: impl IntoIterator<Item = S>) -> HashSet<String> {
+    items.into_iter().map(|s| s.as_ref().to_owned()).collect()
+}
+
+/// The error and all its sources, as a log line with the chain would show them.
+fn chain(err: &DeleteError) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// Retries `delete` until it succeeds, for a Redis that is coming back; panics after 20 s.
+async fn delete_until_ok(
+    deleter: &mut Deleter,
+    keys: &HashSet<String>,
+    patterns: &HashSet<String>,
+) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match deleter.delete(keys, patterns).await {
+            Ok(_) => return,
+            Err(err) if Instant::now() >= deadline => {
+                panic!("the deleter did not recover: {}", chain(&err))
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+/// Options with short timeouts, for tests that make Redis fail on purpose.
+fn impatient() -> DeleterOptions {
+    DeleterOptions {
+        connection_timeout: Duration::from_millis(500),
+        response_timeout: Duration::from_secs(1),
+        ..DeleterOptions::default()
+    }
+}
+
+/// Keys that Redis itself returns for `pattern` (the truth the deleter must match).
+fn server_matches(redis: &RedisServer, pattern: &str) -> HashSet<Vec<u8>> {
+    redis.scan_raw_keys(pattern).into_iter().collect()
+}
+
+#[tokio::test]
+async fn deletes_literal_keys_and_counts_only_those_that_existed() {
+    let redis = RedisServer::shared();
+    let p = unique_name("lit");
+    redis.set_keys([
+        format!("{p}:a"),
+        format!("{p}:b"),
+        format!("{p}:c"),
+        format!("{p}:keep"),
+    ]);
+    let mut deleter = Deleter::connect(&redis.url()).await.expect("connect");
+    let keys = set([
+        format!("{p}:a"),
+        format!("{p}:b"),
+        format!("{p}:c"),
+        format!("{p}:missing1"),
+        format!("{p}:missing2"),
+    ]);
+    let stats = deleter
+        .delete(&keys, &HashSet::new())
+        .await
+        .expect("delete");
+    assert_eq!(
+        stats,
+        DeleteStats {
+            keys_deleted: 3,
+            patterns_scanned: 0,
+            scan_calls: 0
+        }
+    );
+    assert_eq!(redis.scan_keys(&format!("{p}:*")), [format!("{p}:keep")]);
+}
+
+#[tokio::test]
+async fn deleting_only_missing_keys_is_fine_and_repeatable() {
+    let redis = RedisServer::shared();
+    let p = unique_name("missing");
+    let mut deleter = Deleter::connect(&redis.url()).await.expect("connect");
+    let keys = set([format!("{p}:nothing")]);
+    let patterns = set([format!("{p}:none:*")]);
+    for _ in 0..2 {
+        let stats = deleter.delete(&keys, &patterns).await.expect("delete");
+        assert_eq!(stats.keys_deleted, 0);
+        assert_eq!(stats.patterns_scanned, 1);
+    }
+}
+
+#[tokio::test]
+async fn a_pattern_deletes_its_matches_and_spares_the_rest() {
+    let redis = RedisServer::shared();
+    let p = unique_name("pat");
+    redis.set_keys([
+        format!("{p}:car:1:avail"),
+        format!("{p}:car:1:price"),
+        format!("{p}:car:2:avail"),
+        format!("{p}:car:10:avail"),
+    ]);
+    let mut deleter = Deleter::connect(&redis.url()).await.expect("connect");
+    let patterns = set([format!("{p}:car:1:*"), format!("{p}:car:?:avail")]);
+    let stats = deleter
+        .delete(&HashSet::new(), &patterns)
+        .await
+        .expect("delete");
+    assert_eq!(stats.keys_deleted, 3);
+    assert_eq!(stats.patterns_scanned, 2);
+    assert!(stats.scan_calls >= 2);
+    assert_eq!(
+        redis.scan_keys(&format!("{p}:*")),
+        [format!("{p}:car:10:avail")]
+    );
+}
+
+#[tokio::test]
+async fn escaped_glob_characters_delete_only_the_exact_key() {
+    let redis = RedisServer::shared();
+    let p = unique_name("esc");
+    redis.set_keys([
+        format!("{p}:user:*:x"),
+        format!("{p}:user:1:x"),
+        format!("{p}:q?"),
+        format!("{p}:qa"),
+        format!("{p}:[b]"),
+        format!("{p}:b"),
+    ]);
+    let mut deleter = Deleter::connect(&redis.url()).await.expect("connect");
+    let patterns = set([
+        format!(r"{p}:user:\*:x"),
+        format!(r"{p}:q\?"),
+        format!(r"{p}:\[b\]"),
+    ]);
+    let stats = deleter
+        .delete(&HashSet::new(), &patterns)
+        .await
+        .expect("delete");
+    assert_eq!(stats.keys_deleted, 3);
+    assert_eq!(
+        redis.scan_keys(&format!("{p}:*")),
+        [format!("{p}:b"), format!("{p}:qa"), format!("{p}:user:1:x")]
+    );
+}
+
+#[tokio::test]
+async fn a_wider_prefix_pattern_is_scanned_instead_of_the_ones_it_covers() {
+    let redis = RedisServer::shared();
+    let p = unique_name("cover");
+    redis.set_keys([format!("{p}:u:1:a"), format!("{p}:u:2:b"), format!("{p}:v")]);
+    let mut deleter = Deleter::connect(&redis.url()).await.expect("connect");
+    let patterns = set([
+        format!("{p}:u:*"),
+        format!("{p}:u:1:*"),
+        format!("{p}:u:?:b"),
+    ]);
+    let stats = deleter
+        .delete(&HashSet::new(), &patterns)
+        .await
+        .expect("delete");
+    assert_eq!(stats.patterns_scanned, 1);
+    assert_eq!(stats.keys_deleted, 2);
+    assert_eq!(redis.scan_keys(&format!("{p}:*")), [format!("{p}:v")]);
+}
+
+#[tokio::test]
+async fn many_patterns_share_one_pass_and_delete_exactly_what_redis_matches() {
+    // A private server, so the number of SCAN calls depends on our keys only.
+    let redis = RedisServer::start();
+    let mut keys: Vec<Vec<u8>> = Vec::new();
+    for i in 0..40 {
+        for suffix in ["a", "b", "*", "?", "[x]", "\\"] {
+            keys.push(format!("t:{i}:{suffix}").into_bytes());
+        }
+    }
+    keys.push(b"t:1:\xff\xfe binary".to_vec());
+    keys.push(b"other:\xff".to_vec());
+    redis.set_keys(&keys);
+    let patterns = set([
+        "t:1:*",
+        "t:2:?",
+        r"t:3:\*",
+        r"t:4:\?",
+        r"t:5:\[x\]",
+        r"t:6:\\",
+        "t:1[0-3]:a",
+        "t:2[^0-5]:b",
+        "t:3?:[ab]",
+        "t:*:\\[*",
+        "t:9*",
+    ]);
+    assert!(patterns.len() > SHARED_PASS_THRESHOLD);
+    let mut expected = HashSet::new();
+    for pattern in &patterns {
+        expected.extend(server_matches(&redis, pattern));
+    }
+    let before = server_matches(&redis, "*");
+    let mut deleter = Deleter::connect(&redis.url()).await.expect("connect");
+    let stats = deleter
+        .delete(&HashSet::new(), &patterns)
+        .await
+        .expect("delete");
+    let deleted: HashSet<Vec<u8>> = before
+        .difference(&server_matches(&redis, "*"))
+        .cloned()
+        .collect();
+    assert_eq!(deleted, expected);
+    assert!(deleted.contains(&b"t:1:\xff\xfe binary"[..]));
+    assert!(redis.exists(b"other:\xff"));
+    assert_eq!(stats.keys_deleted, expected.len() as u64);
+    assert_eq!(stats.patterns_scanned, patterns.len() as u64);
+    assert!(
+        stats.scan_calls <= 3,
+        "one pass over a small keyspace: {stats:?}"
+    );
+}
+
+#[tokio::test]
+async fn ten_thousand_keys_and_twenty_patterns_are_deleted() {
+    let redis = RedisServer::start();
+    let literal: Vec<String> = (0..10_000).map(|i| format!("lit:{i}")).collect();
+    let matched: Vec<String> = (0..10_000).map(|i| format!("grp:{}:{i}", i % 20)).collect();
+    let spared: Vec<String> = (0..1_000).map(|i| format!("grp:keep{i}")).collect();
+    redis.set_keys(literal.iter().chain(&matched).chain(&spared));
+    let patterns: HashSet<String> = (0..20).map(|g| format!("grp:{g}:*")).collect();
+    let mut deleter = Deleter::connect(&redis.url()).await.expect("connect");
+    let stats = deleter
+        .delete(&set(&literal), &patterns)
+        .await
+        .expect("delete");
+    assert_eq!(stats.keys_deleted, 20_000);
+    assert_eq!(stats.patterns_scanned, 20);
+    // One shared pass over ~11k keys takes a few dozen pages; twenty passes would take hundreds.
+    assert!(stats.scan_calls < 60, "{stats:?}");
+    assert_eq!(redis.scan_keys("*").len(), 1_000);
+    assert!(
+        redis
+            .scan_keys("*")
+            .iter()
+            .all(|k| k.starts_with("grp:keep"))
+    );
+}
+
+#[tokio::test]
+async fn keys_is_never_sent() {
+    let redis = RedisServer::start();
+    redis.set_keys((0..200).map(|i| format!("k:{i}:v")));
+    let mut deleter = Deleter::connect(&redis.url()).await.expect("connect");
+    let few = set(["k:1*", "k:2:?"]);
+    let many: HashSet<String> = (0..12).map(|i| format!("k:{i}?:*")).collect();
+    deleter
+        .delete(&set(["k:0:v"]), &few)
+        .await
+        .expect("few patterns");
+    deleter
+        .delete(&HashSet::new(), &many)
+        .await
+        .expect("many patterns");
+    deleter
+        .delete(&HashSet::new(), &set(["*"]))
+        .await
+        .expect("everything");
+    assert!(redis.scan_keys("*").is_empty());
+    let stats = redis.command_stats();
+    assert!(stats.contains("cmdstat_scan:"), "{stats}");
+    assert!(stats.contains("cmdstat_unlink:"), "{stats}");
+    assert!(!stats.contains("cmdstat_keys:"), "{stats}");
+}
+
+#[tokio::test]
+async fn an_empty_invalidation_sends_no_command() {
+    let redis = RedisServer::start();
+    let mut deleter = Deleter::connect(&redis.url()).await.expect("connect");
+    let stats = deleter
+        .delete(&HashSet::new(), &HashSet::new())
+        .await
+        .expect("delete");
+    assert_eq!(stats, DeleteStats::default());
+    let stats = redis.command_stats();
+    assert!(
+        !stats.contains("cmdstat_scan:") && !stats.contains("cmdstat_unlink:"),
+        "{stats}"
+    );
+}
+
+#[tokio::test]
+async fn a_killed_redis_is_a_transient_error_and_the_same_deleter_recovers() {
+    let redis = RedisServer::start();
+    let mut deleter = Deleter::connect_with(&redis.url(), impatient())
+        .await
+        .expect("connect");
+    deleter.ping().await.expect("ping");
+    redis.kill();
+    let err = deleter
+        .delete(&set(["a"]), &set(["b:*"]))
+        .await
+        .expect_err("redis is down");
+    assert!(err.is_transient(), "{}", chain(&err));
+    let err = deleter.ping().await.expect_err("still down");
+    assert!(err.is_transient(), "{}", chain(&err));
+
+    redis.start_again();
+    redis.set_keys(["a", "b:1"]);
+    delete_until_ok(&mut deleter, &set(["a"]), &set(["b:*"])).await;
+    assert!(redis.scan_keys("*").is_empty());
+}
+
+#[tokio::test]
+async fn a_blackholed_redis_times_out_with_a_transient_error() {
+    let redis = RedisServer::start();
+    let proxy = TcpProxy::start(redis.port());
+    let url = format!("redis://127.0.0.1:{}/0", proxy.port());
+    let mut deleter = Deleter::connect_with(&url, impatient())
+        .await
+        .expect("connect");
+    deleter.ping().await.expect("ping");
+    proxy.cut(CutMode::Blackhole);
+    // The deadline only turns a hang into a failure; the deleter must give up well before it.
+    for _ in 0..2 {
+        let outcome = tokio::time::timeout(
+            Duration::from_secs(30),
+            deleter.delete(&set(["a"]), &HashSet::new()),
+        )
+        .await
+        .expect("the deleter gave up by itself");
+        let err = outcome.expect_err("nothing answers");
+        assert!(err.is_transient(), "{}", chain(&err));
+    }
+    proxy.restore();
+    redis.set_keys(["a"]);
+    delete_until_ok(&mut deleter, &set(["a"]), &HashSet::new()).await;
+    assert!(!redis.exists("a"));
+}
+
+#[tokio::test]
+async fn an_unreachable_redis_at_connect_is_transient() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    redis.kill();
+    let err = Deleter::connect_with(&url, impatient())
+        .await
+        .expect_err("down");
+    assert!(err.is_transient(), "{}", chain(&err));
+}
+
+#[tokio::test]
+async fn a_wrong_password_is_permanent_and_never_shown() {
+    let redis = RedisServer::start_with(&["--requirepass", "right-pass"]);
+    let url = format!("redis://:hunter2-secret@127.0.0.1:{}/0", redis.port());
+    let err = Deleter::connect(&url).await.expect_err("wrong password");
+    assert!(!err.is_transient(), "{}", chain(&err));
+    assert!(!chain(&err).contains("hunter2"), "{}", chain(&err));
+    assert!(!format!("{err:?}").contains("hunter2"), "{err:?}");
+    assert!(chain(&err).contains(":***@"), "{}", chain(&err));
+}
+
+#[tokio::test]
+async fn a_missing_password_is_permanent() {
+    let redis = RedisServer::start_with(&["--requirepass", "right-pass"]);
+    let outcome = match Deleter::connect(&redis.url()).await {
+        Err(err) => Err(err),
+        Ok(mut deleter) => deleter
+            .delete(&set(["a"]), &HashSet::new())
+            .await
+            .map(|_| ()),
+    };
+    let err = outcome.expect_err("no password");
+    assert!(!err.is_transient(), "{}", chain(&err));
+}
+
+#[tokio::test]
+async fn the_right_password_works_and_the_target_hides_it() {
+    let redis = RedisServer::start_with(&["--requirepass", "right-pass"]);
+    let url = format!("redis://:right-pass@127.0.0.1:{}/0", redis.port());
+    let mut deleter = Deleter::connect(&url).await.expect("connect");
+    deleter.ping().await.expect("ping");
+    assert_eq!(
+        deleter.target(),
+        format!("redis://:***@127.0.0.1:{}/0", redis.port())
+    );
+    assert!(!format!("{deleter:?}").contains("right-pass"));
+}
+
+#[tokio::test]
+async fn tls_with_a_private_ca_works() {
+    let redis = RedisServer::start_tls();
+    redis.set_keys(["tls:1", "tls:2", "tls:3"]);
+    let options = DeleterOptions {
+        tls_ca_pem: redis.tls_ca_pem().map(<[u8]>::to_vec),
+        ..DeleterOptions::default()
+    };
+    let mut deleter = Deleter::connect_with(&redis.url(), options)
+        .await
+        .expect("connect");
+    let stats = deleter
+        .delete(&set(["tls:1"]), &set(["tls:*"]))
+        .await
+        .expect("delete");
+    assert_eq!(stats.keys_deleted, 3);
+}
+
+#[tokio::test]
+async fn tls_without_trusting_the_ca_fails() {
+    let redis = RedisServer::start_tls();
+    let err = Deleter::connect_with(&redis.url(), impatient())
+        .await
+        .expect_err("untrusted");
+    assert!(
+        chain(&err).to_lowercase().contains("certificate"),
+        "{}",
+        chain(&err)
+    );
+}
+
+#[tokio::test]
+async fn a_cluster_routes_keys_by_slot_and_scans_every_primary() {
+    let cluster = RedisCluster::start(3);
+    let literal: Vec<String> = (0..3000).map(|i| format!("lit:{i}")).collect();
+    let matched: Vec<String> = (0..3000).map(|i| format!("grp:{}:{i}", i % 12)).collect();
+    let spared: Vec<String> = (0..300).map(|i| format!("keep:{i}")).collect();
+    cluster.set_keys(literal.iter().chain(&matched).chain(&spared));
+    assert_eq!(cluster.nodes_with_keys(), 3);
+    let options = DeleterOptions {
+        cluster: true,
+        ..DeleterOptions::default()
+    };
+    let mut deleter = Deleter::connect_with(&cluster.url(), options)
+        .await
+        .expect("connect");
+    deleter.ping().await.expect("ping");
+    let few = set(["grp:0:*", "grp:1:*"]);
+    let stats = deleter
+        .delete(&set(&literal), &few)
+        .await
+        .expect("few patterns");
+    assert_eq!(stats.keys_deleted, 3000 + 500);
+    assert!(
+        stats.scan_calls >= 2 * 3,
+        "two passes on each of three primaries: {stats:?}"
+    );
+    let many: HashSet<String> = (2..12).map(|g| format!("grp:{g}:*")).collect();
+    let stats = deleter
+        .delete(&HashSet::new(), &many)
+        .await
+        .expect("many patterns");
+    assert_eq!(stats.keys_deleted, 2500);
+    assert_eq!(cluster.all_keys(), {
+        let mut spared = spared.clone();
+        spared.sort();
+        spared
+    });
+
+    // A dead primary fails the batch (its keys cannot be deleted) with a transient error, and
+    // the same deleter works again once the primary is back.
+    cluster.nodes()[1].kill();
+    let err = deleter
+        .delete(&set(&spared), &set(["keep:*"]))
+        .await
+        .expect_err("a primary is down");
+    assert!(err.is_transient(), "{}", chain(&err));
+    cluster.nodes()[1].start_again();
+    delete_until_ok(&mut deleter, &set(&spared), &set(["keep:*"])).await;
+    assert!(cluster.all_keys().is_empty());
+}
