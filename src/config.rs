@@ -207,7 +207,11 @@ impl Config {
         // Relative rule paths (and the default, `rules`) are relative to the config file, so a
         // config and its rules can move together (e.g. mounted at /etc/invalidator).
         let base = file.parent().map(Path::to_path_buf).unwrap_or_default();
-        let p = raw.rules.path.take().unwrap_or_else(|| PathBuf::from("rules"));
+        let p = raw
+            .rules
+            .path
+            .take()
+            .unwrap_or_else(|| PathBuf::from("rules"));
         raw.rules.path = Some(if p.is_relative() { base.join(p) } else { p });
         let mut database_url = None;
         let mut redis_url = None;

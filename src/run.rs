@@ -278,10 +278,11 @@ async fn stream_once(
     )
     .await?;
     setup::apply(&mut client, &actions).await?;
-    if let Some(info) = setup::slot_info(&mut client, &config.postgres.slot).await? {
-        if let Some(flush) = info.confirmed_flush {
-            links.reported = links.reported.max(flush);
-        }
+    // Never report less than the slot already has: an older position would be ignored at
+    // best, and it could move the slot backwards on servers that do not guard against it.
+    let slot = setup::slot_info(&mut client, &config.postgres.slot).await?;
+    if let Some(flush) = slot.and_then(|info| info.confirmed_flush) {
+        links.reported = links.reported.max(flush);
     }
     let mut stream = client
         .start_replication(&config.postgres.slot, Lsn(0), &config.postgres.publication)

@@ -4,7 +4,9 @@ use std::collections::HashSet;
 use std::error::Error as _;
 use std::time::{Duration, Instant};
 
-use invalidator::redis::{DeleteError, DeleteStats, Deleter, DeleterOptions, SHARED_PASS_THRESHOLD};
+use invalidator::redis::{
+    DeleteError, DeleteStats, Deleter, DeleterOptions, SHARED_PASS_THRESHOLD,
+};
 
 use crate::support::{CutMode, RedisCluster, RedisServer, TcpProxy, unique_name};
 
@@ -257,7 +259,7 @@ async fn ten_thousand_keys_and_twenty_patterns_are_deleted() {
 }
 
 #[tokio::test]
-async fn keys_is_never_sent() {
+async fn the_keys_command_is_never_sent() {
     let redis = RedisServer::start();
     redis.set_keys((0..200).map(|i| format!("k:{i}:v")));
     let mut deleter = Deleter::connect(&redis.url()).await.expect("connect");

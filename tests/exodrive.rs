@@ -44,7 +44,9 @@ fn car(f: &Fixture, location: &str) -> String {
 fn customer(f: &Fixture, email: &str) -> String {
     insert(
         f,
-        &format!("INSERT INTO customers (email, name, user_id) VALUES ('{email}', 'Ada', gen_random_uuid())"),
+        &format!(
+            "INSERT INTO customers (email, name, user_id) VALUES ('{email}', 'Ada', gen_random_uuid())"
+        ),
     )
 }
 
@@ -67,7 +69,11 @@ fn should_invalidate_related_caches_on_booking_creation() {
         format!("car:{other}"),
     ];
     f.redis.set_keys(stale.iter().chain(&unrelated));
-    assert!(!f.redis.scan_keys(&format!("availability:{car}:*")).is_empty());
+    assert!(
+        !f.redis
+            .scan_keys(&format!("availability:{car}:*"))
+            .is_empty()
+    );
 
     let booking = insert(
         &f,
@@ -78,14 +84,23 @@ fn should_invalidate_related_caches_on_booking_creation() {
     );
     let stale: Vec<&str> = stale.iter().map(String::as_str).collect();
     f.wait_deleted(&stale);
-    assert!(f.redis.scan_keys(&format!("availability:{car}:*")).is_empty());
+    assert!(
+        f.redis
+            .scan_keys(&format!("availability:{car}:*"))
+            .is_empty()
+    );
     let unrelated: Vec<&str> = unrelated.iter().map(String::as_str).collect();
     f.assert_kept(&unrelated);
 
     // booking:{id} and booking:{id}:* go on every later change of the booking.
-    let details = [format!("booking:{booking}"), format!("booking:{booking}:details")];
+    let details = [
+        format!("booking:{booking}"),
+        format!("booking:{booking}:details"),
+    ];
     f.redis.set_keys(details.iter());
-    f.sql(&format!("UPDATE bookings SET notes = 'late pickup' WHERE id = '{booking}'"));
+    f.sql(&format!(
+        "UPDATE bookings SET notes = 'late pickup' WHERE id = '{booking}'"
+    ));
     let details: Vec<&str> = details.iter().map(String::as_str).collect();
     f.wait_deleted(&details);
 }
@@ -110,11 +125,15 @@ fn a_booking_moved_to_another_car_invalidates_both_cars() {
     let kept = format!("availability:{bystander}:2026-12-01:2026-12-05");
     // Let the insert's own invalidation pass before caching.
     f.redis.set_keys([format!("booking:{booking}")]);
-    f.sql(&format!("UPDATE bookings SET notes = 'x' WHERE id = '{booking}'"));
+    f.sql(&format!(
+        "UPDATE bookings SET notes = 'x' WHERE id = '{booking}'"
+    ));
     f.wait_deleted(&[&format!("booking:{booking}")]);
 
     f.redis.set_keys(moved.iter().chain([&kept]));
-    f.sql(&format!("UPDATE bookings SET car_id = '{to}' WHERE id = '{booking}'"));
+    f.sql(&format!(
+        "UPDATE bookings SET car_id = '{to}' WHERE id = '{booking}'"
+    ));
     let moved: Vec<&str> = moved.iter().map(String::as_str).collect();
     f.wait_deleted(&moved);
     f.assert_kept(&[&kept]);
@@ -125,5 +144,8 @@ fn the_repository_rules_pass_check_against_the_migrated_schema() {
     let f = exodrive();
     let (status, out) = f.setup.command(&["check"]);
     assert!(status.success(), "{out}");
-    assert!(!out.contains("warning"), "every rule table has REPLICA IDENTITY FULL: {out}");
+    assert!(
+        !out.contains("warning"),
+        "every rule table has REPLICA IDENTITY FULL: {out}"
+    );
 }

@@ -3,5 +3,6 @@
 mod deleter;
 mod e2e;
 mod exodrive;
+mod replication;
 mod sidecar;
 mod support;

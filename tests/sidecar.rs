@@ -150,8 +150,7 @@ impl Sidecar {
     pub fn terminate(&mut self) -> ExitStatus {
         let mut child = self.child.take().expect("running");
         signal(child.id(), "TERM");
-        let status = child.wait().expect("wait");
-        status
+        child.wait().expect("wait")
     }
 }
 
