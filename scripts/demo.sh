@@ -6,39 +6,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 say() { printf '\n== %s\n' "$*"; }
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-
-bindir=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)
-if [ -z "$bindir" ] || ! command -v redis-server >/dev/null; then
-  echo "needs PostgreSQL and Redis: apt-get install -y postgresql redis-server" >&2
-  exit 1
-fi
 
 say "building invalidator"
 cargo build --release --quiet
 bin=$PWD/target/release/invalidator
 
-work=$(mktemp -d /tmp/invalidator-demo.XXXXXX)
-pg_port=$(free_port); redis_port=$(free_port); http_port=$(free_port)
-sidecar=
-cleanup() {
-  [ -n "$sidecar" ] && kill "$sidecar" 2>/dev/null && wait "$sidecar" 2>/dev/null
-  redis-cli -p "$redis_port" shutdown nosave >/dev/null 2>&1 || true
-  as_pg "$bindir/pg_ctl" -D "$work/pg" -m immediate stop >/dev/null 2>&1 || true
-  rm -rf "$work"
-}
-# initdb refuses to run as root: run the server as the postgres user when we are root.
-as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
-trap cleanup EXIT
-
-say "private Postgres on port $pg_port (wal_level=logical) and Redis on port $redis_port"
-mkdir -p "$work/pg"
-[ "$(id -u)" = 0 ] && chown postgres "$work" "$work/pg"
-as_pg "$bindir/initdb" -D "$work/pg" -A trust -U postgres --no-sync >/dev/null
-as_pg "$bindir/pg_ctl" -D "$work/pg" -l "$work/pg/log" -w start -o \
-  "-p $pg_port -c listen_addresses=127.0.0.1 -c unix_socket_directories=$work/pg -c wal_level=logical -c fsync=off" >/dev/null
-redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no --daemonize yes \
-  --dir "$work" --logfile "$work/redis.log" >/dev/null
+. scripts/servers.sh
+http_port=$(free_port)
+echo "  private Postgres on port $pg_port (wal_level=logical), Redis on port $redis_port"
 psql_() { psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$pg_port" -U postgres -d exodrive "$@"; }
 redis_() { redis-cli -p "$redis_port" "$@"; }
 
@@ -53,6 +28,7 @@ export INVALIDATOR_HTTP_LISTEN="127.0.0.1:$http_port"
 "$bin" check --config invalidator.toml
 "$bin" run --config invalidator.toml 2>"$work/invalidator.log" &
 sidecar=$!
+on_exit+=("kill $sidecar 2>/dev/null")
 for _ in $(seq 100); do
   curl -sf "http://127.0.0.1:$http_port/readyz" >/dev/null 2>&1 && break
   sleep 0.1
@@ -97,4 +73,3 @@ curl -s "http://127.0.0.1:$http_port/metrics" | grep -E '^invalidator_(changes_t
 say "SIGTERM: finish, acknowledge, exit"
 kill -TERM "$sidecar"
 wait "$sidecar" && echo "  invalidator exited with status 0"
-sidecar=
