@@ -160,8 +160,10 @@ pub async fn execute(command: Command, loaded: Loaded) -> anyhow::Result<ExitCod
                 &tables,
                 &config.postgres.publication,
                 &config.postgres.slot,
+                setup::SlotLoss::Refuse,
             )
-            .await?;
+            .await?
+            .actions;
             if actions.is_empty() {
                 println!("publication and slot are in place; nothing to do");
             } else if dry_run {

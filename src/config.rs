@@ -59,6 +59,8 @@ pub struct PostgresConfig {
     pub slot: String,
     /// Publication name.
     pub publication: String,
+    /// After a lost or dropped slot, delete every key the rules can produce (the safety action).
+    pub flush_on_slot_loss: bool,
 }
 
 /// The `[pipeline]` section; the defaults need no tuning.
@@ -68,6 +70,9 @@ pub struct PipelineConfig {
     pub max_batch_keys: usize,
     /// How often a standby status update is sent even when nothing changed.
     pub status_interval: Duration,
+    /// Past this many distinct keys and patterns, one transaction's invalidations are replaced by
+    /// every pattern of the rules of the tables it changed, so memory stays bounded.
+    pub max_transaction_keys: usize,
 }
 
 /// The `[log]` section.
@@ -135,6 +140,7 @@ struct RawPostgres {
     mode: Option<String>,
     slot: Option<String>,
     publication: Option<String>,
+    flush_on_slot_loss: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -160,6 +166,7 @@ struct RawHttp {
 struct RawPipeline {
     max_batch_keys: Option<usize>,
     status_interval_ms: Option<u64>,
+    max_transaction_keys: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -247,12 +254,22 @@ fn apply_env(raw: &mut RawConfig, name: &str, value: &str) -> Result<(), ConfigE
         "INVALIDATOR_POSTGRES_MODE" => raw.postgres.mode = v,
         "INVALIDATOR_POSTGRES_SLOT" => raw.postgres.slot = v,
         "INVALIDATOR_POSTGRES_PUBLICATION" => raw.postgres.publication = v,
+        "INVALIDATOR_POSTGRES_FLUSH_ON_SLOT_LOSS" => {
+            raw.postgres.flush_on_slot_loss =
+                Some(value.parse().map_err(|_| ConfigError::Invalid {
+                    origin: name.to_owned(),
+                    message: format!("expected true or false, got {value:?}"),
+                })?)
+        }
         "INVALIDATOR_REDIS_URL" => raw.redis.url = v,
         "INVALIDATOR_RULES_PATH" => raw.rules.path = Some(PathBuf::from(value)),
         "INVALIDATOR_HTTP_LISTEN" => raw.http.listen = v,
         "INVALIDATOR_PIPELINE_MAX_BATCH_KEYS" => raw.pipeline.max_batch_keys = Some(number(value)?),
         "INVALIDATOR_PIPELINE_STATUS_INTERVAL_MS" => {
             raw.pipeline.status_interval_ms = Some(number(value)? as u64)
+        }
+        "INVALIDATOR_PIPELINE_MAX_TRANSACTION_KEYS" => {
+            raw.pipeline.max_transaction_keys = Some(number(value)?)
         }
         "INVALIDATOR_LOG_FORMAT" => raw.log.format = v,
         "INVALIDATOR_LOG_LEVEL" => raw.log.level = v,
@@ -355,12 +372,20 @@ fn validate(raw: RawConfig, file: &Path) -> Result<Config, ConfigError> {
             "must be at least 1".to_owned(),
         ));
     }
+    let max_transaction_keys = raw.pipeline.max_transaction_keys.unwrap_or(100_000);
+    if max_transaction_keys == 0 {
+        return Err(invalid(
+            "pipeline.max_transaction_keys",
+            "must be at least 1".to_owned(),
+        ));
+    }
     Ok(Config {
         postgres: PostgresConfig {
             url,
             mode,
             slot,
             publication,
+            flush_on_slot_loss: raw.postgres.flush_on_slot_loss.unwrap_or(true),
         },
         redis_url,
         rules_path: raw.rules.path.unwrap_or_else(|| PathBuf::from("rules")),
@@ -370,6 +395,7 @@ fn validate(raw: RawConfig, file: &Path) -> Result<Config, ConfigError> {
             status_interval: Duration::from_millis(
                 raw.pipeline.status_interval_ms.unwrap_or(10_000).max(100),
             ),
+            max_transaction_keys,
         },
         log: LogConfig {
             format,
@@ -504,12 +530,36 @@ mod tests {
     }
 
     #[test]
+    fn max_transaction_keys_defaults_and_is_overridable() {
+        let empty = write("");
+        let cfg = Config::load_with_env(Some(empty.path()), &[]).unwrap();
+        assert_eq!(cfg.pipeline.max_transaction_keys, 100_000);
+        let f = write("[pipeline]\nmax_transaction_keys = 500\n");
+        let cfg = Config::load_with_env(Some(f.path()), &[]).unwrap();
+        assert_eq!(cfg.pipeline.max_transaction_keys, 500);
+        let cfg = Config::load_with_env(
+            Some(f.path()),
+            &env(&[("INVALIDATOR_PIPELINE_MAX_TRANSACTION_KEYS", "7")]),
+        )
+        .unwrap();
+        assert_eq!(cfg.pipeline.max_transaction_keys, 7);
+        let zero = write("[pipeline]\nmax_transaction_keys = 0\n");
+        let err = Config::load_with_env(Some(zero.path()), &[]).unwrap_err();
+        assert!(
+            err.to_string().contains("pipeline.max_transaction_keys"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn bad_names_and_modes_are_rejected() {
         for (var, value) in [
             ("INVALIDATOR_POSTGRES_SLOT", "Bad-Slot"),
             ("INVALIDATOR_POSTGRES_MODE", "logical"),
             ("INVALIDATOR_HTTP_LISTEN", "9187"),
             ("INVALIDATOR_PIPELINE_MAX_BATCH_KEYS", "lots"),
+            ("INVALIDATOR_PIPELINE_MAX_TRANSACTION_KEYS", "0"),
+            ("INVALIDATOR_PIPELINE_MAX_TRANSACTION_KEYS", "-1"),
         ] {
             let err = Config::load_with_env(None, &env(&[(var, value)]));
             assert!(err.is_err(), "{var}={value} accepted");

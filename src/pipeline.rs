@@ -12,6 +12,11 @@
 //! a transaction, and only forwards. The source loop only reports it. While the queue is full the
 //! source loop stops reading WAL (backpressure) but keeps sending status updates, so the
 //! walsender neither times out nor races ahead.
+//!
+//! Memory stays bounded whatever the size of a transaction: its keys are de-duplicated as they
+//! are planned, and once it holds more than `pipeline.max_transaction_keys` of them they are
+//! replaced by every pattern the rules of its tables can produce (each placeholder `*`), a
+//! superset that never misses; from then on its rows are no longer planned one by one.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -21,7 +26,8 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::change::Lsn;
+use crate::change::{Change, Lsn, TableName};
+use crate::config::PipelineConfig;
 use crate::pgoutput::{DecodeError, Decoder, Event};
 use crate::redis::DeleteStats;
 use crate::rules::{Invalidation, RuleSet};
@@ -123,10 +129,84 @@ pub struct Links {
 
 /// State of the source loop that must survive between messages.
 struct SourceState {
-    /// Invalidations of the transaction being read, if one is open.
-    open: Option<Committed>,
+    /// The transaction being read, if one is open.
+    open: Option<Open>,
     /// A committed transaction the queue had no room for yet.
     pending: Option<Committed>,
+    /// Distinct keys and patterns past which a transaction falls back to its tables' patterns.
+    max_transaction_keys: usize,
+}
+
+/// A transaction being read: its invalidations so far, and what a fallback needs.
+struct Open {
+    /// What to delete once it commits (its end LSN is set at commit).
+    committed: Committed,
+    /// The tables with rules it has changed, in order of first change; few (at most the tables
+    /// the rules name), so a linear search is the cheapest lookup.
+    tables: Vec<TableName>,
+    /// Row changes read, with or without rules.
+    changes: u64,
+    /// The number of distinct keys and patterns it held when it fell back to its tables'
+    /// patterns; `None` while its keys are planned row by row.
+    fell_back_at: Option<usize>,
+}
+
+impl Open {
+    /// Plans one change: row by row while the transaction is small, then only the fallback
+    /// patterns of each newly changed table.
+    fn plan(&mut self, rules: &RuleSet, change: &Change, max_keys: usize) {
+        self.changes += 1;
+        if !self.tables.contains(&change.table) {
+            if !rules.has_table(&change.table) {
+                return;
+            }
+            self.tables.push(change.table.clone());
+            if self.fell_back_at.is_some() {
+                self.committed
+                    .inv
+                    .merge(rules.everything_for(&change.table));
+            }
+        }
+        if self.fell_back_at.is_some() {
+            return;
+        }
+        rules.plan(change, &mut self.committed.inv);
+        if self.committed.inv.len() > max_keys {
+            self.fell_back_at = Some(self.committed.inv.len());
+            // Every key held came from the rules of these tables, and each of those rules
+            // rendered with `*` everywhere matches every key it can render for any row.
+            let mut fallback = Invalidation::default();
+            for table in &self.tables {
+                fallback.merge(rules.everything_for(table));
+            }
+            self.committed.inv = fallback;
+        }
+    }
+
+    /// Closes the transaction at `end_lsn`; a transaction that fell back is logged and counted.
+    fn commit(mut self, end_lsn: Lsn, max_keys: usize) -> Committed {
+        self.committed.end_lsn = end_lsn;
+        if let Some(keys) = self.fell_back_at {
+            let tables = self
+                .tables
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ");
+            tracing::warn!(
+                lsn = %end_lsn,
+                tables = %tables,
+                changes = self.changes,
+                keys,
+                limit = max_keys,
+                patterns = self.committed.inv.len(),
+                "transaction exceeded pipeline.max_transaction_keys; invalidating every pattern \
+                 of its tables' rules instead of its keys"
+            );
+            metrics::counter!(telemetry::TRANSACTION_FALLBACKS_TOTAL).increment(1);
+        }
+        self.committed
+    }
 }
 
 /// Why the source loop returned without an error.
@@ -138,21 +218,23 @@ pub enum SourceEnd {
     StreamEnded,
 }
 
-/// Reads WAL, plans invalidations per transaction and queues them; reports the confirmed LSN.
+/// Reads WAL, plans invalidations per transaction and queues them; reports the confirmed LSN
+/// at least every `settings.status_interval`.
 pub async fn run_source<S: WalStream>(
     stream: &mut S,
     decoder: &mut Decoder,
     rules: &RuleSet,
     links: &mut Links,
-    status_interval: Duration,
+    settings: &PipelineConfig,
 ) -> Result<SourceEnd, SourceError> {
     let mut state = SourceState {
         open: None,
         pending: None,
+        max_transaction_keys: settings.max_transaction_keys,
     };
     // A handle of our own, so a reserved permit does not hold a borrow of `links`.
     let queue = links.queue.clone();
-    let mut tick = tokio::time::interval(status_interval);
+    let mut tick = tokio::time::interval(settings.status_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let reading = state.pending.is_none() && !links.cancel.is_cancelled();
@@ -236,10 +318,15 @@ fn apply(
 ) -> Result<(), DecodeError> {
     decoder.apply(data, |event| match event {
         Event::Begin { commit_time_us, .. } => {
-            state.open = Some(Committed {
-                end_lsn: Lsn(0),
-                commit_time_us,
-                inv: Invalidation::default(),
+            state.open = Some(Open {
+                committed: Committed {
+                    end_lsn: Lsn(0),
+                    commit_time_us,
+                    inv: Invalidation::default(),
+                },
+                tables: Vec::new(),
+                changes: 0,
+                fell_back_at: None,
             });
         }
         Event::Change(change) => {
@@ -250,13 +337,12 @@ fn apply(
             )
             .increment(1);
             if let Some(open) = state.open.as_mut() {
-                rules.plan(&change, &mut open.inv);
+                open.plan(rules, &change, state.max_transaction_keys);
             }
         }
         Event::Commit { end_lsn, .. } => {
-            if let Some(mut committed) = state.open.take() {
-                committed.end_lsn = end_lsn;
-                state.pending = Some(committed);
+            if let Some(open) = state.open.take() {
+                state.pending = Some(open.commit(end_lsn, state.max_transaction_keys));
             }
         }
         _ => {}
@@ -372,7 +458,8 @@ pub fn backoff() -> impl Iterator<Item = Duration> {
         .build()
 }
 
-fn unix_micros() -> i64 {
+/// Now, in microseconds since the Unix epoch.
+pub fn unix_micros() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_micros() as i64)
@@ -454,10 +541,15 @@ mod tests {
     }
 
     fn relation() -> Message {
+        relation_of(1, "items")
+    }
+
+    /// A table `public.<name>` with one text column `id`.
+    fn relation_of(id: u32, name: &str) -> Message {
         Message::Relation(Relation {
-            id: 1,
+            id,
             namespace: "public".into(),
-            name: "items".into(),
+            name: name.into(),
             replica_identity: b'f',
             columns: vec![Column {
                 flags: 1,
@@ -494,16 +586,30 @@ mod tests {
         wal: mpsc::UnboundedSender<ReplicationMessage>,
         statuses: Arc<Mutex<Vec<Lsn>>>,
         cancel: CancellationToken,
-        tasks: Vec<tokio::task::JoinHandle<()>>,
+        deleter: tokio::task::JoinHandle<()>,
+        source: tokio::task::JoinHandle<Result<SourceEnd, SourceError>>,
+    }
+
+    const ITEM_RULES: &str = "[[rule]]\ntable = \"items\"\nkeys = [\"item:{id}\"]\n";
+
+    /// Settings for tests: a long status interval (time is paused) and `max_transaction_keys`.
+    fn settings(max_transaction_keys: usize) -> PipelineConfig {
+        PipelineConfig {
+            max_batch_keys: 10_000,
+            status_interval: Duration::from_secs(1),
+            max_transaction_keys,
+        }
     }
 
     impl Harness {
         fn start(sink: RecordingSink) -> Harness {
-            let rules = RuleSet::compile(&[(
-                "items.toml".to_owned(),
-                "[[rule]]\ntable = \"items\"\nkeys = [\"item:{id}\"]\n".to_owned(),
-            )])
-            .expect("rules compile");
+            Harness::with(sink, ITEM_RULES, settings(100_000))
+        }
+
+        /// Starts both loops with `rules` and `settings`; relation 1 (`items`) is announced.
+        fn with(sink: RecordingSink, rules: &str, settings: PipelineConfig) -> Harness {
+            let rules = RuleSet::compile(&[("rules.toml".to_owned(), rules.to_owned())])
+                .expect("rules compile");
             let (wal_tx, wal_rx) = mpsc::unbounded_channel();
             let statuses = Arc::new(Mutex::new(Vec::new()));
             let mut stream = ScriptedWal {
@@ -529,16 +635,15 @@ mod tests {
             };
             let source = tokio::spawn(async move {
                 let mut decoder = Decoder::default();
-                let interval = Duration::from_secs(1);
-                let end = run_source(&mut stream, &mut decoder, &rules, &mut links, interval).await;
-                assert_eq!(end.expect("source loop"), SourceEnd::DeleterStopped);
+                run_source(&mut stream, &mut decoder, &rules, &mut links, &settings).await
             });
             wal_tx.send(xlog(relation())).unwrap();
             Harness {
                 wal: wal_tx,
                 statuses,
                 cancel,
-                tasks: vec![deleter, source],
+                deleter,
+                source,
             }
         }
 
@@ -573,9 +678,9 @@ mod tests {
 
         async fn stop(self) -> Vec<Lsn> {
             self.cancel.cancel();
-            for task in self.tasks {
-                task.await.unwrap();
-            }
+            self.deleter.await.unwrap();
+            let end = self.source.await.unwrap();
+            assert_eq!(end.expect("source loop"), SourceEnd::DeleterStopped);
             let statuses = self.statuses.lock().unwrap().clone();
             assert!(
                 statuses.windows(2).all(|w| w[0] <= w[1]),
@@ -638,5 +743,204 @@ mod tests {
         let statuses = h.stop().await;
         assert_eq!(statuses.last(), Some(&Lsn(0x100)));
         assert_eq!(sink.deleted.lock().unwrap().len(), 1);
+    }
+
+    /// An insert of one row with `id` into relation `relation`.
+    fn insert(relation: u32, id: &str) -> ReplicationMessage {
+        xlog(Message::Insert(Insert {
+            relation_id: relation,
+            new: vec![TupleValue::Text(id.into())],
+        }))
+    }
+
+    /// Wraps `changes` in a transaction ending at `end`.
+    fn wrapped(changes: Vec<ReplicationMessage>, end: u64) -> Vec<ReplicationMessage> {
+        let mut out = transaction(&[], end);
+        let commit = out.pop().unwrap();
+        out.extend(changes);
+        out.push(commit);
+        out
+    }
+
+    const FALLBACK_RULES: &str = r#"
+[[rule]]
+table = "items"
+keys = ["item:{id}", "item:{id}:*", "items:all"]
+
+[[rule]]
+table = "tags"
+on = ["insert"]
+keys = ["tag:{id}"]
+
+[[rule]]
+table = "notes"
+keys = ["note:{id|upper}"]
+"#;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_transaction_past_max_transaction_keys_deletes_its_tables_patterns() {
+        let sink = RecordingSink::default();
+        let h = Harness::with(sink.clone(), FALLBACK_RULES, settings(10));
+        h.send(vec![
+            xlog(relation_of(2, "tags")),
+            xlog(relation_of(3, "notes")),
+            xlog(relation_of(4, "logs")),
+        ]);
+        // A table changed before the limit, the one that crosses it (values that look like
+        // globs included), one already covered, one first changed after it, one without rules.
+        let mut changes = vec![insert(2, "t1")];
+        let ids: Vec<String> = (0..50)
+            .map(|i| format!("{i}"))
+            .chain(["*".into(), "[x]".into(), "a\\b".into(), "?".into()])
+            .collect();
+        changes.extend(ids.iter().map(|id| insert(1, id)));
+        changes.extend([insert(2, "t2"), insert(3, "n1"), insert(4, "l1")]);
+        h.send(wrapped(changes.clone(), 0x100));
+        h.wait_for_ack(0x100).await;
+
+        // The next transaction is small again: planned row by row.
+        h.send(wrapped(vec![insert(1, "next")], 0x200));
+        h.wait_for_ack(0x200).await;
+        h.stop().await;
+
+        let deleted = sink.deleted.lock().unwrap().clone();
+        assert_eq!(deleted.len(), 2, "{deleted:?}");
+        let fallback = &deleted[0];
+        let set = |items: &[&str]| items.iter().map(|s| (*s).to_owned()).collect();
+        assert_eq!(fallback.keys, set(&["items:all"]));
+        assert_eq!(
+            fallback.patterns,
+            set(&["item:*", "item:*:*", "tag:*", "note:*"])
+        );
+        assert_eq!(
+            deleted[1].keys,
+            set(&["item:next", "items:all"]),
+            "the fallback must not outlive its transaction"
+        );
+
+        // Never fewer deletions than row-by-row planning: every key those rows render is
+        // deleted, by name or by a pattern that matches it.
+        let rules = RuleSet::compile(&[("rules.toml".to_owned(), FALLBACK_RULES.to_owned())])
+            .expect("rules compile");
+        let mut decoder = Decoder::default();
+        let mut planned = Invalidation::default();
+        let relations = [
+            relation(),
+            relation_of(2, "tags"),
+            relation_of(3, "notes"),
+            relation_of(4, "logs"),
+        ];
+        let messages = relations
+            .into_iter()
+            .map(xlog)
+            .chain(wrapped(changes, 0x100));
+        for message in messages {
+            let ReplicationMessage::XLogData { data, .. } = message else {
+                unreachable!()
+            };
+            decoder
+                .apply(&data, |event| {
+                    if let Event::Change(change) = event {
+                        rules.plan(&change, &mut planned);
+                    }
+                })
+                .expect("decodes");
+        }
+        let covered = |key: &str| {
+            fallback.keys.contains(key)
+                || fallback
+                    .patterns
+                    .iter()
+                    .any(|p| crate::rules::glob::matches(p.as_bytes(), key.as_bytes()))
+        };
+        assert!(planned.keys.len() > 50, "{planned:?}");
+        for key in &planned.keys {
+            assert!(
+                covered(key),
+                "{key} would have been deleted but is not covered"
+            );
+        }
+        // The rows' patterns are covered too: a key each one matches (its escapes as the bytes
+        // they stand for, each `*` as some text) is matched by the fallback.
+        for pattern in &planned.patterns {
+            let example = instance(pattern);
+            assert!(
+                crate::rules::glob::matches(pattern.as_bytes(), example.as_bytes()),
+                "{example:?} should match {pattern:?}"
+            );
+            assert!(
+                covered(&example),
+                "{example} (from {pattern}) is not covered"
+            );
+        }
+    }
+
+    /// A key that `pattern` (made of text, `\` escapes and `*`) matches.
+    fn instance(pattern: &str) -> String {
+        let mut out = String::new();
+        let mut chars = pattern.chars();
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' => out.extend(chars.next()),
+                '*' => out.push_str("any"),
+                c => out.push(c),
+            }
+        }
+        out
+    }
+
+    /// Garbage in the WAL: stop with a decode error (the caller reconnects from the last
+    /// acknowledged LSN), never panic, never acknowledge the transaction it was part of.
+    #[tokio::test(start_paused = true)]
+    async fn hostile_wal_is_an_error_and_never_acknowledges_past_it() {
+        let unknown_relation = Message::Insert(Insert {
+            relation_id: 99,
+            new: vec![TupleValue::Text("1".into())],
+        });
+        let mut truncated = encode(&Message::Insert(Insert {
+            relation_id: 1,
+            new: vec![TupleValue::Text("12345".into())],
+        }));
+        truncated.truncate(truncated.len() - 2);
+        let hostile: Vec<(&str, Vec<u8>)> = vec![
+            ("empty", Vec::new()),
+            ("unknown tag", b"Z\x00\x01".to_vec()),
+            ("truncated insert", truncated),
+            ("unknown relation", encode(&unknown_relation)),
+        ];
+        for (what, bytes) in hostile {
+            let h = Harness::start(RecordingSink::default());
+            h.send(transaction(&["1"], 0x100));
+            h.wait_for_ack(0x100).await;
+            let mut open = transaction(&["2"], 0x200);
+            let commit = open.pop().unwrap();
+            h.send(open);
+            h.send(vec![
+                ReplicationMessage::XLogData {
+                    wal_start: Lsn(0x180),
+                    wal_end: Lsn(0x180),
+                    server_time_us: 0,
+                    data: Bytes::from(bytes),
+                },
+                commit,
+                keepalive(0x300),
+            ]);
+            let end = h.source.await.unwrap();
+            match end {
+                Err(e @ SourceError::Decode { .. }) => {
+                    assert!(e.is_transient(), "{what}: a decode error must reconnect");
+                    assert!(e.to_string().contains("0/180"), "{what}: {e}");
+                }
+                other => panic!("{what}: expected a decode error, got {other:?}"),
+            }
+            let acked = h.statuses.lock().unwrap().iter().copied().max();
+            assert_eq!(
+                acked,
+                Some(Lsn(0x100)),
+                "{what}: acknowledged past the bad message"
+            );
+            h.cancel.cancel();
+            h.deleter.await.unwrap();
+        }
     }
 }

@@ -137,7 +137,12 @@ pub async fn run(
         if deleter_done.is_cancelled() {
             break Ok(());
         }
-        let attempt = stream_once(&config, &rules, &mut links, &health).await;
+        let mut streamed = false;
+        let attempt = stream_once(&config, &rules, &mut links, &health, &mut streamed).await;
+        if streamed {
+            // The connection worked: the next interruption starts from the shortest delay.
+            delays = pipeline::backoff();
+        }
         match attempt {
             Ok(Streamed::Finished) => break Ok(()),
             Ok(Streamed::Ended) => {
@@ -256,12 +261,37 @@ fn classify(transient: bool, reason: String, code: Option<&str>) -> Failure {
     }
 }
 
-/// Connects, repairs the publication and slot, and streams until the connection ends.
+/// The safety action after a lost or dropped slot: changes were missed and nobody knows which,
+/// so every key and pattern the rules can produce is deleted. It is queued after the new slot
+/// exists and before anything is read from it, so whatever the old slot missed is covered and
+/// whatever the new one reads is invalidated after it.
+async fn flush_everything(rules: &RuleSet, links: &Links, slot: &str) {
+    let everything = rules.everything();
+    tracing::error!(
+        slot,
+        keys = everything.keys.len(),
+        patterns = everything.patterns.len(),
+        "replication slot was lost or dropped: changes were missed; deleting every key the rules \
+         can produce"
+    );
+    let flush = pipeline::Committed {
+        // Acknowledges nothing by itself; the new slot's transactions queue behind it.
+        end_lsn: Lsn(0),
+        commit_time_us: pipeline::unix_micros(),
+        inv: everything,
+    };
+    // The queue closes only when the delete loop has stopped, and then nothing is acknowledged.
+    let _ = links.queue.send(flush).await;
+}
+
+/// Connects, repairs the publication and slot, and streams until the connection ends; sets
+/// `streamed` once streaming has started.
 async fn stream_once(
     config: &Config,
     rules: &RuleSet,
     links: &mut Links,
     health: &Health,
+    streamed: &mut bool,
 ) -> Result<Streamed, Failure> {
     let pg: tokio_postgres::Config = config
         .postgres
@@ -270,14 +300,27 @@ async fn stream_once(
         .map_err(|e| Failure::Permanent(format!("invalid postgres url: {e}")))?;
     let mut client = ReplicationClient::connect(&pg, "invalidator").await?;
     let tables = rules.tables().cloned().collect();
-    let actions = setup::plan(
+    let plan = setup::plan(
         &mut client,
         &tables,
         &config.postgres.publication,
         &config.postgres.slot,
+        setup::SlotLoss::Recreate,
     )
     .await?;
-    setup::apply(&mut client, &actions).await?;
+    setup::apply(&mut client, &plan.actions).await?;
+    if plan.slot_reset {
+        metrics::counter!(telemetry::SLOT_RESETS_TOTAL).increment(1);
+        if config.postgres.flush_on_slot_loss {
+            flush_everything(rules, links, &config.postgres.slot).await;
+        } else {
+            tracing::error!(
+                slot = %config.postgres.slot,
+                "replication slot was lost or dropped: changes were missed and are NOT \
+                 invalidated (postgres.flush_on_slot_loss = false)"
+            );
+        }
+    }
     // Never report less than the slot already has: an older position would be ignored at
     // best, and it could move the slot backwards on servers that do not guard against it.
     let slot = setup::slot_info(&mut client, &config.postgres.slot).await?;
@@ -287,17 +330,12 @@ async fn stream_once(
     let mut stream = client
         .start_replication(&config.postgres.slot, Lsn(0), &config.postgres.publication)
         .await?;
+    *streamed = true;
     health.set_source(None);
     tracing::info!(slot = %config.postgres.slot, from = %links.reported, "streaming");
     let mut decoder = Decoder::default();
-    let outcome = pipeline::run_source(
-        &mut stream,
-        &mut decoder,
-        rules,
-        links,
-        config.pipeline.status_interval,
-    )
-    .await;
+    let outcome =
+        pipeline::run_source(&mut stream, &mut decoder, rules, links, &config.pipeline).await;
     health.set_source(Some("reconnecting to postgres".to_owned()));
     match outcome? {
         SourceEnd::DeleterStopped => {

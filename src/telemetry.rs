@@ -18,8 +18,13 @@ pub const KEYS_DELETED_TOTAL: &str = "invalidator_keys_deleted_total";
 pub const PATTERNS_TOTAL: &str = "invalidator_patterns_total";
 /// Errors, labelled `kind` (`redis`, `postgres`, `decode`).
 pub const ERRORS_TOTAL: &str = "invalidator_errors_total";
+/// Times the replication slot was found lost or dropped and every rule's keys were deleted.
+pub const SLOT_RESETS_TOTAL: &str = "invalidator_slot_resets_total";
 /// Transactions whose invalidations Redis confirmed.
 pub const TRANSACTIONS_TOTAL: &str = "invalidator_transactions_total";
+/// Committed transactions that held more distinct keys than `pipeline.max_transaction_keys` and
+/// were invalidated by every pattern of their tables' rules instead.
+pub const TRANSACTION_FALLBACKS_TOTAL: &str = "invalidator_transaction_fallbacks_total";
 /// Seconds from the commit timestamp in the WAL to the confirmed delete.
 pub const COMMIT_TO_DELETE_SECONDS: &str = "invalidator_commit_to_delete_seconds";
 /// The flush LSN last acknowledged to Postgres, as a number.
@@ -50,6 +55,8 @@ pub fn install_metrics() -> PrometheusHandle {
             metrics::counter!(KEYS_DELETED_TOTAL).absolute(0);
             metrics::counter!(PATTERNS_TOTAL).absolute(0);
             metrics::counter!(TRANSACTIONS_TOTAL).absolute(0);
+            metrics::counter!(TRANSACTION_FALLBACKS_TOTAL).absolute(0);
+            metrics::counter!(SLOT_RESETS_TOTAL).absolute(0);
             metrics::gauge!(CONFIRMED_LSN).set(0.0);
             metrics::gauge!(REPLICATION_LAG_BYTES).set(0.0);
             handle

@@ -5,7 +5,7 @@ use std::time::Duration;
 use crate::sidecar::{Fixture, Setup};
 use crate::support::{PgCluster, RedisServer, wait_until};
 
-const SCHEMA: &str = "
+pub const SCHEMA: &str = "
 CREATE TABLE items (id int PRIMARY KEY, name text, category text, price int);
 ALTER TABLE items REPLICA IDENTITY FULL;
 CREATE TABLE plain (id int PRIMARY KEY, owner text);
@@ -15,7 +15,7 @@ CREATE TABLE unwatched (id int PRIMARY KEY, v text);
 CREATE TABLE sentinel (id serial PRIMARY KEY);
 ";
 
-const RULES: &str = r#"
+pub const RULES: &str = r#"
 [[rule]]
 name = "item"
 table = "items"
@@ -49,7 +49,7 @@ fn fixture() -> Fixture {
 }
 
 /// Inserts a sentinel row and waits for its key: every earlier commit has been processed.
-fn barrier(f: &Fixture) {
+pub fn barrier(f: &Fixture) {
     let id = f.sql("INSERT INTO sentinel DEFAULT VALUES RETURNING id");
     let id = id.trim();
     // The row is committed before its key is cached; cache, then touch it again to invalidate.
@@ -375,4 +375,36 @@ fn http_endpoints_answer() {
         );
     }
     assert!(sidecar.metric("invalidator_keys_deleted_total") >= 1.0);
+}
+
+#[test]
+fn values_of_any_type_render_in_postgres_text_form() {
+    let schema = "
+        CREATE TYPE mood AS ENUM ('happy', 'sad');
+        CREATE DOMAIN positive AS int CHECK (VALUE > 0);
+        CREATE TABLE exotic (id int PRIMARY KEY, m mood, tags text[], doc jsonb, p positive,
+                             at timestamptz, r numrange, b boolean);
+        CREATE TABLE sentinel (id serial PRIMARY KEY);";
+    let rules = r#"
+        [[rule]]
+        table = "exotic"
+        keys = ["x:{m}:{tags}:{p}:{b}", "doc:{doc}", "day:{at|date}", "range:{r}"]
+        [[rule]]
+        table = "sentinel"
+        keys = ["sentinel:{id}"]
+    "#;
+    let f = Fixture::new(schema, rules);
+    let _sidecar = f.setup.start();
+    let keys = [
+        "x:happy:{a,\"b c\"}:7:t",
+        r#"doc:{"k": [1, 2]}"#,
+        "day:2026-11-26",
+        "range:[1.5,3)",
+    ];
+    f.cache(&keys);
+    f.sql(
+        "SET timezone = 'UTC'; INSERT INTO exotic VALUES (1, 'happy', ARRAY['a', 'b c'], \
+         '{\"k\": [1, 2]}', 7, '2026-11-26 23:00:00+00', '[1.5,3)', true)",
+    );
+    f.wait_deleted(&keys);
 }

@@ -3,6 +3,10 @@
 mod deleter;
 mod e2e;
 mod exodrive;
+mod faults;
+mod memory;
+mod privilege;
 mod replication;
 mod sidecar;
+mod slots;
 mod support;

@@ -26,8 +26,14 @@ pub struct Setup {
 impl Setup {
     /// Writes a configuration for `db_url` and `redis_url` with `rules` as `rules/rules.toml`.
     pub fn new(db_url: &str, redis_url: &str, rules: &str) -> Setup {
+        Setup::with_slot(db_url, redis_url, rules, &unique_name("slot"))
+    }
+
+    /// Like [`Setup::new`], but with the given slot and publication name, so that a second
+    /// configuration (with its own HTTP port) can compete for the same slot.
+    pub fn with_slot(db_url: &str, redis_url: &str, rules: &str, slot: &str) -> Setup {
         let dir = tempfile::tempdir().expect("temp dir");
-        let slot = unique_name("slot");
+        let slot = slot.to_owned();
         let http = free_port();
         std::fs::create_dir(dir.path().join("rules")).unwrap();
         std::fs::write(dir.path().join("rules/rules.toml"), rules).unwrap();
@@ -133,6 +139,11 @@ impl Sidecar {
             .unwrap_or(0.0)
     }
 
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// The log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
@@ -151,6 +162,25 @@ impl Sidecar {
         let mut child = self.child.take().expect("running");
         signal(child.id(), "TERM");
         child.wait().expect("wait")
+    }
+
+    /// SIGTERM, then waits up to `deadline` for the exit status; `None` if the process is still
+    /// running then (it is killed with SIGKILL, so nothing outlives the test).
+    pub fn terminate_within(&mut self, deadline: Duration) -> Option<ExitStatus> {
+        let mut child = self.child.take().expect("running");
+        signal(child.id(), "TERM");
+        let start = std::time::Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return Some(status);
+            }
+            if start.elapsed() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 }
 

@@ -173,6 +173,16 @@ impl Rule {
     }
 }
 
+/// Renders every key of `rules` with every placeholder as `*`.
+fn render_unknown<'a>(rules: impl IntoIterator<Item = &'a Rule>) -> Invalidation {
+    let mut out = Invalidation::default();
+    let mut buf = String::new();
+    for rule in rules {
+        rule.render_into(Values::Unknown, &mut buf, &mut out);
+    }
+    out
+}
+
 /// Compiled rules, indexed by table; shared by `check`, `explain` and `run`.
 #[derive(Debug, Clone)]
 pub struct RuleSet {
@@ -247,12 +257,20 @@ impl RuleSet {
     /// Every key and pattern the rules can produce, each placeholder as `*`: what to delete when
     /// changes may have been lost (a replication slot was dropped or invalidated).
     pub fn everything(&self) -> Invalidation {
-        let mut out = Invalidation::default();
-        let mut buf = String::new();
-        for rule in &self.rules {
-            rule.render_into(Values::Unknown, &mut buf, &mut out);
-        }
-        out
+        render_unknown(&self.rules)
+    }
+
+    /// Every key and pattern the rules of `table` can produce, each placeholder as `*`, whatever
+    /// the operation: a superset of what any change of that table plans, used when a transaction
+    /// changes too many rows to hold their keys one by one. Empty for a table without rules.
+    pub fn everything_for(&self, table: &TableName) -> Invalidation {
+        let indices = self.by_table.get(table).map_or(&[][..], Vec::as_slice);
+        render_unknown(indices.iter().filter_map(|&index| self.rules.get(index)))
+    }
+
+    /// Whether any rule watches `table`.
+    pub fn has_table(&self, table: &TableName) -> bool {
+        self.by_table.contains_key(table)
     }
 
     /// The tables that have rules, sorted and unique.
@@ -621,6 +639,75 @@ keys = ["{{b:{id}}}:x", 'b\{id}']
                 ]
             )
         );
+    }
+
+    #[test]
+    fn everything_for_a_table_names_that_tables_keys_with_stars() {
+        let set = rules(&format!(
+            "{BOOKINGS}\n[[rule]]\ntable = \"cars\"\non = [\"delete\"]\nkeys = [\"fleet:all\", \"car:{{id|lower}}\"]\n"
+        ));
+        // Every rule of the table, whatever its `on` and `changed`.
+        assert_eq!(
+            sorted(set.everything_for(&TableName::parse("bookings"))),
+            (
+                vec![],
+                vec![
+                    "availability:*:*".into(),
+                    "booking:*".into(),
+                    "booking:*:*".into(),
+                    "customer:*:bookings".into(),
+                    "dashboard:metrics:*".into(),
+                ]
+            )
+        );
+        assert_eq!(
+            sorted(set.everything_for(&TableName::parse("public.cars"))),
+            (vec!["fleet:all".into()], vec!["car:*".into()])
+        );
+        assert!(
+            set.everything_for(&TableName::parse("audit.cars"))
+                .is_empty()
+        );
+        assert!(set.has_table(&TableName::parse("cars")));
+        assert!(!set.has_table(&TableName::parse("audit.cars")));
+
+        // Together, the tables give what `everything` gives.
+        let mut all = Invalidation::default();
+        for table in set.tables() {
+            all.merge(set.everything_for(table));
+        }
+        assert_eq!(all, set.everything());
+    }
+
+    #[test]
+    fn everything_for_a_table_matches_every_key_its_changes_render() {
+        let set = rules(BOOKINGS);
+        let fallback = set.everything_for(&TableName::parse("bookings"));
+        let mut planned = Invalidation::default();
+        for (id, car, customer) in [
+            ("7", "A", "c1"),
+            ("*", "[x]", "?"),
+            ("b\\1", "car 2", "c:3"),
+        ] {
+            set.plan(
+                &change(
+                    "bookings",
+                    Op::Update,
+                    Some(booking(id, car, Some(customer), "old")),
+                    Some(booking(id, "Z", Some(customer), "new")),
+                ),
+                &mut planned,
+            );
+        }
+        for key in &planned.keys {
+            assert!(
+                fallback
+                    .patterns
+                    .iter()
+                    .any(|p| glob::matches(p.as_bytes(), key.as_bytes())),
+                "{key} is not covered by {fallback:?}"
+            );
+        }
     }
 
     #[test]

@@ -54,8 +54,8 @@ pub enum SetupError {
     /// Tables named by the rules do not exist.
     #[error("tables named in the rules do not exist: {}", list(.0))]
     MissingTables(Vec<TableName>),
-    /// The slot exists but cannot be used by us.
-    #[error("replication slot {slot:?} exists but {problem}; drop it or choose another slot name")]
+    /// The slot cannot be used as it is.
+    #[error("replication slot {slot:?} {problem}")]
     BadSlot {
         /// The slot name.
         slot: String,
@@ -117,6 +117,25 @@ pub struct Action {
     pub sql: String,
 }
 
+/// What setup found and will do.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Plan {
+    /// The statements to run, in order.
+    pub actions: Vec<Action>,
+    /// The slot is being recreated after it was lost or dropped while the publication existed:
+    /// changes were missed and nobody knows which, so every key the rules can produce must go.
+    pub slot_reset: bool,
+}
+
+/// Whether setup may recreate a slot that was lost or dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlotLoss {
+    /// Recreate it and report [`Plan::slot_reset`] (`run`, which then flushes the cache).
+    Recreate,
+    /// Refuse with an error (`setup`, which cannot flush the cache).
+    Refuse,
+}
+
 /// Works out what is missing: tables are checked, then the publication, then the slot (the
 /// publication must exist before the slot, or pgoutput fails on WAL older than it).
 pub async fn plan(
@@ -124,21 +143,23 @@ pub async fn plan(
     tables: &BTreeSet<TableName>,
     publication: &str,
     slot: &str,
-) -> Result<Vec<Action>, SetupError> {
+    loss: SlotLoss,
+) -> Result<Plan, SetupError> {
     let missing = missing_tables(db, tables).await?;
     if !missing.is_empty() {
         return Err(SetupError::MissingTables(missing));
     }
-    let mut actions = Vec::new();
+    let mut plan = Plan::default();
     let exists = db
         .query(&format!(
             "SELECT 1 FROM pg_publication WHERE pubname = {}",
             quote_literal(publication)
         ))
         .await?;
-    if exists.is_empty() {
+    let publication_existed = !exists.is_empty();
+    if !publication_existed {
         let names: Vec<String> = tables.iter().map(qualified).collect();
-        actions.push(Action {
+        plan.actions.push(Action {
             why: format!(
                 "create publication {publication} for {} tables",
                 names.len()
@@ -164,7 +185,7 @@ pub async fn plan(
             .collect();
         let gained: Vec<String> = tables.difference(&published).map(qualified).collect();
         if !gained.is_empty() {
-            actions.push(Action {
+            plan.actions.push(Action {
                 why: format!(
                     "add {} tables the rules gained to publication {publication}",
                     gained.len()
@@ -177,36 +198,58 @@ pub async fn plan(
             });
         }
     }
-    match slot_info(db, slot).await? {
-        None => actions.push(Action {
-            why: format!("create logical replication slot {slot} (pgoutput)"),
-            sql: format!(
-                "SELECT lsn FROM pg_create_logical_replication_slot({}, 'pgoutput')",
-                quote_literal(slot)
+    let create = Action {
+        why: format!("create logical replication slot {slot} (pgoutput)"),
+        sql: format!(
+            "SELECT lsn FROM pg_create_logical_replication_slot({}, 'pgoutput')",
+            quote_literal(slot)
+        ),
+    };
+    let lost = match slot_info(db, slot).await? {
+        // A new publication means a new installation: nothing was ever acknowledged.
+        None if !publication_existed => {
+            plan.actions.push(create);
+            return Ok(plan);
+        }
+        None => "does not exist although publication exists: it was dropped",
+        Some(info) if info.plugin.as_deref() != Some("pgoutput") => {
+            return Err(SetupError::BadSlot {
+                slot: slot.to_owned(),
+                problem: format!(
+                    "uses plugin {:?}, not pgoutput; drop it or choose another slot name",
+                    info.plugin.unwrap_or_default()
+                ),
+            });
+        }
+        Some(info) if !info.same_database => {
+            return Err(SetupError::BadSlot {
+                slot: slot.to_owned(),
+                problem: "belongs to another database; choose another slot name".to_owned(),
+            });
+        }
+        Some(info) if info.wal_status.as_deref() == Some("lost") => {
+            plan.actions.push(Action {
+                why: format!("drop replication slot {slot}, which lost WAL it needed"),
+                sql: format!("SELECT pg_drop_replication_slot({})", quote_literal(slot)),
+            });
+            "has lost WAL it needed (wal_status = lost)"
+        }
+        Some(_) => return Ok(plan),
+    };
+    match loss {
+        SlotLoss::Recreate => {
+            plan.actions.push(create);
+            plan.slot_reset = true;
+            Ok(plan)
+        }
+        SlotLoss::Refuse => Err(SetupError::BadSlot {
+            slot: slot.to_owned(),
+            problem: format!(
+                "{lost}; changes were missed, so `invalidator run` must recreate it: it \
+                 deletes every key the rules can produce first"
             ),
         }),
-        Some(info) => {
-            let problem = if info.plugin.as_deref() != Some("pgoutput") {
-                Some(format!(
-                    "uses plugin {:?}, not pgoutput",
-                    info.plugin.unwrap_or_default()
-                ))
-            } else if !info.same_database {
-                Some("belongs to another database".to_owned())
-            } else if info.wal_status.as_deref() == Some("lost") {
-                Some("has lost WAL it needs (wal_status = lost)".to_owned())
-            } else {
-                None
-            };
-            if let Some(problem) = problem {
-                return Err(SetupError::BadSlot {
-                    slot: slot.to_owned(),
-                    problem,
-                });
-            }
-        }
     }
-    Ok(actions)
 }
 
 /// Runs the actions in order.

@@ -489,6 +489,9 @@ impl ReplicationStream {
                     return wire::decode_copy_data(body.into_bytes()).map(Some);
                 }
                 Backend::Message(Message::CopyDone) => self.server_done = true,
+                // A walsender stopping with its server (smart or fast shutdown) sends
+                // CommandComplete without CopyDone once we have confirmed all it sent, then exits.
+                Backend::Message(Message::CommandComplete(_)) => self.server_done = true,
                 Backend::Message(Message::ErrorResponse(body)) => {
                     return Err(server_error(body.fields()));
                 }

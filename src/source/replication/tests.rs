@@ -73,6 +73,15 @@ async fn next_is_none_once_the_server_ends_the_copy() {
 }
 
 #[tokio::test]
+async fn a_walsender_shutting_down_ends_the_stream_with_command_complete() {
+    let (mut stream, mut server) = stream_over_pipe();
+    server.write_all(&xlog_frame(1, b"B")).await.unwrap();
+    server.write_all(&frame(b'C', b"COPY 0\0")).await.unwrap();
+    assert!(stream.next().await.unwrap().is_some());
+    assert!(stream.next().await.unwrap().is_none());
+}
+
+#[tokio::test]
 async fn an_error_while_streaming_keeps_its_code() {
     let (mut stream, mut server) = stream_over_pipe();
     let body = b"SFATAL\0VFATAL\0C57P01\0Mterminating connection due to administrator command\0\0";
