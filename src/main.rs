@@ -8,6 +8,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use invalidator::config::LogFormat;
+use invalidator::telemetry::chain;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
@@ -15,7 +16,7 @@ fn main() -> ExitCode {
     let loaded = match cli::load(&cli.command) {
         Ok(loaded) => loaded,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", chain(e.as_ref()));
             return ExitCode::from(2);
         }
     };
@@ -39,7 +40,7 @@ fn main() -> ExitCode {
     match runtime.block_on(cli::execute(cli.command, loaded)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", chain(e.as_ref()));
             ExitCode::FAILURE
         }
     }

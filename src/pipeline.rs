@@ -374,7 +374,7 @@ pub async fn run_deleter<K: Sink>(
             _ = ping.tick() => {
                 match sink.ping().await {
                     Ok(()) => health.set_redis(None),
-                    Err(e) if K::is_transient(&e) => health.set_redis(Some(e.to_string())),
+                    Err(e) if K::is_transient(&e) => health.set_redis(Some(telemetry::chain(&e))),
                     Err(e) => return Err(e),
                 }
                 continue;
@@ -434,9 +434,10 @@ async fn delete_with_retry<K: Sink>(
             }
             Err(e) if K::is_transient(&e) => {
                 metrics::counter!(telemetry::ERRORS_TOTAL, "kind" => "redis").increment(1);
-                health.set_redis(Some(e.to_string()));
+                let error = telemetry::chain(&e);
+                health.set_redis(Some(error.clone()));
                 let delay = delays.next().unwrap_or(Duration::from_secs(10));
-                tracing::warn!(error = %e, retry_in = ?delay, "redis delete failed; not acknowledging");
+                tracing::warn!(%error, retry_in = ?delay, "redis delete failed; not acknowledging");
                 tokio::select! {
                     biased;
                     _ = cancel.cancelled() => return Ok(false),

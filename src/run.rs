@@ -35,7 +35,7 @@ pub enum RunError {
     #[error("postgres: {0}")]
     Postgres(String),
     /// A permanent Redis problem (credentials).
-    #[error("redis: {0}")]
+    #[error(transparent)]
     Redis(#[from] DeleteError),
     /// The configured mode is not available in this build.
     #[error("{0}")]
@@ -196,8 +196,9 @@ async fn connect_redis(
         match Deleter::connect(url).await {
             Ok(deleter) => return Ok(Some(deleter)),
             Err(e) if e.is_transient() => {
-                health.set_redis(Some(e.to_string()));
-                tracing::warn!(error = %e, "redis unavailable; retrying");
+                let error = telemetry::chain(&e);
+                tracing::warn!(%error, "redis unavailable; retrying");
+                health.set_redis(Some(error));
             }
             Err(e) => return Err(e.into()),
         }
@@ -228,13 +229,13 @@ enum Failure {
 
 impl From<SetupError> for Failure {
     fn from(e: SetupError) -> Self {
-        classify(e.is_transient(), e.to_string(), None)
+        classify(e.is_transient(), telemetry::chain(&e), None)
     }
 }
 
 impl From<ReplicationError> for Failure {
     fn from(e: ReplicationError) -> Self {
-        classify(e.is_transient(), e.to_string(), e.code())
+        classify(e.is_transient(), telemetry::chain(&e), e.code())
     }
 }
 
@@ -244,7 +245,7 @@ impl From<SourceError> for Failure {
             SourceError::Replication(r) => r.code(),
             SourceError::Decode { .. } => None,
         };
-        classify(e.is_transient(), e.to_string(), code)
+        classify(e.is_transient(), telemetry::chain(&e), code)
     }
 }
 

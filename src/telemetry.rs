@@ -32,6 +32,23 @@ pub const CONFIRMED_LSN: &str = "invalidator_confirmed_lsn";
 /// Bytes of WAL the server has that are not yet acknowledged.
 pub const REPLICATION_LAG_BYTES: &str = "invalidator_replication_lag_bytes";
 
+/// An error with its causes, `outer: inner: innermost`, for logs, `/readyz` and the CLI: our
+/// errors keep the cause in `source()` rather than repeat it in their own message. A cause whose
+/// text the message already ends with (some libraries print their cause too) is not repeated.
+pub fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(e) = cause {
+        let next = e.to_string();
+        if !text.ends_with(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        cause = e.source();
+    }
+    text
+}
+
 /// Installs the process-wide Prometheus recorder once and returns its handle.
 pub fn install_metrics() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -154,6 +171,21 @@ async fn render_metrics(State(state): State<AppState>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn chain_shows_every_cause() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("outer")]
+        struct Outer(#[source] std::io::Error);
+        let e = Outer(std::io::Error::other("refused"));
+        assert_eq!(chain(&e), "outer: refused");
+
+        #[derive(Debug, thiserror::Error)]
+        #[error("db error: {0}")]
+        struct Repeats(#[source] std::io::Error);
+        let e = Repeats(std::io::Error::other("ERROR: no such table"));
+        assert_eq!(chain(&e), "db error: ERROR: no such table");
+    }
 
     #[test]
     fn readiness_needs_both_source_and_redis() {

@@ -49,7 +49,7 @@ pub enum SetupError {
     #[error(transparent)]
     Replication(#[from] ReplicationError),
     /// An ordinary connection failed.
-    #[error("postgres: {0}")]
+    #[error("postgres")]
     Postgres(#[from] tokio_postgres::Error),
     /// Tables named by the rules do not exist.
     #[error("tables named in the rules do not exist: {}", list(.0))]
