@@ -469,22 +469,25 @@ pub fn unix_micros() -> i64 {
 #[cfg(test)]
 mod tests {
     use std::sync::Mutex;
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
     use bytes::Bytes;
 
     use super::*;
     use crate::pgoutput::{Begin, Column, Commit, Insert, Message, Relation, TupleValue, encode};
 
-    /// WAL fed by the test; statuses recorded for inspection.
+    /// WAL fed by the test; messages read and statuses recorded for inspection.
     struct ScriptedWal {
         incoming: mpsc::UnboundedReceiver<ReplicationMessage>,
+        read: Arc<AtomicUsize>,
         statuses: Arc<Mutex<Vec<Lsn>>>,
     }
 
     impl WalStream for ScriptedWal {
         async fn next(&mut self) -> Result<Option<ReplicationMessage>, ReplicationError> {
-            Ok(self.incoming.recv().await)
+            let message = self.incoming.recv().await;
+            self.read.fetch_add(1, Ordering::SeqCst);
+            Ok(message)
         }
 
         async fn send_status(&mut self, flush: Lsn) -> Result<(), ReplicationError> {
@@ -585,6 +588,7 @@ mod tests {
 
     struct Harness {
         wal: mpsc::UnboundedSender<ReplicationMessage>,
+        read: Arc<AtomicUsize>,
         statuses: Arc<Mutex<Vec<Lsn>>>,
         cancel: CancellationToken,
         deleter: tokio::task::JoinHandle<()>,
@@ -613,8 +617,10 @@ mod tests {
                 .expect("rules compile");
             let (wal_tx, wal_rx) = mpsc::unbounded_channel();
             let statuses = Arc::new(Mutex::new(Vec::new()));
+            let read = Arc::new(AtomicUsize::new(0));
             let mut stream = ScriptedWal {
                 incoming: wal_rx,
+                read: read.clone(),
                 statuses: statuses.clone(),
             };
             let (queue_tx, queue_rx) = mpsc::channel(QUEUE_DEPTH);
@@ -641,6 +647,7 @@ mod tests {
             wal_tx.send(xlog(relation())).unwrap();
             Harness {
                 wal: wal_tx,
+                read,
                 statuses,
                 cancel,
                 deleter,
@@ -943,5 +950,49 @@ keys = ["note:{id|upper}"]
             h.cancel.cancel();
             h.deleter.await.unwrap();
         }
+    }
+
+    /// While Redis is down, reading stops once the queue is full (the WAL stays on the server),
+    /// status updates keep flowing so the walsender does not time out, and nothing is lost.
+    #[tokio::test(start_paused = true)]
+    async fn reading_stops_while_redis_is_down_but_status_updates_continue() {
+        let sink = RecordingSink::default();
+        sink.down.store(true, Ordering::SeqCst);
+        let h = Harness::start(sink.clone());
+        let transactions = 10 * QUEUE_DEPTH as u64;
+        for t in 1..=transactions {
+            h.send(transaction(&[&t.to_string()], t * 0x100));
+        }
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        let (read_before, statuses_before) = (
+            h.read.load(Ordering::SeqCst),
+            h.statuses.lock().unwrap().len(),
+        );
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        // The queue, the batch the delete loop retries, and one transaction waiting for room are
+        // all that is held; the rest stays in the WAL.
+        let read = h.read.load(Ordering::SeqCst);
+        assert_eq!(read, read_before, "kept reading while Redis was down");
+        assert!(
+            read < 1 + 3 * transactions as usize,
+            "read everything: {read}"
+        );
+        assert!(
+            h.statuses.lock().unwrap().len() > statuses_before,
+            "no status updates while blocked"
+        );
+        assert_eq!(h.highest_ack(), Lsn(0));
+
+        sink.down.store(false, Ordering::SeqCst);
+        h.wait_for_ack(transactions * 0x100).await;
+        let deleted: usize = sink
+            .deleted
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|inv| inv.keys.len())
+            .sum();
+        assert_eq!(deleted as u64, transactions);
+        h.stop().await;
     }
 }
