@@ -105,6 +105,32 @@ impl Rig {
         ));
     }
 
+    /// Waits until every key of `all` is deleted and `/readyz` answers 200; returns the time
+    /// since `since` (the end of the fault).
+    fn recovered(&self, sidecar: &Sidecar, all: &RangeInclusive<u32>, since: Instant) -> Duration {
+        wait_until(
+            DEADLINE,
+            "the backlog is deleted and /readyz is 200",
+            || {
+                sidecar.assert_alive();
+                self.left(all).is_empty() && readyz(sidecar).is_some_and(|(s, _)| s == 200)
+            },
+        );
+        since.elapsed()
+    }
+
+    /// Reports the fault: every key of `all` was an invalidation expected.
+    fn report(&self, fault: &str, runs: usize, all: &RangeInclusive<u32>, recovery: Duration) {
+        let expected = all.clone().count();
+        report(
+            fault,
+            runs,
+            expected,
+            expected - self.left(all).len(),
+            recovery,
+        );
+    }
+
     /// The ids in `ids` whose key is still cached.
     fn left(&self, ids: &RangeInclusive<u32>) -> Vec<u32> {
         let mut left: Vec<u32> = self
@@ -270,15 +296,7 @@ fn redis_cut(mode: CutMode, fault: &str) {
 
     proxy.restore();
     let restored = Instant::now();
-    wait_until(
-        DEADLINE,
-        "the backlog is deleted and /readyz is 200",
-        || {
-            sidecar.assert_alive();
-            rig.left(&all).is_empty() && readyz(&sidecar).is_some_and(|(s, _)| s == 200)
-        },
-    );
-    let recovery = restored.elapsed();
+    let recovery = rig.recovered(&sidecar, &all, restored);
     wait_until(DEADLINE, "the slot acknowledges the last commit", || {
         rig.the_slot().confirmed > lsns[&N]
     });
@@ -288,13 +306,7 @@ fn redis_cut(mode: CutMode, fault: &str) {
         "the replication connection was replaced"
     );
     eprintln!("{fault}: cut for {:.1} s", cut_for.as_secs_f64());
-    report(
-        fault,
-        1,
-        N as usize,
-        (N as usize) - rig.left(&all).len(),
-        recovery,
-    );
+    rig.report(fault, 1, &all, recovery);
 }
 
 #[test]
@@ -350,23 +362,9 @@ fn redis_killed_and_restarted_loses_nothing() {
         rig.redis.exists("canary"),
         "redis lost its data: the test proves nothing"
     );
-    wait_until(
-        DEADLINE,
-        "the backlog is deleted and /readyz is 200",
-        || {
-            sidecar.assert_alive();
-            rig.left(&all).is_empty() && readyz(&sidecar).is_some_and(|(s, _)| s == 200)
-        },
-    );
-    let recovery = restarted.elapsed();
+    let recovery = rig.recovered(&sidecar, &all, restarted);
     rig.assert_ack_covers_only_deleted();
-    report(
-        "redis kill -9 + restart",
-        1,
-        N as usize,
-        (N as usize) - rig.left(&all).len(),
-        recovery,
-    );
+    rig.report("redis kill -9 + restart", 1, &all, recovery);
 }
 
 /// Commits before, around and after a Postgres fault that `fault` injects and ends; `fault`
@@ -385,15 +383,7 @@ fn postgres_fault(name: &str, fault: impl FnOnce(&Rig, &Sidecar)) {
     fault(&rig, &sidecar);
     let ended = Instant::now();
     rig.commit_each(401..=N);
-    wait_until(
-        DEADLINE,
-        "the backlog is deleted and /readyz is 200",
-        || {
-            sidecar.assert_alive();
-            rig.left(&all).is_empty() && readyz(&sidecar).is_some_and(|(s, _)| s == 200)
-        },
-    );
-    let recovery = ended.elapsed();
+    let recovery = rig.recovered(&sidecar, &all, ended);
     let after = rig.the_slot();
     assert!(
         after.active && after.pid != before.pid,
@@ -405,13 +395,7 @@ fn postgres_fault(name: &str, fault: impl FnOnce(&Rig, &Sidecar)) {
     });
     let reconnects = sidecar.log().matches("replication interrupted").count();
     eprintln!("{name}: {reconnects} failed attempt(s) logged before streaming resumed");
-    report(
-        name,
-        1,
-        N as usize,
-        (N as usize) - rig.left(&all).len(),
-        recovery,
-    );
+    rig.report(name, 1, &all, recovery);
 }
 
 /// Stops the cluster in `mode`, waits until the sidecar notices, and starts it again.
@@ -489,11 +473,10 @@ fn a_terminated_walsender_reconnects_promptly_every_time_and_loses_nothing() {
         worst = worst.max(recovery);
     }
     let all = 1..=N;
-    report(
+    rig.report(
         "pg_terminate_backend(walsender)",
         ROUNDS as usize,
-        N as usize,
-        N as usize - rig.left(&all).len(),
+        &all,
         worst,
     );
 }
@@ -576,13 +559,7 @@ fn kill_9_at_random_instants_during_a_stream_of_commits_loses_nothing() {
     let restarted = Instant::now();
     rig.wait_gone(&all, &sidecar);
     let recovery = restarted.elapsed();
-    report(
-        "kill -9 at random instants",
-        ROUNDS,
-        written as usize,
-        written as usize - rig.left(&all).len(),
-        recovery,
-    );
+    rig.report("kill -9 at random instants", ROUNDS, &all, recovery);
 }
 
 #[test]
@@ -637,13 +614,7 @@ fn sigterm_during_a_burst_exits_zero_having_acknowledged_only_what_was_deleted()
     wait_until(DEADLINE, "the slot acknowledges the last commit", || {
         rig.the_slot().confirmed > lsns[&N]
     });
-    report(
-        "SIGTERM during a 50k-commit burst",
-        1,
-        N as usize,
-        N as usize - rig.left(&all).len(),
-        recovery,
-    );
+    rig.report("SIGTERM during a 50k-commit burst", 1, &all, recovery);
 }
 
 #[test]
@@ -686,11 +657,5 @@ fn a_second_instance_waits_as_standby_and_takes_over_after_kill_9() {
     );
     let recovery = killed.elapsed();
     rig.assert_ack_covers_only_deleted();
-    report(
-        "standby takeover after kill -9",
-        1,
-        N as usize,
-        N as usize - rig.left(&all).len(),
-        recovery,
-    );
+    rig.report("standby takeover after kill -9", 1, &all, recovery);
 }
