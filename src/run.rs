@@ -300,6 +300,14 @@ async fn stream_once(
         .parse()
         .map_err(|e| Failure::Permanent(format!("invalid postgres url: {e}")))?;
     let mut client = ReplicationClient::connect(&pg, "invalidator").await?;
+    // Which server this is, for the log: after a failover the system id or timeline changes.
+    let system = client.identify_system().await?;
+    tracing::info!(
+        system_id = %system.system_id,
+        timeline = system.timeline,
+        wal = %system.xlog_pos,
+        "connected"
+    );
     let tables = rules.tables().cloned().collect();
     let plan = setup::plan(
         &mut client,
