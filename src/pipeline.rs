@@ -442,9 +442,22 @@ async fn delete_with_retry<K: Sink>(
                     biased;
                     _ = cancel.cancelled() => return Ok(false),
                     _ = tokio::time::sleep(delay) => {}
+                    // A long backoff should not outlast the outage: retry as soon as Redis
+                    // answers again.
+                    _ = answers_again(sink) => {}
                 }
             }
             Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Returns once a `PING` succeeds, trying every quarter second.
+async fn answers_again<K: Sink>(sink: &mut K) {
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        if sink.ping().await.is_ok() {
+            return;
         }
     }
 }
@@ -519,6 +532,9 @@ mod tests {
         }
 
         async fn ping(&mut self) -> Result<(), Down> {
+            if self.down.load(Ordering::SeqCst) {
+                return Err(Down);
+            }
             Ok(())
         }
 
