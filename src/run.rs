@@ -19,6 +19,9 @@ use crate::source::replication::{
 use crate::source::setup::{self, SetupError};
 use crate::telemetry::{self, Health};
 
+/// How often a standby tries to take the slot.
+const STANDBY_POLL: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Why `run` stopped with a failure.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -143,6 +146,7 @@ pub async fn run(
             // The connection worked: the next interruption starts from the shortest delay.
             delays = pipeline::backoff();
         }
+        let mut standby = false;
         match attempt {
             Ok(Streamed::Finished) => break Ok(()),
             Ok(Streamed::Ended) => {
@@ -155,6 +159,7 @@ pub async fn run(
             }) => {
                 tracing::info!(slot = %config.postgres.slot, "slot is active elsewhere; waiting as a standby");
                 health.set_source(Some(format!("standby: {reason}")));
+                standby = true;
             }
             Err(Failure::Transient {
                 reason,
@@ -165,7 +170,13 @@ pub async fn run(
                 health.set_source(Some(reason));
             }
         }
-        let delay = delays.next().unwrap_or(std::time::Duration::from_secs(10));
+        // A standby polls the slot at a steady pace, so a takeover waits about a second rather
+        // than a grown backoff; other failures back off.
+        let delay = if standby {
+            STANDBY_POLL
+        } else {
+            delays.next().unwrap_or(std::time::Duration::from_secs(10))
+        };
         tokio::select! {
             biased;
             _ = deleter_done.cancelled() => break Ok(()),
