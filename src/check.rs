@@ -3,6 +3,7 @@
 
 use std::fmt;
 
+use crate::config::Mode;
 use crate::rules::RuleSet;
 use crate::source::setup::{self, SetupError, Sql};
 
@@ -36,10 +37,12 @@ impl fmt::Display for Finding {
     }
 }
 
-/// Checks every rule against the catalog of the connected database.
+/// Checks every rule against the catalog of the connected database. In notify mode the
+/// triggers see whole old rows, so REPLICA IDENTITY does not matter and is not checked.
 pub async fn against_database(
     db: &mut impl Sql,
     rules: &RuleSet,
+    mode: Mode,
 ) -> Result<Vec<Finding>, SetupError> {
     let mut findings = Vec::new();
     for table in rules.tables() {
@@ -51,7 +54,7 @@ pub async fn against_database(
             });
             continue;
         };
-        if info.replica_identity == 'n' {
+        if mode == Mode::Replication && info.replica_identity == 'n' {
             findings.push(Finding {
                 severity: Severity::Error,
                 location: table.to_string(),
@@ -85,7 +88,7 @@ pub async fn against_database(
                 .map(String::as_str)
                 .filter(|c| !info.identity_columns.iter().any(|have| have == c))
                 .collect();
-            if reads_old && !unsent.is_empty() {
+            if mode == Mode::Replication && reads_old && !unsent.is_empty() {
                 findings.push(Finding {
                     severity: Severity::Warning,
                     location,

@@ -9,10 +9,9 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use invalidator::change::Op;
 use invalidator::check::{self, Severity};
-use invalidator::config::Config;
-use invalidator::redact::redact;
+use invalidator::config::{Config, Mode};
 use invalidator::rules::RuleSet;
-use invalidator::source::setup;
+use invalidator::source::{notify, setup};
 use invalidator::{explain, run};
 use tokio_util::sync::CancellationToken;
 
@@ -61,7 +60,8 @@ pub enum Command {
         #[arg(long)]
         new: Option<String>,
     },
-    /// Create or repair the publication and the replication slot.
+    /// Create or repair the publication and the replication slot (notify mode: the outbox and
+    /// its triggers).
     Setup {
         /// Configuration file [default: ./invalidator.toml].
         #[arg(long)]
@@ -70,7 +70,7 @@ pub enum Command {
         #[arg(long)]
         dry_run: bool,
     },
-    /// Show the slot: active or not, confirmed LSN, lag in bytes.
+    /// Show the slot: active or not, confirmed LSN, lag in bytes (notify mode: the outbox backlog).
     Status {
         /// Configuration file [default: ./invalidator.toml].
         #[arg(long)]
@@ -125,7 +125,7 @@ pub async fn execute(command: Command, loaded: Loaded) -> anyhow::Result<ExitCod
         }
         Command::Check { offline: false, .. } => {
             let mut db = connect(&config).await?;
-            let findings = check::against_database(&mut db, &rules).await?;
+            let findings = check::against_database(&mut db, &rules, config.postgres.mode).await?;
             for finding in &findings {
                 println!("{finding}");
             }
@@ -155,17 +155,26 @@ pub async fn execute(command: Command, loaded: Loaded) -> anyhow::Result<ExitCod
         Command::Setup { dry_run, .. } => {
             let mut db = connect(&config).await?;
             let tables = rules.tables().cloned().collect();
-            let actions = setup::plan(
-                &mut db,
-                &tables,
-                &config.postgres.publication,
-                &config.postgres.slot,
-                setup::SlotLoss::Refuse,
-            )
-            .await?
-            .actions;
+            let (actions, in_place) = match config.postgres.mode {
+                Mode::Replication => (
+                    setup::plan(
+                        &mut db,
+                        &tables,
+                        &config.postgres.publication,
+                        &config.postgres.slot,
+                        setup::SlotLoss::Refuse,
+                    )
+                    .await?
+                    .actions,
+                    "publication and slot are in place; nothing to do",
+                ),
+                Mode::Notify => (
+                    notify::plan(&mut db, &tables).await?,
+                    "outbox and triggers are in place; nothing to do",
+                ),
+            };
             if actions.is_empty() {
-                println!("publication and slot are in place; nothing to do");
+                println!("{in_place}");
             } else if dry_run {
                 for action in &actions {
                     println!("-- {}\n{};", action.why, action.sql);
@@ -176,6 +185,22 @@ pub async fn execute(command: Command, loaded: Loaded) -> anyhow::Result<ExitCod
                     println!("done: {}", action.why);
                 }
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status { .. } if config.postgres.mode == Mode::Notify => {
+            let db = connect(&config).await?;
+            let row = db
+                .query_opt(
+                    "SELECT count(*), (extract(epoch FROM now() - min(created_at)))::float8 \
+                     FROM invalidator.outbox",
+                    &[],
+                )
+                .await
+                .context("reading invalidator.outbox (run `invalidator setup`)")?;
+            let (waiting, oldest): (i64, Option<f64>) =
+                row.map_or((0, None), |r| (r.get(0), r.get(1)));
+            let age = oldest.map_or_else(|| "none".to_owned(), |s| format!("{s:.1} s"));
+            println!("outbox: {waiting} rows waiting, oldest {age}");
             Ok(ExitCode::SUCCESS)
         }
         Command::Status { .. } => {
@@ -214,15 +239,7 @@ fn summary(rules: &RuleSet, verdict: &str) -> String {
 
 /// An ordinary (non-replication) connection for setup, check and status.
 async fn connect(config: &Config) -> anyhow::Result<tokio_postgres::Client> {
-    let (client, connection) = tokio_postgres::connect(&config.postgres.url, tokio_postgres::NoTls)
-        .await
-        .with_context(|| format!("connecting to {}", redact(&config.postgres.url)))?;
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::warn!(error = %e, "postgres connection ended");
-        }
-    });
-    Ok(client)
+    Ok(invalidator::source::connect::connect(&config.postgres).await?)
 }
 
 /// Fires `cancel` on the first SIGTERM or SIGINT.

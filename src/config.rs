@@ -61,6 +61,9 @@ pub struct PostgresConfig {
     pub publication: String,
     /// After a lost or dropped slot, delete every key the rules can produce (the safety action).
     pub flush_on_slot_loss: bool,
+    /// A PEM file of CA certificates trusted for the server's TLS certificate, besides the
+    /// system roots; checked at load to hold at least one certificate.
+    pub ca_file: Option<PathBuf>,
 }
 
 /// The `[pipeline]` section; the defaults need no tuning.
@@ -141,6 +144,7 @@ struct RawPostgres {
     slot: Option<String>,
     publication: Option<String>,
     flush_on_slot_loss: Option<bool>,
+    ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -220,6 +224,9 @@ impl Config {
             .take()
             .unwrap_or_else(|| PathBuf::from("rules"));
         raw.rules.path = Some(if p.is_relative() { base.join(p) } else { p });
+        if let Some(ca) = raw.postgres.ca_file.take() {
+            raw.postgres.ca_file = Some(if ca.is_relative() { base.join(ca) } else { ca });
+        }
         let mut database_url = None;
         let mut redis_url = None;
         for (name, value) in env {
@@ -261,6 +268,7 @@ fn apply_env(raw: &mut RawConfig, name: &str, value: &str) -> Result<(), ConfigE
                     message: format!("expected true or false, got {value:?}"),
                 })?)
         }
+        "INVALIDATOR_POSTGRES_CA_FILE" => raw.postgres.ca_file = Some(PathBuf::from(value)),
         "INVALIDATOR_REDIS_URL" => raw.redis.url = v,
         "INVALIDATOR_RULES_PATH" => raw.rules.path = Some(PathBuf::from(value)),
         "INVALIDATOR_HTTP_LISTEN" => raw.http.listen = v,
@@ -329,6 +337,9 @@ fn validate(raw: RawConfig, file: &Path) -> Result<Config, ConfigError> {
             format!("{} is not a valid Postgres URL: {e}", redact(&url)),
         ));
     }
+    if let Some(ca) = &raw.postgres.ca_file {
+        crate::source::connect::load_ca_file(ca).map_err(|e| invalid("postgres.ca_file", e))?;
+    }
     let redis_url = raw
         .redis
         .url
@@ -386,6 +397,7 @@ fn validate(raw: RawConfig, file: &Path) -> Result<Config, ConfigError> {
             slot,
             publication,
             flush_on_slot_loss: raw.postgres.flush_on_slot_loss.unwrap_or(true),
+            ca_file: raw.postgres.ca_file,
         },
         redis_url,
         rules_path: raw.rules.path.unwrap_or_else(|| PathBuf::from("rules")),
@@ -527,6 +539,30 @@ mod tests {
         let f = write("[rules]\npath = \"my-rules\"\n");
         let cfg = Config::load_with_env(Some(f.path()), &[]).unwrap();
         assert_eq!(cfg.rules_path, f.path().parent().unwrap().join("my-rules"));
+    }
+
+    #[test]
+    fn ca_file_must_hold_a_certificate_and_the_environment_overrides_it() {
+        let f = write("[postgres]\nca_file = \"missing-ca.pem\"\n");
+        let err = Config::load_with_env(Some(f.path()), &[]).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("postgres.ca_file") && text.contains("missing-ca.pem"),
+            "{text}"
+        );
+        let mut ca = tempfile::NamedTempFile::new().unwrap();
+        ca.write_all(b"-----BEGIN CERTIFICATE-----\nMAA=\n-----END CERTIFICATE-----\n")
+            .unwrap();
+        let ca_path = ca.path().to_string_lossy().into_owned();
+        let cfg = Config::load_with_env(
+            Some(f.path()),
+            &env(&[("INVALIDATOR_POSTGRES_CA_FILE", &ca_path)]),
+        )
+        .unwrap();
+        assert_eq!(cfg.postgres.ca_file.as_deref(), Some(ca.path()));
+        let empty = write("");
+        let cfg = Config::load_with_env(Some(empty.path()), &[]).unwrap();
+        assert_eq!(cfg.postgres.ca_file, None);
     }
 
     #[test]

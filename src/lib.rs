@@ -17,7 +17,8 @@
 //! - [`config`]: the TOML file and environment overrides, validated; opens no connections.
 //! - [`pgoutput`]: decode (and, for tests, encode) pgoutput protocol v1 messages; no I/O.
 //! - [`rules`]: load and compile `rules/*.toml`, plan a change into keys and patterns; no I/O.
-//! - [`source`]: the replication client and the setup of publication and slot.
+//! - [`source`]: the replication client and the setup of publication and slot; in notify mode,
+//!   the trigger-filled outbox and its setup.
 //! - [`redact`]: hides passwords in URLs before they reach a log line or an error.
 //! - [`redis`]: the deleter: pipelined `UNLINK`, `SCAN` for patterns, never `KEYS`.
 //! - [`pipeline`]: the only place that wires source, rules, Redis and acknowledgement.

@@ -1,5 +1,5 @@
-//! `invalidator run`: HTTP, the Redis delete loop, and the replication connection with its
-//! reconnect loop, until shutdown.
+//! `invalidator run`: HTTP, the Redis delete loop, and the replication connection (or, in notify
+//! mode, the outbox reader) with its reconnect loop, until shutdown.
 
 use std::sync::Arc;
 
@@ -13,6 +13,7 @@ use crate::pipeline::{self, Links, SourceEnd, SourceError, WalStream};
 use crate::redact::redact;
 use crate::redis::{DeleteError, Deleter};
 use crate::rules::RuleSet;
+use crate::source::notify::{self, NotifyError};
 use crate::source::replication::{
     ReplicationClient, ReplicationError, ReplicationMessage, ReplicationStream,
 };
@@ -40,9 +41,6 @@ pub enum RunError {
     /// A permanent Redis problem (credentials).
     #[error(transparent)]
     Redis(#[from] DeleteError),
-    /// The configured mode is not available in this build.
-    #[error("{0}")]
-    Unsupported(String),
 }
 
 impl WalStream for ReplicationStream {
@@ -81,11 +79,6 @@ pub async fn run(
     rules: Arc<RuleSet>,
     cancel: CancellationToken,
 ) -> Result<(), RunError> {
-    if config.postgres.mode == Mode::Notify {
-        return Err(RunError::Unsupported(
-            "postgres.mode = \"notify\" is not available yet; use \"replication\"".to_owned(),
-        ));
-    }
     let metrics = telemetry::install_metrics();
     let health = Health::new();
     let listener = telemetry::bind(config.http_listen)
@@ -136,12 +129,29 @@ pub async fn run(
     };
 
     let mut delays = pipeline::backoff();
+    // Notify mode: what the outbox source keeps across reconnects.
+    let mut progress = notify::Progress::default();
     let source_result = loop {
         if deleter_done.is_cancelled() {
             break Ok(());
         }
         let mut streamed = false;
-        let attempt = stream_once(&config, &rules, &mut links, &health, &mut streamed).await;
+        let attempt = match config.postgres.mode {
+            Mode::Replication => {
+                stream_once(&config, &rules, &mut links, &health, &mut streamed).await
+            }
+            Mode::Notify => {
+                outbox_once(
+                    &config,
+                    &rules,
+                    &mut links,
+                    &health,
+                    &mut progress,
+                    &mut streamed,
+                )
+                .await
+            }
+        };
         if streamed {
             // The connection worked: the next interruption starts from the shortest delay.
             delays = pipeline::backoff();
@@ -166,7 +176,7 @@ pub async fn run(
                 standby: false,
             }) => {
                 metrics::counter!(telemetry::ERRORS_TOTAL, "kind" => "postgres").increment(1);
-                tracing::warn!(error = %reason, "replication interrupted; reconnecting");
+                tracing::warn!(error = %reason, mode = ?config.postgres.mode, "postgres source interrupted; reconnecting");
                 health.set_source(Some(reason));
             }
         }
@@ -250,6 +260,12 @@ impl From<ReplicationError> for Failure {
     }
 }
 
+impl From<NotifyError> for Failure {
+    fn from(e: NotifyError) -> Self {
+        classify(e.is_transient(), telemetry::chain(&e), None)
+    }
+}
+
 impl From<SourceError> for Failure {
     fn from(e: SourceError) -> Self {
         let code = match &e {
@@ -310,7 +326,8 @@ async fn stream_once(
         .url
         .parse()
         .map_err(|e| Failure::Permanent(format!("invalid postgres url: {e}")))?;
-    let mut client = ReplicationClient::connect(&pg, "invalidator").await?;
+    let ca_file = config.postgres.ca_file.as_deref();
+    let mut client = ReplicationClient::connect_with_ca(&pg, "invalidator", ca_file).await?;
     // Which server this is, for the log: after a failover the system id or timeline changes.
     let system = client.identify_system().await?;
     tracing::info!(
@@ -362,6 +379,35 @@ async fn stream_once(
             stream.finish().await;
             Ok(Streamed::Finished)
         }
+        SourceEnd::StreamEnded => Ok(Streamed::Ended),
+    }
+}
+
+/// Notify mode: connects an ordinary session, repairs the outbox and triggers, listens, and
+/// reads the outbox until the connection fails or shutdown; sets `streamed` once reading.
+async fn outbox_once(
+    config: &Config,
+    rules: &RuleSet,
+    links: &mut Links,
+    health: &Health,
+    progress: &mut notify::Progress,
+    streamed: &mut bool,
+) -> Result<Streamed, Failure> {
+    let (mut client, mut hints) = notify::connect(&config.postgres).await?;
+    let tables = rules.tables().cloned().collect();
+    let actions = notify::plan(&mut client, &tables).await?;
+    setup::apply(&mut client, &actions).await?;
+    client
+        .batch_execute(&format!("LISTEN {}", setup::quote_ident(notify::CHANNEL)))
+        .await
+        .map_err(NotifyError::from)?;
+    *streamed = true;
+    health.set_source(None);
+    tracing::info!(channel = notify::CHANNEL, "reading the outbox");
+    let outcome = notify::stream(&client, &mut hints, rules, links, progress).await;
+    health.set_source(Some("reconnecting to postgres".to_owned()));
+    match outcome? {
+        SourceEnd::DeleterStopped => Ok(Streamed::Finished),
         SourceEnd::StreamEnded => Ok(Streamed::Ended),
     }
 }

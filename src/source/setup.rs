@@ -100,7 +100,8 @@ pub fn quote_literal(value: &str) -> String {
     format!("'{}'", value.replace('\'', "''"))
 }
 
-fn qualified(table: &TableName) -> String {
+/// `schema.table`, each part quoted.
+pub(crate) fn qualified(table: &TableName) -> String {
     format!(
         "{}.{}",
         quote_ident(&table.schema),
@@ -261,7 +262,8 @@ pub async fn apply(db: &mut impl Sql, actions: &[Action]) -> Result<(), SetupErr
     Ok(())
 }
 
-async fn missing_tables(
+/// The tables that do not exist (or are not ordinary or partitioned tables).
+pub(crate) async fn missing_tables(
     db: &mut impl Sql,
     tables: &BTreeSet<TableName>,
 ) -> Result<Vec<TableName>, SetupError> {

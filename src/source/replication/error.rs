@@ -2,6 +2,8 @@
 
 use std::io;
 
+use crate::source::connect::TlsError;
+
 /// Everything that can go wrong while talking to a walsender.
 ///
 /// Messages never hold the password: it is only ever handed to the hashing code, and server
@@ -28,7 +30,11 @@ pub enum ReplicationError {
     /// the server's SCRAM proof did not verify).
     #[error("authentication failed: {0}")]
     Auth(String),
-    /// A setting or argument cannot be used, e.g. `sslmode=require` or a malformed slot name.
+    /// TLS could not be set up: an untrusted certificate, or no TLS where `sslmode=require`.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// A setting or argument cannot be used, e.g. `channel_binding=require` or a malformed slot
+    /// name.
     #[error("invalid replication setting: {0}")]
     Invalid(String),
     /// The server closed the connection without an error message.
@@ -61,6 +67,7 @@ impl ReplicationError {
     pub fn is_transient(&self) -> bool {
         match self {
             ReplicationError::Io(_) | ReplicationError::Closed => true,
+            ReplicationError::Tls(e) => e.is_transient(),
             ReplicationError::Server { code, .. } => is_transient_code(code),
             ReplicationError::Protocol(_)
             | ReplicationError::Auth(_)

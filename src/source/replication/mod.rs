@@ -12,10 +12,10 @@
 //!                            .finish()      CopyDone, then a polite goodbye
 //! ```
 //!
-//! The client never interprets pgoutput: `XLogData::data` goes to the decoder as it came. TLS is
-//! not supported yet: `sslmode=require` is refused rather than silently ignored, and `prefer` (the
-//! default) connects in plain text. After an i/o or protocol error the connection is in an
-//! unknown state; drop it and reconnect.
+//! The client never interprets pgoutput: `XLogData::data` goes to the decoder as it came. TLS
+//! follows `sslmode` as [`crate::source::connect`] describes (verified certificates; `prefer` falls
+//! back to plain text only when the server answers 'N'). After an i/o or protocol error the
+//! connection is in an unknown state; drop it and reconnect.
 
 mod conn;
 mod error;
@@ -25,17 +25,20 @@ mod wire;
 mod tests;
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use fallible_iterator::FallibleIterator;
 use postgres_protocol::authentication::{self, sasl};
 use postgres_protocol::message::backend::{DataRowBody, Message, ParameterStatusBody};
 use postgres_protocol::message::frontend;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio_postgres::config::{Host, SslMode};
+use tokio_postgres::config::{ChannelBinding, Host, SslMode, SslNegotiation};
 
 use crate::change::Lsn;
+use crate::source::connect::{TlsError, client_config, handshake, verifies};
 use conn::{Backend, Connection, Socket, log_notice, server_error, unexpected};
 pub use error::ReplicationError;
 
@@ -103,8 +106,19 @@ impl ReplicationClient {
         config: &tokio_postgres::Config,
         application_name: &str,
     ) -> Result<ReplicationClient, ReplicationError> {
+        ReplicationClient::connect_with_ca(config, application_name, None).await
+    }
+
+    /// Like [`ReplicationClient::connect`], also trusting the CA certificates of `ca_file` (PEM)
+    /// for the server's TLS certificate, besides the system roots.
+    pub async fn connect_with_ca(
+        config: &tokio_postgres::Config,
+        application_name: &str,
+        ca_file: Option<&Path>,
+    ) -> Result<ReplicationClient, ReplicationError> {
+        let connecting = connect(config, application_name, ca_file);
         match config.get_connect_timeout() {
-            Some(timeout) => tokio::time::timeout(*timeout, connect(config, application_name))
+            Some(timeout) => tokio::time::timeout(*timeout, connecting)
                 .await
                 .map_err(|_| {
                     ReplicationError::Io(std::io::Error::new(
@@ -112,7 +126,7 @@ impl ReplicationClient {
                         "connecting to postgres timed out",
                     ))
                 })?,
-            None => connect(config, application_name).await,
+            None => connecting.await,
         }
     }
 
@@ -257,21 +271,23 @@ impl ReplicationClient {
 async fn connect(
     config: &tokio_postgres::Config,
     application_name: &str,
+    ca_file: Option<&Path>,
 ) -> Result<ReplicationClient, ReplicationError> {
-    match config.get_ssl_mode() {
-        SslMode::Disable | SslMode::Prefer => {}
-        _ => {
-            return Err(ReplicationError::Invalid(
-                "sslmode=require is not supported: the replication connection has no TLS yet; \
-                 use sslmode=disable or sslmode=prefer"
-                    .to_owned(),
-            ));
-        }
+    if config.get_channel_binding() == ChannelBinding::Require {
+        return Err(ReplicationError::Invalid(
+            "channel_binding=require is not supported; use prefer or disable".to_owned(),
+        ));
     }
     let user = config.get_user().ok_or_else(|| {
         ReplicationError::Invalid("the connection settings name no user".to_owned())
     })?;
-    let mut conn = Connection::new(open_socket(config).await?);
+    let (socket, host) = open_socket(config).await?;
+    let socket = match host {
+        Some(host) => negotiate_tls(config, ca_file, &host, socket).await?,
+        // Postgres has no TLS on Unix sockets; like libpq, sslmode does not apply there.
+        None => socket,
+    };
+    let mut conn = Connection::new(socket);
 
     let mut params = vec![
         ("user", user),
@@ -317,28 +333,89 @@ async fn connect(
     }
 }
 
-/// Connects to the first host (or `hostaddr`) and port of the configuration.
-async fn open_socket(config: &tokio_postgres::Config) -> Result<Box<dyn Socket>, ReplicationError> {
+/// Connects to the first host (or `hostaddr`) and port of the configuration; returns the socket
+/// and, for TCP, the name the server's certificate must carry (the host, else the address).
+async fn open_socket(
+    config: &tokio_postgres::Config,
+) -> Result<(Box<dyn Socket>, Option<String>), ReplicationError> {
     let port = config.get_ports().first().copied().unwrap_or(DEFAULT_PORT);
-    let tcp = |stream: TcpStream| -> Result<Box<dyn Socket>, ReplicationError> {
+    let tcp = |stream: TcpStream,
+               name: String|
+     -> Result<(Box<dyn Socket>, Option<String>), ReplicationError> {
         // Status updates are tiny and must not wait for Nagle's algorithm.
         stream.set_nodelay(true)?;
-        Ok(Box::new(stream))
+        Ok((Box::new(stream), Some(name)))
     };
+    let host = config.get_hosts().first();
     if let Some(addr) = config.get_hostaddrs().first() {
-        return tcp(TcpStream::connect((*addr, port)).await?);
+        let name = match host {
+            Some(Host::Tcp(host)) => host.clone(),
+            _ => addr.to_string(),
+        };
+        return tcp(TcpStream::connect((*addr, port)).await?, name);
     }
-    match config.get_hosts().first() {
-        Some(Host::Tcp(host)) => tcp(TcpStream::connect((host.as_str(), port)).await?),
+    match host {
+        Some(Host::Tcp(host)) => tcp(
+            TcpStream::connect((host.as_str(), port)).await?,
+            host.clone(),
+        ),
         #[cfg(unix)]
         Some(Host::Unix(dir)) => {
             let path = dir.join(format!(".s.PGSQL.{port}"));
-            Ok(Box::new(tokio::net::UnixStream::connect(path).await?))
+            Ok((Box::new(tokio::net::UnixStream::connect(path).await?), None))
         }
         None => Err(ReplicationError::Invalid(
             "the connection settings name no host".to_owned(),
         )),
     }
+}
+
+/// Applies `sslmode` to a fresh TCP socket: sends an SSLRequest (unless disabled, or
+/// `sslnegotiation=direct`), reads the one-byte answer and runs the TLS handshake on 'S'.
+async fn negotiate_tls(
+    config: &tokio_postgres::Config,
+    ca_file: Option<&Path>,
+    host: &str,
+    mut socket: Box<dyn Socket>,
+) -> Result<Box<dyn Socket>, ReplicationError> {
+    let mode = config.get_ssl_mode();
+    let direct = config.get_ssl_negotiation() == SslNegotiation::Direct;
+    match mode {
+        SslMode::Disable => return Ok(socket),
+        SslMode::Prefer if direct => {
+            return Err(ReplicationError::Invalid(
+                "sslnegotiation=direct needs sslmode=require".to_owned(),
+            ));
+        }
+        _ => {}
+    }
+    if !direct {
+        let mut request = BytesMut::new();
+        frontend::ssl_request(&mut request);
+        socket.write_all(&request).await?;
+        socket.flush().await?;
+        // Exactly one byte: anything the server sent after it would be unauthenticated plain
+        // text in front of the handshake (CVE-2021-23222), so nothing more is read here.
+        match socket.read_u8().await? {
+            b'S' => {}
+            b'N' if mode == SslMode::Prefer => return Ok(socket),
+            b'N' => {
+                return Err(TlsError::Refused {
+                    host: host.to_owned(),
+                }
+                .into());
+            }
+            other => {
+                return Err(ReplicationError::Protocol(format!(
+                    "unexpected answer {:?} to SSLRequest",
+                    char::from(other)
+                )));
+            }
+        }
+    }
+    let tls = client_config(ca_file, direct, verifies(mode, ca_file))?;
+    let stream = handshake(tls, host, socket).await?;
+    Ok(Box::new(stream))
 }
 
 /// Answers the server's authentication requests until it says `AuthenticationOk`.

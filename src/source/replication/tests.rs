@@ -151,19 +151,66 @@ async fn finish_sends_copy_done_then_terminate() {
     finished.await.unwrap();
 }
 
+/// A one-connection server that answers the SSLRequest with `answer` and returns what it read
+/// afterwards (up to the client closing).
+async fn answer_ssl_request(answer: u8) -> (u16, tokio::task::JoinHandle<(Vec<u8>, Vec<u8>)>) {
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+        .await
+        .unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = tokio::spawn(async move {
+        let (mut socket, _) = listener.accept().await.unwrap();
+        let mut request = vec![0; 8];
+        socket.read_exact(&mut request).await.unwrap();
+        socket.write_all(&[answer]).await.unwrap();
+        let mut rest = Vec::new();
+        // Read the startup message, if one comes, then hang up.
+        let mut chunk = [0u8; 1024];
+        if let Ok(Ok(n)) =
+            tokio::time::timeout(Duration::from_millis(500), socket.read(&mut chunk)).await
+        {
+            rest.extend_from_slice(&chunk[..n]);
+        }
+        (request, rest)
+    });
+    (port, server)
+}
+
 #[tokio::test]
-async fn sslmode_require_is_refused_before_connecting() {
-    // Port 1 is never listened on: reaching the network would fail differently.
+async fn sslmode_require_fails_permanently_when_the_server_refuses_tls() {
+    let (port, server) = answer_ssl_request(b'N').await;
     let config: tokio_postgres::Config =
-        "host=127.0.0.1 port=1 user=u password=hunter2 sslmode=require"
+        format!("host=127.0.0.1 port={port} user=u password=hunter2 sslmode=require")
             .parse()
             .unwrap();
     let Err(err) = ReplicationClient::connect(&config, "test").await else {
         panic!("connected without TLS");
     };
-    assert!(matches!(err, ReplicationError::Invalid(_)), "{err}");
-    assert!(err.to_string().contains("sslmode=require"));
+    let (request, rest) = server.await.unwrap();
+    // SSLRequest: length 8, code 80877103.
+    assert_eq!(request, [0, 0, 0, 8, 4, 210, 22, 47]);
+    assert!(rest.is_empty(), "the startup message went out in clear");
+    assert!(matches!(err, ReplicationError::Tls(_)), "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains("127.0.0.1") && text.contains("sslmode=require"),
+        "{text}"
+    );
+    assert!(!text.contains("hunter2"));
     assert!(!err.is_transient());
+}
+
+#[tokio::test]
+async fn sslmode_prefer_falls_back_to_plain_when_the_server_refuses_tls() {
+    let (port, server) = answer_ssl_request(b'N').await;
+    let config: tokio_postgres::Config = format!("host=127.0.0.1 port={port} user=u")
+        .parse()
+        .unwrap();
+    let _ = ReplicationClient::connect(&config, "test").await;
+    let (request, rest) = server.await.unwrap();
+    assert_eq!(request, [0, 0, 0, 8, 4, 210, 22, 47]);
+    // The startup message (protocol 3.0) follows in clear on the same socket.
+    assert_eq!(rest.get(4..8), Some(&[0, 3, 0, 0][..]), "{rest:?}");
 }
 
 #[tokio::test]

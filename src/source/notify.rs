@@ -1,0 +1,590 @@
+//! Notify mode: triggers copy every row change of the watched tables into an outbox table and
+//! `pg_notify` a channel; this source reads the outbox, plans the rows and deletes them from the
+//! outbox once Redis confirmed their invalidations. For hosts without logical replication.
+//!
+//! ```text
+//!  INSERT/UPDATE/DELETE/TRUNCATE ─trigger─▶ invalidator.outbox ─(NOTIFY is a hint; poll 1 s)─┐
+//!                                                                                          ▼
+//!   DELETE ... WHERE id = ANY(confirmed ids) ◀── watch<Lsn> ◀── delete loop ◀── Committed{round}
+//! ```
+//!
+//! The outbox is the truth: a row stays until its deletes are confirmed, so a crash re-reads it
+//! (at least once). Outbox ids are assigned before commit, so a smaller id can become visible
+//! after a larger one was read: nothing is ever deleted or skipped by range, only by id. Each
+//! read round is one [`Committed`] whose `end_lsn` is the round's sequence number (rounds are
+//! queued in order, so the delete loop's confirmed position says which rounds are done).
+
+use std::collections::{BTreeSet, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tokio::sync::mpsc;
+
+use crate::change::{Change, Lsn, Op, Row, TableName, Value};
+use crate::config::PostgresConfig;
+use crate::pipeline::{Committed, Links, SourceEnd};
+use crate::rules::{Invalidation, RuleSet};
+use crate::source::connect::ConnectError;
+use crate::source::setup::{
+    Action, SetupError, Sql, missing_tables, qualified, quote_ident, quote_literal,
+};
+use crate::telemetry;
+
+/// The schema that holds the outbox and the trigger function.
+pub const SCHEMA: &str = "invalidator";
+/// The channel the trigger notifies.
+pub const CHANNEL: &str = "invalidator";
+/// The row-level trigger on each watched table.
+pub const ROW_TRIGGER: &str = "invalidator_capture";
+/// The statement-level TRUNCATE trigger on each watched table.
+pub const TRUNCATE_TRIGGER: &str = "invalidator_capture_truncate";
+/// Outbox rows read per round.
+pub const ROUND_ROWS: i64 = 1000;
+/// How often the outbox is read without a notification.
+pub const POLL: Duration = Duration::from_secs(1);
+/// Outbox ids read but not yet deleted past which no further round is read: they are excluded
+/// from each read, and that list must stay short.
+const MAX_HELD: usize = 5 * ROUND_ROWS as usize;
+
+/// The trigger function's body. Row values are stored in Postgres text form (`hstore(record)`
+/// uses each type's output function), SQL NULL as JSON null; `ext` is hstore's schema, quoted.
+fn function_body(ext: &str) -> String {
+    format!(
+        "\nBEGIN\n\
+         \x20 IF TG_LEVEL = 'STATEMENT' THEN\n\
+         \x20   INSERT INTO {SCHEMA}.outbox (table_schema, table_name, op)\n\
+         \x20   VALUES (TG_TABLE_SCHEMA, TG_TABLE_NAME, lower(TG_OP));\n\
+         \x20 ELSIF TG_OP = 'INSERT' THEN\n\
+         \x20   INSERT INTO {SCHEMA}.outbox (table_schema, table_name, op, new)\n\
+         \x20   VALUES (TG_TABLE_SCHEMA, TG_TABLE_NAME, 'insert', {ext}.hstore_to_jsonb({ext}.hstore(NEW)));\n\
+         \x20 ELSIF TG_OP = 'UPDATE' THEN\n\
+         \x20   INSERT INTO {SCHEMA}.outbox (table_schema, table_name, op, old, new)\n\
+         \x20   VALUES (TG_TABLE_SCHEMA, TG_TABLE_NAME, 'update', {ext}.hstore_to_jsonb({ext}.hstore(OLD)), {ext}.hstore_to_jsonb({ext}.hstore(NEW)));\n\
+         \x20 ELSE\n\
+         \x20   INSERT INTO {SCHEMA}.outbox (table_schema, table_name, op, old)\n\
+         \x20   VALUES (TG_TABLE_SCHEMA, TG_TABLE_NAME, 'delete', {ext}.hstore_to_jsonb({ext}.hstore(OLD)));\n\
+         \x20 END IF;\n\
+         \x20 PERFORM pg_notify('{CHANNEL}', '');\n\
+         \x20 RETURN NULL;\n\
+         END\n"
+    )
+}
+
+/// Works out what notify mode is missing: the tables are checked, then the schema, hstore, the
+/// outbox, the trigger function (replaced when its body differs) and each table's two triggers.
+/// Idempotent: once everything is in place the plan is empty.
+pub async fn plan(
+    db: &mut impl Sql,
+    tables: &BTreeSet<TableName>,
+) -> Result<Vec<Action>, SetupError> {
+    let missing = missing_tables(db, tables).await?;
+    if !missing.is_empty() {
+        return Err(SetupError::MissingTables(missing));
+    }
+    let mut actions = Vec::new();
+    let schema = quote_ident(SCHEMA);
+    let has_schema = !db
+        .query(&format!(
+            "SELECT 1 FROM pg_namespace WHERE nspname = {}",
+            quote_literal(SCHEMA)
+        ))
+        .await?
+        .is_empty();
+    if !has_schema {
+        actions.push(Action {
+            why: format!("create schema {SCHEMA} for the outbox"),
+            sql: format!("CREATE SCHEMA IF NOT EXISTS {schema}"),
+        });
+    }
+    let hstore = db
+        .query(
+            "SELECT n.nspname FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace \
+             WHERE e.extname = 'hstore'",
+        )
+        .await?;
+    let ext = match hstore.into_iter().next().and_then(|r| r.into_iter().next()) {
+        Some(Some(ext_schema)) => quote_ident(&ext_schema),
+        _ => {
+            actions.push(Action {
+                why: "create extension hstore (row values in Postgres text form)".to_owned(),
+                sql: format!("CREATE EXTENSION IF NOT EXISTS hstore WITH SCHEMA {schema}"),
+            });
+            schema.clone()
+        }
+    };
+    let outbox = format!("{schema}.outbox");
+    let has_outbox = db
+        .query(&format!(
+            "SELECT to_regclass({}) IS NOT NULL",
+            quote_literal(&outbox)
+        ))
+        .await?;
+    if has_outbox
+        .first()
+        .and_then(|r| r.first().cloned().flatten())
+        != Some("t".to_owned())
+    {
+        actions.push(Action {
+            why: format!("create the outbox table {SCHEMA}.outbox"),
+            sql: format!(
+                "CREATE TABLE IF NOT EXISTS {outbox} (id bigserial PRIMARY KEY, \
+                 table_schema text NOT NULL, table_name text NOT NULL, op text NOT NULL, \
+                 old jsonb, new jsonb, created_at timestamptz NOT NULL DEFAULT now())"
+            ),
+        });
+    }
+    let body = function_body(&ext);
+    let function = format!("{schema}.capture()");
+    let current = db
+        .query(&format!(
+            "SELECT prosrc FROM pg_proc WHERE oid = to_regprocedure({})",
+            quote_literal(&function)
+        ))
+        .await?;
+    if current.first().and_then(|r| r.first().cloned().flatten()) != Some(body.clone()) {
+        actions.push(Action {
+            why: format!("create the trigger function {SCHEMA}.capture()"),
+            // SECURITY DEFINER: writers need no privileges on the outbox.
+            sql: format!(
+                "CREATE OR REPLACE FUNCTION {function} RETURNS trigger LANGUAGE plpgsql \
+                 SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS {}",
+                quote_literal(&body)
+            ),
+        });
+    }
+    for table in tables {
+        let name = qualified(table);
+        let present: BTreeSet<String> = db
+            .query(&format!(
+                "SELECT tgname FROM pg_trigger WHERE tgrelid = to_regclass({}) \
+                 AND tgname IN ({}, {})",
+                quote_literal(&name),
+                quote_literal(ROW_TRIGGER),
+                quote_literal(TRUNCATE_TRIGGER)
+            ))
+            .await?
+            .into_iter()
+            .filter_map(|r| r.into_iter().next().flatten())
+            .collect();
+        if !present.contains(ROW_TRIGGER) {
+            actions.push(Action {
+                why: format!("capture row changes of {table}"),
+                sql: format!(
+                    "CREATE TRIGGER {} AFTER INSERT OR UPDATE OR DELETE ON {name} \
+                     FOR EACH ROW EXECUTE FUNCTION {function}",
+                    quote_ident(ROW_TRIGGER)
+                ),
+            });
+        }
+        if !present.contains(TRUNCATE_TRIGGER) {
+            actions.push(Action {
+                why: format!("capture truncates of {table}"),
+                sql: format!(
+                    "CREATE TRIGGER {} AFTER TRUNCATE ON {name} \
+                     FOR EACH STATEMENT EXECUTE FUNCTION {function}",
+                    quote_ident(TRUNCATE_TRIGGER)
+                ),
+            });
+        }
+    }
+    Ok(actions)
+}
+
+/// An outbox row that cannot be turned into a change.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConvertError {
+    /// The `op` column holds something else than the four operations.
+    #[error("unknown operation {0:?}")]
+    Op(String),
+    /// A row column is not a JSON object.
+    #[error("row is not a JSON object")]
+    NotAnObject,
+    /// A row column is not JSON.
+    #[error("row is not JSON: {0}")]
+    Json(String),
+}
+
+/// Turns a row stored by the trigger (a JSON object of column name to text, or null) into a
+/// [`Row`]: a string is the text form, JSON null is SQL NULL, and a column the object lacks
+/// reads as `Unknown`. Other JSON values (never written by the trigger) keep their JSON text.
+pub fn row_from_json(json: &serde_json::Value) -> Result<Row, ConvertError> {
+    let serde_json::Value::Object(map) = json else {
+        return Err(ConvertError::NotAnObject);
+    };
+    let mut columns = Vec::with_capacity(map.len());
+    let mut values = Vec::with_capacity(map.len());
+    for (column, value) in map {
+        columns.push(column.clone());
+        values.push(match value {
+            serde_json::Value::Null => Value::Null,
+            serde_json::Value::String(s) => Value::Text(s.clone()),
+            other => Value::Text(other.to_string()),
+        });
+    }
+    Ok(Row::new(Arc::from(columns), values))
+}
+
+/// One outbox row as read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxRow {
+    /// The outbox id: what acknowledging deletes.
+    pub id: i64,
+    /// The table that changed.
+    pub table: TableName,
+    /// `insert`, `update`, `delete` or `truncate`.
+    pub op: String,
+    /// The old row as JSON text, if any.
+    pub old: Option<String>,
+    /// The new row as JSON text, if any.
+    pub new: Option<String>,
+    /// When the change was written (its transaction's start), microseconds since the epoch.
+    pub created_us: i64,
+}
+
+impl OutboxRow {
+    /// The change the row records.
+    pub fn change(&self) -> Result<Change, ConvertError> {
+        let op: Op = self
+            .op
+            .parse()
+            .map_err(|_| ConvertError::Op(self.op.clone()))?;
+        let row = |text: &Option<String>| -> Result<Option<Row>, ConvertError> {
+            text.as_deref()
+                .map(|t| {
+                    let json =
+                        serde_json::from_str(t).map_err(|e| ConvertError::Json(e.to_string()))?;
+                    row_from_json(&json)
+                })
+                .transpose()
+        };
+        Ok(Change {
+            table: self.table.clone(),
+            op,
+            old: row(&self.old)?,
+            new: row(&self.new)?,
+            commit_lsn: Lsn(self.id as u64),
+            commit_time_us: self.created_us,
+        })
+    }
+}
+
+/// Why the notify source stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum NotifyError {
+    /// A query failed or the connection broke.
+    #[error(transparent)]
+    Postgres(#[from] SetupError),
+    /// The connection closed.
+    #[error("the notify connection closed")]
+    Closed,
+    /// The connection could not be opened (URL, TLS, server).
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+}
+
+impl NotifyError {
+    /// Whether reconnecting can help.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            NotifyError::Postgres(e) => e.is_transient(),
+            NotifyError::Closed => true,
+            NotifyError::Connect(e) => e.is_transient(),
+        }
+    }
+}
+
+impl From<tokio_postgres::Error> for NotifyError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        NotifyError::Postgres(SetupError::Postgres(e))
+    }
+}
+
+/// What the notify source keeps across reconnects: the rounds the delete loop still holds and the
+/// ids confirmed but not yet deleted from the outbox.
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Rounds handed out and not yet confirmed: sequence number and outbox ids, in order.
+    in_flight: VecDeque<(Lsn, Vec<i64>)>,
+    /// A planned round the queue had no room for yet (its ids are in `in_flight`).
+    pending: Option<Committed>,
+    /// Outbox ids whose deletes Redis confirmed, to delete from the outbox.
+    done: Vec<i64>,
+    /// Sequence number of the last round read.
+    last_round: u64,
+}
+
+impl Progress {
+    /// Moves the rounds up to `confirmed` to `done`.
+    fn confirm(&mut self, confirmed: Lsn) {
+        while self
+            .in_flight
+            .front()
+            .is_some_and(|(seq, _)| *seq <= confirmed)
+        {
+            if let Some((_, ids)) = self.in_flight.pop_front() {
+                self.done.extend(ids);
+            }
+        }
+    }
+
+    /// Every id read and still in the outbox: never read again while held.
+    fn held(&self) -> Vec<i64> {
+        self.in_flight
+            .iter()
+            .flat_map(|(_, ids)| ids.iter().copied())
+            .chain(self.done.iter().copied())
+            .collect()
+    }
+
+    /// How many ids are held.
+    fn held_len(&self) -> usize {
+        self.in_flight
+            .iter()
+            .map(|(_, ids)| ids.len())
+            .sum::<usize>()
+            + self.done.len()
+    }
+}
+
+/// Connects an ordinary session (TLS as `sslmode` says) and spawns its driver, which forwards
+/// every notification as a hint; the receiver closes when the connection ends.
+pub async fn connect(
+    postgres: &PostgresConfig,
+) -> Result<(tokio_postgres::Client, mpsc::UnboundedReceiver<()>), NotifyError> {
+    let (client, mut connection) = crate::source::connect::open(postgres).await?;
+    let (hint_tx, hint_rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(message) = messages.next().await {
+            match message {
+                Ok(tokio_postgres::AsyncMessage::Notification(_)) => {
+                    let _ = hint_tx.send(());
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "notify connection failed");
+                    break;
+                }
+            }
+        }
+    });
+    Ok((client, hint_rx))
+}
+
+/// Reads the outbox, queues each round and deletes confirmed rows from it, until the delete loop
+/// stops (shutdown: the last confirmed rows are deleted first) or the connection fails. `LISTEN`
+/// must have been issued on `client`.
+pub async fn stream(
+    client: &tokio_postgres::Client,
+    hints: &mut mpsc::UnboundedReceiver<()>,
+    rules: &RuleSet,
+    links: &mut Links,
+    progress: &mut Progress,
+) -> Result<SourceEnd, NotifyError> {
+    // Confirmations that arrived while disconnected.
+    progress.confirm(*links.confirmed.borrow());
+    acknowledge(client, progress).await?;
+    let queue = links.queue.clone();
+    let mut poll = tokio::time::interval(POLL);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut read_now = true;
+    loop {
+        let reading = progress.pending.is_none()
+            && progress.held_len() < MAX_HELD
+            && !links.cancel.is_cancelled();
+        tokio::select! {
+            biased;
+            // Acknowledge first: it is what keeps the outbox short.
+            changed = links.confirmed.changed() => {
+                progress.confirm(*links.confirmed.borrow());
+                acknowledge(client, progress).await?;
+                if changed.is_err() {
+                    // The delete loop has stopped (shutdown): that was the last confirmation.
+                    return Ok(SourceEnd::DeleterStopped);
+                }
+            }
+            permit = queue.reserve(), if progress.pending.is_some() => {
+                let Ok(permit) = permit else { return Ok(SourceEnd::DeleterStopped) };
+                if let Some(round) = progress.pending.take() {
+                    links.last_queued = links.last_queued.max(round.end_lsn);
+                    permit.send(round);
+                }
+            }
+            () = std::future::ready(()), if reading && read_now => {
+                // A full round means a backlog: read the next one straight away.
+                read_now = read_round(client, rules, progress).await?;
+            }
+            hint = hints.recv(), if reading => {
+                if hint.is_none() {
+                    return Err(NotifyError::Closed);
+                }
+                while hints.try_recv().is_ok() {}
+                read_now = true;
+            }
+            _ = poll.tick(), if reading => read_now = true,
+        }
+    }
+}
+
+/// Deletes the confirmed ids from the outbox.
+async fn acknowledge(
+    client: &tokio_postgres::Client,
+    progress: &mut Progress,
+) -> Result<(), NotifyError> {
+    if progress.done.is_empty() {
+        return Ok(());
+    }
+    client
+        .execute(
+            "DELETE FROM invalidator.outbox WHERE id = ANY($1)",
+            &[&progress.done],
+        )
+        .await?;
+    progress.done.clear();
+    Ok(())
+}
+
+/// Reads one round of outbox rows not held already and plans it into `progress.pending`;
+/// returns whether the round was full.
+async fn read_round(
+    client: &tokio_postgres::Client,
+    rules: &RuleSet,
+    progress: &mut Progress,
+) -> Result<bool, NotifyError> {
+    let held = progress.held();
+    let rows = client
+        .query(
+            "SELECT id, table_schema, table_name, op, old::text, new::text, \
+             (extract(epoch FROM created_at) * 1000000)::bigint \
+             FROM invalidator.outbox WHERE id <> ALL($1) ORDER BY id LIMIT $2",
+            &[&held, &ROUND_ROWS],
+        )
+        .await?;
+    if rows.is_empty() {
+        return Ok(false);
+    }
+    let full = rows.len() as i64 >= ROUND_ROWS;
+    let mut inv = Invalidation::default();
+    let mut ids = Vec::with_capacity(rows.len());
+    let mut first_time = i64::MAX;
+    for row in rows {
+        let outbox = OutboxRow {
+            id: row.try_get(0)?,
+            table: TableName::new(row.try_get::<_, String>(1)?, row.try_get::<_, String>(2)?),
+            op: row.try_get(3)?,
+            old: row.try_get(4)?,
+            new: row.try_get(5)?,
+            created_us: row.try_get(6)?,
+        };
+        ids.push(outbox.id);
+        first_time = first_time.min(outbox.created_us);
+        match outbox.change() {
+            Ok(change) => {
+                metrics::counter!(
+                    telemetry::CHANGES_TOTAL,
+                    "table" => change.table.to_string(),
+                    "op" => change.op.as_str()
+                )
+                .increment(1);
+                rules.plan(&change, &mut inv);
+            }
+            Err(e) => {
+                // Never skip: whatever the row was, every key its table's rules make goes.
+                tracing::warn!(id = outbox.id, table = %outbox.table, error = %e,
+                    "unreadable outbox row; invalidating every pattern of its table's rules");
+                inv.merge(rules.everything_for(&outbox.table));
+            }
+        }
+    }
+    progress.last_round += 1;
+    let round = Lsn(progress.last_round);
+    progress.in_flight.push_back((round, ids));
+    // Even a round with nothing to delete is queued: its confirmation acknowledges its rows.
+    progress.pending = Some(Committed {
+        end_lsn: round,
+        commit_time_us: first_time,
+        inv,
+    });
+    Ok(full)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn json_strings_are_text_null_is_null_and_absent_is_unknown() {
+        let row = row_from_json(&json!({"id": "7", "name": "*", "gone": null, "empty": ""}))
+            .expect("an object");
+        assert_eq!(row.get("id"), &Value::Text("7".into()));
+        assert_eq!(row.get("name"), &Value::Text("*".into()));
+        assert_eq!(row.get("gone"), &Value::Null);
+        assert_eq!(row.get("empty"), &Value::Text(String::new()));
+        assert_eq!(row.get("missing"), &Value::Unknown);
+        // Not written by the trigger, but never dropped: the JSON text stands in.
+        let odd = row_from_json(&json!({"n": 1, "b": true})).expect("an object");
+        assert_eq!(odd.get("n"), &Value::Text("1".into()));
+        assert_eq!(odd.get("b"), &Value::Text("true".into()));
+    }
+
+    #[test]
+    fn a_row_that_is_not_an_object_is_an_error() {
+        assert_eq!(row_from_json(&json!(["1"])), Err(ConvertError::NotAnObject));
+        assert_eq!(row_from_json(&json!("x")), Err(ConvertError::NotAnObject));
+    }
+
+    fn outbox(op: &str, old: Option<&str>, new: Option<&str>) -> OutboxRow {
+        OutboxRow {
+            id: 42,
+            table: TableName::new("public", "items"),
+            op: op.to_owned(),
+            old: old.map(str::to_owned),
+            new: new.map(str::to_owned),
+            created_us: 5,
+        }
+    }
+
+    #[test]
+    fn outbox_rows_become_changes() {
+        let update = outbox("update", Some(r#"{"id": "1"}"#), Some(r#"{"id": "2"}"#))
+            .change()
+            .expect("converts");
+        assert_eq!(update.op, Op::Update);
+        assert_eq!(update.old.unwrap().get("id"), &Value::Text("1".into()));
+        assert_eq!(update.new.unwrap().get("id"), &Value::Text("2".into()));
+        assert_eq!(update.commit_lsn, Lsn(42));
+
+        let truncate = outbox("truncate", None, None).change().expect("converts");
+        assert_eq!(
+            (truncate.op, truncate.old, truncate.new),
+            (Op::Truncate, None, None)
+        );
+
+        assert_eq!(
+            outbox("merge", None, None).change(),
+            Err(ConvertError::Op("merge".into()))
+        );
+        assert!(matches!(
+            outbox("insert", None, Some("{")).change(),
+            Err(ConvertError::Json(_))
+        ));
+    }
+
+    #[test]
+    fn confirmation_releases_whole_rounds_in_order() {
+        let mut progress = Progress::default();
+        progress.in_flight.push_back((Lsn(1), vec![5, 3]));
+        progress.in_flight.push_back((Lsn(2), vec![4]));
+        progress.confirm(Lsn(0));
+        assert!(progress.done.is_empty());
+        assert_eq!(progress.held(), vec![5, 3, 4]);
+        progress.confirm(Lsn(1));
+        assert_eq!(progress.done, vec![5, 3]);
+        assert_eq!(progress.held_len(), 3);
+        progress.confirm(Lsn(2));
+        assert_eq!(progress.done, vec![5, 3, 4]);
+        assert!(progress.in_flight.is_empty());
+    }
+}
