@@ -58,11 +58,8 @@ pub fn barrier(f: &Fixture) {
     f.wait_deleted(&[&format!("sentinel:{id}")]);
 }
 
-#[test]
-fn insert_update_delete_and_truncate_delete_their_keys() {
-    let f = fixture();
-    let _sidecar = f.setup.start();
-
+/// An insert deletes the keys of the new row; an update those of the old and the new row.
+pub fn insert_then_update_invalidate(f: &Fixture) {
     f.cache(&[
         "item:1",
         "items:category:cars",
@@ -76,6 +73,14 @@ fn insert_update_delete_and_truncate_delete_their_keys() {
     f.cache(&["item:1", "items:category:cars", "items:category:boats"]);
     f.sql("UPDATE items SET category = 'boats' WHERE id = 1");
     f.wait_deleted(&["item:1", "items:category:cars", "items:category:boats"]);
+}
+
+#[test]
+fn insert_update_delete_and_truncate_delete_their_keys() {
+    let f = fixture();
+    let _sidecar = f.setup.start();
+
+    insert_then_update_invalidate(&f);
 
     f.cache(&["item:1", "items:category:boats"]);
     f.sql("DELETE FROM items WHERE id = 1");

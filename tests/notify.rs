@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::e2e::{RULES, SCHEMA, barrier};
+use crate::e2e::{RULES, SCHEMA, barrier, insert_then_update_invalidate};
 use crate::sidecar::Fixture;
 use crate::support::wait_until;
 
@@ -36,19 +36,7 @@ fn notify_mode_insert_update_delete_and_truncate_delete_their_keys() {
     let f = fixture();
     let _sidecar = f.setup.start();
 
-    f.cache(&[
-        "item:1",
-        "items:category:cars",
-        "items:name:alpha:page1",
-        "item:2",
-    ]);
-    f.sql("INSERT INTO items VALUES (1, 'alpha', 'cars', 10)");
-    f.wait_deleted(&["item:1", "items:category:cars", "items:name:alpha:page1"]);
-    f.assert_kept(&["item:2"]);
-
-    f.cache(&["item:1", "items:category:cars", "items:category:boats"]);
-    f.sql("UPDATE items SET category = 'boats' WHERE id = 1");
-    f.wait_deleted(&["item:1", "items:category:cars", "items:category:boats"]);
+    insert_then_update_invalidate(&f);
 
     // Triggers see the whole old row, whatever the replica identity.
     f.sql("INSERT INTO plain VALUES (1, 'bob'), (2, 'alice')");
