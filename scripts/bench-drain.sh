@@ -19,30 +19,19 @@ psql -X -q -h 127.0.0.1 -p "$pg_port" -U postgres -c 'CREATE DATABASE bench'
 psql_ -c "CREATE TABLE items (id int PRIMARY KEY, v int NOT NULL, name text NOT NULL);
           ALTER TABLE items REPLICA IDENTITY FULL;
           INSERT INTO items SELECT i, 0, 'item ' || i FROM generate_series(1, $rows) i;
-          CREATE PUBLICATION bench FOR TABLE items;"
+          CREATE PUBLICATION bench_invalidator FOR TABLE items;"
 mkdir -p "$work/rules"
 cat >"$work/rules/items.toml" <<'TOML'
 [[rule]]
 table = "items"
 keys = ["item:{id}", "item:{id}:detail"]
 TOML
-cat >"$work/invalidator.toml" <<TOML
-[postgres]
-url = "postgres://postgres@127.0.0.1:$pg_port/bench"
-slot = "bench_invalidator"
-publication = "bench"
-[redis]
-url = "redis://127.0.0.1:$redis_port/0"
-[http]
-listen = "127.0.0.1:$http_port"
-[log]
-level = "warn"
-TOML
+bench_config bench bench_invalidator "$http_port" >"$work/invalidator.toml"
 
 drain_recvlogical() {
   local t0; t0=$(now)
   pg_recvlogical -h 127.0.0.1 -p "$pg_port" -U postgres -d bench --slot bench_recvlogical --start \
-    -o proto_version=1 -o publication_names=bench --endpos "$end_lsn" --no-loop -f /dev/null
+    -o proto_version=1 -o publication_names=bench_invalidator --endpos "$end_lsn" --no-loop -f /dev/null
   echo "$(now) - $t0" | bc
 }
 drain_invalidator() {

@@ -34,18 +34,7 @@ measure() {
   runs=$((runs + 1))
   slot=bench_memory_$runs
   {
-    cat <<TOML
-[postgres]
-url = "postgres://postgres@127.0.0.1:$pg_port/bench"
-slot = "$slot"
-publication = "$slot"
-[redis]
-url = "redis://127.0.0.1:$redis_port/0"
-[http]
-listen = "127.0.0.1:$http_port"
-[log]
-level = "warn"
-TOML
+    bench_config bench "$slot" "$http_port"
     if [ "$limit" != default ]; then printf '[pipeline]\nmax_transaction_keys = %s\n' "$limit"; fi
   } >"$work/invalidator.toml"
   psql_ -c "TRUNCATE items"

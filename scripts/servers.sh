@@ -32,3 +32,20 @@ as_pg "$bindir/pg_ctl" -D "$work/pg" -l "$work/pg/log" -w start -o \
   "-p $pg_port -c listen_addresses=127.0.0.1 -c unix_socket_directories=$work/pg -c wal_level=logical -c fsync=off" >/dev/null
 redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no --daemonize yes \
   --dir "$work" --logfile "$work/redis.log" >/dev/null
+
+# Prints an invalidator configuration for database $1, slot and publication $2, HTTP port $3,
+# against the private servers.
+bench_config() {
+  cat <<TOML
+[postgres]
+url = "postgres://postgres@127.0.0.1:$pg_port/$1"
+slot = "$2"
+publication = "$2"
+[redis]
+url = "redis://127.0.0.1:$redis_port/0"
+[http]
+listen = "127.0.0.1:$3"
+[log]
+level = "warn"
+TOML
+}
