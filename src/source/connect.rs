@@ -289,6 +289,9 @@ fn tls_failure(host: &str, err: io::Error) -> TlsError {
     }
 }
 
+/// How long a TCP connect may take when the URL sets no `connect_timeout`.
+pub(crate) const DEFAULT_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Connects an ordinary session as `postgres` says (URL, sslmode, CA) and spawns its driver, which
 /// logs how the connection ended.
 pub async fn connect(postgres: &PostgresConfig) -> Result<tokio_postgres::Client, ConnectError> {
@@ -313,10 +316,14 @@ pub async fn open(
     ConnectError,
 > {
     let url = || redact(&postgres.url);
-    let config: tokio_postgres::Config = postgres
+    let mut config: tokio_postgres::Config = postgres
         .url
         .parse()
         .map_err(|source| ConnectError::Url { url: url(), source })?;
+    if config.get_connect_timeout().is_none() {
+        // A server that never answers should fail the attempt, not hold it for the OS timeout.
+        config.connect_timeout(DEFAULT_CONNECT_TIMEOUT);
+    }
     let tls = MakeRustls::new(&config, postgres.ca_file.as_deref())?;
     config.connect(tls).await.map_err(|source| {
         // Our own TLS error is inside tokio-postgres's; surface it so it is classified right.

@@ -38,7 +38,9 @@ use tokio::net::TcpStream;
 use tokio_postgres::config::{ChannelBinding, Host, SslMode, SslNegotiation};
 
 use crate::change::Lsn;
-use crate::source::connect::{TlsError, client_config, handshake, verifies};
+use crate::source::connect::{
+    DEFAULT_CONNECT_TIMEOUT, TlsError, client_config, handshake, verifies,
+};
 use conn::{Backend, Connection, Socket, log_notice, server_error, unexpected};
 pub use error::ReplicationError;
 
@@ -116,18 +118,20 @@ impl ReplicationClient {
         application_name: &str,
         ca_file: Option<&Path>,
     ) -> Result<ReplicationClient, ReplicationError> {
-        let connecting = connect(config, application_name, ca_file);
-        match config.get_connect_timeout() {
-            Some(timeout) => tokio::time::timeout(*timeout, connecting)
-                .await
-                .map_err(|_| {
-                    ReplicationError::Io(std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        "connecting to postgres timed out",
-                    ))
-                })?,
-            None => connecting.await,
-        }
+        // Without a bound, a server that never answers (a network cut) would hold the
+        // reconnect loop, and a shutdown, for the operating system's TCP timeout.
+        let limit = config
+            .get_connect_timeout()
+            .copied()
+            .unwrap_or(DEFAULT_CONNECT_TIMEOUT);
+        tokio::time::timeout(limit, connect(config, application_name, ca_file))
+            .await
+            .map_err(|_| {
+                ReplicationError::Io(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("connecting to postgres timed out after {limit:?}"),
+                ))
+            })?
     }
 
     /// A server parameter reported at startup or since, e.g. `server_version`.
