@@ -20,12 +20,7 @@ psql_ -c "CREATE TABLE items (id int PRIMARY KEY, v int NOT NULL, name text NOT 
           ALTER TABLE items REPLICA IDENTITY FULL;
           INSERT INTO items SELECT i, 0, 'item ' || i FROM generate_series(1, $rows) i;
           CREATE PUBLICATION bench_invalidator FOR TABLE items;"
-mkdir -p "$work/rules"
-cat >"$work/rules/items.toml" <<'TOML'
-[[rule]]
-table = "items"
-keys = ["item:{id}", "item:{id}:detail"]
-TOML
+bench_rules
 bench_config bench bench_invalidator "$http_port" >"$work/invalidator.toml"
 
 drain_recvlogical() {

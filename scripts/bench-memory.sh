@@ -19,12 +19,7 @@ redis_() { redis-cli -p "$redis_port" "$@"; }
 now() { date +%s.%N; }
 psql -X -q -h 127.0.0.1 -p "$pg_port" -U postgres -c 'CREATE DATABASE bench'
 psql_ -c "CREATE TABLE items (id int PRIMARY KEY, v int NOT NULL)"
-mkdir -p "$work/rules"
-cat >"$work/rules/items.toml" <<'TOML'
-[[rule]]
-table = "items"
-keys = ["item:{id}", "item:{id}:detail"]
-TOML
+bench_rules
 
 # One run: $1 is max_transaction_keys, or "default".
 measure() {

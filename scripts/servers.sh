@@ -49,3 +49,13 @@ listen = "127.0.0.1:$3"
 level = "warn"
 TOML
 }
+
+# Writes the benchmarks' rules beside their configuration: two keys per row of table items.
+bench_rules() {
+  mkdir -p "$work/rules"
+  cat >"$work/rules/items.toml" <<'TOML'
+[[rule]]
+table = "items"
+keys = ["item:{id}", "item:{id}:detail"]
+TOML
+}
