@@ -23,10 +23,11 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
+use futures_util::FutureExt;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::change::{Change, Lsn, TableName};
+use crate::change::{Change, Lsn, Op, TableName};
 use crate::config::PipelineConfig;
 use crate::pgoutput::{DecodeError, Decoder, Event};
 use crate::redis::DeleteStats;
@@ -135,6 +136,31 @@ struct SourceState {
     pending: Option<Committed>,
     /// Distinct keys and patterns past which a transaction falls back to its tables' patterns.
     max_transaction_keys: usize,
+    /// The `changes_total` series met so far.
+    counters: ChangeCounters,
+}
+
+/// Handles on the `changes_total{table, op}` series, so counting a change costs a short search
+/// rather than building label strings and looking them up in the registry.
+#[derive(Default)]
+struct ChangeCounters(Vec<(TableName, Op, metrics::Counter)>);
+
+impl ChangeCounters {
+    /// Counts one change of `op` to `table`.
+    fn count(&mut self, table: &TableName, op: Op) {
+        let found = self.0.iter().find(|(t, o, _)| *o == op && t == table);
+        if let Some((_, _, counter)) = found {
+            counter.increment(1);
+            return;
+        }
+        let counter = metrics::counter!(
+            telemetry::CHANGES_TOTAL,
+            "table" => table.to_string(),
+            "op" => op.as_str()
+        );
+        counter.increment(1);
+        self.0.push((table.clone(), op, counter));
+    }
 }
 
 /// A transaction being read: its invalidations so far, and what a fallback needs.
@@ -231,6 +257,7 @@ pub async fn run_source<S: WalStream>(
         open: None,
         pending: None,
         max_transaction_keys: settings.max_transaction_keys,
+        counters: ChangeCounters::default(),
     };
     // A handle of our own, so a reserved permit does not hold a borrow of `links`.
     let queue = links.queue.clone();
@@ -261,26 +288,59 @@ pub async fn run_source<S: WalStream>(
                 }
             }
             message = stream.next(), if reading => {
-                match message? {
-                    None => return Ok(SourceEnd::StreamEnded),
-                    Some(ReplicationMessage::XLogData { wal_start, data, .. }) => {
-                        apply(decoder, rules, &mut state, &data).map_err(|source| {
-                            metrics::counter!(telemetry::ERRORS_TOTAL, "kind" => "decode")
-                                .increment(1);
-                            SourceError::Decode { lsn: wal_start, source }
-                        })?;
+                let Some(message) = message? else { return Ok(SourceEnd::StreamEnded) };
+                receive(stream, decoder, rules, &mut state, links, message).await?;
+                // Take what has already arrived before going back to `select!`: a backlog is
+                // then read in large buffered reads without a wake-up per message. Bounded, so
+                // acknowledgements and status updates are never held for long.
+                for _ in 1..BURST {
+                    if state.pending.is_some() || links.cancel.is_cancelled() {
+                        break;
                     }
-                    Some(ReplicationMessage::Keepalive { wal_end, reply_requested, .. }) => {
-                        let confirmed = *links.confirmed.borrow();
-                        let flush = idle_flush(&state, links, confirmed, wal_end);
-                        metrics::gauge!(telemetry::REPLICATION_LAG_BYTES)
-                            .set(wal_end.0.saturating_sub(flush.0) as f64);
-                        if reply_requested || flush > links.reported {
-                            report(stream, links, flush).await?;
-                        }
-                    }
+                    let Some(message) = stream.next().now_or_never() else { break };
+                    let Some(message) = message? else { return Ok(SourceEnd::StreamEnded) };
+                    receive(stream, decoder, rules, &mut state, links, message).await?;
                 }
             }
+        }
+    }
+}
+
+/// Messages handled per wake-up of the source loop at most, when more are already buffered.
+const BURST: usize = 1024;
+
+/// Handles one message from the server: plans WAL data, answers keepalives.
+async fn receive<S: WalStream>(
+    stream: &mut S,
+    decoder: &mut Decoder,
+    rules: &RuleSet,
+    state: &mut SourceState,
+    links: &mut Links,
+    message: ReplicationMessage,
+) -> Result<(), SourceError> {
+    match message {
+        ReplicationMessage::XLogData {
+            wal_start, data, ..
+        } => apply(decoder, rules, state, &data).map_err(|source| {
+            metrics::counter!(telemetry::ERRORS_TOTAL, "kind" => "decode").increment(1);
+            SourceError::Decode {
+                lsn: wal_start,
+                source,
+            }
+        }),
+        ReplicationMessage::Keepalive {
+            wal_end,
+            reply_requested,
+            ..
+        } => {
+            let confirmed = *links.confirmed.borrow();
+            let flush = idle_flush(state, links, confirmed, wal_end);
+            metrics::gauge!(telemetry::REPLICATION_LAG_BYTES)
+                .set(wal_end.0.saturating_sub(flush.0) as f64);
+            if reply_requested || flush > links.reported {
+                report(stream, links, flush).await?;
+            }
+            Ok(())
         }
     }
 }
@@ -330,12 +390,7 @@ fn apply(
             });
         }
         Event::Change(change) => {
-            metrics::counter!(
-                telemetry::CHANGES_TOTAL,
-                "table" => change.table.to_string(),
-                "op" => change.op.as_str()
-            )
-            .increment(1);
+            state.counters.count(&change.table, change.op);
             if let Some(open) = state.open.as_mut() {
                 open.plan(rules, &change, state.max_transaction_keys);
             }
@@ -382,13 +437,13 @@ pub async fn run_deleter<K: Sink>(
         };
         // Latency first: the batch is what is already waiting, never a wait for more.
         let mut batch = first;
-        let mut commit_times = vec![batch.commit_time_us];
+        let mut commits = vec![(batch.end_lsn, batch.commit_time_us)];
         while batch.inv.len() < max_batch_keys {
             match queue.try_recv() {
                 Ok(next) => {
                     batch.inv.merge(next.inv);
                     batch.end_lsn = batch.end_lsn.max(next.end_lsn);
-                    commit_times.push(next.commit_time_us);
+                    commits.push((next.end_lsn, next.commit_time_us));
                 }
                 Err(_) => break,
             }
@@ -396,12 +451,6 @@ pub async fn run_deleter<K: Sink>(
         if !delete_with_retry(&mut sink, &batch.inv, &health, &cancel).await? {
             return Ok(());
         }
-        let now = unix_micros();
-        for t in &commit_times {
-            let seconds = (now - t).max(0) as f64 / 1e6;
-            metrics::histogram!(telemetry::COMMIT_TO_DELETE_SECONDS).record(seconds);
-        }
-        metrics::counter!(telemetry::TRANSACTIONS_TOTAL).increment(commit_times.len() as u64);
         confirmed.send_if_modified(|c| {
             let advance = batch.end_lsn > *c;
             if advance {
@@ -409,6 +458,14 @@ pub async fn run_deleter<K: Sink>(
             }
             advance
         });
+        // After the acknowledgement is on its way, so measuring never delays it.
+        let now = unix_micros();
+        for &(lsn, commit_time_us) in &commits {
+            let delay_us = (now - commit_time_us).max(0);
+            metrics::histogram!(telemetry::COMMIT_TO_DELETE_SECONDS).record(delay_us as f64 / 1e6);
+            tracing::debug!(%lsn, commit_to_confirmed_us = delay_us, "transaction confirmed");
+        }
+        metrics::counter!(telemetry::TRANSACTIONS_TOTAL).increment(commits.len() as u64);
     }
 }
 
@@ -430,6 +487,7 @@ async fn delete_with_retry<K: Sink>(
                 health.set_redis(None);
                 metrics::counter!(telemetry::KEYS_DELETED_TOTAL).increment(stats.keys_deleted);
                 metrics::counter!(telemetry::PATTERNS_TOTAL).increment(stats.patterns_scanned);
+                metrics::counter!(telemetry::SCAN_CALLS_TOTAL).increment(stats.scan_calls);
                 return Ok(true);
             }
             Err(e) if K::is_transient(&e) => {

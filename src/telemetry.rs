@@ -16,6 +16,8 @@ pub const CHANGES_TOTAL: &str = "invalidator_changes_total";
 pub const KEYS_DELETED_TOTAL: &str = "invalidator_keys_deleted_total";
 /// Patterns resolved with `SCAN`.
 pub const PATTERNS_TOTAL: &str = "invalidator_patterns_total";
+/// `SCAN` commands sent: the cost of resolving patterns (a pass over N keys takes N/1000).
+pub const SCAN_CALLS_TOTAL: &str = "invalidator_scan_calls_total";
 /// Errors, labelled `kind` (`redis`, `postgres`, `decode`).
 pub const ERRORS_TOTAL: &str = "invalidator_errors_total";
 /// Times the replication slot was found lost or dropped and every rule's keys were deleted.
@@ -71,6 +73,7 @@ pub fn install_metrics() -> PrometheusHandle {
             // Series that exist from the start, so dashboards and alerts see zeros, not gaps.
             metrics::counter!(KEYS_DELETED_TOTAL).absolute(0);
             metrics::counter!(PATTERNS_TOTAL).absolute(0);
+            metrics::counter!(SCAN_CALLS_TOTAL).absolute(0);
             metrics::counter!(TRANSACTIONS_TOTAL).absolute(0);
             metrics::counter!(TRANSACTION_FALLBACKS_TOTAL).absolute(0);
             metrics::counter!(SLOT_RESETS_TOTAL).absolute(0);

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 /// Keys per UNLINK: large enough to amortise a round trip, small enough that one command never
 /// blocks the server noticeably.
-const KEYS_PER_UNLINK: usize = 1000;
+pub(super) const KEYS_PER_UNLINK: usize = 1000;
 
 /// UNLINK commands sent per round trip (pipelined, or concurrently in a cluster).
 const UNLINKS_PER_ROUND: usize = 8;

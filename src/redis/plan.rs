@@ -49,11 +49,10 @@ impl ScanPass {
 /// The client-side filter of a shared pass: any of several patterns.
 #[derive(Clone, Debug)]
 struct KeyFilter {
-    /// Literal prefixes of the `prefix*` patterns, looked up by hash rather than matched one by
-    /// one, so hundreds of `entity:{id}:*` patterns cost a few lookups per key.
-    prefixes: HashSet<Vec<u8>>,
-    /// The length of the longest entry of `prefixes`.
-    longest_prefix: usize,
+    /// Literal prefixes of the `prefix*` patterns, sorted, none a prefix of another (see
+    /// [`prefix_free`]), so the only one that can begin a key is the greatest one not above it: a
+    /// binary search, whatever the number of patterns.
+    prefixes: Vec<Vec<u8>>,
     /// The other patterns, matched one by one.
     globs: Vec<Vec<u8>>,
     /// The matcher for `globs`.
@@ -63,10 +62,29 @@ struct KeyFilter {
 impl KeyFilter {
     /// Whether `key` matches any of the patterns.
     fn matches(&self, key: &[u8]) -> bool {
-        let longest = self.longest_prefix.min(key.len());
-        (0..=longest).any(|len| self.prefixes.contains(&key[..len]))
+        let below = self
+            .prefixes
+            .partition_point(|prefix| prefix.as_slice() <= key);
+        below
+            .checked_sub(1)
+            .is_some_and(|i| key.starts_with(&self.prefixes[i]))
             || self.globs.iter().any(|glob| (self.matcher)(glob, key))
     }
+}
+
+/// Sorts `prefixes` and drops every one that another begins: the shorter covers the longer.
+///
+/// In a prefix-free sorted list, a prefix `P` of a key `K` is the greatest entry `<= K`: any `Q`
+/// with `P < Q <= K` would have to begin with `P`.
+fn prefix_free(mut prefixes: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
+    prefixes.sort_unstable();
+    let mut kept: Vec<Vec<u8>> = Vec::with_capacity(prefixes.len());
+    for prefix in prefixes {
+        if !kept.last().is_some_and(|last| prefix.starts_with(last)) {
+            kept.push(prefix);
+        }
+    }
+    kept
 }
 
 /// Returns the patterns left once every pattern that a wider `prefix*` pattern of the set covers
@@ -105,23 +123,18 @@ pub fn passes(patterns: &[&str], matcher: GlobMatcher) -> Vec<ScanPass> {
     // Every pattern begins with `common` literally, so `common*` returns a superset of the
     // matches; an empty prefix would make MATCH `*`, which only costs comparisons.
     let match_arg = (!common.is_empty()).then(|| [common, b"*"].concat());
-    let mut prefixes = HashSet::new();
+    let mut prefixes = Vec::new();
     let mut globs = Vec::new();
     for pattern in patterns {
         match prefix_wildcard(pattern.as_bytes()) {
-            Some(prefix) => prefixes.insert(prefix.to_vec()),
-            None => {
-                globs.push(pattern.as_bytes().to_vec());
-                true
-            }
-        };
+            Some(prefix) => prefixes.push(prefix.to_vec()),
+            None => globs.push(pattern.as_bytes().to_vec()),
+        }
     }
-    let longest_prefix = prefixes.iter().map(Vec::len).max().unwrap_or(0);
     vec![ScanPass {
         match_arg,
         filter: Some(KeyFilter {
-            prefixes,
-            longest_prefix,
+            prefixes: prefix_free(prefixes),
             globs,
             matcher,
         }),
@@ -235,6 +248,35 @@ mod tests {
         assert!(passes[0].wants(b"car:99:x"));
         assert!(!passes[0].wants(b"car:99:y"));
         assert!(!passes[0].wants(b"car:"));
+    }
+
+    #[test]
+    fn the_prefix_index_finds_the_one_prefix_that_begins_a_key() {
+        let mut patterns: Vec<String> = (0..200).map(|i| format!("slots:{i}:*")).collect();
+        // Not coalesced on purpose: the index must cope with prefixes that begin others.
+        patterns.extend(["slots:1*".to_owned(), "s*".to_owned(), "t:x*".to_owned()]);
+        let refs: Vec<&str> = patterns.iter().map(String::as_str).collect();
+        let pass = &passes(&refs, star_only)[0];
+        for key in [
+            &b"slots:150:2026"[..],
+            b"slots:1",
+            b"sx",
+            b"s",
+            b"t:x",
+            b"t:xyz",
+        ] {
+            assert!(pass.wants(key), "{}", String::from_utf8_lossy(key));
+        }
+        for key in [&b"t:"[..], b"t:y", b"", b"a", b"u"] {
+            assert!(!pass.wants(key), "{}", String::from_utf8_lossy(key));
+        }
+    }
+
+    #[test]
+    fn prefix_free_keeps_the_shortest_of_each_chain() {
+        let prefixes = ["ab", "a", "abc", "b", "ba", "c:1:", "c:10:"];
+        let kept = prefix_free(prefixes.iter().map(|p| p.as_bytes().to_vec()).collect());
+        assert_eq!(kept, [&b"a"[..], b"b", b"c:10:", b"c:1:"]);
     }
 
     #[test]
