@@ -232,6 +232,82 @@ async fn many_patterns_share_one_pass_and_delete_exactly_what_redis_matches() {
     );
 }
 
+/// A small deterministic generator (xorshift64*), so a failing round can be replayed.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        (self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 33) as usize % n
+    }
+
+    /// A string of `1..=max` bytes from `alphabet`.
+    fn text(&mut self, alphabet: &[u8], max: usize) -> Vec<u8> {
+        let len = 1 + self.below(max);
+        (0..len)
+            .map(|_| alphabet[self.below(alphabet.len())])
+            .collect()
+    }
+}
+
+#[tokio::test]
+async fn the_shared_pass_deletes_exactly_what_one_pass_per_pattern_deletes() {
+    // Two servers with the same keys: one resolves every pattern of a batch in one shared pass,
+    // the other gets the patterns one at a time (a SCAN MATCH pass each, Redis's own matching).
+    let shared = RedisServer::start();
+    let per_pattern = RedisServer::start();
+    // Glob bytes in keys and patterns, and `slots:{n}:` prefixes like the rules render.
+    let alphabet = b"ab:*?[]^-\\0123";
+    for seed in 1..=4u64 {
+        let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let mut keys: Vec<Vec<u8>> = (0..3_000)
+            .map(|i| format!("slots:{}:{i}", rng.below(300)).into_bytes())
+            .collect();
+        // Keys equal to a pattern's literal prefix, the edge of a prefix lookup.
+        keys.extend((0..100).map(|_| format!("slots:{}:", rng.below(300)).into_bytes()));
+        keys.extend((0..2_000).map(|_| rng.text(alphabet, 8)));
+        for server in [&shared, &per_pattern] {
+            server.set_keys(&keys);
+        }
+        let mut patterns: HashSet<String> = (0..40)
+            .map(|_| format!("slots:{}:*", rng.below(300)))
+            .collect();
+        while patterns.len() < 60 {
+            let glob = String::from_utf8(rng.text(alphabet, 5)).expect("ASCII alphabet");
+            // A leading `*` would empty the keyspace and leave nothing to compare.
+            if !glob.starts_with('*') {
+                patterns.insert(glob);
+            }
+        }
+        assert!(patterns.len() > SHARED_PASS_THRESHOLD);
+
+        let mut one = Deleter::connect(&shared.url()).await.expect("connect");
+        let stats = one
+            .delete(&HashSet::new(), &patterns)
+            .await
+            .expect("shared pass");
+        let mut each = Deleter::connect(&per_pattern.url()).await.expect("connect");
+        for pattern in &patterns {
+            each.delete(&HashSet::new(), &set([pattern]))
+                .await
+                .expect("per-pattern pass");
+        }
+        let left = shared.scan_raw_keys("*");
+        assert_eq!(left, per_pattern.scan_raw_keys("*"), "seed {seed}");
+        assert!(
+            stats.keys_deleted > 0 && !left.is_empty(),
+            "seed {seed}: {stats:?}"
+        );
+        for server in [&shared, &per_pattern] {
+            redis::cmd("FLUSHALL")
+                .exec(&mut server.connection())
+                .expect("FLUSHALL");
+        }
+    }
+}
+
 #[tokio::test]
 async fn ten_thousand_keys_and_twenty_patterns_are_deleted() {
     let redis = RedisServer::start();
