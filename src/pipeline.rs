@@ -571,10 +571,13 @@ mod tests {
     #[error("redis is down")]
     struct Down;
 
-    /// Records what it deletes; fails while `down` is set.
+    /// Records what it deletes; fails while `down` is set, and waits while a test holds
+    /// `slow` for writing (a Redis that is busy, not failing).
     #[derive(Clone, Default)]
     struct RecordingSink {
         down: Arc<AtomicBool>,
+        slow: Arc<tokio::sync::RwLock<()>>,
+        calls: Arc<AtomicUsize>,
         deleted: Arc<Mutex<Vec<Invalidation>>>,
     }
 
@@ -582,6 +585,8 @@ mod tests {
         type Error = Down;
 
         async fn delete(&mut self, inv: &Invalidation) -> Result<DeleteStats, Down> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            let _busy = self.slow.read().await;
             if self.down.load(Ordering::SeqCst) {
                 return Err(Down);
             }
@@ -708,10 +713,11 @@ mod tests {
                 reported: Lsn(0),
             };
             let deleter = {
-                let (sink, cancel) = (sink.clone(), cancel.clone());
+                let (sink, cancel, settings) = (sink.clone(), cancel.clone(), settings.clone());
                 tokio::spawn(async move {
                     let health = Health::new();
-                    let _ = run_deleter(sink, queue_rx, confirmed_tx, health, 10_000, cancel).await;
+                    let max = settings.max_batch_keys;
+                    let _ = run_deleter(sink, queue_rx, confirmed_tx, health, max, cancel).await;
                 })
             };
             let source = tokio::spawn(async move {
@@ -825,6 +831,85 @@ mod tests {
         let statuses = h.stop().await;
         assert_eq!(statuses.last(), Some(&Lsn(0x100)));
         assert_eq!(sink.deleted.lock().unwrap().len(), 1);
+    }
+
+    /// Lets every other task run until none can make progress without time passing.
+    async fn settle() {
+        for _ in 0..1_000 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_quiet_stream_deletes_each_transaction_at_once_without_waiting() {
+        let sink = RecordingSink::default();
+        let h = Harness::start(sink.clone());
+        let start = tokio::time::Instant::now();
+        for end in [0x100, 0x200] {
+            h.send(transaction(&["1"], end));
+            // Only yields: a batch that waited on a timer would never be deleted here, because
+            // paused time stands still while tasks are runnable.
+            settle().await;
+            assert_eq!(h.highest_ack(), Lsn(end));
+        }
+        assert_eq!(tokio::time::Instant::now(), start, "no delay while quiet");
+        assert_eq!(sink.deleted.lock().unwrap().len(), 2, "one batch each");
+        h.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_backlog_is_merged_into_batches_of_distinct_keys_up_to_the_bound() {
+        let sink = RecordingSink::default();
+        let max_batch_keys = 6;
+        let settings = PipelineConfig {
+            max_batch_keys,
+            ..settings(100_000)
+        };
+        let h = Harness::with(sink.clone(), ITEM_RULES, settings);
+        // Redis is busy with the first transaction while eight more commit behind it.
+        let busy = sink.slow.write().await;
+        h.send(transaction(&["0"], 0x100));
+        settle().await;
+        assert_eq!(sink.calls.load(Ordering::SeqCst), 1);
+        for i in 1..=8u64 {
+            // Each transaction shares a key with the one before it.
+            let ids = [(i - 1).to_string(), i.to_string()];
+            h.send(transaction(&[&ids[0], &ids[1]], 0x100 * (i + 1)));
+        }
+        settle().await;
+        drop(busy);
+        h.wait_for_ack(0x900).await;
+
+        let batches: Vec<Vec<String>> = sink
+            .deleted
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|inv| {
+                let mut keys: Vec<String> = inv.keys.iter().cloned().collect();
+                keys.sort();
+                keys
+            })
+            .collect();
+        assert_eq!(batches[0], ["item:0"]);
+        // The backlog went out in a few batches, not eight; a batch takes whole transactions
+        // until it holds `max_batch_keys`, so it ends past the bound by less than one of them.
+        assert!(batches.len() < 5, "{batches:?}");
+        assert!(
+            batches.iter().all(|b| b.len() < max_batch_keys + 2),
+            "{batches:?}"
+        );
+        let mut all: Vec<String> = batches[1..].concat();
+        all.sort();
+        let expected: Vec<String> = {
+            let mut keys: Vec<String> = (0..=8).map(|i| format!("item:{i}")).collect();
+            keys.sort();
+            keys
+        };
+        // Duplicates within a batch are gone; only a key shared across a batch boundary repeats.
+        all.dedup();
+        assert_eq!(all, expected);
+        h.stop().await;
     }
 
     /// An insert of one row with `id` into relation `relation`.
