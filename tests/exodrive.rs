@@ -1,9 +1,10 @@
 //! ExoDrive, the first user: its migrations and its rules from this repository, end to end.
 
-use crate::sidecar::Fixture;
+use crate::sidecar::{Fixture, Mode, in_both_modes};
 
-/// A database with `migrations/` applied and the sidecar configured with `rules/`.
-fn exodrive() -> Fixture {
+/// A database with `migrations/` applied and the sidecar configured with `rules/`, reading
+/// changes as `mode` says.
+fn exodrive(mode: Mode) -> Fixture {
     let root = env!("CARGO_MANIFEST_DIR");
     let mut files: Vec<_> = std::fs::read_dir(format!("{root}/migrations"))
         .unwrap()
@@ -23,6 +24,7 @@ fn exodrive() -> Fixture {
         let path = entry.unwrap().path();
         std::fs::copy(&path, rules.join(path.file_name().unwrap())).unwrap();
     }
+    f.use_mode(mode);
     f
 }
 
@@ -50,98 +52,98 @@ fn customer(f: &Fixture, email: &str) -> String {
     )
 }
 
-#[test]
-fn should_invalidate_related_caches_on_booking_creation() {
-    let f = exodrive();
-    let _sidecar = f.setup.start();
-    let (car, other) = (car(&f, "miami"), car(&f, "miami"));
-    let customer = customer(&f, "ada@example.com");
-    // Warm the cache, as the application's getCarAvailability and friends would.
-    let stale = [
-        format!("availability:{car}:2026-12-01:2026-12-05"),
-        format!("availability:{car}:2026-12-10:2026-12-12"),
-        format!("customer:{customer}:bookings"),
-        "dashboard:metrics:2026-11-26".to_owned(),
-        "bookings:active:2026-12-01".to_owned(),
-    ];
-    let unrelated = [
-        format!("availability:{other}:2026-12-01:2026-12-05"),
-        format!("car:{other}"),
-    ];
-    f.redis.set_keys(stale.iter().chain(&unrelated));
-    assert!(
-        !f.redis
-            .scan_keys(&format!("availability:{car}:*"))
-            .is_empty()
-    );
+in_both_modes! {
+    fn should_invalidate_related_caches_on_booking_creation(mode: Mode) {
+        let f = exodrive(mode);
+        let _sidecar = f.setup.start();
+        let (car, other) = (car(&f, "miami"), car(&f, "miami"));
+        let customer = customer(&f, "ada@example.com");
+        // Warm the cache, as the application's getCarAvailability and friends would.
+        let stale = [
+            format!("availability:{car}:2026-12-01:2026-12-05"),
+            format!("availability:{car}:2026-12-10:2026-12-12"),
+            format!("customer:{customer}:bookings"),
+            "dashboard:metrics:2026-11-26".to_owned(),
+            "bookings:active:2026-12-01".to_owned(),
+        ];
+        let unrelated = [
+            format!("availability:{other}:2026-12-01:2026-12-05"),
+            format!("car:{other}"),
+        ];
+        f.redis.set_keys(stale.iter().chain(&unrelated));
+        assert!(
+            !f.redis
+                .scan_keys(&format!("availability:{car}:*"))
+                .is_empty()
+        );
 
-    let booking = insert(
-        &f,
-        &format!(
-            "INSERT INTO bookings (customer_id, car_id, start_date, end_date, total_amount) \
-             VALUES ('{customer}', '{car}', '2026-12-01', '2026-12-05', 1996)"
-        ),
-    );
-    let stale: Vec<&str> = stale.iter().map(String::as_str).collect();
-    f.wait_deleted(&stale);
-    assert!(
-        f.redis
-            .scan_keys(&format!("availability:{car}:*"))
-            .is_empty()
-    );
-    let unrelated: Vec<&str> = unrelated.iter().map(String::as_str).collect();
-    f.assert_kept(&unrelated);
+        let booking = insert(
+            &f,
+            &format!(
+                "INSERT INTO bookings (customer_id, car_id, start_date, end_date, total_amount) \
+                 VALUES ('{customer}', '{car}', '2026-12-01', '2026-12-05', 1996)"
+            ),
+        );
+        let stale: Vec<&str> = stale.iter().map(String::as_str).collect();
+        f.wait_deleted(&stale);
+        assert!(
+            f.redis
+                .scan_keys(&format!("availability:{car}:*"))
+                .is_empty()
+        );
+        let unrelated: Vec<&str> = unrelated.iter().map(String::as_str).collect();
+        f.assert_kept(&unrelated);
 
-    // booking:{id} and booking:{id}:* go on every later change of the booking.
-    let details = [
-        format!("booking:{booking}"),
-        format!("booking:{booking}:details"),
-    ];
-    f.redis.set_keys(details.iter());
-    f.sql(&format!(
-        "UPDATE bookings SET notes = 'late pickup' WHERE id = '{booking}'"
-    ));
-    let details: Vec<&str> = details.iter().map(String::as_str).collect();
-    f.wait_deleted(&details);
-}
+        // booking:{id} and booking:{id}:* go on every later change of the booking.
+        let details = [
+            format!("booking:{booking}"),
+            format!("booking:{booking}:details"),
+        ];
+        f.redis.set_keys(details.iter());
+        f.sql(&format!(
+            "UPDATE bookings SET notes = 'late pickup' WHERE id = '{booking}'"
+        ));
+        let details: Vec<&str> = details.iter().map(String::as_str).collect();
+        f.wait_deleted(&details);
+    }
 
-#[test]
-fn a_booking_moved_to_another_car_invalidates_both_cars() {
-    let f = exodrive();
-    let _sidecar = f.setup.start();
-    let (from, to, bystander) = (car(&f, "miami"), car(&f, "miami"), car(&f, "miami"));
-    let customer = customer(&f, "grace@example.com");
-    let booking = insert(
-        &f,
-        &format!(
-            "INSERT INTO bookings (customer_id, car_id, start_date, end_date, total_amount) \
-             VALUES ('{customer}', '{from}', '2026-12-01', '2026-12-05', 1996)"
-        ),
-    );
-    let moved = [
-        format!("availability:{from}:2026-12-01:2026-12-05"),
-        format!("availability:{to}:2026-12-01:2026-12-05"),
-    ];
-    let kept = format!("availability:{bystander}:2026-12-01:2026-12-05");
-    // Let the insert's own invalidation pass before caching.
-    f.redis.set_keys([format!("booking:{booking}")]);
-    f.sql(&format!(
-        "UPDATE bookings SET notes = 'x' WHERE id = '{booking}'"
-    ));
-    f.wait_deleted(&[&format!("booking:{booking}")]);
+    fn a_booking_moved_to_another_car_invalidates_both_cars(mode: Mode) {
+        let f = exodrive(mode);
+        let _sidecar = f.setup.start();
+        let (from, to, bystander) = (car(&f, "miami"), car(&f, "miami"), car(&f, "miami"));
+        let customer = customer(&f, "grace@example.com");
+        let booking = insert(
+            &f,
+            &format!(
+                "INSERT INTO bookings (customer_id, car_id, start_date, end_date, total_amount) \
+                 VALUES ('{customer}', '{from}', '2026-12-01', '2026-12-05', 1996)"
+            ),
+        );
+        let moved = [
+            format!("availability:{from}:2026-12-01:2026-12-05"),
+            format!("availability:{to}:2026-12-01:2026-12-05"),
+        ];
+        let kept = format!("availability:{bystander}:2026-12-01:2026-12-05");
+        // Let the insert's own invalidation pass before caching.
+        f.redis.set_keys([format!("booking:{booking}")]);
+        f.sql(&format!(
+            "UPDATE bookings SET notes = 'x' WHERE id = '{booking}'"
+        ));
+        f.wait_deleted(&[&format!("booking:{booking}")]);
 
-    f.redis.set_keys(moved.iter().chain([&kept]));
-    f.sql(&format!(
-        "UPDATE bookings SET car_id = '{to}' WHERE id = '{booking}'"
-    ));
-    let moved: Vec<&str> = moved.iter().map(String::as_str).collect();
-    f.wait_deleted(&moved);
-    f.assert_kept(&[&kept]);
+        f.redis.set_keys(moved.iter().chain([&kept]));
+        f.sql(&format!(
+            "UPDATE bookings SET car_id = '{to}' WHERE id = '{booking}'"
+        ));
+        let moved: Vec<&str> = moved.iter().map(String::as_str).collect();
+        f.wait_deleted(&moved);
+        f.assert_kept(&[&kept]);
+    }
 }
 
 #[test]
 fn the_repository_rules_pass_check_against_the_migrated_schema() {
-    let f = exodrive();
+    let f = exodrive(Mode::Replication);
     let (status, out) = f.setup.command(&["check"]);
     assert!(status.success(), "{out}");
     assert!(

@@ -212,6 +212,38 @@ pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     Some((status, body))
 }
 
+/// Where the sidecar reads changes from: both sources promise the same invalidations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Logical replication with pgoutput (the default).
+    Replication,
+    /// Triggers, the outbox table and LISTEN/NOTIFY.
+    Notify,
+}
+
+/// Declares scenarios that take a [`Mode`] and runs each as two tests, `replication::NAME` and
+/// `notify::NAME`.
+macro_rules! in_both_modes {
+    ($($(#[$meta:meta])* fn $name:ident($mode:ident: Mode) $body:block)*) => {
+        $($(#[$meta])* fn $name($mode: crate::sidecar::Mode) $body)*
+
+        mod replication {
+            $(#[test]
+            fn $name() {
+                super::$name(crate::sidecar::Mode::Replication)
+            })*
+        }
+
+        mod notify {
+            $(#[test]
+            fn $name() {
+                super::$name(crate::sidecar::Mode::Notify)
+            })*
+        }
+    };
+}
+pub(crate) use in_both_modes;
+
 /// A test's own database (in the shared cluster), Redis server and configuration.
 pub struct Fixture {
     /// The database name.
@@ -232,6 +264,45 @@ impl Fixture {
         let redis = RedisServer::start();
         let setup = Setup::new(&url, &redis.url(), rules);
         Fixture { db, redis, setup }
+    }
+
+    /// Like [`Fixture::new`], reading changes as `mode` says.
+    pub fn with_mode(schema: &str, rules: &str, mode: Mode) -> Fixture {
+        let f = Fixture::new(schema, rules);
+        f.use_mode(mode);
+        f
+    }
+
+    /// Switches the configuration to `mode`, once the rules are final. Notify mode's triggers
+    /// are installed with `invalidator setup`, as a user would: `run` does not install them.
+    pub fn use_mode(&self, mode: Mode) {
+        if mode == Mode::Replication {
+            return;
+        }
+        let path = self.setup.config();
+        let config = std::fs::read_to_string(&path).expect("read the config");
+        let config = config.replacen("[postgres]\n", "[postgres]\nmode = \"notify\"\n", 1);
+        std::fs::write(&path, config).expect("write the config");
+        let (status, out) = self.setup.command(&["setup"]);
+        assert!(status.success(), "setup in notify mode failed: {out}");
+    }
+
+    /// Waits until every change committed so far has been processed and acknowledged: the
+    /// slot's confirmed position or the outbox, as `mode` says.
+    pub fn wait_acknowledged(&self, mode: Mode) {
+        let done = || match mode {
+            Mode::Replication => {
+                self.sql(&format!(
+                    "SELECT count(*) FROM pg_logical_slot_peek_binary_changes('{0}', NULL, NULL, \
+                     'proto_version', '1', 'publication_names', '{0}')",
+                    self.setup.slot
+                ))
+                .trim()
+                    == "0"
+            }
+            Mode::Notify => self.sql("SELECT count(*) FROM invalidator.outbox").trim() == "0",
+        };
+        wait_until(Duration::from_secs(30), "everything is acknowledged", done);
     }
 
     /// Runs SQL in the test's database.
