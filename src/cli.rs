@@ -11,7 +11,7 @@ use invalidator::change::Op;
 use invalidator::check::{self, Severity};
 use invalidator::config::{Config, Mode};
 use invalidator::rules::RuleSet;
-use invalidator::source::{notify, setup};
+use invalidator::source::{invalidate, notify, setup};
 use invalidator::{explain, run};
 use tokio_util::sync::CancellationToken;
 
@@ -156,8 +156,8 @@ pub async fn execute(command: Command, loaded: Loaded) -> anyhow::Result<ExitCod
             let mut db = connect(&config).await?;
             let tables = rules.tables().cloned().collect();
             let (actions, in_place) = match config.postgres.mode {
-                Mode::Replication => (
-                    setup::plan(
+                Mode::Replication => {
+                    let mut actions = setup::plan(
                         &mut db,
                         &tables,
                         &config.postgres.publication,
@@ -165,12 +165,17 @@ pub async fn execute(command: Command, loaded: Loaded) -> anyhow::Result<ExitCod
                         setup::SlotLoss::Refuse,
                     )
                     .await?
-                    .actions,
-                    "publication and slot are in place; nothing to do",
-                ),
+                    .actions;
+                    // Only here, not in `run`: its role may lack CREATE on the database.
+                    actions.extend(invalidate::plan(&mut db, Mode::Replication, false).await?);
+                    (
+                        actions,
+                        "publication, slot and invalidator.invalidate() are in place; nothing to do",
+                    )
+                }
                 Mode::Notify => (
-                    notify::plan(&mut db, &tables).await?,
-                    "outbox and triggers are in place; nothing to do",
+                    notify::plan(&mut db, &rules).await?,
+                    "outbox, triggers and invalidator.invalidate() are in place; nothing to do",
                 ),
             };
             if actions.is_empty() {
@@ -189,16 +194,9 @@ pub async fn execute(command: Command, loaded: Loaded) -> anyhow::Result<ExitCod
         }
         Command::Status { .. } if config.postgres.mode == Mode::Notify => {
             let db = connect(&config).await?;
-            let row = db
-                .query_opt(
-                    "SELECT count(*), (extract(epoch FROM now() - min(created_at)))::float8 \
-                     FROM invalidator.outbox",
-                    &[],
-                )
+            let (waiting, oldest) = notify::depth(&db)
                 .await
                 .context("reading invalidator.outbox (run `invalidator setup`)")?;
-            let (waiting, oldest): (i64, Option<f64>) =
-                row.map_or((0, None), |r| (r.get(0), r.get(1)));
             let age = oldest.map_or_else(|| "none".to_owned(), |s| format!("{s:.1} s"));
             println!("outbox: {waiting} rows waiting, oldest {age}");
             Ok(ExitCode::SUCCESS)

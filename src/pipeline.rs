@@ -32,6 +32,7 @@ use crate::config::PipelineConfig;
 use crate::pgoutput::{DecodeError, Decoder, Event};
 use crate::redis::DeleteStats;
 use crate::rules::{Invalidation, RuleSet};
+use crate::source::invalidate::MESSAGE_PREFIX;
 use crate::source::replication::{ReplicationError, ReplicationMessage};
 use crate::telemetry::{self, Health};
 
@@ -175,6 +176,9 @@ struct Open {
     /// The number of distinct keys and patterns it held when it fell back to its tables'
     /// patterns; `None` while its keys are planned row by row.
     fell_back_at: Option<usize>,
+    /// Keys and patterns given by hand with `invalidator.invalidate()`: kept apart, because the
+    /// fallback to the tables' patterns does not cover them.
+    given: Invalidation,
 }
 
 impl Open {
@@ -212,6 +216,7 @@ impl Open {
     /// Closes the transaction at `end_lsn`; a transaction that fell back is logged and counted.
     fn commit(mut self, end_lsn: Lsn, max_keys: usize) -> Committed {
         self.committed.end_lsn = end_lsn;
+        self.committed.inv.merge(std::mem::take(&mut self.given));
         if let Some(keys) = self.fell_back_at {
             let tables = self
                 .tables
@@ -387,6 +392,7 @@ fn apply(
                 tables: Vec::new(),
                 changes: 0,
                 fell_back_at: None,
+                given: Invalidation::default(),
             });
         }
         Event::Change(change) => {
@@ -400,8 +406,60 @@ fn apply(
                 state.pending = Some(open.commit(end_lsn, state.max_transaction_keys));
             }
         }
-        _ => {}
+        Event::Message {
+            prefix,
+            content,
+            transactional,
+            lsn,
+        } if prefix == MESSAGE_PREFIX => given(state, &content, transactional, lsn),
+        Event::Message { .. } => {}
     })
+}
+
+/// A key or pattern given by hand with `invalidator.invalidate()` (a logical decoding message
+/// with prefix `invalidator`).
+///
+/// A transactional one (what the function emits) joins the invalidation of its transaction,
+/// so it is deleted and acknowledged with that transaction, atomically with the writes beside
+/// it; a rolled-back transaction never reaches the WAL stream, so it invalidates nothing.
+/// A non-transactional one (`pg_logical_emit_message(false, ...)` called directly) is sent by
+/// Postgres as soon as it is decoded, outside any transaction: it becomes a transaction of its
+/// own that ends at the message's LSN. Acknowledging that LSN is safe: the transactions decoded
+/// before it ended before it, and one still open commits after it, so it is sent again.
+///
+/// Content that is not UTF-8 cannot be a key here, and skipping it could lose an
+/// invalidation: the pattern [`crate::rules::glob::cover`] makes of it goes instead (every key
+/// the bytes could name, and more), with a warning.
+fn given(state: &mut SourceState, content: &[u8], transactional: bool, lsn: Lsn) {
+    let open = state.open.as_mut().filter(|_| transactional);
+    let inv = match open {
+        Some(open) => &mut open.given,
+        None => {
+            let committed = state.pending.get_or_insert_with(|| Committed {
+                end_lsn: lsn,
+                commit_time_us: unix_micros(),
+                inv: Invalidation::default(),
+            });
+            committed.end_lsn = committed.end_lsn.max(lsn);
+            &mut committed.inv
+        }
+    };
+    if inv.patterns.contains("*") {
+        // Everything goes already.
+        return;
+    }
+    if !inv.insert_given_bytes(content) {
+        tracing::warn!(%lsn, bytes = content.len(),
+            "invalidate() message is not UTF-8; deleting a pattern that covers it");
+    }
+    if inv.len() > state.max_transaction_keys {
+        // Nothing narrower covers arbitrary keys given by hand.
+        tracing::warn!(%lsn, keys = inv.len(), limit = state.max_transaction_keys,
+            "transaction gave more keys by hand than pipeline.max_transaction_keys; deleting \
+             every key instead");
+        inv.clear();
+        inv.patterns.insert("*".to_owned());
+    }
 }
 
 /// Takes committed transactions from the queue, deletes their keys in batches and advances the
@@ -545,7 +603,9 @@ mod tests {
     use bytes::Bytes;
 
     use super::*;
-    use crate::pgoutput::{Begin, Column, Commit, Insert, Message, Relation, TupleValue, encode};
+    use crate::pgoutput::{
+        Begin, Column, Commit, Insert, LogicalMessage, Message, Relation, TupleValue, encode,
+    };
 
     /// WAL fed by the test; messages read and statuses recorded for inspection.
     struct ScriptedWal {
@@ -910,6 +970,120 @@ mod tests {
         all.dedup();
         assert_eq!(all, expected);
         h.stop().await;
+    }
+
+    /// A logical decoding message with `prefix` and `content`.
+    fn emitted(prefix: &str, content: &[u8], transactional: bool, lsn: u64) -> ReplicationMessage {
+        xlog(Message::Logical(LogicalMessage {
+            flags: if transactional {
+                LogicalMessage::TRANSACTIONAL
+            } else {
+                0
+            },
+            lsn: Lsn(lsn),
+            prefix: prefix.into(),
+            content: content.to_vec(),
+        }))
+    }
+
+    fn set(items: &[&str]) -> std::collections::HashSet<String> {
+        items.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    /// `invalidator.invalidate()` inside a transaction: its keys are deleted in the same batch
+    /// as the transaction's rows and acknowledged with it, never before its commit.
+    #[tokio::test(start_paused = true)]
+    async fn an_invalidate_message_joins_its_transaction() {
+        let sink = RecordingSink::default();
+        let h = Harness::start(sink.clone());
+        let mut messages = transaction(&["1"], 0x200);
+        let commit = messages.pop().unwrap();
+        messages.extend([
+            emitted("invalidator", b"user:42", true, 0x150),
+            emitted("invalidator", b"user:*:feed", true, 0x160),
+            emitted("invalidator", b"weird\\*key", true, 0x170),
+            emitted("someone-else", b"not:ours", true, 0x180),
+        ]);
+        h.send(messages);
+        settle().await;
+        assert_eq!(h.highest_ack(), Lsn(0), "acknowledged before the commit");
+        assert!(sink.deleted.lock().unwrap().is_empty());
+        h.send(vec![commit]);
+        h.wait_for_ack(0x200).await;
+        h.stop().await;
+        let deleted = sink.deleted.lock().unwrap().clone();
+        assert_eq!(deleted.len(), 1, "{deleted:?}");
+        assert_eq!(deleted[0].keys, set(&["item:1", "user:42", "weird*key"]));
+        assert_eq!(deleted[0].patterns, set(&["user:*:feed"]));
+    }
+
+    /// A non-transactional message (sent by Postgres outside any transaction) is deleted and
+    /// acknowledged on its own, at its LSN.
+    #[tokio::test(start_paused = true)]
+    async fn a_non_transactional_invalidate_message_is_its_own_transaction() {
+        let sink = RecordingSink::default();
+        let h = Harness::start(sink.clone());
+        h.send(transaction(&["1"], 0x100));
+        h.wait_for_ack(0x100).await;
+        h.send(vec![emitted("invalidator", b"user:7", false, 0x180)]);
+        h.wait_for_ack(0x180).await;
+        h.stop().await;
+        let deleted = sink.deleted.lock().unwrap().clone();
+        assert_eq!(deleted.len(), 2, "{deleted:?}");
+        assert_eq!(deleted[1].keys, set(&["user:7"]));
+    }
+
+    /// Bytes that are not UTF-8 are never dropped: a pattern covering them is deleted.
+    #[tokio::test(start_paused = true)]
+    async fn an_invalidate_message_that_is_not_utf8_deletes_a_covering_pattern() {
+        let sink = RecordingSink::default();
+        let h = Harness::start(sink.clone());
+        let mut messages = transaction(&[], 0x200);
+        let commit = messages.pop().unwrap();
+        messages.push(emitted("invalidator", b"user:\xff:x", true, 0x150));
+        messages.push(commit);
+        h.send(messages);
+        h.wait_for_ack(0x200).await;
+        h.stop().await;
+        let deleted = sink.deleted.lock().unwrap().clone();
+        assert_eq!(deleted[0].patterns, set(&["user:*"]));
+        assert!(crate::rules::glob::matches(b"user:*", b"user:\xff:x"));
+    }
+
+    /// Keys given by hand survive the fallback to the tables' patterns, which cannot cover them;
+    /// past the limit themselves, they become `*`.
+    #[tokio::test(start_paused = true)]
+    async fn keys_given_by_hand_survive_the_fallback_and_are_bounded_too() {
+        let sink = RecordingSink::default();
+        let h = Harness::with(sink.clone(), ITEM_RULES, settings(3));
+        let ids: Vec<String> = (0..10).map(|i| i.to_string()).collect();
+        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+        let mut messages = transaction(&ids, 0x200);
+        let commit = messages.pop().unwrap();
+        messages.push(emitted("invalidator", b"user:1", true, 0x150));
+        messages.push(commit);
+        h.send(messages);
+        h.wait_for_ack(0x200).await;
+
+        let mut messages = transaction(&[], 0x300);
+        let commit = messages.pop().unwrap();
+        for i in 0..5 {
+            messages.push(emitted(
+                "invalidator",
+                format!("k:{i}").as_bytes(),
+                true,
+                0x250,
+            ));
+        }
+        messages.push(commit);
+        h.send(messages);
+        h.wait_for_ack(0x300).await;
+        h.stop().await;
+        let deleted = sink.deleted.lock().unwrap().clone();
+        assert_eq!(deleted[0].keys, set(&["user:1"]));
+        assert_eq!(deleted[0].patterns, set(&["item:*"]));
+        assert!(deleted[1].keys.is_empty());
+        assert_eq!(deleted[1].patterns, set(&["*"]));
     }
 
     /// An insert of one row with `id` into relation `relation`.

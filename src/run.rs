@@ -131,6 +131,8 @@ pub async fn run(
     let mut delays = pipeline::backoff();
     // Notify mode: what the outbox source keeps across reconnects.
     let mut progress = notify::Progress::default();
+    // Whether the last attempt found another instance active, so waiting is logged once.
+    let mut standby = false;
     let source_result = loop {
         if deleter_done.is_cancelled() {
             break Ok(());
@@ -156,7 +158,7 @@ pub async fn run(
             // The connection worked: the next interruption starts from the shortest delay.
             delays = pipeline::backoff();
         }
-        let mut standby = false;
+        let was_standby = std::mem::take(&mut standby);
         match attempt {
             Ok(Streamed::Finished) => break Ok(()),
             Ok(Streamed::Ended) => {
@@ -167,7 +169,16 @@ pub async fn run(
                 reason,
                 standby: true,
             }) => {
-                tracing::info!(slot = %config.postgres.slot, "slot is active elsewhere; waiting as a standby");
+                if !was_standby {
+                    match config.postgres.mode {
+                        Mode::Replication => tracing::info!(slot = %config.postgres.slot,
+                            "slot is active elsewhere; waiting as a standby"),
+                        Mode::Notify => tracing::info!(
+                            lock = notify::READER_LOCK,
+                            "another instance reads the outbox; waiting as a standby"
+                        ),
+                    }
+                }
                 health.set_source(Some(format!("standby: {reason}")));
                 standby = true;
             }
@@ -367,6 +378,15 @@ async fn stream_once(
     let mut stream = client
         .start_replication(&config.postgres.slot, Lsn(0), &config.postgres.publication)
         .await?;
+    if !stream.messages() {
+        static WARNED: std::sync::Once = std::sync::Once::new();
+        WARNED.call_once(|| {
+            tracing::warn!(
+                "this server is older than PostgreSQL 14: pgoutput cannot send messages, so \
+                 invalidator.invalidate() is unavailable in replication mode"
+            );
+        });
+    }
     *streamed = true;
     health.set_source(None);
     tracing::info!(slot = %config.postgres.slot, from = %links.reported, "streaming");
@@ -383,8 +403,10 @@ async fn stream_once(
     }
 }
 
-/// Notify mode: connects an ordinary session, repairs the outbox and triggers, listens, and
-/// reads the outbox until the connection fails or shutdown; sets `streamed` once reading.
+/// Notify mode: connects an ordinary session, checks that `setup` has put the outbox, the
+/// functions and the triggers in place (permanent failure if not), takes the reader lock (a
+/// standby if another instance holds it), listens, and reads the outbox until the connection
+/// fails or shutdown; sets `streamed` once reading.
 async fn outbox_once(
     config: &Config,
     rules: &RuleSet,
@@ -394,9 +416,23 @@ async fn outbox_once(
     streamed: &mut bool,
 ) -> Result<Streamed, Failure> {
     let (mut client, mut hints) = notify::connect(&config.postgres).await?;
-    let tables = rules.tables().cloned().collect();
-    let actions = notify::plan(&mut client, &tables).await?;
-    setup::apply(&mut client, &actions).await?;
+    // `run` applies no DDL in notify mode: what `setup` would do must already be done, or
+    // changes could be missed (a trigger that records too few columns) without anyone knowing.
+    let actions = notify::plan(&mut client, rules).await?;
+    if !actions.is_empty() {
+        let missing: Vec<&str> = actions.iter().map(|a| a.why.as_str()).collect();
+        return Err(Failure::Permanent(format!(
+            "notify mode is not set up or out of date (setup would: {}); run `invalidator setup`",
+            missing.join("; ")
+        )));
+    }
+    // One reader at a time: the others wait as standbys until its session ends.
+    if !notify::take_reader_lock(&client).await? {
+        return Err(Failure::Transient {
+            reason: "another instance reads the outbox".to_owned(),
+            standby: true,
+        });
+    }
     client
         .batch_execute(&format!("LISTEN {}", setup::quote_ident(notify::CHANNEL)))
         .await

@@ -34,6 +34,11 @@ pub const CONFIRMED_LSN: &str = "invalidator_confirmed_lsn";
 /// Bytes of WAL the server has that are not yet acknowledged.
 pub const REPLICATION_LAG_BYTES: &str = "invalidator_replication_lag_bytes";
 
+/// Notify mode: rows waiting in the outbox, measured once a second.
+pub const OUTBOX_ROWS: &str = "invalidator_outbox_rows";
+/// Notify mode: age of the oldest row waiting in the outbox (0 when it is empty).
+pub const OUTBOX_OLDEST_SECONDS: &str = "invalidator_outbox_oldest_seconds";
+
 /// An error with its causes, `outer: inner: innermost`, for logs, `/readyz` and the CLI: our
 /// errors keep the cause in `source()` rather than repeat it in their own message. A cause whose
 /// text the message already ends with (some libraries print their cause too) is not repeated.
@@ -79,6 +84,8 @@ pub fn install_metrics() -> PrometheusHandle {
             metrics::counter!(SLOT_RESETS_TOTAL).absolute(0);
             metrics::gauge!(CONFIRMED_LSN).set(0.0);
             metrics::gauge!(REPLICATION_LAG_BYTES).set(0.0);
+            metrics::gauge!(OUTBOX_ROWS).set(0.0);
+            metrics::gauge!(OUTBOX_OLDEST_SECONDS).set(0.0);
             handle
         })
         .clone()

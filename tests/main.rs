@@ -4,6 +4,7 @@ mod deleter;
 mod e2e;
 mod exodrive;
 mod faults;
+mod invalidate;
 mod memory;
 mod notify;
 mod privilege;

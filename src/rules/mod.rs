@@ -17,7 +17,7 @@
 //! renders nothing, `changed` filters updates, TRUNCATE deletes everything a rule could name, and a
 //! table without rules costs one hash lookup.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::Path;
 
 use crate::change::{Change, Op, Row, TableName, Value};
@@ -67,6 +67,38 @@ impl Invalidation {
     pub fn clear(&mut self) {
         self.keys.clear();
         self.patterns.clear();
+    }
+
+    /// Adds a key or pattern given by hand (`invalidator.invalidate(...)`), read exactly as the
+    /// text of a key template without placeholders is: text without `*`, `?` or `[` is a literal
+    /// key, byte for byte; other text is a Redis glob, a pattern when it holds an unescaped `*`,
+    /// `?` or `[`, and otherwise the one key it matches (`a\*b` is the key `a*b`), which is then
+    /// deleted with `UNLINK` rather than a `SCAN`. Either way it deletes exactly what the same
+    /// key in a rule would.
+    pub fn insert_given(&mut self, text: &str) {
+        if !glob::has_glob_syntax(text) {
+            self.insert(text, false);
+        } else if glob::is_pattern(text) {
+            self.insert(text, true);
+        } else {
+            self.keys.insert(glob::unescape(text));
+        }
+    }
+
+    /// [`Invalidation::insert_given`] for bytes that may not be UTF-8; returns `false` when they
+    /// are not, in which case the pattern [`glob::cover`] makes of them is added instead: it
+    /// matches every key they could name, and more.
+    pub fn insert_given_bytes(&mut self, bytes: &[u8]) -> bool {
+        match std::str::from_utf8(bytes) {
+            Ok(text) => {
+                self.insert_given(text);
+                true
+            }
+            Err(_) => {
+                self.patterns.insert(glob::cover(bytes));
+                false
+            }
+        }
     }
 
     /// Adds one rendered key; allocates only when it is new.
@@ -268,6 +300,18 @@ impl RuleSet {
         render_unknown(indices.iter().filter_map(|&index| self.rules.get(index)))
     }
 
+    /// Every column the rules of `table` read (their placeholders, filtered or not, and their
+    /// `changed` lists), sorted: what notify mode's trigger records of each row. Empty for a
+    /// table without rules, or whose rules name no column.
+    pub fn columns_for(&self, table: &TableName) -> BTreeSet<String> {
+        let indices = self.by_table.get(table).map_or(&[][..], Vec::as_slice);
+        indices
+            .iter()
+            .filter_map(|&index| self.rules.get(index))
+            .flat_map(|rule| rule.columns.iter().cloned())
+            .collect()
+    }
+
     /// Whether any rule watches `table`.
     pub fn has_table(&self, table: &TableName) -> bool {
         self.by_table.contains_key(table)
@@ -383,6 +427,94 @@ keys = ["booking:{id}", "booking:{id}:*", "dashboard:metrics:*"]
                 ],
             )
         );
+    }
+
+    #[test]
+    fn columns_for_lists_every_column_a_tables_rules_read() {
+        let set = rules(
+            r#"
+[[rule]]
+table = "bookings"
+changed = ["overall_status"]
+keys = ["availability:{car_id}:*", "day:{start_date|date}", "c:{customer_id|lower|upper}"]
+
+[[rule]]
+table = "bookings"
+keys = ["booking:{id}", "{{user:{customer_id}}}:x", "fleet:all"]
+
+[[rule]]
+table = "shop.cars"
+keys = ["fleet:all"]
+"#,
+        );
+        let columns = |t: &str| -> Vec<String> {
+            set.columns_for(&TableName::parse(t)).into_iter().collect()
+        };
+        assert_eq!(
+            columns("bookings"),
+            [
+                "car_id",
+                "customer_id",
+                "id",
+                "overall_status",
+                "start_date"
+            ]
+        );
+        assert!(columns("shop.cars").is_empty());
+        assert!(columns("unwatched").is_empty());
+    }
+
+    #[test]
+    fn keys_given_by_hand_read_like_rule_keys() {
+        let given = |texts: &[&str]| {
+            let mut out = Invalidation::default();
+            for text in texts {
+                out.insert_given(text);
+            }
+            sorted(out)
+        };
+        // No glob syntax: a literal key, byte for byte, backslashes and braces included.
+        assert_eq!(
+            given(&["user:42", "a\\b", "{user:1}:profile", "a]"]),
+            (
+                vec![
+                    "a\\b".into(),
+                    "a]".into(),
+                    "user:42".into(),
+                    "{user:1}:profile".into()
+                ],
+                vec![]
+            )
+        );
+        // Unescaped `*`, `?` or `[`: a pattern, as given.
+        assert_eq!(
+            given(&["user:*", "a?", "a[bc]", "x\\**"]),
+            (
+                vec![],
+                vec!["a?".into(), "a[bc]".into(), "user:*".into(), "x\\**".into()]
+            )
+        );
+        // Glob syntax whose every glob byte is escaped: the one key it matches.
+        assert_eq!(
+            given(&["weird\\*key", "q\\?\\[x\\]"]),
+            (vec!["q?[x]".into(), "weird*key".into()], vec![])
+        );
+        // The same classification as a rule whose key is the same text.
+        let set = rules("[[rule]]\ntable = \"t\"\nkeys = [\"weird\\\\*key\", \"a\\\\b\"]\n");
+        let mut from_rule = Invalidation::default();
+        set.plan(&change("t", Op::Truncate, None, None), &mut from_rule);
+        let (keys, patterns) = sorted(from_rule);
+        assert_eq!(keys, ["a\\b"]);
+        assert!(glob::matches(patterns[0].as_bytes(), b"weird*key"));
+        assert!(!glob::matches(patterns[0].as_bytes(), b"weirdXkey"));
+    }
+
+    #[test]
+    fn bytes_given_by_hand_that_are_not_utf8_become_a_covering_pattern() {
+        let mut out = Invalidation::default();
+        assert!(out.insert_given_bytes(b"user:1"));
+        assert!(!out.insert_given_bytes(b"user:\xff:x"));
+        assert_eq!(sorted(out), (vec!["user:1".into()], vec!["user:*".into()]));
     }
 
     #[test]

@@ -232,7 +232,7 @@ impl Template {
             segments.push(Segment::Literal(literal));
         }
         let pattern = segments.iter().any(
-            |segment| matches!(segment, Segment::Literal(text) if text.contains(['*', '?', '['])),
+            |segment| matches!(segment, Segment::Literal(text) if glob::has_glob_syntax(text)),
         );
         Ok(Template {
             source: source.to_owned(),

@@ -14,7 +14,7 @@
 //! read round is one [`Committed`] whose `end_lsn` is the round's sequence number (rounds are
 //! queued in order, so the delete loop's confirmed position says which rounds are done).
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,17 +22,18 @@ use futures_util::StreamExt;
 use tokio::sync::mpsc;
 
 use crate::change::{Change, Lsn, Op, Row, TableName, Value};
-use crate::config::PostgresConfig;
+use crate::config::{Mode, PostgresConfig};
 use crate::pipeline::{Committed, Links, SourceEnd};
 use crate::rules::{Invalidation, RuleSet};
 use crate::source::connect::ConnectError;
+use crate::source::invalidate;
 use crate::source::setup::{
     Action, SetupError, Sql, missing_tables, qualified, quote_ident, quote_literal,
 };
 use crate::telemetry;
 
 /// The schema that holds the outbox and the trigger function.
-pub const SCHEMA: &str = "invalidator";
+pub const SCHEMA: &str = crate::source::invalidate::SCHEMA;
 /// The channel the trigger notifies.
 pub const CHANNEL: &str = "invalidator";
 /// The row-level trigger on each watched table.
@@ -41,29 +42,50 @@ pub const ROW_TRIGGER: &str = "invalidator_capture";
 pub const TRUNCATE_TRIGGER: &str = "invalidator_capture_truncate";
 /// Outbox rows read per round.
 pub const ROUND_ROWS: i64 = 1000;
-/// How often the outbox is read without a notification.
+/// How often the outbox is read without a notification, and its depth measured.
 pub const POLL: Duration = Duration::from_secs(1);
 /// Outbox ids read but not yet deleted past which no further round is read: they are excluded
 /// from each read, and that list must stay short.
 const MAX_HELD: usize = 5 * ROUND_ROWS as usize;
+/// The session-level advisory lock (`pg_try_advisory_lock(bigint)`) the outbox reader holds, so
+/// one instance reads and the others wait as standbys: FNV-1a of `invalidator.outbox`. Postgres
+/// releases it when the session ends, however it ends (`kill -9` included); in `pg_locks` it
+/// shows as an advisory lock with `classid` and `objid` its high and low 32 bits.
+pub const READER_LOCK: i64 = fnv1a(b"invalidator.outbox");
 
-/// The trigger function's body. Row values are stored in Postgres text form (`hstore(record)`
-/// uses each type's output function), SQL NULL as JSON null; `ext` is hstore's schema, quoted.
+/// 64-bit FNV-1a, as a signed number (advisory lock keys are `bigint`).
+const fn fnv1a(bytes: &[u8]) -> i64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut i = 0;
+    while i < bytes.len() {
+        hash ^= bytes[i] as u64;
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+        i += 1;
+    }
+    hash as i64
+}
+
+/// The trigger function's body. It records, of the old and the new row, only the columns named
+/// by the trigger's arguments (the columns the table's rules read), in Postgres text form
+/// (`hstore(record)` uses each type's output function), SQL NULL as JSON null; `ext` is
+/// hstore's schema, quoted.
 fn function_body(ext: &str) -> String {
     format!(
-        "\nBEGIN\n\
+        "\nDECLARE\n\
+         \x20 columns text[] := coalesce(TG_ARGV, '{{}}');\n\
+         BEGIN\n\
          \x20 IF TG_LEVEL = 'STATEMENT' THEN\n\
          \x20   INSERT INTO {SCHEMA}.outbox (table_schema, table_name, op)\n\
          \x20   VALUES (TG_TABLE_SCHEMA, TG_TABLE_NAME, lower(TG_OP));\n\
          \x20 ELSIF TG_OP = 'INSERT' THEN\n\
          \x20   INSERT INTO {SCHEMA}.outbox (table_schema, table_name, op, new)\n\
-         \x20   VALUES (TG_TABLE_SCHEMA, TG_TABLE_NAME, 'insert', {ext}.hstore_to_jsonb({ext}.hstore(NEW)));\n\
+         \x20   VALUES (TG_TABLE_SCHEMA, TG_TABLE_NAME, 'insert', {ext}.hstore_to_jsonb({ext}.slice({ext}.hstore(NEW), columns)));\n\
          \x20 ELSIF TG_OP = 'UPDATE' THEN\n\
          \x20   INSERT INTO {SCHEMA}.outbox (table_schema, table_name, op, old, new)\n\
-         \x20   VALUES (TG_TABLE_SCHEMA, TG_TABLE_NAME, 'update', {ext}.hstore_to_jsonb({ext}.hstore(OLD)), {ext}.hstore_to_jsonb({ext}.hstore(NEW)));\n\
+         \x20   VALUES (TG_TABLE_SCHEMA, TG_TABLE_NAME, 'update', {ext}.hstore_to_jsonb({ext}.slice({ext}.hstore(OLD), columns)), {ext}.hstore_to_jsonb({ext}.slice({ext}.hstore(NEW), columns)));\n\
          \x20 ELSE\n\
          \x20   INSERT INTO {SCHEMA}.outbox (table_schema, table_name, op, old)\n\
-         \x20   VALUES (TG_TABLE_SCHEMA, TG_TABLE_NAME, 'delete', {ext}.hstore_to_jsonb({ext}.hstore(OLD)));\n\
+         \x20   VALUES (TG_TABLE_SCHEMA, TG_TABLE_NAME, 'delete', {ext}.hstore_to_jsonb({ext}.slice({ext}.hstore(OLD), columns)));\n\
          \x20 END IF;\n\
          \x20 PERFORM pg_notify('{CHANNEL}', '');\n\
          \x20 RETURN NULL;\n\
@@ -71,31 +93,105 @@ fn function_body(ext: &str) -> String {
     )
 }
 
-/// Works out what notify mode is missing: the tables are checked, then the schema, hstore, the
-/// outbox, the trigger function (replaced when its body differs) and each table's two triggers.
-/// Idempotent: once everything is in place the plan is empty.
-pub async fn plan(
-    db: &mut impl Sql,
-    tables: &BTreeSet<TableName>,
-) -> Result<Vec<Action>, SetupError> {
-    let missing = missing_tables(db, tables).await?;
+/// The row trigger's arguments for a table: the columns its rules read, each a SQL literal.
+fn trigger_args(columns: &BTreeSet<String>) -> String {
+    columns
+        .iter()
+        .map(|c| quote_literal(c))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Splits `pg_trigger.tgargs` (as hex): each argument ends with a NUL byte.
+fn parse_tgargs(hex: &str) -> Option<Vec<String>> {
+    let bytes = (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
+        .collect::<Option<Vec<u8>>>()?;
+    let mut args: Vec<String> = bytes
+        .split(|&b| b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    // The last argument's NUL leaves an empty piece behind it (and no arguments, one).
+    args.pop();
+    Some(args)
+}
+
+/// What one of our triggers on a table looks like now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Installed {
+    /// `pg_trigger.tgenabled`: `O` and `A` fire on ordinary writes; `D` and `R` do not.
+    enabled: String,
+    /// Its arguments.
+    args: Vec<String>,
+    /// Whether it calls `invalidator.capture()`.
+    our_function: bool,
+}
+
+impl Installed {
+    /// Why it is not what we want, if it is not.
+    fn problem(&self, wanted_args: &[String]) -> Option<String> {
+        if !self.our_function {
+            Some(format!("does not call {SCHEMA}.capture()"))
+        } else if !matches!(self.enabled.as_str(), "O" | "A") {
+            Some("is disabled".to_owned())
+        } else if self.args != wanted_args {
+            Some(format!(
+                "records columns ({}), the rules read ({})",
+                self.args.join(", "),
+                wanted_args.join(", ")
+            ))
+        } else {
+            None
+        }
+    }
+}
+
+/// Works out what notify mode is missing or has out of date: the tables and the columns the
+/// rules read are checked, then the schema, hstore, the outbox, the trigger function (replaced
+/// when its body differs), each table's two triggers (the row trigger's arguments must be the
+/// columns its rules read today) and `invalidator.invalidate()`. Idempotent: once everything is
+/// in place the plan is empty. `run` refuses to start unless it is.
+///
+/// A trigger that must change is dropped and created again in one transaction (`BEGIN; DROP
+/// TRIGGER; CREATE TRIGGER; COMMIT`), so no write slips between the two; unlike `CREATE OR
+/// REPLACE TRIGGER` (PostgreSQL 14) that works on 13 too. Versions before 13 are not supported
+/// (`EXECUTE FUNCTION` in trigger definitions needs 11, and hstore's `slice` with trigger
+/// arguments is what the function relies on).
+pub async fn plan(db: &mut impl Sql, rules: &RuleSet) -> Result<Vec<Action>, SetupError> {
+    let tables: BTreeSet<TableName> = rules.tables().cloned().collect();
+    let missing = missing_tables(db, &tables).await?;
     if !missing.is_empty() {
         return Err(SetupError::MissingTables(missing));
     }
+    let mut lacking = Vec::new();
+    for table in &tables {
+        let have: BTreeSet<String> = db
+            .query(&format!(
+                "SELECT attname FROM pg_attribute WHERE attrelid = to_regclass({}) \
+                 AND attnum > 0 AND NOT attisdropped",
+                quote_literal(&qualified(table))
+            ))
+            .await?
+            .into_iter()
+            .filter_map(|r| r.into_iter().next().flatten())
+            .collect();
+        let absent: Vec<String> = rules
+            .columns_for(table)
+            .difference(&have)
+            .cloned()
+            .collect();
+        if !absent.is_empty() {
+            lacking.push((table.clone(), absent));
+        }
+    }
+    if !lacking.is_empty() {
+        return Err(SetupError::MissingColumns(lacking));
+    }
     let mut actions = Vec::new();
     let schema = quote_ident(SCHEMA);
-    let has_schema = !db
-        .query(&format!(
-            "SELECT 1 FROM pg_namespace WHERE nspname = {}",
-            quote_literal(SCHEMA)
-        ))
-        .await?
-        .is_empty();
-    if !has_schema {
-        actions.push(Action {
-            why: format!("create schema {SCHEMA} for the outbox"),
-            sql: format!("CREATE SCHEMA IF NOT EXISTS {schema}"),
-        });
+    if !invalidate::has_schema(db).await? {
+        actions.push(invalidate::create_schema());
     }
     let hstore = db
         .query(
@@ -153,42 +249,96 @@ pub async fn plan(
             ),
         });
     }
-    for table in tables {
+    for table in &tables {
         let name = qualified(table);
-        let present: BTreeSet<String> = db
+        let present: BTreeMap<String, Installed> = db
             .query(&format!(
-                "SELECT tgname FROM pg_trigger WHERE tgrelid = to_regclass({}) \
-                 AND tgname IN ({}, {})",
+                "SELECT tgname, tgenabled::text, encode(tgargs, 'hex'), \
+                 tgfoid = coalesce(to_regprocedure({})::oid, 0) \
+                 FROM pg_trigger WHERE tgrelid = to_regclass({}) AND tgname IN ({}, {})",
+                quote_literal(&function),
                 quote_literal(&name),
                 quote_literal(ROW_TRIGGER),
                 quote_literal(TRUNCATE_TRIGGER)
             ))
             .await?
             .into_iter()
-            .filter_map(|r| r.into_iter().next().flatten())
+            .filter_map(|row| match row.as_slice() {
+                [Some(tgname), Some(enabled), Some(args), Some(ours)] => Some((
+                    tgname.clone(),
+                    Installed {
+                        enabled: enabled.clone(),
+                        args: parse_tgargs(args)?,
+                        our_function: ours == "t",
+                    },
+                )),
+                _ => None,
+            })
             .collect();
-        if !present.contains(ROW_TRIGGER) {
-            actions.push(Action {
-                why: format!("capture row changes of {table}"),
-                sql: format!(
-                    "CREATE TRIGGER {} AFTER INSERT OR UPDATE OR DELETE ON {name} \
-                     FOR EACH ROW EXECUTE FUNCTION {function}",
-                    quote_ident(ROW_TRIGGER)
-                ),
-            });
-        }
-        if !present.contains(TRUNCATE_TRIGGER) {
-            actions.push(Action {
-                why: format!("capture truncates of {table}"),
-                sql: format!(
-                    "CREATE TRIGGER {} AFTER TRUNCATE ON {name} \
-                     FOR EACH STATEMENT EXECUTE FUNCTION {function}",
-                    quote_ident(TRUNCATE_TRIGGER)
-                ),
-            });
+        let columns = rules.columns_for(table);
+        let wanted: Vec<String> = columns.iter().cloned().collect();
+        let triggers = [
+            (
+                ROW_TRIGGER,
+                "AFTER INSERT OR UPDATE OR DELETE",
+                "ROW",
+                trigger_args(&columns),
+                &wanted[..],
+                "row changes",
+            ),
+            (
+                TRUNCATE_TRIGGER,
+                "AFTER TRUNCATE",
+                "STATEMENT",
+                String::new(),
+                &[][..],
+                "truncates",
+            ),
+        ];
+        for (trigger, events, level, args, wanted, what) in triggers {
+            let create = format!(
+                "CREATE TRIGGER {} {events} ON {name} FOR EACH {level} \
+                 EXECUTE FUNCTION {schema}.capture({args})",
+                quote_ident(trigger)
+            );
+            match present.get(trigger).map(|t| t.problem(wanted)) {
+                None => actions.push(Action {
+                    why: format!("capture {what} of {table}"),
+                    sql: create,
+                }),
+                Some(Some(problem)) => actions.push(Action {
+                    why: format!("replace trigger {trigger} on {table}, which {problem}"),
+                    sql: format!(
+                        "BEGIN; DROP TRIGGER {} ON {name}; {create}; COMMIT",
+                        quote_ident(trigger)
+                    ),
+                }),
+                Some(None) => {}
+            }
         }
     }
+    actions.extend(invalidate::plan(db, Mode::Notify, true).await?);
     Ok(actions)
+}
+
+/// Outbox rows waiting and the age in seconds of the oldest (`None` when empty).
+pub async fn depth(client: &tokio_postgres::Client) -> Result<(i64, Option<f64>), NotifyError> {
+    let row = client
+        .query_one(
+            "SELECT count(*), (extract(epoch FROM now() - min(created_at)))::float8 \
+             FROM invalidator.outbox",
+            &[],
+        )
+        .await?;
+    Ok((row.try_get(0)?, row.try_get(1)?))
+}
+
+/// Measures the outbox for `/metrics`; a failure is left to the next read to report.
+async fn measure(client: &tokio_postgres::Client) {
+    if let Ok((rows, oldest)) = depth(client).await {
+        metrics::gauge!(telemetry::OUTBOX_ROWS).set(rows as f64);
+        metrics::gauge!(telemetry::OUTBOX_OLDEST_SECONDS).set(oldest.unwrap_or(0.0).max(0.0));
+    }
 }
 
 /// An outbox row that cannot be turned into a change.
@@ -200,6 +350,9 @@ pub enum ConvertError {
     /// A row column is not a JSON object.
     #[error("row is not a JSON object")]
     NotAnObject,
+    /// An `invalidate()` row does not carry a JSON string.
+    #[error("invalidate() row does not hold a JSON string")]
+    NotAString,
     /// A row column is not JSON.
     #[error("row is not JSON: {0}")]
     Json(String),
@@ -243,6 +396,15 @@ pub struct OutboxRow {
 }
 
 impl OutboxRow {
+    /// The key or pattern an `invalidate()` row carries: its `new` column, a JSON string.
+    pub fn given(&self) -> Result<String, ConvertError> {
+        let text = self.new.as_deref().ok_or(ConvertError::NotAString)?;
+        match serde_json::from_str(text).map_err(|e| ConvertError::Json(e.to_string()))? {
+            serde_json::Value::String(given) => Ok(given),
+            _ => Err(ConvertError::NotAString),
+        }
+    }
+
     /// The change the row records.
     pub fn change(&self) -> Result<Change, ConvertError> {
         let op: Op = self
@@ -372,6 +534,15 @@ pub async fn connect(
     Ok((client, hint_rx))
 }
 
+/// Tries to take the reader lock on the session of `client`: `false` when another instance
+/// holds it (this one is then a standby).
+pub async fn take_reader_lock(client: &tokio_postgres::Client) -> Result<bool, NotifyError> {
+    let row = client
+        .query_one("SELECT pg_try_advisory_lock($1)", &[&READER_LOCK])
+        .await?;
+    Ok(row.try_get(0)?)
+}
+
 /// Reads the outbox, queues each round and deletes confirmed rows from it, until the delete loop
 /// stops (shutdown: the last confirmed rows are deleted first) or the connection fails. `LISTEN`
 /// must have been issued on `client`.
@@ -422,7 +593,11 @@ pub async fn stream(
                 while hints.try_recv().is_ok() {}
                 read_now = true;
             }
-            _ = poll.tick(), if reading => read_now = true,
+            _ = poll.tick() => {
+                // The depth is measured here, not per round: count(*) on a long outbox costs.
+                measure(client).await;
+                read_now |= reading;
+            }
         }
     }
 }
@@ -479,6 +654,18 @@ async fn read_round(
         };
         ids.push(outbox.id);
         first_time = first_time.min(outbox.created_us);
+        if outbox.op == invalidate::OUTBOX_OP {
+            match outbox.given() {
+                Ok(text) => inv.insert_given(&text),
+                Err(e) => {
+                    // Never skip: not knowing what it named, everything goes.
+                    tracing::error!(id = outbox.id, error = %e,
+                        "unreadable invalidate() row in the outbox; deleting every key");
+                    inv.patterns.insert("*".to_owned());
+                }
+            }
+            continue;
+        }
         match outbox.change() {
             Ok(change) => {
                 metrics::counter!(
@@ -570,6 +757,86 @@ mod tests {
             outbox("insert", None, Some("{")).change(),
             Err(ConvertError::Json(_))
         ));
+    }
+
+    #[test]
+    fn trigger_arguments_are_read_back_from_tgargs() {
+        // encode(tgargs, 'hex') of ('id', 'car_id'), of no arguments, and of ('').
+        assert_eq!(
+            parse_tgargs("6964006361725f696400"),
+            Some(vec!["id".to_owned(), "car_id".to_owned()])
+        );
+        assert_eq!(parse_tgargs(""), Some(vec![]));
+        assert_eq!(parse_tgargs("00"), Some(vec![String::new()]));
+        assert_eq!(parse_tgargs("zz"), None);
+        let columns: BTreeSet<String> = ["id".to_owned(), "it's".to_owned()].into();
+        assert_eq!(trigger_args(&columns), "'id', 'it''s'");
+    }
+
+    #[test]
+    fn a_trigger_is_out_of_date_when_disabled_foreign_or_recording_other_columns() {
+        let wanted = ["car_id".to_owned(), "id".to_owned()];
+        let good = Installed {
+            enabled: "O".into(),
+            args: wanted.to_vec(),
+            our_function: true,
+        };
+        assert_eq!(good.problem(&wanted), None);
+        let always = Installed {
+            enabled: "A".into(),
+            ..good.clone()
+        };
+        assert_eq!(always.problem(&wanted), None);
+        let fewer = Installed {
+            args: vec!["id".into()],
+            ..good.clone()
+        };
+        assert_eq!(
+            fewer.problem(&wanted).as_deref(),
+            Some("records columns (id), the rules read (car_id, id)")
+        );
+        for enabled in ["D", "R"] {
+            let off = Installed {
+                enabled: enabled.into(),
+                ..good.clone()
+            };
+            assert_eq!(off.problem(&wanted).as_deref(), Some("is disabled"));
+        }
+        let foreign = Installed {
+            our_function: false,
+            ..good
+        };
+        assert!(foreign.problem(&wanted).is_some());
+    }
+
+    #[test]
+    fn the_trigger_function_records_only_its_arguments_columns() {
+        let body = function_body("\"ext\"");
+        assert!(body.contains("coalesce(TG_ARGV, '{}')"));
+        assert_eq!(body.matches("\"ext\".slice(\"ext\".hstore(").count(), 4);
+        assert!(!body.contains("hstore_to_jsonb(\"ext\".hstore("));
+    }
+
+    #[test]
+    fn the_reader_lock_key_is_fixed() {
+        // Documented for operators who look at pg_locks; it must never change between versions.
+        assert_eq!(READER_LOCK, fnv1a(b"invalidator.outbox"));
+        assert_eq!(fnv1a(b""), 0xcbf2_9ce4_8422_2325_u64 as i64);
+        assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c_u64 as i64);
+    }
+
+    #[test]
+    fn invalidate_rows_carry_a_json_string() {
+        let row = |new: Option<&str>| OutboxRow {
+            op: "invalidate".into(),
+            ..outbox("invalidate", None, new)
+        };
+        assert_eq!(
+            row(Some(r#""user:\\*""#)).given(),
+            Ok(r"user:\*".to_owned())
+        );
+        assert_eq!(row(Some("1")).given(), Err(ConvertError::NotAString));
+        assert_eq!(row(None).given(), Err(ConvertError::NotAString));
     }
 
     #[test]

@@ -54,6 +54,9 @@ pub enum SetupError {
     /// Tables named by the rules do not exist.
     #[error("tables named in the rules do not exist: {}", list(.0))]
     MissingTables(Vec<TableName>),
+    /// Columns the rules read do not exist in their tables.
+    #[error("columns named in the rules do not exist: {}", columns(.0))]
+    MissingColumns(Vec<(TableName, Vec<String>)>),
     /// The slot cannot be used as it is.
     #[error("replication slot {slot:?} {problem}")]
     BadSlot {
@@ -76,7 +79,9 @@ impl SetupError {
                 let code = db.code().code();
                 code.starts_with("08") || code.starts_with("57P") || code == "53300"
             }),
-            SetupError::MissingTables(_) | SetupError::BadSlot { .. } => false,
+            SetupError::MissingTables(_)
+            | SetupError::MissingColumns(_)
+            | SetupError::BadSlot { .. } => false,
             SetupError::Unexpected(_) => true,
         }
     }
@@ -86,6 +91,14 @@ fn list(tables: &[TableName]) -> String {
     tables
         .iter()
         .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn columns(missing: &[(TableName, Vec<String>)]) -> String {
+    missing
+        .iter()
+        .map(|(table, columns)| format!("{table} ({})", columns.join(", ")))
         .collect::<Vec<_>>()
         .join(", ")
 }

@@ -220,7 +220,9 @@ impl ReplicationClient {
         Ok(lsn)
     }
 
-    /// Starts streaming `publication` from `slot` at `start` with pgoutput protocol version 1.
+    /// Starts streaming `publication` from `slot` at `start` with pgoutput protocol version 1,
+    /// and, on PostgreSQL 14 and later, with `messages 'true'` so that logical decoding messages
+    /// (`invalidator.invalidate()`) arrive too ([`ReplicationStream::messages`] says which).
     ///
     /// A slot that is busy elsewhere gives code `55006`, a missing one `42704`; in both cases the
     /// connection is consumed, so reconnect to try again.
@@ -234,10 +236,14 @@ impl ReplicationClient {
         wire::validate_publication_name(publication)?;
         // publication_names is a list of identifiers inside a string, so the name is quoted as an
         // identifier (keeping case, commas and quotes) and then as a literal.
+        let messages = self
+            .parameter("server_version")
+            .is_some_and(|v| wire::major_version(v) >= 14);
         let command = format!(
-            "START_REPLICATION SLOT {} LOGICAL {start} (proto_version '1', publication_names {})",
+            "START_REPLICATION SLOT {} LOGICAL {start} (proto_version '1', publication_names {}{})",
             wire::quote_ident(slot),
             wire::quote_literal(&wire::quote_ident(publication)),
+            if messages { ", messages 'true'" } else { "" },
         );
         self.conn.encode(|buf| frontend::query(&command, buf))?;
         self.conn.flush().await?;
@@ -248,6 +254,7 @@ impl ReplicationClient {
                     return Ok(ReplicationStream {
                         conn: self.conn,
                         server_done: false,
+                        messages,
                     });
                 }
                 Backend::Message(Message::ErrorResponse(body)) => {
@@ -556,9 +563,17 @@ pub struct ReplicationStream {
     conn: Connection,
     /// The server has sent CopyDone: no more stream messages will come.
     server_done: bool,
+    /// Whether the stream was started with `messages 'true'` (PostgreSQL 14 and later).
+    messages: bool,
 }
 
 impl ReplicationStream {
+    /// Whether logical decoding messages are streamed (`messages 'true'`, PostgreSQL 14 and
+    /// later): without them `invalidator.invalidate()` cannot work in replication mode.
+    pub fn messages(&self) -> bool {
+        self.messages
+    }
+
     /// Waits for the next stream message; `None` once the server has ended the stream cleanly.
     ///
     /// Cancel-safe: dropping the future (a `tokio::select!` branch that lost) loses no bytes;

@@ -145,6 +145,16 @@ pub(super) fn validate_publication_name(publication: &str) -> Result<(), Replica
     }
 }
 
+/// The major version in a `server_version` parameter: `15.20 (Debian 15.20-0+deb12u1)` is 15,
+/// `9.6.24` is 9, `14beta1` is 14; 0 when it does not start with a number.
+pub(super) fn major_version(server_version: &str) -> u32 {
+    let digits: String = server_version
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().unwrap_or(0)
+}
+
 /// Quotes an identifier with double quotes, so case and punctuation survive.
 pub(super) fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
@@ -254,6 +264,15 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn major_versions_are_read_from_server_version() {
+        assert_eq!(major_version("15.20 (Debian 15.20-0+deb12u1)"), 15);
+        assert_eq!(major_version("9.6.24"), 9);
+        assert_eq!(major_version("14beta1"), 14);
+        assert_eq!(major_version("13.0"), 13);
+        assert_eq!(major_version("devel"), 0);
     }
 
     #[test]
