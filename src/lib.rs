@@ -18,7 +18,8 @@
 //! - [`pgoutput`]: decode (and, for tests, encode) pgoutput protocol v1 messages; no I/O.
 //! - [`rules`]: load and compile `rules/*.toml`, plan a change into keys and patterns; no I/O.
 //! - [`source`]: the replication client and the setup of publication and slot; in notify mode,
-//!   the trigger-filled outbox and its setup.
+//!   the trigger-filled outbox and its setup; in both, the SQL function
+//!   `invalidator.invalidate()` (`source::invalidate`).
 //! - [`redact`]: hides passwords in URLs before they reach a log line or an error.
 //! - [`redis`]: the deleter: pipelined `UNLINK`, `SCAN` for patterns, never `KEYS`.
 //! - [`pipeline`]: the only place that wires source, rules, Redis and acknowledgement.
