@@ -303,11 +303,17 @@ in_both_modes! {
         f.cache(&["item:1"]);
         f.sql("INSERT INTO items VALUES (1, 'a', 'b', 0)");
         f.wait_deleted(&["item:1"]);
+        // The delay histogram is recorded just after the acknowledgement, so it may trail the
+        // delete by a moment.
+        wait_until(Duration::from_secs(10), "the delay histogram has a sample", || {
+            sidecar.metric("invalidator_commit_to_delete_seconds_count") >= 1.0
+        });
         let metrics = sidecar.get("/metrics").unwrap().1;
         for series in [
             "invalidator_changes_total{",
             "invalidator_keys_deleted_total",
             "invalidator_patterns_total",
+            "invalidator_scan_calls_total",
             "invalidator_commit_to_delete_seconds_bucket",
             "invalidator_confirmed_lsn",
             "invalidator_replication_lag_bytes",
