@@ -77,7 +77,7 @@ pub fn insert_then_update_invalidate(f: &Fixture) {
 
 /// TRUNCATE deletes every key of the table's rules that fire on it, with each placeholder `*`;
 /// other tables' keys and rules without `truncate` in `on` stay.
-pub fn truncate_deletes_every_key_of_the_table(f: &Fixture) {
+fn truncate_deletes_every_key_of_the_table(f: &Fixture) {
     f.sql("INSERT INTO items VALUES (3, 'c', 'x', 1), (4, 'd', 'y', 1)");
     barrier(f);
     f.cache(&[

@@ -1,11 +1,11 @@
 //! Notify mode end to end: triggers fill `invalidator.outbox`, the real binary reads it, deletes
-//! the keys and then the outbox rows.
+//! the keys and then the outbox rows. The scenarios both sources share (every operation, values,
+//! kill -9, SIGTERM, ExoDrive) run in both modes from `e2e` and `exodrive`; these are notify
+//! mode's own.
 
 use std::time::Duration;
 
-use crate::e2e::{
-    RULES, SCHEMA, barrier, insert_then_update_invalidate, truncate_deletes_every_key_of_the_table,
-};
+use crate::e2e::{RULES, SCHEMA, barrier, insert_then_update_invalidate};
 use crate::sidecar::{Fixture, Mode, Setup};
 use crate::support::{PgCluster, wait_until};
 
@@ -40,99 +40,6 @@ fn wait_outbox_empty(f: &Fixture) {
 }
 
 #[test]
-fn notify_mode_insert_update_delete_and_truncate_delete_their_keys() {
-    let f = fixture();
-    let _sidecar = f.setup.start();
-
-    insert_then_update_invalidate(&f);
-
-    // Triggers see the whole old row, whatever the replica identity.
-    f.sql("INSERT INTO plain VALUES (1, 'bob'), (2, 'alice')");
-    barrier(&f);
-    f.cache(&[
-        "item:1",
-        "items:category:boats",
-        "plain:1",
-        "owner:bob",
-        "owner:alice",
-    ]);
-    f.sql("DELETE FROM items WHERE id = 1");
-    f.sql("DELETE FROM plain WHERE id = 1");
-    f.wait_deleted(&["item:1", "items:category:boats", "plain:1", "owner:bob"]);
-    barrier(&f);
-    f.assert_kept(&["owner:alice"]);
-
-    truncate_deletes_every_key_of_the_table(&f);
-    wait_outbox_empty(&f);
-}
-
-#[test]
-fn notify_mode_values_are_postgres_text_and_never_widen() {
-    let f = fixture();
-    let _sidecar = f.setup.start();
-    let bystanders = [
-        "items:name:abc:page1",
-        "items:name:a:page1",
-        "items:category:a",
-        "items:category:b",
-        "items:category:",
-        "items:category:null",
-        "item:12",
-    ];
-    f.cache(&bystanders);
-    let exact = [
-        "items:name:*:page1",
-        "items:name:[a]:page1",
-        r"items:name:\:page1",
-        "items:category:[ab]",
-        "items:category:*",
-        "item:1",
-        "item:2",
-        "item:3",
-    ];
-    f.cache(&exact);
-    f.sql(r"INSERT INTO items VALUES (1, '*', '[ab]', 0), (2, '[a]', '*', 0), (3, '\', NULL, 0)");
-    f.wait_deleted(&exact);
-    barrier(&f);
-    f.assert_kept(&bystanders);
-}
-
-#[test]
-fn notify_mode_kill_9_during_commits_loses_nothing() {
-    let f = fixture();
-    let mut sidecar = f.setup.start();
-    let ids: Vec<String> = (1..=300).map(|i| i.to_string()).collect();
-    let keys: Vec<String> = ids.iter().map(|i| format!("item:{i}")).collect();
-    let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
-    f.cache(&keys);
-    // One commit per row, from another thread, while the sidecar is killed.
-    let writer = {
-        let db = f.db.clone();
-        let statements: String = ids
-            .iter()
-            .map(|i| {
-                format!("INSERT INTO items VALUES ({i}, 'n', 'c', 0); SELECT pg_sleep(0.01);\n")
-            })
-            .collect();
-        std::thread::spawn(move || crate::support::PgCluster::shared().psql(&db, &statements))
-    };
-    wait_until(Duration::from_secs(30), "some keys are deleted", || {
-        keys.iter().any(|k| !f.redis.exists(k))
-    });
-    sidecar.kill9();
-    writer.join().expect("writer");
-    assert!(
-        outbox_rows(&f) > 0,
-        "the writes after the kill should wait in the outbox"
-    );
-
-    // Whatever was read but not confirmed is still in the outbox: read again after a restart.
-    let _sidecar = f.setup.start();
-    f.wait_deleted(&keys);
-    wait_outbox_empty(&f);
-}
-
-#[test]
 fn notify_mode_keeps_outbox_rows_until_redis_confirms() {
     let f = fixture();
     let mut sidecar = f.setup.start();
@@ -149,20 +56,6 @@ fn notify_mode_keeps_outbox_rows_until_redis_confirms() {
     let _sidecar = f.setup.start();
     f.wait_deleted(&["item:1", "item:2", "items:category:c"]);
     wait_outbox_empty(&f);
-}
-
-#[test]
-fn notify_mode_sigterm_exits_zero_after_acknowledging() {
-    let f = fixture();
-    let mut sidecar = f.setup.start();
-    f.cache(&["item:1"]);
-    f.sql("INSERT INTO items VALUES (1, 'n', 'c', 0)");
-    f.wait_deleted(&["item:1"]);
-    let status = sidecar
-        .terminate_within(Duration::from_secs(30))
-        .expect("exits after SIGTERM");
-    assert!(status.success(), "{status:?}\n{}", sidecar.log());
-    assert_eq!(outbox_rows(&f), 0);
 }
 
 /// A fixture in notify mode on which `setup` has not run.
