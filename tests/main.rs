@@ -1,13 +1,17 @@
 //! The one integration test binary: real Postgres and Redis servers owned by the harness.
 
 mod deleter;
+mod deploy;
+mod dry_run;
 mod e2e;
 mod exodrive;
 mod faults;
 mod invalidate;
 mod memory;
 mod notify;
+mod observability;
 mod privilege;
+mod reload;
 mod replication;
 mod sidecar;
 mod slots;
