@@ -1,19 +1,91 @@
-//! `invalidator check` against the live database: do the rules' tables and columns exist, and
-//! does each table's REPLICA IDENTITY send the old values the rules need?
+//! `invalidator check`: what the rules will do, found before a deploy.
+//!
+//! - offline (`check --offline`, [`offline`]): patterns without a literal prefix, duplicate
+//!   rules and rules another rule shadows (`analysis.rs`);
+//! - against the live database ([`check`]): tables and columns that do not exist, rules that
+//!   broaden to patterns because the table's REPLICA IDENTITY does not send old values or a
+//!   column can arrive as an unchanged TOAST value, and whether the database is ready for the
+//!   mode: `wal_level`, the replication privilege and the publication, or notify mode's outbox
+//!   and triggers (`database.rs`).
+//!
+//! Each [`Finding`] is an error (`check` exits 1: the rules or the database need a change
+//! before `run` can work as intended) or a warning (it works, but deletes more than it names or
+//! does needless work), with the fix to apply. [`Report`] renders them for people or as JSON.
 
 use std::fmt;
 
-use crate::config::Mode;
-use crate::rules::RuleSet;
-use crate::source::setup::{self, SetupError, Sql};
+use serde_json::json;
+
+use crate::change::TableName;
+use crate::config::PostgresConfig;
+use crate::rules::{RuleErrors, RuleSet};
+use crate::source::setup::{SetupError, Sql};
+
+mod analysis;
+mod database;
 
 /// How serious a finding is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Severity {
-    /// The rule cannot work as written: `check` exits 1.
+    /// The rules or the database must change: `check` exits 1.
     Error,
-    /// The rule works but deletes more than it names.
+    /// It works, but deletes more than it names, or does needless work.
     Warning,
+}
+
+/// What a finding is about; `as_str` is its stable name in the JSON output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Kind {
+    /// The rules or the configuration could not be loaded (exit 2).
+    Rules,
+    /// The rule's table does not exist.
+    MissingTable,
+    /// A column the rule reads does not exist.
+    MissingColumn,
+    /// The table has no usable replica identity: once published, its updates and deletes fail.
+    NoReplicaIdentity,
+    /// The REPLICA IDENTITY does not send old values the rule reads: it broadens to patterns.
+    ReplicaIdentity,
+    /// A placeholder column can arrive as an unchanged TOAST value: it broadens to patterns.
+    Toast,
+    /// A pattern without a literal prefix: it matches keys of every kind.
+    NoPrefix,
+    /// A key that begins with a placeholder: without its value, it matches keys of every kind.
+    LeadingPlaceholder,
+    /// Two rules with the same table and keys that fire on a common operation.
+    Duplicate,
+    /// A rule whose keys another rule always deletes on the same changes.
+    Shadowed,
+    /// `wal_level` is not `logical` (replication mode).
+    WalLevel,
+    /// The role lacks what the mode needs (the REPLICATION attribute).
+    Privilege,
+    /// The publication lacks a table or an operation, or does not exist (replication mode).
+    Publication,
+    /// Notify mode's outbox, trigger function or triggers are missing or out of date.
+    NotifySetup,
+}
+
+impl Kind {
+    /// The stable name, e.g. `missing_column`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Rules => "rules",
+            Kind::MissingTable => "missing_table",
+            Kind::MissingColumn => "missing_column",
+            Kind::NoReplicaIdentity => "no_replica_identity",
+            Kind::ReplicaIdentity => "replica_identity",
+            Kind::Toast => "toast",
+            Kind::NoPrefix => "no_prefix",
+            Kind::LeadingPlaceholder => "leading_placeholder",
+            Kind::Duplicate => "duplicate",
+            Kind::Shadowed => "shadowed",
+            Kind::WalLevel => "wal_level",
+            Kind::Privilege => "privilege",
+            Kind::Publication => "publication",
+            Kind::NotifySetup => "notify_setup",
+        }
+    }
 }
 
 /// One thing `check` found.
@@ -21,88 +93,272 @@ pub enum Severity {
 pub struct Finding {
     /// Error or warning.
     pub severity: Severity,
-    /// `file:line` of the rule, or the table for table-level findings.
-    pub location: String,
-    /// What is wrong and what to do.
+    /// What it is about.
+    pub kind: Kind,
+    /// The rule's name, for findings about one rule.
+    pub rule: Option<String>,
+    /// The rule file.
+    pub file: Option<String>,
+    /// The line of the rule's `[[rule]]` header.
+    pub line: Option<usize>,
+    /// The table, for findings about a table or a rule.
+    pub table: Option<TableName>,
+    /// What is wrong, and why it matters.
     pub message: String,
+    /// What to do about it: SQL to run, or the change to make to the rule.
+    pub fix: Option<String>,
+}
+
+impl Finding {
+    /// A finding about a table (or the server, without one) rather than one rule.
+    fn general(
+        severity: Severity,
+        kind: Kind,
+        table: Option<&TableName>,
+        message: String,
+        fix: String,
+    ) -> Finding {
+        Finding {
+            severity,
+            kind,
+            rule: None,
+            file: None,
+            line: None,
+            table: table.cloned(),
+            message,
+            fix: Some(fix),
+        }
+    }
+
+    /// The finding as a JSON object with every field present (`null` when unknown).
+    fn to_json(&self) -> serde_json::Value {
+        json!({
+            "kind": self.kind.as_str(),
+            "rule": self.rule,
+            "file": self.file,
+            "line": self.line,
+            "table": self.table.as_ref().map(ToString::to_string),
+            "message": self.message,
+            "fix": self.fix,
+        })
+    }
 }
 
 impl fmt::Display for Finding {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let level = match self.severity {
-            Severity::Error => "error",
-            Severity::Warning => "warning",
-        };
-        write!(f, "{level}: {}: {}", self.location, self.message)
+        f.write_str(match self.severity {
+            Severity::Error => "error: ",
+            Severity::Warning => "warning: ",
+        })?;
+        if let Some(file) = &self.file {
+            write!(f, "{file}:")?;
+            if let Some(line) = self.line {
+                write!(f, "{line}:")?;
+            }
+            f.write_str(" ")?;
+        }
+        match (&self.rule, &self.table) {
+            (Some(rule), Some(table)) => write!(f, "rule {rule:?} on {table}: ")?,
+            (Some(rule), None) => write!(f, "rule {rule:?}: ")?,
+            (None, Some(table)) => write!(f, "{table}: ")?,
+            (None, None) => {}
+        }
+        f.write_str(&self.message)?;
+        if let Some(fix) = &self.fix {
+            write!(f, "\n  fix: {fix}")?;
+        }
+        Ok(())
     }
 }
 
-/// Checks every rule against the catalog of the connected database. In notify mode the
-/// triggers see whole old rows, so REPLICA IDENTITY does not matter and is not checked.
-pub async fn against_database(
-    db: &mut impl Sql,
-    rules: &RuleSet,
-    mode: Mode,
-) -> Result<Vec<Finding>, SetupError> {
-    let mut findings = Vec::new();
-    for table in rules.tables() {
-        let Some(info) = setup::table_info(db, table).await? else {
-            findings.push(Finding {
-                severity: Severity::Error,
-                location: table.to_string(),
-                message: "table does not exist".to_owned(),
-            });
-            continue;
-        };
-        if mode == Mode::Replication && info.replica_identity == 'n' {
-            findings.push(Finding {
-                severity: Severity::Error,
-                location: table.to_string(),
-                message: "REPLICA IDENTITY NOTHING: updates and deletes cannot be published; \
-                          use DEFAULT (with a primary key) or FULL"
-                    .to_owned(),
-            });
-        }
-        for rule in rules.rules().iter().filter(|r| &r.table == table) {
-            let location = format!("{}:{}: rule {:?}", rule.file, rule.line, rule.name);
-            let columns = rule.columns();
-            let missing: Vec<&str> = columns
+/// Everything `check` found, sorted: server and table findings first, then by file and line.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Report {
+    /// The findings.
+    pub findings: Vec<Finding>,
+}
+
+impl Report {
+    /// Sorts `findings` into a report.
+    pub fn new(mut findings: Vec<Finding>) -> Report {
+        findings.sort_by(|a, b| {
+            (&a.file, a.line, &a.table, a.kind).cmp(&(&b.file, b.line, &b.table, b.kind))
+        });
+        Report { findings }
+    }
+
+    /// The report of rules that could not be loaded: one `rules` error per problem, with its
+    /// file and line.
+    pub fn unusable(errors: &RuleErrors) -> Report {
+        Report {
+            findings: errors
+                .errors()
                 .iter()
-                .map(String::as_str)
-                .filter(|c| !info.columns.iter().any(|have| have == c))
-                .collect();
-            if !missing.is_empty() {
-                findings.push(Finding {
+                .map(|e| Finding {
                     severity: Severity::Error,
-                    location: location.clone(),
-                    message: format!("{table} has no column {}", missing.join(", ")),
-                });
-                continue;
-            }
-            let reads_old = rule
-                .ops
-                .iter()
-                .any(|op| matches!(op, crate::change::Op::Update | crate::change::Op::Delete));
-            let unsent: Vec<&str> = columns
-                .iter()
-                .map(String::as_str)
-                .filter(|c| !info.identity_columns.iter().any(|have| have == c))
-                .collect();
-            if mode == Mode::Replication && reads_old && !unsent.is_empty() {
-                findings.push(Finding {
-                    severity: Severity::Warning,
-                    location,
-                    message: format!(
-                        "REPLICA IDENTITY of {table} does not send the old value of {}: \
-                         updates and deletes render those placeholders as `*` and delete \
-                         more than needed; run `ALTER TABLE {table} REPLICA IDENTITY FULL` \
-                         to make them exact",
-                        unsent.join(", ")
-                    ),
-                });
-            }
+                    kind: Kind::Rules,
+                    rule: e.rule.clone(),
+                    file: (!e.file.is_empty()).then(|| e.file.clone()),
+                    line: e.line,
+                    table: None,
+                    message: e.kind.to_string(),
+                    fix: None,
+                })
+                .collect(),
         }
     }
-    findings.sort_by(|a, b| (a.severity, &a.location).cmp(&(b.severity, &b.location)));
-    Ok(findings)
+
+    /// The report of a configuration that could not be loaded: one `rules` error.
+    pub fn unusable_config(message: &str) -> Report {
+        Report {
+            findings: vec![Finding::general(
+                Severity::Error,
+                Kind::Rules,
+                None,
+                message.to_owned(),
+                String::new(),
+            )],
+        }
+        .without_fix()
+    }
+
+    /// The same findings without fixes.
+    fn without_fix(mut self) -> Report {
+        for finding in &mut self.findings {
+            finding.fix = None;
+        }
+        self
+    }
+
+    /// Whether there is no error (warnings allowed): `check` exits 0.
+    pub fn ok(&self) -> bool {
+        self.count(Severity::Error) == 0
+    }
+
+    /// How many findings have `severity`.
+    pub fn count(&self, severity: Severity) -> usize {
+        self.findings
+            .iter()
+            .filter(|f| f.severity == severity)
+            .count()
+    }
+
+    /// The stable JSON document: `{"ok": bool, "errors": [...], "warnings": [...]}`, each
+    /// finding `{"kind", "rule", "file", "line", "table", "message", "fix"}`.
+    pub fn to_json(&self) -> String {
+        let of = |severity| {
+            self.findings
+                .iter()
+                .filter(|f| f.severity == severity)
+                .map(Finding::to_json)
+                .collect::<Vec<_>>()
+        };
+        let doc = json!({
+            "ok": self.ok(),
+            "errors": of(Severity::Error),
+            "warnings": of(Severity::Warning),
+        });
+        serde_json::to_string_pretty(&doc).unwrap_or_default()
+    }
+
+    /// The findings for people, errors first, then a summary line naming the rules checked.
+    pub fn human(&self, rules: &RuleSet, what: &str) -> String {
+        let mut out = String::new();
+        for severity in [Severity::Error, Severity::Warning] {
+            for finding in self.findings.iter().filter(|f| f.severity == severity) {
+                out.push_str(&finding.to_string());
+                out.push('\n');
+            }
+        }
+        let (errors, warnings) = (self.count(Severity::Error), self.count(Severity::Warning));
+        let verdict = match (errors, warnings) {
+            (0, 0) => "ok".to_owned(),
+            (0, w) => format!("ok, {w} warning{}", plural(w)),
+            (e, w) => format!("{e} error{}, {w} warning{}", plural(e), plural(w)),
+        };
+        let (rules, tables) = (rules.rules().len(), rules.tables().count());
+        out.push_str(&format!(
+            "{rules} rule{} on {tables} table{} {what}: {verdict}",
+            plural(rules),
+            plural(tables)
+        ));
+        out
+    }
+}
+
+fn plural(n: usize) -> &'static str {
+    if n == 1 { "" } else { "s" }
+}
+
+/// The rules-only checks (`check --offline`): no-prefix patterns, duplicates, shadowed rules.
+pub fn offline(rules: &RuleSet) -> Report {
+    Report::new(analysis::findings(rules))
+}
+
+/// Every check: the rules-only ones and those against the connected database, as
+/// `postgres.mode` reads changes.
+pub async fn check(
+    db: &mut impl Sql,
+    rules: &RuleSet,
+    postgres: &PostgresConfig,
+) -> Result<Report, SetupError> {
+    let mut findings = analysis::findings(rules);
+    findings.extend(database::findings(db, rules, postgres).await?);
+    Ok(Report::new(findings))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn finding(severity: Severity, rule: Option<&str>) -> Finding {
+        Finding {
+            severity,
+            kind: Kind::MissingColumn,
+            rule: rule.map(str::to_owned),
+            file: rule.map(|_| "rules/a.toml".to_owned()),
+            line: rule.map(|_| 3),
+            table: Some(TableName::parse("items")),
+            message: "public.items has no column nope".to_owned(),
+            fix: Some("fix it".to_owned()),
+        }
+    }
+
+    #[test]
+    fn json_has_ok_errors_and_warnings_with_every_field() {
+        let report = Report::new(vec![
+            finding(Severity::Warning, None),
+            finding(Severity::Error, Some("ghost")),
+        ]);
+        let doc: serde_json::Value = serde_json::from_str(&report.to_json()).unwrap();
+        assert_eq!(doc["ok"], false);
+        assert_eq!(
+            doc["errors"][0],
+            json!({"kind": "missing_column", "rule": "ghost", "file": "rules/a.toml", "line": 3,
+                   "table": "public.items", "message": "public.items has no column nope",
+                   "fix": "fix it"})
+        );
+        assert_eq!(doc["warnings"][0]["rule"], serde_json::Value::Null);
+        assert_eq!(doc["warnings"][0]["table"], "public.items");
+    }
+
+    #[test]
+    fn human_output_names_file_line_rule_and_fix() {
+        let rules = RuleSet::compile(&[(
+            "rules/a.toml".to_owned(),
+            "[[rule]]\ntable = \"items\"\nkeys = [\"k\"]\n".to_owned(),
+        )])
+        .unwrap();
+        let report = Report::new(vec![finding(Severity::Error, Some("ghost"))]);
+        assert_eq!(
+            report.human(&rules, "checked"),
+            "error: rules/a.toml:3: rule \"ghost\" on public.items: public.items has no column \
+             nope\n  fix: fix it\n1 rule on 1 table checked: 1 error, 0 warnings"
+        );
+        assert!(!report.ok());
+        assert_eq!(
+            Report::default().human(&rules, "checked"),
+            "1 rule on 1 table checked: ok"
+        );
+    }
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use invalidator::change::Op;
-use invalidator::check::{self, Severity};
+use invalidator::check;
 use invalidator::config::{Config, Mode};
 use invalidator::rules::RuleSet;
 use invalidator::source::{invalidate, notify, setup};
@@ -38,9 +38,13 @@ pub enum Command {
         /// Configuration file [default: ./invalidator.toml].
         #[arg(long)]
         config: Option<PathBuf>,
-        /// Only load and compile; do not connect.
+        /// Only the rules-only checks (no-prefix patterns, duplicates, shadowing); do not
+        /// connect.
         #[arg(long)]
         offline: bool,
+        /// Output: human (default) or json (`{"ok", "errors", "warnings"}`, for CI).
+        #[arg(long, value_enum, default_value_t = Format::Human)]
+        format: Format,
     },
     /// Print the keys and patterns one change would invalidate.
     Explain {
@@ -56,9 +60,18 @@ pub enum Command {
         /// The old row as a JSON object (update, delete).
         #[arg(long)]
         old: Option<String>,
-        /// The new row as a JSON object (insert, update).
+        /// The new row as a JSON object (insert, update); with --where, the columns an
+        /// update (or insert) sets on the row read.
         #[arg(long)]
         new: Option<String>,
+        /// Read the rows from the live database: `SELECT ... FROM <table> WHERE <this>` (in a
+        /// READ ONLY transaction); each is the old row of an update or delete, the new row of
+        /// an insert. At most 1000 rows, planned together.
+        #[arg(long = "where", value_name = "CONDITION")]
+        filter: Option<String>,
+        /// Output: json (default; `keys`, `patterns` and each rule's share) or human.
+        #[arg(long, value_enum, default_value_t = Format::Json)]
+        format: Format,
     },
     /// Create or repair the publication and the replication slot (notify mode: the outbox and
     /// its triggers).
@@ -91,6 +104,15 @@ impl Command {
     }
 }
 
+/// How `check` and `explain` print their results.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// For people.
+    Human,
+    /// A stable JSON document.
+    Json,
+}
+
 /// Configuration and rules, loaded before anything connects: failures here exit 2.
 pub struct Loaded {
     /// The validated configuration.
@@ -101,8 +123,29 @@ pub struct Loaded {
 
 /// Loads the configuration and compiles the rules.
 pub fn load(command: &Command) -> anyhow::Result<Loaded> {
-    let config = Config::load(command.config_path())?;
-    let rules = RuleSet::load(&config.rules_path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    // `check --format json` prints its JSON document for rules that do not load, too.
+    let json = matches!(
+        command,
+        Command::Check {
+            format: Format::Json,
+            ..
+        }
+    );
+    let config = Config::load(command.config_path()).inspect_err(|e| {
+        if json {
+            println!(
+                "{}",
+                check::Report::unusable_config(&e.to_string()).to_json()
+            );
+        }
+    })?;
+    let rules = RuleSet::load(&config.rules_path)
+        .inspect_err(|e| {
+            if json {
+                println!("{}", check::Report::unusable(e).to_json());
+            }
+        })
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(Loaded {
         config,
         rules: Arc::new(rules),
@@ -119,39 +162,35 @@ pub async fn execute(command: Command, loaded: Loaded) -> anyhow::Result<ExitCod
             run::run(config, rules, cancel).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Check { offline: true, .. } => {
-            println!("{}", summary(&rules, "compiled (offline)"));
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Check { offline: false, .. } => {
-            let mut db = connect(&config).await?;
-            let findings = check::against_database(&mut db, &rules, config.postgres.mode).await?;
-            for finding in &findings {
-                println!("{finding}");
-            }
-            let errors = findings
-                .iter()
-                .filter(|f| f.severity == Severity::Error)
-                .count();
-            if errors > 0 {
-                println!("{errors} problem(s) found");
-                Ok(ExitCode::FAILURE)
+        Command::Check {
+            offline, format, ..
+        } => {
+            let (report, what) = if offline {
+                (check::offline(&rules), "checked offline")
             } else {
-                println!("{}", summary(&rules, "ok"));
-                Ok(ExitCode::SUCCESS)
+                let mut db = connect(&config).await?;
+                let report = check::check(&mut db, &rules, &config.postgres).await?;
+                (report, "checked against the database")
+            };
+            match format {
+                Format::Human => println!("{}", report.human(&rules, what)),
+                Format::Json => println!("{}", report.to_json()),
             }
+            Ok(if report.ok() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
         Command::Explain {
             table,
             op,
             old,
             new,
+            filter,
+            format,
             ..
-        } => {
-            let change = explain::change(&table, op, old.as_deref(), new.as_deref())?;
-            println!("{}", explain::explain(&rules, &change));
-            Ok(ExitCode::SUCCESS)
-        }
+        } => explain_command(&config, &rules, &table, op, old, new, filter, format).await,
         Command::Setup { dry_run, .. } => {
             let mut db = connect(&config).await?;
             let tables = rules.tables().cloned().collect();
@@ -227,12 +266,65 @@ pub async fn execute(command: Command, loaded: Loaded) -> anyhow::Result<ExitCod
     }
 }
 
-fn summary(rules: &RuleSet, verdict: &str) -> String {
-    format!(
-        "{} rules on {} tables: {verdict}",
-        rules.rules().len(),
-        rules.tables().count()
-    )
+/// `explain`: usage problems (bad JSON, a table no rule watches, flags that do not go
+/// together) exit 2 like unusable rules; a database that cannot answer exits 1.
+#[allow(clippy::too_many_arguments)]
+async fn explain_command(
+    config: &Config,
+    rules: &RuleSet,
+    table: &str,
+    op: Op,
+    old: Option<String>,
+    new: Option<String>,
+    filter: Option<String>,
+    format: Format,
+) -> anyhow::Result<ExitCode> {
+    let usage = |message: String| {
+        eprintln!("error: {message}");
+        Ok(ExitCode::from(2))
+    };
+    let name = invalidator::change::TableName::parse(table);
+    if !rules.has_table(&name) {
+        let watched: Vec<String> = rules.tables().map(ToString::to_string).collect();
+        return usage(format!(
+            "no rule watches table {name} (tables with rules: {})",
+            watched.join(", ")
+        ));
+    }
+    let explained = match filter {
+        None => match explain::change(table, op, old.as_deref(), new.as_deref()) {
+            Ok(change) => explain::explain_changes(rules, &name, op, &[change]),
+            Err(e) => return usage(e.to_string()),
+        },
+        Some(_) if op == Op::Truncate => {
+            return usage("--where has no meaning for a truncate".to_owned());
+        }
+        Some(_) if old.is_some() => {
+            return usage(
+                "--old and --where do not go together: the row read is the old row".to_owned(),
+            );
+        }
+        Some(_) if new.is_some() && op == Op::Delete => {
+            return usage("--new has no meaning for a delete".to_owned());
+        }
+        Some(filter) => {
+            let overlay = match new.as_deref().map(|t| explain::row_from_json("new", t)) {
+                Some(Err(e)) => return usage(e.to_string()),
+                Some(Ok(row)) => Some(row),
+                None => None,
+            };
+            let mut db = connect(config).await?;
+            let fetched =
+                explain::rows_from_database(&mut db, &name, &filter, config.postgres.mode).await?;
+            let changes = explain::changes_from_rows(&name, op, &fetched, overlay.as_ref());
+            explain::explain_changes(rules, &name, op, &changes)
+        }
+    };
+    match format {
+        Format::Human => println!("{}", explained.human()),
+        Format::Json => println!("{}", explained.to_json()),
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// An ordinary (non-replication) connection for setup, check and status.

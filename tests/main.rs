@@ -1,5 +1,6 @@
 //! The one integration test binary: real Postgres and Redis servers owned by the harness.
 
+mod cli;
 mod deleter;
 mod deploy;
 mod e2e;

@@ -1,0 +1,545 @@
+//! The half of `check` that reads the live database's catalog: do the rules' tables and columns
+//! exist, which old and new values will Postgres actually send, and is the database ready for
+//! the mode (`wal_level`, privilege and publication; or notify mode's outbox and triggers).
+
+use std::collections::BTreeSet;
+
+use crate::change::{Op, TableName};
+use crate::config::{Mode, PostgresConfig};
+use crate::rules::{Rule, RuleSet};
+use crate::source::notify;
+use crate::source::setup::{self, SetupError, Sql, qualified, quote_ident, quote_literal};
+
+use super::analysis::{Piece, pieces, widened};
+use super::{Finding, Kind, Severity};
+
+/// A column as the catalog describes it.
+struct Column {
+    /// Its name.
+    name: String,
+    /// Its type, as `format_type` prints it.
+    type_name: String,
+    /// Whether its values can be stored out of line (a varlena type whose storage is not
+    /// `plain`), so an update that leaves it alone may not send it.
+    toastable: bool,
+}
+
+/// A finding about `rule`.
+fn about(rule: &Rule, severity: Severity, kind: Kind, message: String, fix: String) -> Finding {
+    Finding {
+        severity,
+        kind,
+        rule: Some(rule.name.clone()),
+        file: Some(rule.file.clone()),
+        line: Some(rule.line),
+        table: Some(rule.table.clone()),
+        message,
+        fix: Some(fix),
+    }
+}
+
+/// The first column of the first row, if any.
+fn scalar(rows: setup::Rows) -> Option<String> {
+    rows.into_iter().next()?.into_iter().next()?
+}
+
+/// `ALTER TABLE t REPLICA IDENTITY FULL;`
+fn full_identity(table: &TableName) -> String {
+    format!("ALTER TABLE {} REPLICA IDENTITY FULL;", qualified(table))
+}
+
+/// Everything the database says about the rules.
+pub(super) async fn findings(
+    db: &mut impl Sql,
+    rules: &RuleSet,
+    postgres: &PostgresConfig,
+) -> Result<Vec<Finding>, SetupError> {
+    let mut out = Vec::new();
+    let mut present = BTreeSet::new();
+    let mut complete = true;
+    for table in rules.tables() {
+        let Some(info) = setup::table_info(db, table).await? else {
+            complete = false;
+            for rule in rules.rules().iter().filter(|r| &r.table == table) {
+                out.push(about(
+                    rule,
+                    Severity::Error,
+                    Kind::MissingTable,
+                    format!("table {table} does not exist"),
+                    "name an existing table: `schema.table`, or a bare name for public.<name>"
+                        .to_owned(),
+                ));
+            }
+            continue;
+        };
+        present.insert(table.clone());
+        let columns = columns(db, table).await?;
+        let replication = postgres.mode == Mode::Replication;
+        if replication {
+            identity(table, &info, &mut out);
+        }
+        for rule in rules.rules().iter().filter(|r| &r.table == table) {
+            let missing: Vec<&str> = rule
+                .columns()
+                .iter()
+                .map(String::as_str)
+                .filter(|c| !info.columns.iter().any(|have| have == c))
+                .collect();
+            if !missing.is_empty() {
+                complete = false;
+                out.push(about(
+                    rule,
+                    Severity::Error,
+                    Kind::MissingColumn,
+                    format!(
+                        "{table} has no column {} (it has {})",
+                        missing.join(", "),
+                        info.columns.join(", ")
+                    ),
+                    "correct the column names in the rule's keys and `changed`".to_owned(),
+                ));
+                continue;
+            }
+            // In notify mode the trigger records whole old and new rows.
+            if replication && info.replica_identity != 'f' {
+                old_values(rule, &info, &mut out);
+                toast(rule, &info, &columns, &mut out);
+            }
+        }
+    }
+    match postgres.mode {
+        Mode::Replication => {
+            server(db, &mut out).await?;
+            publication(db, rules, &present, &postgres.publication, &mut out).await?;
+        }
+        // notify::plan refuses tables or columns that do not exist: reported above already.
+        Mode::Notify if complete => notify_setup(db, rules, &mut out).await?,
+        Mode::Notify => {}
+    }
+    Ok(out)
+}
+
+/// The columns of `table` with their types and whether they can be TOASTed.
+async fn columns(db: &mut impl Sql, table: &TableName) -> Result<Vec<Column>, SetupError> {
+    let rows = db
+        .query(&format!(
+            "SELECT attname, format_type(atttypid, atttypmod), \
+             (attlen = -1 AND attstorage <> 'p')::text \
+             FROM pg_attribute WHERE attrelid = to_regclass({}) AND attnum > 0 \
+             AND NOT attisdropped ORDER BY attnum",
+            quote_literal(&qualified(table))
+        ))
+        .await?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|row| match row.as_slice() {
+            [Some(name), Some(type_name), Some(toastable)] => Some(Column {
+                name: name.clone(),
+                type_name: type_name.clone(),
+                toastable: toastable == "true",
+            }),
+            _ => None,
+        })
+        .collect())
+}
+
+/// A table whose updates and deletes Postgres would refuse once it is in the publication.
+fn identity(table: &TableName, info: &setup::TableInfo, out: &mut Vec<Finding>) {
+    let problem = match info.replica_identity {
+        'n' => "REPLICA IDENTITY NOTHING",
+        'f' => return,
+        _ if !info.identity_columns.is_empty() => return,
+        'i' => "REPLICA IDENTITY USING INDEX without that index",
+        _ => "REPLICA IDENTITY DEFAULT without a primary key",
+    };
+    out.push(Finding::general(
+        Severity::Error,
+        Kind::NoReplicaIdentity,
+        Some(table),
+        format!(
+            "{problem}: once {table} is in the publication, Postgres refuses its UPDATEs and \
+             DELETEs (\"cannot update table because it does not have a replica identity and \
+             publishes updates\")"
+        ),
+        format!(
+            "{} (or add a primary key: the old rows then carry only its columns)",
+            full_identity(table)
+        ),
+    ));
+}
+
+/// A rule that reads old values its table's REPLICA IDENTITY does not send.
+fn old_values(rule: &Rule, info: &setup::TableInfo, out: &mut Vec<Finding>) {
+    // Without identity columns, `identity` reported an error that covers this.
+    if info.identity_columns.is_empty()
+        || !rule
+            .ops
+            .iter()
+            .any(|op| matches!(op, Op::Update | Op::Delete))
+    {
+        return;
+    }
+    let table = &rule.table;
+    let sent = |column: &str| info.identity_columns.iter().any(|c| c == column);
+    let placeholders: BTreeSet<&str> = rule
+        .templates()
+        .iter()
+        .flat_map(|t| t.columns())
+        .filter(|c| !sent(c))
+        .collect();
+    let changed: Vec<&str> = rule
+        .changed
+        .iter()
+        .map(String::as_str)
+        .filter(|c| !sent(c))
+        .collect();
+    if placeholders.is_empty() && changed.is_empty() {
+        return;
+    }
+    let identity = match info.replica_identity {
+        'i' => "REPLICA IDENTITY USING INDEX",
+        _ => "REPLICA IDENTITY DEFAULT",
+    };
+    let mut message = format!(
+        "{identity} of {table} sends only {} in the old row of an UPDATE or DELETE",
+        info.identity_columns.join(", ")
+    );
+    if !placeholders.is_empty() {
+        let broadened: Vec<String> = rule
+            .templates()
+            .iter()
+            .filter(|t| t.columns().any(|c| placeholders.contains(c)))
+            .map(|t| {
+                format!(
+                    "`{t}` becomes `{}`",
+                    widened(t, |c| placeholders.contains(c))
+                )
+            })
+            .collect();
+        message.push_str(&format!(
+            ", so the keys rendered from the old row broaden to patterns: {}",
+            broadened.join(", ")
+        ));
+    }
+    if !changed.is_empty() && rule.ops.contains(&Op::Update) {
+        message.push_str(&format!(
+            "{} `changed` cannot compare {}, so every update fires the rule",
+            if placeholders.is_empty() {
+                "; "
+            } else {
+                "; and "
+            },
+            changed.join(", ")
+        ));
+    }
+    out.push(about(
+        rule,
+        Severity::Warning,
+        Kind::ReplicaIdentity,
+        message,
+        format!(
+            "{} (every UPDATE and DELETE then carries the whole old row, and the keys are exact)",
+            full_identity(table)
+        ),
+    ));
+}
+
+/// A rule whose placeholders read a column that an update can leave out of the new row: an
+/// unchanged value stored out of line (TOAST) is not sent unless the old row holds it.
+fn toast(rule: &Rule, info: &setup::TableInfo, columns: &[Column], out: &mut Vec<Finding>) {
+    if !rule.ops.contains(&Op::Update) {
+        return;
+    }
+    let toastable = |name: &str| columns.iter().find(|c| c.name == name && c.toastable);
+    let mut named: Vec<String> = Vec::new();
+    let mut broadened: Vec<String> = Vec::new();
+    let mut risky = BTreeSet::new();
+    for template in rule.templates() {
+        for piece in pieces(template.source()) {
+            if let Piece::Value { column, .. } = piece
+                && let Some(c) = toastable(&column)
+                && risky.insert(column.clone())
+            {
+                named.push(format!("{} ({})", c.name, c.type_name));
+            }
+        }
+    }
+    if risky.is_empty() {
+        return;
+    }
+    for template in rule.templates() {
+        if template.columns().any(|c| risky.contains(c)) {
+            broadened.push(format!(
+                "`{template}` becomes `{}`",
+                widened(template, |c| risky.contains(c))
+            ));
+        }
+    }
+    let table = &rule.table;
+    let identity = if info.replica_identity == 'i' {
+        "USING INDEX"
+    } else {
+        "DEFAULT"
+    };
+    out.push(about(
+        rule,
+        Severity::Warning,
+        Kind::Toast,
+        format!(
+            "{} can be stored out of line (TOAST); an UPDATE that leaves such a value unchanged \
+             does not send it under REPLICA IDENTITY {identity}, so the new row's keys broaden \
+             to patterns: {}",
+            named.join(", "),
+            broadened.join(", ")
+        ),
+        format!(
+            "{} (the old row then holds every value, and an unchanged one is taken from it)",
+            full_identity(table)
+        ),
+    ));
+}
+
+/// `wal_level` and the role's REPLICATION attribute, which replication mode needs.
+async fn server(db: &mut impl Sql, out: &mut Vec<Finding>) -> Result<(), SetupError> {
+    let level = scalar(db.query("SELECT current_setting('wal_level')").await?).unwrap_or_default();
+    if level != "logical" {
+        out.push(Finding::general(
+            Severity::Error,
+            Kind::WalLevel,
+            None,
+            format!(
+                "wal_level is {level}: logical replication needs wal_level = logical, so `run` \
+                 cannot create its slot"
+            ),
+            "ALTER SYSTEM SET wal_level = logical; then restart Postgres (or, where that is \
+             impossible, set [postgres] mode = \"notify\")"
+                .to_owned(),
+        ));
+    }
+    let role = db
+        .query("SELECT current_user::text, (rolreplication OR rolsuper)::text FROM pg_roles WHERE rolname = current_user")
+        .await?;
+    if let Some([Some(user), Some(may)]) = role.first().map(Vec::as_slice)
+        && may != "true"
+    {
+        out.push(Finding::general(
+            Severity::Error,
+            Kind::Privilege,
+            None,
+            format!(
+                "role {user} lacks the REPLICATION attribute, so `run` cannot open a \
+                 replication connection"
+            ),
+            format!(
+                "as a superuser: ALTER ROLE {} WITH REPLICATION;",
+                quote_ident(user)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Whether the publication holds every table with rules and publishes every operation they
+/// fire on. What `run` can add itself (its role owns the tables and the publication) is a
+/// warning; what it cannot is an error, since `run` would stop at start.
+async fn publication(
+    db: &mut impl Sql,
+    rules: &RuleSet,
+    present: &BTreeSet<TableName>,
+    name: &str,
+    out: &mut Vec<Finding>,
+) -> Result<(), SetupError> {
+    let rows = db
+        .query(&format!(
+            "SELECT (pg_has_role(pubowner, 'USAGE') OR (SELECT rolsuper FROM pg_roles \
+             WHERE rolname = current_user))::text, pubinsert::text, pubupdate::text, \
+             pubdelete::text, pubtruncate::text FROM pg_publication WHERE pubname = {}",
+            quote_literal(name)
+        ))
+        .await?;
+    let (exists, owns_publication, published_ops) = match rows.first().map(Vec::as_slice) {
+        Some([Some(owner), ops @ ..]) => {
+            let ops: Vec<Op> = Op::ALL
+                .into_iter()
+                .zip(ops)
+                .filter(|(_, on)| on.as_deref() == Some("true"))
+                .map(|(op, _)| op)
+                .collect();
+            (true, owner == "true", ops)
+        }
+        _ => (false, false, Op::ALL.to_vec()),
+    };
+    let published: BTreeSet<TableName> = if exists {
+        db.query(&format!(
+            "SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = {}",
+            quote_literal(name)
+        ))
+        .await?
+        .into_iter()
+        .filter_map(|row| match row.as_slice() {
+            [Some(schema), Some(table)] => Some(TableName::new(schema, table)),
+            _ => None,
+        })
+        .collect()
+    } else {
+        BTreeSet::new()
+    };
+    let lacking: Vec<&TableName> = present.difference(&published).collect();
+    if !lacking.is_empty() {
+        // Creating or extending a publication needs ownership of each table (and of the
+        // publication, or CREATE on the database to create it).
+        let mut may = if exists {
+            owns_publication
+        } else {
+            scalar(
+                db.query(
+                    "SELECT (has_database_privilege(current_database(), 'CREATE') OR \
+                     (SELECT rolsuper FROM pg_roles WHERE rolname = current_user))::text",
+                )
+                .await?,
+            )
+            .as_deref()
+                == Some("true")
+        };
+        for table in &lacking {
+            may &= scalar(
+                db.query(&format!(
+                    "SELECT pg_has_role(relowner, 'USAGE')::text FROM pg_class \
+                     WHERE oid = to_regclass({})",
+                    quote_literal(&qualified(table))
+                ))
+                .await?,
+            )
+            .as_deref()
+                == Some("true");
+        }
+        let names: Vec<String> = lacking.iter().map(|t| qualified(t)).collect();
+        let (message, sql, verb) = if exists {
+            (
+                format!(
+                    "publication {name} lacks {}: their changes are not streamed",
+                    lacking
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                format!(
+                    "ALTER PUBLICATION {} ADD TABLE {};",
+                    quote_ident(name),
+                    names.join(", ")
+                ),
+                "adds them",
+            )
+        } else {
+            (
+                format!("publication {name} does not exist yet"),
+                format!(
+                    "CREATE PUBLICATION {} FOR TABLE {};",
+                    quote_ident(name),
+                    names.join(", ")
+                ),
+                "creates it",
+            )
+        };
+        if may {
+            out.push(Finding::general(
+                Severity::Warning,
+                Kind::Publication,
+                None,
+                format!(
+                    "{message}: `invalidator run` {verb} at start (this role may), or run \
+                     `invalidator setup` now"
+                ),
+                sql,
+            ));
+        } else {
+            out.push(Finding::general(
+                Severity::Error,
+                Kind::Publication,
+                None,
+                format!(
+                    "{message}, and this role cannot change that (it needs to own the tables{}), \
+                     so `invalidator run` would stop at start",
+                    if exists { " and the publication" } else { "" }
+                ),
+                format!("as the tables' owner: {sql} (or `invalidator setup` as the owner)"),
+            ));
+        }
+    }
+    let needed: Vec<Op> = Op::ALL
+        .into_iter()
+        .filter(|op| !published_ops.contains(op))
+        .filter(|op| rules.rules().iter().any(|r| r.ops.contains(op)))
+        .collect();
+    if !needed.is_empty() {
+        let ops: Vec<&str> = needed.iter().map(|op| op.as_str()).collect();
+        out.push(Finding::general(
+            Severity::Error,
+            Kind::Publication,
+            None,
+            format!(
+                "publication {name} does not publish {}, on which rules fire: those changes \
+                 are never seen",
+                ops.join(", ")
+            ),
+            format!(
+                "ALTER PUBLICATION {} SET (publish = 'insert, update, delete, truncate');",
+                quote_ident(name)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// What notify mode's setup lacks: `run` refuses to start until `invalidator setup` applied it.
+async fn notify_setup(
+    db: &mut impl Sql,
+    rules: &RuleSet,
+    out: &mut Vec<Finding>,
+) -> Result<(), SetupError> {
+    let installed = scalar(
+        db.query(&format!(
+            "SELECT (to_regclass({}) IS NOT NULL)::text",
+            quote_literal(&format!("{}.outbox", quote_ident(notify::SCHEMA)))
+        ))
+        .await?,
+    )
+    .as_deref()
+        == Some("true");
+    let actions = notify::plan(db, rules).await?;
+    if actions.is_empty() {
+        return Ok(());
+    }
+    if !installed {
+        out.push(Finding::general(
+            Severity::Error,
+            Kind::NotifySetup,
+            None,
+            format!(
+                "notify mode is not set up in this database (no {}.outbox): `invalidator run` \
+                 refuses to start",
+                notify::SCHEMA
+            ),
+            "invalidator setup (`invalidator setup --dry-run` prints its SQL)".to_owned(),
+        ));
+        return Ok(());
+    }
+    for action in actions {
+        let table = rules
+            .tables()
+            .find(|t| action.sql.contains(&format!(" ON {} ", qualified(t))));
+        out.push(Finding::general(
+            Severity::Error,
+            Kind::NotifySetup,
+            table,
+            format!(
+                "notify mode is out of date: setup would {}; `invalidator run` refuses to start \
+                 until `invalidator setup` does",
+                action.why
+            ),
+            format!("{};", action.sql),
+        ));
+    }
+    Ok(())
+}

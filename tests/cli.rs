@@ -1,0 +1,664 @@
+//! The developer and operator commands as a user runs them: `check` (human and JSON, exit codes
+//! 0, 1 and 2), `explain` (JSON rows and `--where` on the live database), `setup --dry-run` and
+//! `status`, each against a database of its own in the shared cluster.
+
+use std::process::Command;
+
+use serde_json::Value as Json;
+
+use crate::sidecar::{Setup, binary};
+use crate::support::{PgCluster, unique_name};
+
+/// A table per case: `items` (REPLICA IDENTITY FULL), `plain` (DEFAULT, key `id`), `docs` (a
+/// text column, DEFAULT), `flags` (a boolean and a date).
+const SCHEMA: &str = "
+CREATE TABLE items (id int PRIMARY KEY, name text, category text);
+ALTER TABLE items REPLICA IDENTITY FULL;
+CREATE TABLE plain (id int PRIMARY KEY, owner int);
+CREATE TABLE docs (id int PRIMARY KEY, slug text, body jsonb);
+CREATE TABLE flags (id int PRIMARY KEY, active boolean, day date);
+ALTER TABLE flags REPLICA IDENTITY FULL;
+";
+
+const RULES: &str = r#"
+[[rule]]
+name = "item"
+table = "items"
+keys = ["item:{id}", "items:category:{category}"]
+"#;
+
+/// A configuration whose slot is dropped with it, so `setup` leaves no slot behind in the
+/// shared cluster.
+struct Config(Setup);
+
+impl std::ops::Deref for Config {
+    type Target = Setup;
+
+    fn deref(&self) -> &Setup {
+        &self.0
+    }
+}
+
+impl Drop for Config {
+    fn drop(&mut self) {
+        let _ = PgCluster::shared().try_psql(
+            "postgres",
+            &format!(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+                 WHERE slot_name = '{}' AND NOT active",
+                self.0.slot
+            ),
+        );
+    }
+}
+
+/// A database with `SCHEMA` and a configuration with `rules`; Redis is never contacted.
+fn setup(rules: &str) -> (String, Config) {
+    let cluster = PgCluster::shared();
+    let db = unique_name("cli");
+    let url = cluster.create_database(&db);
+    cluster.psql(&db, SCHEMA);
+    (db, Config(Setup::new(&url, "redis://127.0.0.1:1/0", rules)))
+}
+
+/// Runs the binary with `args` and `--config`: exit code, stdout, stderr.
+fn invalidator(setup: &Setup, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(binary())
+        .args(args)
+        .arg("--config")
+        .arg(setup.config())
+        .env_remove("DATABASE_URL")
+        .env_remove("REDIS_URL")
+        .output()
+        .expect("run invalidator");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `check --format json`: exit code and the parsed document.
+fn check_json(setup: &Setup, extra: &[&str]) -> (i32, Json) {
+    let mut args = vec!["check", "--format", "json"];
+    args.extend(extra);
+    let (code, out, err) = invalidator(setup, &args);
+    let doc = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}{err}"));
+    (code, doc)
+}
+
+/// The findings of `kind` among `errors` or `warnings`.
+fn of_kind<'a>(doc: &'a Json, list: &str, kind: &str) -> Vec<&'a Json> {
+    doc[list]
+        .as_array()
+        .unwrap_or_else(|| panic!("no {list} in {doc}"))
+        .iter()
+        .filter(|f| f["kind"] == kind)
+        .collect()
+}
+
+/// Switches the configuration to notify mode.
+fn notify_mode(setup: &Setup) {
+    let config = std::fs::read_to_string(setup.config()).unwrap();
+    let config = config.replacen("[postgres]\n", "[postgres]\nmode = \"notify\"\n", 1);
+    std::fs::write(setup.config(), config).unwrap();
+}
+
+#[test]
+fn check_passes_the_exodrive_rules_on_their_migrations() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let mut files: Vec<_> = std::fs::read_dir(format!("{root}/migrations"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    let cluster = PgCluster::shared();
+    let db = unique_name("cli_exodrive");
+    let url = cluster.create_database(&db);
+    for file in files {
+        cluster.psql(&db, &std::fs::read_to_string(file).unwrap());
+    }
+    let setup = Config(Setup::new(&url, "redis://127.0.0.1:1/0", ""));
+    let rules = setup.dir.path().join("rules");
+    std::fs::remove_file(rules.join("rules.toml")).unwrap();
+    for entry in std::fs::read_dir(format!("{root}/rules")).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, rules.join(path.file_name().unwrap())).unwrap();
+    }
+
+    let (code, doc) = check_json(&setup, &[]);
+    assert_eq!(code, 0, "{doc}");
+    assert_eq!(doc["ok"], true, "{doc}");
+    assert_eq!(doc["errors"], serde_json::json!([]), "{doc}");
+    // Before the first `run` or `setup`, the publication does not exist: they create it.
+    let publication = of_kind(&doc, "warnings", "publication");
+    assert_eq!(publication.len(), 1, "{doc}");
+    assert!(
+        publication[0]["fix"]
+            .as_str()
+            .unwrap()
+            .starts_with("CREATE PUBLICATION"),
+        "{doc}"
+    );
+
+    let (code, out, err) = invalidator(&setup, &["setup"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, err) = invalidator(&setup, &["check"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.ends_with("tables checked against the database: ok\n"),
+        "{out}"
+    );
+    let (code, out, _) = invalidator(&setup, &["check", "--offline"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.ends_with("tables checked offline: ok\n"), "{out}");
+}
+
+#[test]
+fn check_reports_a_missing_column_with_file_and_line_and_exits_1() {
+    let (_db, setup) = setup(&format!(
+        "{RULES}\n[[rule]]\nname = \"ghost\"\ntable = \"items\"\nkeys = [\"ghost:{{nope}}\"]\n\
+         \n[[rule]]\nname = \"nowhere\"\ntable = \"missing\"\nkeys = [\"m:{{id}}\"]\n"
+    ));
+    let (code, out, err) = invalidator(&setup, &["check"]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        out.contains(
+            "rules.toml:7: rule \"ghost\" on public.items: public.items has no column nope"
+        ),
+        "{out}"
+    );
+    assert!(out.contains("2 errors"), "{out}");
+
+    let (code, doc) = check_json(&setup, &[]);
+    assert_eq!(code, 1);
+    assert_eq!(doc["ok"], false);
+    let missing = of_kind(&doc, "errors", "missing_column");
+    assert_eq!(missing.len(), 1, "{doc}");
+    assert_eq!(missing[0]["rule"], "ghost");
+    assert_eq!(missing[0]["line"], 7);
+    assert_eq!(missing[0]["table"], "public.items");
+    assert!(missing[0]["file"].as_str().unwrap().ends_with("rules.toml"));
+    let table = of_kind(&doc, "errors", "missing_table");
+    assert_eq!(table[0]["rule"], "nowhere", "{doc}");
+}
+
+#[test]
+fn check_warns_that_default_replica_identity_broadens_and_gives_the_fix() {
+    let (_db, setup) = setup(
+        "[[rule]]\nname = \"plain\"\ntable = \"plain\"\nkeys = [\"plain:{id}\", \"owner:{owner}:plain\"]\n",
+    );
+    let (code, out, err) = invalidator(&setup, &["check"]);
+    assert_eq!(code, 0, "warnings only: {out}{err}");
+    assert!(
+        out.contains("`owner:{owner}:plain` becomes `owner:*:plain`"),
+        "{out}"
+    );
+    assert!(
+        out.contains("  fix: ALTER TABLE \"public\".\"plain\" REPLICA IDENTITY FULL;"),
+        "{out}"
+    );
+    let (code, doc) = check_json(&setup, &[]);
+    assert_eq!(code, 0);
+    let warning = of_kind(&doc, "warnings", "replica_identity");
+    assert_eq!(warning.len(), 1, "{doc}");
+    assert_eq!(warning[0]["rule"], "plain");
+    // The key column is sent: `plain:{id}` stays exact and is not named.
+    assert!(
+        !warning[0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("plain:{id}"),
+        "{doc}"
+    );
+
+    // FULL makes the warning go away.
+    PgCluster::shared().psql(&_db, "ALTER TABLE plain REPLICA IDENTITY FULL");
+    let (code, doc) = check_json(&setup, &[]);
+    assert_eq!(code, 0);
+    assert!(
+        of_kind(&doc, "warnings", "replica_identity").is_empty(),
+        "{doc}"
+    );
+}
+
+#[test]
+fn check_warns_of_placeholders_on_toastable_columns() {
+    let (db, setup) = setup(
+        "[[rule]]\nname = \"doc\"\ntable = \"docs\"\non = [\"update\"]\nkeys = [\"doc:{id}\", \"page:{slug}\"]\n\
+         \n[[rule]]\nname = \"flag\"\ntable = \"flags\"\nkeys = [\"flag:{id}:{active}\"]\n",
+    );
+    let (code, doc) = check_json(&setup, &[]);
+    assert_eq!(code, 0, "{doc}");
+    let toast = of_kind(&doc, "warnings", "toast");
+    assert_eq!(toast.len(), 1, "{doc}");
+    assert_eq!(toast[0]["rule"], "doc");
+    let message = toast[0]["message"].as_str().unwrap();
+    assert!(message.contains("slug (text)"), "{message}");
+    assert!(
+        message.contains("`page:{slug}` becomes `page:*`"),
+        "{message}"
+    );
+    assert!(!message.contains("doc:{id}"), "{message}");
+    assert_eq!(
+        toast[0]["fix"].as_str().unwrap().split(" (").next(),
+        Some("ALTER TABLE \"public\".\"docs\" REPLICA IDENTITY FULL;")
+    );
+    PgCluster::shared().psql(&db, "ALTER TABLE docs REPLICA IDENTITY FULL");
+    let (_, doc) = check_json(&setup, &[]);
+    assert!(of_kind(&doc, "warnings", "toast").is_empty(), "{doc}");
+}
+
+#[test]
+fn check_refuses_a_pattern_without_a_literal_prefix_even_offline() {
+    let (_db, setup) = setup(&format!(
+        "{RULES}\n[[rule]]\nname = \"everything\"\ntable = \"items\"\non = [\"truncate\"]\nkeys = [\"*\"]\n\
+         \n[[rule]]\nname = \"lead\"\ntable = \"items\"\nkeys = [\"{{id}}:profile\"]\n"
+    ));
+    for extra in [&["--offline"][..], &[]] {
+        let (code, doc) = check_json(&setup, extra);
+        assert_eq!(code, 1, "{extra:?}: {doc}");
+        let errors = of_kind(&doc, "errors", "no_prefix");
+        assert_eq!(errors.len(), 1, "{doc}");
+        assert_eq!(errors[0]["rule"], "everything");
+        assert!(
+            errors[0]["message"]
+                .as_str()
+                .unwrap()
+                .contains("deletes the whole cache"),
+            "{doc}"
+        );
+        let warnings = of_kind(&doc, "warnings", "leading_placeholder");
+        assert_eq!(warnings[0]["rule"], "lead", "{doc}");
+    }
+    let (code, out, _) = invalidator(&setup, &["check", "--offline"]);
+    assert_eq!(code, 1);
+    assert!(out.contains("error: "), "{out}");
+    assert!(out.contains("checked offline: 1 error, 1 warning"), "{out}");
+}
+
+#[test]
+fn check_warns_of_duplicate_and_shadowed_rules() {
+    let (_db, setup) = setup(&format!(
+        "{RULES}\n[[rule]]\nname = \"again\"\ntable = \"items\"\non = [\"delete\"]\n\
+         keys = [\"items:category:{{category}}\", \"item:{{id}}\"]\n\
+         \n[[rule]]\nname = \"all-items\"\ntable = \"items\"\nkeys = [\"item:*\"]\n\
+         \n[[rule]]\nname = \"one-item\"\ntable = \"items\"\non = [\"update\"]\nkeys = [\"item:{{id}}:x\"]\n"
+    ));
+    let (code, doc) = check_json(&setup, &["--offline"]);
+    assert_eq!(code, 0, "{doc}");
+    let duplicate = of_kind(&doc, "warnings", "duplicate");
+    assert_eq!(duplicate.len(), 1, "{doc}");
+    assert_eq!(duplicate[0]["rule"], "again");
+    assert!(
+        duplicate[0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("duplicates rule \"item\""),
+        "{doc}"
+    );
+    let shadowed = of_kind(&doc, "warnings", "shadowed");
+    assert_eq!(shadowed.len(), 1, "{doc}");
+    assert_eq!(shadowed[0]["rule"], "one-item");
+}
+
+#[test]
+fn check_reports_a_table_missing_from_the_publication() {
+    let (db, setup) = setup(RULES);
+    let (code, out, err) = invalidator(&setup, &["setup"]);
+    assert_eq!(code, 0, "{out}{err}");
+    // The rules gain a table after the publication was created.
+    let more = format!(
+        "{RULES}\n[[rule]]\nname = \"plain\"\ntable = \"plain\"\nkeys = [\"plain:{{id}}\"]\n"
+    );
+    std::fs::write(setup.dir.path().join("rules/rules.toml"), &more).unwrap();
+    let (code, doc) = check_json(&setup, &[]);
+    assert_eq!(code, 0, "the owner's run adds it at start: {doc}");
+    let warning = of_kind(&doc, "warnings", "publication");
+    assert_eq!(warning.len(), 1, "{doc}");
+    assert!(
+        warning[0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("lacks public.plain"),
+        "{doc}"
+    );
+    assert_eq!(
+        warning[0]["fix"],
+        format!(
+            "ALTER PUBLICATION \"{0}\" ADD TABLE \"public\".\"plain\";",
+            setup.slot
+        )
+    );
+
+    // A role that owns neither the table nor the publication cannot add it: `run` would stop.
+    let role = unique_name("cli_role");
+    PgCluster::shared().psql(&db, &format!("CREATE ROLE {role} WITH LOGIN REPLICATION"));
+    let url = PgCluster::shared().url_as(&role, "unused", &db);
+    let limited = Setup::with_slot(&url, "redis://127.0.0.1:1/0", &more, &setup.slot);
+    let (code, doc) = check_json(&limited, &[]);
+    assert_eq!(code, 1, "{doc}");
+    let error = of_kind(&doc, "errors", "publication");
+    assert_eq!(error.len(), 1, "{doc}");
+    assert!(
+        error[0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("would stop at start"),
+        "{doc}"
+    );
+}
+
+#[test]
+fn check_in_notify_mode_reports_missing_setup_and_a_missing_trigger() {
+    let (db, setup) = setup(RULES);
+    notify_mode(&setup);
+    let (code, doc) = check_json(&setup, &[]);
+    assert_eq!(code, 1, "{doc}");
+    let missing = of_kind(&doc, "errors", "notify_setup");
+    assert_eq!(
+        missing.len(),
+        1,
+        "one finding for a database never set up: {doc}"
+    );
+    assert!(
+        missing[0]["fix"]
+            .as_str()
+            .unwrap()
+            .starts_with("invalidator setup"),
+        "{doc}"
+    );
+    // Replication-only checks do not apply.
+    assert!(of_kind(&doc, "warnings", "publication").is_empty(), "{doc}");
+
+    let (code, out, err) = invalidator(&setup, &["setup"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, err) = invalidator(&setup, &["check"]);
+    assert_eq!(code, 0, "{out}{err}");
+
+    PgCluster::shared().psql(&db, "DROP TRIGGER invalidator_capture ON items");
+    let (code, doc) = check_json(&setup, &[]);
+    assert_eq!(code, 1, "{doc}");
+    let trigger = of_kind(&doc, "errors", "notify_setup");
+    assert_eq!(trigger.len(), 1, "{doc}");
+    assert_eq!(trigger[0]["table"], "public.items");
+    assert!(
+        trigger[0]["fix"]
+            .as_str()
+            .unwrap()
+            .starts_with("CREATE TRIGGER \"invalidator_capture\""),
+        "{doc}"
+    );
+}
+
+#[test]
+fn check_with_rules_that_do_not_load_exits_2_with_a_json_document() {
+    let (_db, setup) = setup("[[rule]]\ntable = \"items\"\nkeys = [\"item:{id\"]\n");
+    let (code, out, err) = invalidator(&setup, &["check", "--format", "json"]);
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(err.contains("rules.toml:3"), "{err}");
+    let doc: Json = serde_json::from_str(&out).unwrap();
+    assert_eq!(doc["ok"], false);
+    assert_eq!(doc["errors"][0]["kind"], "rules");
+    assert_eq!(doc["errors"][0]["line"], 3);
+}
+
+#[test]
+fn explain_attributes_each_key_of_json_rows_to_its_rule() {
+    let (_db, setup) = setup(&format!(
+        "{RULES}\n[[rule]]\nname = \"category\"\ntable = \"items\"\non = [\"update\"]\n\
+         changed = [\"category\"]\nkeys = [\"items:category:{{category}}:*\"]\n"
+    ));
+    let (code, out, err) = invalidator(
+        &setup,
+        &[
+            "explain",
+            "--table",
+            "items",
+            "--op",
+            "update",
+            "--old",
+            r#"{"id": 1, "name": "a", "category": "x"}"#,
+            "--new",
+            r#"{"id": 1, "name": "b", "category": "y"}"#,
+        ],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    let doc: Json = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        doc["keys"],
+        serde_json::json!(["item:1", "items:category:x", "items:category:y"])
+    );
+    assert_eq!(
+        doc["patterns"],
+        serde_json::json!(["items:category:x:*", "items:category:y:*"])
+    );
+    assert_eq!(doc["rules"][0]["rule"], "item");
+    assert_eq!(doc["rules"][0]["fired"], true);
+    assert_eq!(doc["rules"][1]["rule"], "category");
+    assert_eq!(
+        doc["rules"][1]["patterns"],
+        serde_json::json!(["items:category:x:*", "items:category:y:*"])
+    );
+
+    // The same change, only the name: `category` does not fire, and says why.
+    let (code, out, _) = invalidator(
+        &setup,
+        &[
+            "explain",
+            "--format",
+            "human",
+            "--table",
+            "items",
+            "--op",
+            "update",
+            "--old",
+            r#"{"id": 1, "name": "a", "category": "x"}"#,
+            "--new",
+            r#"{"id": 1, "name": "b", "category": "x"}"#,
+        ],
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.starts_with("update on public.items (1 row): 2 keys, 0 patterns\n"),
+        "{out}"
+    );
+    assert!(out.contains("    key      item:1\n"), "{out}");
+    assert!(
+        out.contains("rule \"category\" (") && out.contains(": not fired: the update changed none"),
+        "{out}"
+    );
+}
+
+#[test]
+fn explain_where_reads_rows_from_the_database_in_wal_text_form() {
+    let (db, setup) = setup(
+        "[[rule]]\nname = \"flag\"\ntable = \"flags\"\nkeys = [\"flag:{id}:{active}\", \"day:{day}\"]\n\
+         \n[[rule]]\nname = \"plain\"\ntable = \"plain\"\nkeys = [\"owner:{owner}\"]\n",
+    );
+    PgCluster::shared().psql(
+        &db,
+        "INSERT INTO flags VALUES (1, true, '2026-12-01'), (2, NULL, '2026-12-02');
+         INSERT INTO plain VALUES (7, 70)",
+    );
+    let explain = |args: &[&str]| {
+        let mut all = vec!["explain"];
+        all.extend(args);
+        invalidator(&setup, &all)
+    };
+    // A boolean is `t`, as pgoutput sends it (not `true`, as `::text` would give); NULL
+    // renders no key for that row. Both rows are planned together.
+    let (code, out, err) = explain(&[
+        "--table",
+        "flags",
+        "--op",
+        "delete",
+        "--where",
+        "id IN (1, 2)",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    let doc: Json = serde_json::from_str(&out).unwrap();
+    assert_eq!(doc["rows"], 2);
+    assert_eq!(
+        doc["keys"],
+        serde_json::json!(["day:2026-12-01", "day:2026-12-02", "flag:1:t"])
+    );
+    assert_eq!(doc["rules"][0]["rule"], "flag");
+
+    // An update: the row read is the old row, --new sets columns on it for the new row. Under
+    // REPLICA IDENTITY DEFAULT the old row holds the key only, so its key broadens.
+    let (code, out, err) = explain(&[
+        "--table",
+        "plain",
+        "--op",
+        "update",
+        "--where",
+        "id = 7 -- a comment",
+        "--new",
+        r#"{"owner": 71}"#,
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    let doc: Json = serde_json::from_str(&out).unwrap();
+    assert_eq!(doc["keys"], serde_json::json!(["owner:71"]), "{doc}");
+    assert_eq!(doc["patterns"], serde_json::json!(["owner:*"]), "{doc}");
+
+    // No row: a clear error, exit 1. A statement that writes cannot run.
+    let (code, out, err) = explain(&["--table", "plain", "--op", "delete", "--where", "id = 8"]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        err.contains("no row of public.plain matches --where"),
+        "{err}"
+    );
+    let (code, _, err) = explain(&[
+        "--table",
+        "plain",
+        "--op",
+        "delete",
+        "--where",
+        "id = 7; DELETE FROM plain",
+    ]);
+    assert_eq!(code, 1, "{err}");
+    assert_eq!(
+        PgCluster::shared()
+            .psql(&db, "SELECT count(*) FROM plain")
+            .trim(),
+        "1"
+    );
+}
+
+#[test]
+fn explain_exits_2_for_an_unknown_table_or_bad_json() {
+    let (_db, setup) = setup(RULES);
+    let (code, _, err) = invalidator(
+        &setup,
+        &[
+            "explain", "--table", "itemz", "--op", "insert", "--new", "{}",
+        ],
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("no rule watches table public.itemz (tables with rules: public.items)"),
+        "{err}"
+    );
+    let (code, _, err) = invalidator(
+        &setup,
+        &[
+            "explain",
+            "--table",
+            "items",
+            "--op",
+            "insert",
+            "--new",
+            "{\"id\": ",
+        ],
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--new: expected a JSON object"), "{err}");
+    let (code, _, err) = invalidator(
+        &setup,
+        &[
+            "explain", "--table", "items", "--op", "truncate", "--where", "true",
+        ],
+    );
+    assert_eq!(code, 2, "{err}");
+}
+
+#[test]
+fn setup_dry_run_prints_the_sql_and_changes_nothing() {
+    let (db, setup) = setup(RULES);
+    let (code, out, err) = invalidator(&setup, &["setup", "--dry-run"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains(&format!(
+            "CREATE PUBLICATION \"{}\" FOR TABLE \"public\".\"items\";",
+            setup.slot
+        )),
+        "{out}"
+    );
+    assert!(out.contains("pg_create_logical_replication_slot"), "{out}");
+    let count = |sql: &str| PgCluster::shared().psql(&db, sql).trim().to_owned();
+    assert_eq!(
+        count(&format!(
+            "SELECT count(*) FROM pg_publication WHERE pubname = '{}'",
+            setup.slot
+        )),
+        "0"
+    );
+    assert_eq!(
+        count(&format!(
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = '{}'",
+            setup.slot
+        )),
+        "0"
+    );
+    // Notify mode: the outbox, the function and the triggers, and again nothing is created.
+    notify_mode(&setup);
+    let (code, out, err) = invalidator(&setup, &["setup", "--dry-run"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("CREATE TRIGGER \"invalidator_capture\""),
+        "{out}"
+    );
+    assert_eq!(
+        count("SELECT count(*) FROM pg_trigger WHERE NOT tgisinternal"),
+        "0"
+    );
+    assert_eq!(
+        count("SELECT to_regclass('invalidator.outbox') IS NULL"),
+        "t"
+    );
+}
+
+#[test]
+fn status_prints_the_slot_or_the_outbox() {
+    let (_db, setup) = setup(RULES);
+    let (code, out, _) = invalidator(&setup, &["status"]);
+    assert_eq!(code, 1, "{out}");
+    assert_eq!(
+        out,
+        format!(
+            "slot {}: does not exist (run `invalidator setup`)\n",
+            setup.slot
+        )
+    );
+    let (code, out, err) = invalidator(&setup, &["setup"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, err) = invalidator(&setup, &["status"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let line = out.trim_end();
+    let rest = line
+        .strip_prefix(&format!("slot {}: inactive, confirmed ", setup.slot))
+        .unwrap_or_else(|| panic!("{line}"));
+    let (lsn, rest) = rest.split_once(", lag ").unwrap();
+    assert!(lsn.contains('/'), "{line}");
+    let (lag, rest) = rest.split_once(" bytes, wal_status ").unwrap();
+    assert!(lag.parse::<u64>().is_ok(), "{line}");
+    assert_eq!(rest, "reserved", "{line}");
+
+    notify_mode(&setup);
+    let (code, out, err) = invalidator(&setup, &["setup"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, err) = invalidator(&setup, &["status"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(out, "outbox: 0 rows waiting, oldest none\n");
+}
