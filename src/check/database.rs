@@ -223,7 +223,7 @@ fn old_values(rule: &Rule, info: &setup::TableInfo, out: &mut Vec<Finding>) {
     }
     if !changed.is_empty() && rule.ops.contains(&Op::Update) {
         message.push_str(&format!(
-            "{} `changed` cannot compare {}, so every update fires the rule",
+            "{}`changed` cannot compare {}, so every update fires the rule",
             if placeholders.is_empty() {
                 "; "
             } else {
