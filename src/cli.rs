@@ -9,7 +9,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use invalidator::change::Op;
 use invalidator::check;
-use invalidator::config::{Config, Mode};
+use invalidator::config::{Config, LogFormat, Mode};
 use invalidator::rules::RuleSet;
 use invalidator::source::{invalidate, notify, setup};
 use invalidator::{explain, run};
@@ -19,6 +19,10 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug, Parser)]
 #[command(name = "invalidator", version, about)]
 pub struct Cli {
+    /// Log format: text, json, or auto (text when stderr is a terminal, else JSON); overrides
+    /// `[log] format` and INVALIDATOR_LOG_FORMAT.
+    #[arg(long, global = true, value_name = "FORMAT")]
+    pub log_format: Option<LogFormat>,
     /// The subcommand.
     #[command(subcommand)]
     pub command: Command,
@@ -32,6 +36,11 @@ pub enum Command {
         /// Configuration file [default: ./invalidator.toml].
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Log every key and pattern each transaction would delete, and delete nothing: no
+        /// Redis needed; a temporary slot from the current WAL position (replication mode), or
+        /// new outbox rows left in place (notify mode).
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Load and compile the rules, then check them against the live database.
     Check {
@@ -95,7 +104,7 @@ impl Command {
     /// The `--config` of any subcommand.
     pub fn config_path(&self) -> Option<&std::path::Path> {
         match self {
-            Command::Run { config }
+            Command::Run { config, .. }
             | Command::Check { config, .. }
             | Command::Explain { config, .. }
             | Command::Setup { config, .. }
@@ -156,10 +165,10 @@ pub fn load(command: &Command) -> anyhow::Result<Loaded> {
 pub async fn execute(command: Command, loaded: Loaded) -> anyhow::Result<ExitCode> {
     let Loaded { config, rules } = loaded;
     match command {
-        Command::Run { .. } => {
+        Command::Run { dry_run, .. } => {
             let cancel = CancellationToken::new();
             tokio::spawn(cancel_on_signal(cancel.clone()));
-            run::run(config, rules, cancel).await?;
+            run::run(config, rules, dry_run, cancel).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Check {

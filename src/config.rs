@@ -29,6 +29,23 @@ pub enum LogFormat {
     Text,
     /// One JSON object per line, for log shippers.
     Json,
+    /// Text when stderr is a terminal, JSON otherwise (a container, a service): the default.
+    Auto,
+}
+
+impl std::str::FromStr for LogFormat {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<LogFormat, String> {
+        match text {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            "auto" => Ok(LogFormat::Auto),
+            other => Err(format!(
+                "unknown format {other:?}: expected \"text\", \"json\" or \"auto\""
+            )),
+        }
+    }
 }
 
 /// The validated configuration.
@@ -81,7 +98,7 @@ pub struct PipelineConfig {
 /// The `[log]` section.
 #[derive(Debug, Clone)]
 pub struct LogConfig {
-    /// Text or JSON lines.
+    /// Text or JSON lines, or `auto` (text on a terminal, else JSON).
     pub format: LogFormat,
     /// A `tracing` filter directive such as `info` or `invalidator=debug`; `RUST_LOG` overrides.
     pub level: String,
@@ -366,16 +383,13 @@ fn validate(raw: RawConfig, file: &Path) -> Result<Config, ConfigError> {
             format!("{listen:?} is not an address like 127.0.0.1:9187"),
         )
     })?;
-    let format = match raw.log.format.as_deref().unwrap_or("text") {
-        "text" => LogFormat::Text,
-        "json" => LogFormat::Json,
-        other => {
-            return Err(invalid(
-                "log.format",
-                format!("unknown format {other:?}: expected \"text\" or \"json\""),
-            ));
-        }
-    };
+    let format = raw
+        .log
+        .format
+        .as_deref()
+        .unwrap_or("auto")
+        .parse()
+        .map_err(|message| invalid("log.format", message))?;
     let max_batch_keys = raw.pipeline.max_batch_keys.unwrap_or(10_000);
     if max_batch_keys == 0 {
         return Err(invalid(

@@ -24,17 +24,21 @@
 //! - [`redis`]: the deleter: pipelined `UNLINK`, `SCAN` for patterns, never `KEYS`.
 //! - [`pipeline`]: the only place that wires source, rules, Redis and acknowledgement.
 //! - [`run`]: the sidecar: HTTP, delete loop, reconnect loop.
+//! - [`reload`]: hot reload of the rules (file changes and SIGHUP), swapped between transactions.
+//! - [`dry_run`]: `run --dry-run`: log what would be deleted, from a temporary slot.
 //! - [`check`], [`explain`]: the developer commands, on the same compiled rules as `run`.
 //! - [`telemetry`]: metric names and the HTTP endpoints.
 
 pub mod change;
 pub mod check;
 pub mod config;
+pub mod dry_run;
 pub mod explain;
 pub mod pgoutput;
 pub mod pipeline;
 pub mod redact;
 pub mod redis;
+pub mod reload;
 pub mod rules;
 pub mod run;
 pub mod source;

@@ -20,15 +20,20 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // RUST_LOG, when set and valid, overrides `[log] level`.
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new(&loaded.config.log.level));
+    let terminal = std::io::stderr().is_terminal();
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
+        .with_ansi(terminal)
         .with_writer(std::io::stderr);
-    match loaded.config.log.format {
+    // The flag beats the configuration (file and environment), whose default is `auto`.
+    match cli.log_format.unwrap_or(loaded.config.log.format) {
         LogFormat::Text => logs.init(),
         LogFormat::Json => logs.json().init(),
+        LogFormat::Auto if terminal => logs.init(),
+        LogFormat::Auto => logs.json().init(),
     }
     // One thread: source, deleter, Redis connection and HTTP hand work to each other many times
     // per transaction, and on one thread that is a function call, not a wake-up of another

@@ -31,7 +31,8 @@ use crate::change::{Change, Lsn, Op, TableName};
 use crate::config::PipelineConfig;
 use crate::pgoutput::{DecodeError, Decoder, Event};
 use crate::redis::DeleteStats;
-use crate::rules::{Invalidation, RuleSet};
+use crate::reload::LiveRules;
+use crate::rules::Invalidation;
 use crate::source::invalidate::MESSAGE_PREFIX;
 use crate::source::replication::{ReplicationError, ReplicationMessage};
 use crate::telemetry::{self, Health};
@@ -127,6 +128,77 @@ pub struct Links {
     /// Highest flush position reported to Postgres, so reports never go backwards; start it at
     /// the slot's `confirmed_flush_lsn`.
     pub reported: Lsn,
+    /// Dry run: log what each transaction would delete (the delete loop deletes nothing).
+    pub dry_run: bool,
+    /// A backlog found at connect, reported in the log as it shrinks; see [`CatchUp`].
+    pub catch_up: Option<CatchUp>,
+}
+
+/// Backlogs smaller than this drain in well under a second and are not reported.
+pub const BACKLOG_BYTES: u64 = 16 * 1024 * 1024;
+/// How often progress through a backlog is logged.
+pub const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+
+/// Progress through the WAL that was waiting when streaming started: from the slot's confirmed
+/// position to the server's WAL end at connect (what later commits add is not part of it).
+/// Logged at info when it starts, every [`PROGRESS_EVERY`] with the bytes left, the rate and the
+/// estimated time, and once when the acknowledged position passes its end.
+#[derive(Debug)]
+pub struct CatchUp {
+    /// The server's WAL end at connect.
+    target: Lsn,
+    /// Where it started, for the summary.
+    start: Lsn,
+    /// When it started.
+    began: std::time::Instant,
+    /// The position and time of the last progress line (or the start).
+    last: (Lsn, std::time::Instant),
+}
+
+impl CatchUp {
+    /// Starts reporting when the backlog from `confirmed` to `server_end` is at least
+    /// [`BACKLOG_BYTES`]; logs the first line.
+    pub fn start(confirmed: Lsn, server_end: Lsn) -> Option<CatchUp> {
+        let behind = server_end.0.saturating_sub(confirmed.0);
+        if behind < BACKLOG_BYTES {
+            return None;
+        }
+        tracing::info!(from = %confirmed, to = %server_end, bytes = behind,
+            "catching up with a backlog of WAL");
+        let now = std::time::Instant::now();
+        Some(CatchUp {
+            target: server_end,
+            start: confirmed,
+            began: now,
+            last: (confirmed, now),
+        })
+    }
+
+    /// Notes that `flush` is acknowledged; logs progress when due. `true` once caught up.
+    fn observe(&mut self, flush: Lsn) -> bool {
+        let now = std::time::Instant::now();
+        if flush >= self.target {
+            let seconds = now.duration_since(self.began).as_secs_f64();
+            tracing::info!(lsn = %flush, bytes = self.target.0 - self.start.0,
+                seconds = format_args!("{seconds:.1}"), "caught up with the backlog");
+            return true;
+        }
+        let elapsed = now.duration_since(self.last.1);
+        if elapsed >= PROGRESS_EVERY {
+            let left = self.target.0 - flush.0;
+            let rate = flush.0.saturating_sub(self.last.0.0) as f64 / elapsed.as_secs_f64();
+            let eta = if rate > 0.0 {
+                format!("{:.0} s", left as f64 / rate)
+            } else {
+                "unknown (not advancing)".to_owned()
+            };
+            tracing::info!(lsn = %flush, bytes_left = left,
+                mib_per_second = format_args!("{:.1}", rate / (1024.0 * 1024.0)),
+                eta = %eta, "catching up");
+            self.last = (flush, now);
+        }
+        false
+    }
 }
 
 /// State of the source loop that must survive between messages.
@@ -139,6 +211,8 @@ struct SourceState {
     max_transaction_keys: usize,
     /// The `changes_total` series met so far.
     counters: ChangeCounters,
+    /// Dry run: log each transaction's invalidations at its commit.
+    dry_run: bool,
 }
 
 /// Handles on the `changes_total{table, op}` series, so counting a change costs a short search
@@ -184,23 +258,24 @@ struct Open {
 impl Open {
     /// Plans one change: row by row while the transaction is small, then only the fallback
     /// patterns of each newly changed table.
-    fn plan(&mut self, rules: &RuleSet, change: &Change, max_keys: usize) {
+    fn plan(&mut self, live: &mut LiveRules, change: &Change, max_keys: usize) {
         self.changes += 1;
         if !self.tables.contains(&change.table) {
-            if !rules.has_table(&change.table) {
+            if !live.rules().has_table(&change.table) {
                 return;
             }
             self.tables.push(change.table.clone());
             if self.fell_back_at.is_some() {
                 self.committed
                     .inv
-                    .merge(rules.everything_for(&change.table));
+                    .merge(live.rules().everything_for(&change.table));
             }
         }
         if self.fell_back_at.is_some() {
             return;
         }
-        rules.plan(change, &mut self.committed.inv);
+        live.plan(change, &mut self.committed.inv);
+        let rules = live.rules();
         if self.committed.inv.len() > max_keys {
             self.fell_back_at = Some(self.committed.inv.len());
             // Every key held came from the rules of these tables, and each of those rules
@@ -214,9 +289,19 @@ impl Open {
     }
 
     /// Closes the transaction at `end_lsn`; a transaction that fell back is logged and counted.
-    fn commit(mut self, end_lsn: Lsn, max_keys: usize) -> Committed {
+    /// In a dry run, what it would delete is logged.
+    fn commit(mut self, end_lsn: Lsn, max_keys: usize, dry_run: bool) -> Committed {
         self.committed.end_lsn = end_lsn;
         self.committed.inv.merge(std::mem::take(&mut self.given));
+        if dry_run && !self.committed.inv.is_empty() {
+            let tables = self
+                .tables
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ");
+            crate::dry_run::log_would_delete(end_lsn, &tables, &self.committed.inv);
+        }
         if let Some(keys) = self.fell_back_at {
             let tables = self
                 .tables
@@ -254,7 +339,7 @@ pub enum SourceEnd {
 pub async fn run_source<S: WalStream>(
     stream: &mut S,
     decoder: &mut Decoder,
-    rules: &RuleSet,
+    rules: &mut LiveRules,
     links: &mut Links,
     settings: &PipelineConfig,
 ) -> Result<SourceEnd, SourceError> {
@@ -263,6 +348,7 @@ pub async fn run_source<S: WalStream>(
         pending: None,
         max_transaction_keys: settings.max_transaction_keys,
         counters: ChangeCounters::default(),
+        dry_run: links.dry_run,
     };
     // A handle of our own, so a reserved permit does not hold a borrow of `links`.
     let queue = links.queue.clone();
@@ -318,7 +404,7 @@ const BURST: usize = 1024;
 async fn receive<S: WalStream>(
     stream: &mut S,
     decoder: &mut Decoder,
-    rules: &RuleSet,
+    rules: &mut LiveRules,
     state: &mut SourceState,
     links: &mut Links,
     message: ReplicationMessage,
@@ -371,18 +457,23 @@ async fn report<S: WalStream>(
     stream.send_status(flush).await?;
     links.reported = flush;
     metrics::gauge!(telemetry::CONFIRMED_LSN).set(flush.0 as f64);
+    if links.catch_up.as_mut().is_some_and(|c| c.observe(flush)) {
+        links.catch_up = None;
+    }
     Ok(())
 }
 
 /// Decodes one XLogData payload and plans its changes into the open transaction.
 fn apply(
     decoder: &mut Decoder,
-    rules: &RuleSet,
+    rules: &mut LiveRules,
     state: &mut SourceState,
     data: &[u8],
 ) -> Result<(), DecodeError> {
     decoder.apply(data, |event| match event {
         Event::Begin { commit_time_us, .. } => {
+            // Between transactions: the one place new rules may take over.
+            rules.refresh();
             state.open = Some(Open {
                 committed: Committed {
                     end_lsn: Lsn(0),
@@ -403,7 +494,9 @@ fn apply(
         }
         Event::Commit { end_lsn, .. } => {
             if let Some(open) = state.open.take() {
-                state.pending = Some(open.commit(end_lsn, state.max_transaction_keys));
+                rules.count();
+                let committed = open.commit(end_lsn, state.max_transaction_keys, state.dry_run);
+                state.pending = Some(committed);
             }
         }
         Event::Message {
@@ -476,6 +569,7 @@ pub async fn run_deleter<K: Sink>(
 ) -> Result<(), K::Error> {
     let mut ping = tokio::time::interval(Duration::from_secs(5));
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let batch_keys = metrics::histogram!(telemetry::BATCH_KEYS);
     loop {
         let first = tokio::select! {
             biased;
@@ -493,6 +587,8 @@ pub async fn run_deleter<K: Sink>(
                 continue;
             }
         };
+        // The queue is in commit order: the first is the oldest unconfirmed transaction.
+        health.set_oldest_unconfirmed(Some(first.commit_time_us));
         // Latency first: the batch is what is already waiting, never a wait for more.
         let mut batch = first;
         let mut commits = vec![(batch.end_lsn, batch.commit_time_us)];
@@ -506,8 +602,15 @@ pub async fn run_deleter<K: Sink>(
                 Err(_) => break,
             }
         }
+        if !batch.inv.is_empty() {
+            batch_keys.record(batch.inv.len() as f64);
+        }
         if !delete_with_retry(&mut sink, &batch.inv, &health, &cancel).await? {
             return Ok(());
+        }
+        if queue.is_empty() {
+            // Otherwise the next batch, taken at once, records its own.
+            health.set_oldest_unconfirmed(None);
         }
         confirmed.send_if_modified(|c| {
             let advance = batch.end_lsn > *c;
@@ -606,6 +709,7 @@ mod tests {
     use crate::pgoutput::{
         Begin, Column, Commit, Insert, LogicalMessage, Message, Relation, TupleValue, encode,
     };
+    use crate::rules::RuleSet;
 
     /// WAL fed by the test; messages read and statuses recorded for inspection.
     struct ScriptedWal {
@@ -771,6 +875,8 @@ mod tests {
                 cancel: cancel.clone(),
                 last_queued: Lsn(0),
                 reported: Lsn(0),
+                dry_run: false,
+                catch_up: None,
             };
             let deleter = {
                 let (sink, cancel, settings) = (sink.clone(), cancel.clone(), settings.clone());
@@ -782,7 +888,8 @@ mod tests {
             };
             let source = tokio::spawn(async move {
                 let mut decoder = Decoder::default();
-                run_source(&mut stream, &mut decoder, &rules, &mut links, &settings).await
+                let mut rules = LiveRules::fixed(Arc::new(rules));
+                run_source(&mut stream, &mut decoder, &mut rules, &mut links, &settings).await
             });
             wal_tx.send(xlog(relation())).unwrap();
             Harness {

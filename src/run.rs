@@ -8,10 +8,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::change::Lsn;
 use crate::config::{Config, Mode};
+use crate::dry_run::{self, NoDeletes};
 use crate::pgoutput::Decoder;
-use crate::pipeline::{self, Links, SourceEnd, SourceError, WalStream};
+use crate::pipeline::{self, CatchUp, Links, SourceEnd, SourceError, WalStream};
 use crate::redact::redact;
 use crate::redis::{DeleteError, Deleter};
+use crate::reload::{self, LiveRules, Reloader};
 use crate::rules::RuleSet;
 use crate::source::notify::{self, NotifyError};
 use crate::source::replication::{
@@ -73,52 +75,74 @@ impl pipeline::Sink for Deleter {
 }
 
 /// Runs the sidecar until `cancel` fires (then finishes the batch in flight, acknowledges it
-/// and returns `Ok`), or until a permanent error.
+/// and returns `Ok`), or until a permanent error. With `dry_run`, see [`crate::dry_run`]: it
+/// logs what it would delete, deletes nothing, needs no Redis and never moves the real slot.
 pub async fn run(
     config: Config,
     rules: Arc<RuleSet>,
+    dry_run: bool,
     cancel: CancellationToken,
 ) -> Result<(), RunError> {
     let metrics = telemetry::install_metrics();
     let health = Health::new();
-    let listener = telemetry::bind(config.http_listen)
-        .await
-        .map_err(|source| RunError::Listen {
-            addr: config.http_listen,
-            source,
-        })?;
     let http_cancel = CancellationToken::new();
-    let http = tokio::spawn(telemetry::serve(
-        listener,
-        metrics,
-        health.clone(),
-        http_cancel.clone(),
-    ));
+    let http = match telemetry::bind(config.http_listen).await {
+        Ok(listener) => Some(tokio::spawn(telemetry::serve(
+            listener,
+            metrics,
+            health.clone(),
+            http_cancel.clone(),
+        ))),
+        // A dry run is often started beside the real sidecar, with the same configuration.
+        Err(e) if dry_run => {
+            tracing::warn!(addr = %config.http_listen, error = %e,
+                "dry run: cannot listen; continuing without /metrics");
+            None
+        }
+        Err(source) => {
+            return Err(RunError::Listen {
+                addr: config.http_listen,
+                source,
+            });
+        }
+    };
     tracing::info!(
         postgres = %redact(&config.postgres.url),
         redis = %redact(&config.redis_url),
         http = %config.http_listen,
         tables = rules.tables().count(),
         rules = rules.rules().len(),
+        dry_run,
         "starting"
     );
 
-    let Some(deleter) = connect_redis(&config.redis_url, &health, &cancel).await? else {
-        http_cancel.cancel();
-        return Ok(());
-    };
     let (queue_tx, queue_rx) = mpsc::channel(pipeline::QUEUE_DEPTH);
     let (confirmed_tx, confirmed_rx) = watch::channel(Lsn(0));
     let deleter_done = CancellationToken::new();
     let delete_loop = {
         let (health, cancel, done) = (health.clone(), cancel.clone(), deleter_done.clone());
         let max = config.pipeline.max_batch_keys;
-        tokio::spawn(async move {
-            let result =
-                pipeline::run_deleter(deleter, queue_rx, confirmed_tx, health, max, cancel).await;
-            done.cancel();
-            result
-        })
+        if dry_run {
+            tokio::spawn(async move {
+                let result =
+                    pipeline::run_deleter(NoDeletes, queue_rx, confirmed_tx, health, max, cancel)
+                        .await;
+                done.cancel();
+                result.map_err(|never| match never {})
+            })
+        } else {
+            let Some(deleter) = connect_redis(&config.redis_url, &health, &cancel).await? else {
+                http_cancel.cancel();
+                return Ok(());
+            };
+            tokio::spawn(async move {
+                let result =
+                    pipeline::run_deleter(deleter, queue_rx, confirmed_tx, health, max, cancel)
+                        .await;
+                done.cancel();
+                result
+            })
+        }
     };
     let mut links = Links {
         queue: queue_tx,
@@ -126,7 +150,19 @@ pub async fn run(
         cancel: cancel.clone(),
         last_queued: Lsn(0),
         reported: Lsn(0),
+        dry_run,
+        catch_up: None,
     };
+    let (rules_tx, rules_rx) = watch::channel(rules);
+    let mut live = LiveRules::watching(rules_rx);
+    let reload_cancel = CancellationToken::new();
+    let reloader = Reloader {
+        path: config.rules_path.clone(),
+        postgres: config.postgres.clone(),
+        dry_run,
+        updates: rules_tx,
+    };
+    let watcher = tokio::spawn(reload::watch_rules(reloader, reload_cancel.clone()));
 
     let mut delays = pipeline::backoff();
     // Notify mode: what the outbox source keeps across reconnects.
@@ -138,20 +174,26 @@ pub async fn run(
             break Ok(());
         }
         let mut streamed = false;
-        let attempt = match config.postgres.mode {
-            Mode::Replication => {
-                stream_once(&config, &rules, &mut links, &health, &mut streamed).await
+        let attempt = match (config.postgres.mode, dry_run) {
+            (Mode::Replication, false) => {
+                stream_once(&config, &mut live, &mut links, &health, &mut streamed).await
             }
-            Mode::Notify => {
+            (Mode::Replication, true) => {
+                dry_stream_once(&config, &mut live, &mut links, &health, &mut streamed).await
+            }
+            (Mode::Notify, false) => {
                 outbox_once(
                     &config,
-                    &rules,
+                    &mut live,
                     &mut links,
                     &health,
                     &mut progress,
                     &mut streamed,
                 )
                 .await
+            }
+            (Mode::Notify, true) => {
+                dry_outbox_once(&config, &mut live, &mut links, &health, &mut streamed).await
             }
         };
         if streamed {
@@ -206,11 +248,15 @@ pub async fn run(
     };
     // The source stopped: make sure the delete loop stops too, then collect its verdict.
     cancel.cancel();
+    reload_cancel.cancel();
+    let _ = watcher.await;
     let deleted = delete_loop
         .await
         .unwrap_or_else(|e| panic!("delete loop panicked: {e}"));
     http_cancel.cancel();
-    let _ = http.await;
+    if let Some(http) = http {
+        let _ = http.await;
+    }
     source_result?;
     deleted?;
     tracing::info!("stopped");
@@ -327,11 +373,13 @@ async fn flush_everything(rules: &RuleSet, links: &Links, slot: &str) {
 /// `streamed` once streaming has started.
 async fn stream_once(
     config: &Config,
-    rules: &RuleSet,
+    live: &mut LiveRules,
     links: &mut Links,
     health: &Health,
     streamed: &mut bool,
 ) -> Result<Streamed, Failure> {
+    // Between connections is between transactions.
+    live.refresh();
     let pg: tokio_postgres::Config = config
         .postgres
         .url
@@ -347,7 +395,7 @@ async fn stream_once(
         wal = %system.xlog_pos,
         "connected"
     );
-    let tables = rules.tables().cloned().collect();
+    let tables = live.rules().tables().cloned().collect();
     let plan = setup::plan(
         &mut client,
         &tables,
@@ -360,7 +408,7 @@ async fn stream_once(
     if plan.slot_reset {
         metrics::counter!(telemetry::SLOT_RESETS_TOTAL).increment(1);
         if config.postgres.flush_on_slot_loss {
-            flush_everything(rules, links, &config.postgres.slot).await;
+            flush_everything(live.rules(), links, &config.postgres.slot).await;
         } else {
             tracing::error!(
                 slot = %config.postgres.slot,
@@ -375,6 +423,7 @@ async fn stream_once(
     if let Some(flush) = slot.and_then(|info| info.confirmed_flush) {
         links.reported = links.reported.max(flush);
     }
+    links.catch_up = CatchUp::start(links.reported, system.xlog_pos);
     let mut stream = client
         .start_replication(&config.postgres.slot, Lsn(0), &config.postgres.publication)
         .await?;
@@ -392,7 +441,76 @@ async fn stream_once(
     tracing::info!(slot = %config.postgres.slot, from = %links.reported, "streaming");
     let mut decoder = Decoder::default();
     let outcome =
-        pipeline::run_source(&mut stream, &mut decoder, rules, links, &config.pipeline).await;
+        pipeline::run_source(&mut stream, &mut decoder, live, links, &config.pipeline).await;
+    health.set_source(Some("reconnecting to postgres".to_owned()));
+    match outcome? {
+        SourceEnd::DeleterStopped => {
+            stream.finish().await;
+            Ok(Streamed::Finished)
+        }
+        SourceEnd::StreamEnded => Ok(Streamed::Ended),
+    }
+}
+
+/// [`stream_once`] for a dry run: reads the publication from a temporary slot that starts at
+/// the current WAL position and disappears with the connection; creates and changes nothing
+/// else, so the real slot stays where it is.
+async fn dry_stream_once(
+    config: &Config,
+    live: &mut LiveRules,
+    links: &mut Links,
+    health: &Health,
+    streamed: &mut bool,
+) -> Result<Streamed, Failure> {
+    live.refresh();
+    let pg: tokio_postgres::Config = config
+        .postgres
+        .url
+        .parse()
+        .map_err(|e| Failure::Permanent(format!("invalid postgres url: {e}")))?;
+    let ca_file = config.postgres.ca_file.as_deref();
+    let mut client =
+        ReplicationClient::connect_with_ca(&pg, "invalidator-dry-run", ca_file).await?;
+    let publication = &config.postgres.publication;
+    let tables = live.rules().tables().cloned().collect();
+    let (existed, action) = setup::publication_action(&mut client, &tables, publication).await?;
+    if !existed {
+        return Err(Failure::Permanent(format!(
+            "dry run: publication {publication} does not exist and a dry run creates nothing; \
+             run `invalidator setup` first"
+        )));
+    }
+    if let Some(action) = action {
+        tracing::warn!(publication = %publication, missing = %action.sql,
+            "dry run: the publication lacks tables of the rules; their changes are not shown \
+             until `invalidator setup` adds them");
+    }
+    let slot = dry_run::temporary_slot_name(&config.postgres.slot, std::process::id());
+    let command = format!(
+        "CREATE_REPLICATION_SLOT {} TEMPORARY LOGICAL pgoutput NOEXPORT_SNAPSHOT",
+        setup::quote_ident(&slot)
+    );
+    let rows = client.simple_query(&command).await?;
+    let start = rows
+        .first()
+        .and_then(|row| row.get(1).cloned().flatten())
+        .and_then(|lsn| lsn.parse::<Lsn>().ok())
+        .unwrap_or(Lsn(0));
+    links.reported = links.reported.max(start);
+    tracing::info!(
+        slot = %slot,
+        real_slot = %config.postgres.slot,
+        from = %start,
+        "dry run: streaming from a temporary slot at the current WAL position; changes \
+         committed before it are not shown (a temporary slot cannot see the past); the real \
+         slot does not move and nothing is deleted"
+    );
+    let mut stream = client.start_replication(&slot, Lsn(0), publication).await?;
+    *streamed = true;
+    health.set_source(None);
+    let mut decoder = Decoder::default();
+    let outcome =
+        pipeline::run_source(&mut stream, &mut decoder, live, links, &config.pipeline).await;
     health.set_source(Some("reconnecting to postgres".to_owned()));
     match outcome? {
         SourceEnd::DeleterStopped => {
@@ -409,16 +527,17 @@ async fn stream_once(
 /// fails or shutdown; sets `streamed` once reading.
 async fn outbox_once(
     config: &Config,
-    rules: &RuleSet,
+    live: &mut LiveRules,
     links: &mut Links,
     health: &Health,
     progress: &mut notify::Progress,
     streamed: &mut bool,
 ) -> Result<Streamed, Failure> {
+    live.refresh();
     let (mut client, mut hints) = notify::connect(&config.postgres).await?;
     // `run` applies no DDL in notify mode: what `setup` would do must already be done, or
     // changes could be missed (a trigger that records too few columns) without anyone knowing.
-    let actions = notify::plan(&mut client, rules).await?;
+    let actions = notify::plan(&mut client, live.rules()).await?;
     if !actions.is_empty() {
         let missing: Vec<&str> = actions.iter().map(|a| a.why.as_str()).collect();
         return Err(Failure::Permanent(format!(
@@ -440,9 +559,43 @@ async fn outbox_once(
     *streamed = true;
     health.set_source(None);
     tracing::info!(channel = notify::CHANNEL, "reading the outbox");
-    let outcome = notify::stream(&client, &mut hints, rules, links, progress).await;
+    let outcome = notify::stream(&client, &mut hints, live, links, progress).await;
     health.set_source(Some("reconnecting to postgres".to_owned()));
     match outcome? {
+        SourceEnd::DeleterStopped => Ok(Streamed::Finished),
+        SourceEnd::StreamEnded => Ok(Streamed::Ended),
+    }
+}
+
+/// [`outbox_once`] for a dry run: no reader lock and no outbox row deleted (see
+/// [`notify::dry_stream`]); an out-of-date setup is a warning, since previewing rules before
+/// running `setup` is what a dry run is for.
+async fn dry_outbox_once(
+    config: &Config,
+    live: &mut LiveRules,
+    links: &mut Links,
+    health: &Health,
+    streamed: &mut bool,
+) -> Result<Streamed, Failure> {
+    live.refresh();
+    let (mut client, mut hints) = notify::connect(&config.postgres).await?;
+    let actions = notify::plan(&mut client, live.rules()).await?;
+    if !actions.is_empty() {
+        let missing: Vec<&str> = actions.iter().map(|a| a.why.as_str()).collect();
+        tracing::warn!(setup_would = %missing.join("; "),
+            "dry run: notify mode is not set up or out of date for these rules; it shows what \
+             the installed triggers let them see");
+    }
+    client
+        .batch_execute(&format!("LISTEN {}", setup::quote_ident(notify::CHANNEL)))
+        .await
+        .map_err(NotifyError::from)?;
+    *streamed = true;
+    health.set_source(None);
+    let outcome = notify::dry_stream(&client, &mut hints, live, links).await;
+    health.set_source(Some("reconnecting to postgres".to_owned()));
+    match outcome? {
+        // The delete loop deletes nothing here; wait for it so the last line is "stopped".
         SourceEnd::DeleterStopped => Ok(Streamed::Finished),
         SourceEnd::StreamEnded => Ok(Streamed::Ended),
     }

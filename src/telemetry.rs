@@ -1,6 +1,7 @@
 //! Metric names, the readiness state, and the HTTP server for `/metrics`, `/healthz`, `/readyz`.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use axum::Router;
@@ -33,6 +34,25 @@ pub const COMMIT_TO_DELETE_SECONDS: &str = "invalidator_commit_to_delete_seconds
 pub const CONFIRMED_LSN: &str = "invalidator_confirmed_lsn";
 /// Bytes of WAL the server has that are not yet acknowledged.
 pub const REPLICATION_LAG_BYTES: &str = "invalidator_replication_lag_bytes";
+
+/// Seconds the cache may be behind the database: now minus the commit time of the oldest
+/// transaction that has been read but whose deletes Redis has not confirmed yet; 0 when every
+/// transaction read is confirmed. Computed when `/metrics` is scraped. WAL not read yet is in
+/// [`REPLICATION_LAG_BYTES`].
+pub const REPLICATION_LAG_SECONDS: &str = "invalidator_replication_lag_seconds";
+/// Keys plus patterns per Redis batch (a histogram; batches merge transactions under a backlog).
+pub const BATCH_KEYS: &str = "invalidator_batch_keys";
+/// Changes that fired a rule, labelled `rule` (its `name`, or the loader's `<file>#<index>`).
+pub const RULE_FIRED_TOTAL: &str = "invalidator_rule_fired_total";
+/// Literal keys a rule rendered, labelled `rule`, before de-duplication within a transaction.
+pub const RULE_KEYS_TOTAL: &str = "invalidator_rule_keys_total";
+/// Patterns a rule rendered, labelled `rule`, before de-duplication within a transaction.
+pub const RULE_PATTERNS_TOTAL: &str = "invalidator_rule_patterns_total";
+/// Rules reloads that took effect (a file change or SIGHUP).
+pub const RULES_RELOADS_TOTAL: &str = "invalidator_rules_reloads_total";
+/// Rules reloads rejected (broken rules, or the database could not take them); the running
+/// rules stayed in effect.
+pub const RULES_RELOAD_ERRORS_TOTAL: &str = "invalidator_rules_reload_errors_total";
 
 /// Notify mode: rows waiting in the outbox, measured once a second.
 pub const OUTBOX_ROWS: &str = "invalidator_outbox_rows";
@@ -69,6 +89,14 @@ pub fn install_metrics() -> PrometheusHandle {
                         10.0, 30.0, 60.0,
                     ],
                 )
+                .expect("bucket list is not empty")
+                .set_buckets_for_metric(
+                    Matcher::Full(BATCH_KEYS.to_owned()),
+                    &[
+                        1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0,
+                        5000.0, 10000.0, 20000.0, 50000.0, 100000.0,
+                    ],
+                )
                 .expect("bucket list is not empty");
             let recorder = builder.build_recorder();
             let handle = recorder.handle();
@@ -84,6 +112,9 @@ pub fn install_metrics() -> PrometheusHandle {
             metrics::counter!(SLOT_RESETS_TOTAL).absolute(0);
             metrics::gauge!(CONFIRMED_LSN).set(0.0);
             metrics::gauge!(REPLICATION_LAG_BYTES).set(0.0);
+            metrics::gauge!(REPLICATION_LAG_SECONDS).set(0.0);
+            metrics::counter!(RULES_RELOADS_TOTAL).absolute(0);
+            metrics::counter!(RULES_RELOAD_ERRORS_TOTAL).absolute(0);
             metrics::gauge!(OUTBOX_ROWS).set(0.0);
             metrics::gauge!(OUTBOX_OLDEST_SECONDS).set(0.0);
             handle
@@ -91,10 +122,14 @@ pub fn install_metrics() -> PrometheusHandle {
         .clone()
 }
 
-/// What `/readyz` reports: ready only while changes stream and Redis answers.
+/// What `/readyz` reports: ready only while changes stream and Redis answers; and, for
+/// [`REPLICATION_LAG_SECONDS`], the commit time of the oldest unconfirmed transaction.
 #[derive(Debug, Default)]
 pub struct Health {
     state: Mutex<HealthState>,
+    /// Commit time (microseconds since the Unix epoch) of the oldest transaction read and not
+    /// yet confirmed; 0 when there is none. Written by the delete loop once per batch.
+    oldest_unconfirmed_us: AtomicI64,
 }
 
 #[derive(Debug, Default)]
@@ -121,6 +156,23 @@ impl Health {
     /// Records why Redis is not usable (`None`: it answers).
     pub fn set_redis(&self, reason: Option<String>) {
         self.lock().redis = reason;
+    }
+
+    /// Records the commit time of the oldest transaction read and not yet confirmed (`None`:
+    /// every transaction read is confirmed).
+    pub fn set_oldest_unconfirmed(&self, commit_time_us: Option<i64>) {
+        // A commit time of 0 (the epoch) never occurs, so it can stand for none.
+        let value = commit_time_us.map_or(0, |us| us.max(1));
+        self.oldest_unconfirmed_us.store(value, Ordering::Relaxed);
+    }
+
+    /// [`REPLICATION_LAG_SECONDS`] at `now_us`: how long the oldest unconfirmed transaction has
+    /// been committed, or 0.
+    pub fn lag_seconds(&self, now_us: i64) -> f64 {
+        match self.oldest_unconfirmed_us.load(Ordering::Relaxed) {
+            0 => 0.0,
+            oldest => (now_us - oldest).max(0) as f64 / 1e6,
+        }
     }
 
     /// `Ok` when ready, else the one-line reason.
@@ -175,6 +227,10 @@ async fn readyz(State(state): State<AppState>) -> (StatusCode, String) {
 }
 
 async fn render_metrics(State(state): State<AppState>) -> String {
+    // A gauge of an age must be computed when read: set once, it would stand still while a
+    // batch waits for Redis.
+    let lag = state.health.lag_seconds(crate::pipeline::unix_micros());
+    metrics::gauge!(REPLICATION_LAG_SECONDS).set(lag);
     state.metrics.render()
 }
 
@@ -211,5 +267,17 @@ mod tests {
         health.set_redis(None);
         health.set_source(Some("standby".to_owned()));
         assert_eq!(health.readiness(), Err("standby".to_owned()));
+    }
+
+    #[test]
+    fn lag_seconds_is_the_age_of_the_oldest_unconfirmed_commit_or_zero() {
+        let health = Health::new();
+        assert_eq!(health.lag_seconds(10_000_000), 0.0);
+        health.set_oldest_unconfirmed(Some(7_500_000));
+        assert_eq!(health.lag_seconds(10_000_000), 2.5);
+        // A commit stamped later than our clock (skew) is no lag, not a negative one.
+        assert_eq!(health.lag_seconds(7_000_000), 0.0);
+        health.set_oldest_unconfirmed(None);
+        assert_eq!(health.lag_seconds(10_000_000), 0.0);
     }
 }

@@ -3,13 +3,16 @@
 mod cli;
 mod deleter;
 mod deploy;
+mod dry_run;
 mod e2e;
 mod exodrive;
 mod faults;
 mod invalidate;
 mod memory;
 mod notify;
+mod observability;
 mod privilege;
+mod reload;
 mod replication;
 mod sidecar;
 mod slots;

@@ -40,7 +40,8 @@ impl Setup {
         let config = format!(
             "[postgres]\nurl = \"{db_url}\"\nslot = \"{slot}\"\npublication = \"{slot}\"\n\n\
              [redis]\nurl = \"{redis_url}\"\n\n[http]\nlisten = \"127.0.0.1:{http}\"\n\n\
-             [pipeline]\nstatus_interval_ms = 500\n\n[log]\nlevel = \"invalidator=debug,info\"\n"
+             [pipeline]\nstatus_interval_ms = 500\n\n[log]\nlevel = \"invalidator=debug,info\"\n\
+             format = \"text\"\n"
         );
         std::fs::write(dir.path().join("invalidator.toml"), config).unwrap();
         Setup { dir, slot, http }
@@ -71,6 +72,11 @@ impl Setup {
 
     /// Starts `invalidator run` in the background.
     pub fn spawn(&self) -> Sidecar {
+        self.spawn_with(&[])
+    }
+
+    /// Starts `invalidator run` with `args` (after `--config`) in the background.
+    pub fn spawn_with(&self, args: &[&str]) -> Sidecar {
         let log = self
             .dir
             .path()
@@ -79,6 +85,7 @@ impl Setup {
             .arg("run")
             .arg("--config")
             .arg(self.config())
+            .args(args)
             .env_remove("DATABASE_URL")
             .env_remove("REDIS_URL")
             .stdin(Stdio::null())

@@ -195,14 +195,38 @@ impl Rule {
                 })
     }
 
-    /// Renders every key of the rule for one row into `out`, through the scratch buffer `buf`.
-    fn render_into(&self, values: Values<'_>, buf: &mut String, out: &mut Invalidation) {
+    /// Renders every key of the rule for one row into `out`, through the scratch buffer `buf`,
+    /// and counts what it rendered into `tally`.
+    fn render_into(
+        &self,
+        values: Values<'_>,
+        buf: &mut String,
+        out: &mut Invalidation,
+        tally: &mut RuleTally,
+    ) {
         for template in &self.templates {
             if let Some(pattern) = template.render(values, buf) {
+                if pattern {
+                    tally.patterns += 1;
+                } else {
+                    tally.keys += 1;
+                }
                 out.insert(buf, pattern);
             }
         }
     }
+}
+
+/// What one rule did over some changes, for the per-rule metrics: plain numbers, added up
+/// while planning and turned into metrics once per transaction.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RuleTally {
+    /// Changes that fired the rule (its table, an operation in `on`, and `changed` satisfied).
+    pub fired: u64,
+    /// Literal keys it rendered, before de-duplication within the transaction.
+    pub keys: u64,
+    /// Patterns it rendered, before de-duplication within the transaction.
+    pub patterns: u64,
 }
 
 /// Renders every key of `rules` with every placeholder as `*`.
@@ -210,7 +234,12 @@ fn render_unknown<'a>(rules: impl IntoIterator<Item = &'a Rule>) -> Invalidation
     let mut out = Invalidation::default();
     let mut buf = String::new();
     for rule in rules {
-        rule.render_into(Values::Unknown, &mut buf, &mut out);
+        rule.render_into(
+            Values::Unknown,
+            &mut buf,
+            &mut out,
+            &mut RuleTally::default(),
+        );
     }
     out
 }
@@ -255,8 +284,21 @@ impl RuleSet {
         }
     }
 
+    /// Combines two rule sets: every rule of `self`, then every rule of `other`. Planning with
+    /// it deletes what either would. Used while a reload extends the publication, so that a
+    /// change read in between is planned by both the old and the new rules.
+    pub fn union(&self, other: &RuleSet) -> RuleSet {
+        RuleSet::from_rules(self.rules.iter().chain(&other.rules).cloned().collect())
+    }
+
     /// Adds to `out` the keys and patterns that `change` invalidates.
     pub fn plan(&self, change: &Change, out: &mut Invalidation) {
+        self.plan_tallied(change, out, &mut []);
+    }
+
+    /// [`RuleSet::plan`], also counting into `tally[i]` what rule `i` (an index into
+    /// [`RuleSet::rules`]) did; rules past the end of `tally` are not counted.
+    pub fn plan_tallied(&self, change: &Change, out: &mut Invalidation, tally: &mut [RuleTally]) {
         let Some(indices) = self.by_table.get(&change.table) else {
             return;
         };
@@ -266,23 +308,43 @@ impl RuleSet {
             row.as_ref().map_or(Values::Unknown, Values::Row)
         }
         let mut buf = String::new();
-        for rule in indices.iter().filter_map(|&index| self.rules.get(index)) {
+        let mut unused = RuleTally::default();
+        for &index in indices {
+            let Some(rule) = self.rules.get(index) else {
+                continue;
+            };
             if !rule.ops.contains(&change.op) {
                 continue;
             }
-            match change.op {
-                Op::Insert => rule.render_into(row(&change.new), &mut buf, out),
-                Op::Delete => rule.render_into(row(&change.old), &mut buf, out),
+            let tally = match tally.get_mut(index) {
+                Some(tally) => tally,
+                None => &mut unused,
+            };
+            let fired = match change.op {
+                Op::Insert => {
+                    rule.render_into(row(&change.new), &mut buf, out, tally);
+                    true
+                }
+                Op::Delete => {
+                    rule.render_into(row(&change.old), &mut buf, out, tally);
+                    true
+                }
                 Op::Update => {
                     let (old, new) = (row(&change.old), row(&change.new));
-                    if rule.fires_on_update(old, new) {
+                    let fires = rule.fires_on_update(old, new);
+                    if fires {
                         // Both sides: a booking moved from car A to car B stales both cars.
-                        rule.render_into(new, &mut buf, out);
-                        rule.render_into(old, &mut buf, out);
+                        rule.render_into(new, &mut buf, out, tally);
+                        rule.render_into(old, &mut buf, out, tally);
                     }
+                    fires
                 }
-                Op::Truncate => rule.render_into(Values::Unknown, &mut buf, out),
-            }
+                Op::Truncate => {
+                    rule.render_into(Values::Unknown, &mut buf, out, tally);
+                    true
+                }
+            };
+            tally.fired += u64::from(fired);
         }
     }
 
@@ -405,6 +467,46 @@ keys = ["booking:{id}", "booking:{id}:*", "dashboard:metrics:*"]
             ("overall_status", Some(status)),
             ("notes", Some("n")),
         ])
+    }
+
+    /// The per-rule tally counts firings and renderings (before de-duplication), and nothing
+    /// for a rule that does not fire.
+    #[test]
+    fn plan_tallied_counts_what_each_rule_did() {
+        let set = rules(BOOKINGS);
+        let mut tally = vec![RuleTally::default(); set.rules().len()];
+        let mut out = Invalidation::default();
+        let old = booking("b1", "c1", Some("u1"), "open");
+        let notes_only = change("bookings", Op::Update, Some(old.clone()), Some(old.clone()));
+        set.plan_tallied(&notes_only, &mut out, &mut tally);
+        let moved = booking("b1", "c2", Some("u1"), "open");
+        let update = change("bookings", Op::Update, Some(old), Some(moved));
+        set.plan_tallied(&update, &mut out, &mut tally);
+        // "booking-availability" fired once (the car changed), rendering from both rows: two
+        // patterns and two keys (the customer key twice, the same text).
+        assert_eq!(
+            tally[0],
+            RuleTally {
+                fired: 1,
+                keys: 2,
+                patterns: 2
+            }
+        );
+        // "booking" fires on every update: three templates from two rows, twice.
+        assert_eq!(
+            tally[1],
+            RuleTally {
+                fired: 2,
+                keys: 4,
+                patterns: 8
+            }
+        );
+        // A shorter tally counts nothing and plans the same.
+        let mut plain = Invalidation::default();
+        set.plan_tallied(&update, &mut plain, &mut []);
+        let mut expected = Invalidation::default();
+        set.plan(&update, &mut expected);
+        assert_eq!(plain, expected);
     }
 
     #[test]

@@ -24,6 +24,7 @@ use tokio::sync::mpsc;
 use crate::change::{Change, Lsn, Op, Row, TableName, Value};
 use crate::config::{Mode, PostgresConfig};
 use crate::pipeline::{Committed, Links, SourceEnd};
+use crate::reload::LiveRules;
 use crate::rules::{Invalidation, RuleSet};
 use crate::source::connect::ConnectError;
 use crate::source::invalidate;
@@ -549,7 +550,7 @@ pub async fn take_reader_lock(client: &tokio_postgres::Client) -> Result<bool, N
 pub async fn stream(
     client: &tokio_postgres::Client,
     hints: &mut mpsc::UnboundedReceiver<()>,
-    rules: &RuleSet,
+    rules: &mut LiveRules,
     links: &mut Links,
     progress: &mut Progress,
 ) -> Result<SourceEnd, NotifyError> {
@@ -624,7 +625,7 @@ async fn acknowledge(
 /// returns whether the round was full.
 async fn read_round(
     client: &tokio_postgres::Client,
-    rules: &RuleSet,
+    rules: &mut LiveRules,
     progress: &mut Progress,
 ) -> Result<bool, NotifyError> {
     let held = progress.held();
@@ -640,6 +641,26 @@ async fn read_round(
         return Ok(false);
     }
     let full = rows.len() as i64 >= ROUND_ROWS;
+    let (ids, first_time, inv) = plan_rows(rules, rows)?;
+    progress.last_round += 1;
+    let round = Lsn(progress.last_round);
+    progress.in_flight.push_back((round, ids));
+    // Even a round with nothing to delete is queued: its confirmation acknowledges its rows.
+    progress.pending = Some(Committed {
+        end_lsn: round,
+        commit_time_us: first_time,
+        inv,
+    });
+    Ok(full)
+}
+
+/// Plans one round of outbox rows with the rules in effect (taking newer ones first: a round is
+/// the transaction boundary here); returns their ids, the oldest row's time and what to delete.
+fn plan_rows(
+    rules: &mut LiveRules,
+    rows: Vec<tokio_postgres::Row>,
+) -> Result<(Vec<i64>, i64, Invalidation), NotifyError> {
+    rules.refresh();
     let mut inv = Invalidation::default();
     let mut ids = Vec::with_capacity(rows.len());
     let mut first_time = i64::MAX;
@@ -680,20 +701,77 @@ async fn read_round(
                 // Never skip: whatever the row was, every key its table's rules make goes.
                 tracing::warn!(id = outbox.id, table = %outbox.table, error = %e,
                     "unreadable outbox row; invalidating every pattern of its table's rules");
-                inv.merge(rules.everything_for(&outbox.table));
+                inv.merge(rules.rules().everything_for(&outbox.table));
             }
         }
     }
-    progress.last_round += 1;
-    let round = Lsn(progress.last_round);
-    progress.in_flight.push_back((round, ids));
-    // Even a round with nothing to delete is queued: its confirmation acknowledges its rows.
-    progress.pending = Some(Committed {
-        end_lsn: round,
-        commit_time_us: first_time,
-        inv,
-    });
-    Ok(full)
+    rules.count();
+    Ok((ids, first_time, inv))
+}
+
+/// `run --dry-run` in notify mode: reads the outbox rows newer than the newest one at start,
+/// plans each round and logs what it would delete. It deletes no outbox row and takes no reader
+/// lock, so a real reader keeps working beside it; rows that reader deletes first, and rows
+/// whose ids are below one already read (ids are assigned before commit), are not shown.
+pub async fn dry_stream(
+    client: &tokio_postgres::Client,
+    hints: &mut mpsc::UnboundedReceiver<()>,
+    rules: &mut LiveRules,
+    links: &Links,
+) -> Result<SourceEnd, NotifyError> {
+    let newest: i64 = client
+        .query_one("SELECT coalesce(max(id), 0) FROM invalidator.outbox", &[])
+        .await?
+        .try_get(0)?;
+    tracing::info!(
+        after_id = newest,
+        "dry run: reading outbox rows newer than the newest one now; deleting none"
+    );
+    let mut seen = newest;
+    let mut poll = tokio::time::interval(POLL);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut read_now = true;
+    loop {
+        tokio::select! {
+            biased;
+            _ = links.cancel.cancelled() => return Ok(SourceEnd::DeleterStopped),
+            () = std::future::ready(()), if read_now => {
+                let rows = client
+                    .query(
+                        "SELECT id, table_schema, table_name, op, old::text, new::text, \
+                         (extract(epoch FROM created_at) * 1000000)::bigint \
+                         FROM invalidator.outbox WHERE id > $1 ORDER BY id LIMIT $2",
+                        &[&seen, &ROUND_ROWS],
+                    )
+                    .await?;
+                read_now = rows.len() as i64 >= ROUND_ROWS;
+                if rows.is_empty() {
+                    continue;
+                }
+                let mut tables = BTreeSet::new();
+                for row in &rows {
+                    let (schema, name) = (row.try_get::<_, &str>(1)?, row.try_get::<_, &str>(2)?);
+                    tables.insert(TableName::new(schema, name).to_string());
+                }
+                let (ids, _, inv) = plan_rows(rules, rows)?;
+                let first = ids.first().copied().unwrap_or(seen);
+                seen = ids.last().copied().unwrap_or(seen);
+                if !inv.is_empty() {
+                    let tables = tables.into_iter().collect::<Vec<_>>().join(", ");
+                    let position = format!("outbox ids {first}..{seen}");
+                    crate::dry_run::log_would_delete(position, &tables, &inv);
+                }
+            }
+            hint = hints.recv() => {
+                if hint.is_none() {
+                    return Err(NotifyError::Closed);
+                }
+                while hints.try_recv().is_ok() {}
+                read_now = true;
+            }
+            _ = poll.tick() => read_now = true,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -164,54 +164,8 @@ pub async fn plan(
         return Err(SetupError::MissingTables(missing));
     }
     let mut plan = Plan::default();
-    let exists = db
-        .query(&format!(
-            "SELECT 1 FROM pg_publication WHERE pubname = {}",
-            quote_literal(publication)
-        ))
-        .await?;
-    let publication_existed = !exists.is_empty();
-    if !publication_existed {
-        let names: Vec<String> = tables.iter().map(qualified).collect();
-        plan.actions.push(Action {
-            why: format!(
-                "create publication {publication} for {} tables",
-                names.len()
-            ),
-            sql: format!(
-                "CREATE PUBLICATION {} FOR TABLE {}",
-                quote_ident(publication),
-                names.join(", ")
-            ),
-        });
-    } else {
-        let published: BTreeSet<TableName> = db
-            .query(&format!(
-                "SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = {}",
-                quote_literal(publication)
-            ))
-            .await?
-            .into_iter()
-            .filter_map(|row| match row.as_slice() {
-                [Some(schema), Some(name)] => Some(TableName::new(schema, name)),
-                _ => None,
-            })
-            .collect();
-        let gained: Vec<String> = tables.difference(&published).map(qualified).collect();
-        if !gained.is_empty() {
-            plan.actions.push(Action {
-                why: format!(
-                    "add {} tables the rules gained to publication {publication}",
-                    gained.len()
-                ),
-                sql: format!(
-                    "ALTER PUBLICATION {} ADD TABLE {}",
-                    quote_ident(publication),
-                    gained.join(", ")
-                ),
-            });
-        }
-    }
+    let (publication_existed, action) = publication_action(db, tables, publication).await?;
+    plan.actions.extend(action);
     let create = Action {
         why: format!("create logical replication slot {slot} (pgoutput)"),
         sql: format!(
@@ -264,6 +218,69 @@ pub async fn plan(
             ),
         }),
     }
+}
+
+/// What the publication needs so that it holds every one of `tables`: created when it does not
+/// exist, else the tables it lacks added (tables it has beyond them stay). Returns whether it
+/// existed, and the statement, if one is needed.
+pub async fn publication_action(
+    db: &mut impl Sql,
+    tables: &BTreeSet<TableName>,
+    publication: &str,
+) -> Result<(bool, Option<Action>), SetupError> {
+    let exists = db
+        .query(&format!(
+            "SELECT 1 FROM pg_publication WHERE pubname = {}",
+            quote_literal(publication)
+        ))
+        .await?;
+    if exists.is_empty() {
+        let names: Vec<String> = tables.iter().map(qualified).collect();
+        return Ok((
+            false,
+            Some(Action {
+                why: format!(
+                    "create publication {publication} for {} tables",
+                    names.len()
+                ),
+                sql: format!(
+                    "CREATE PUBLICATION {} FOR TABLE {}",
+                    quote_ident(publication),
+                    names.join(", ")
+                ),
+            }),
+        ));
+    }
+    let published: BTreeSet<TableName> = db
+        .query(&format!(
+            "SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = {}",
+            quote_literal(publication)
+        ))
+        .await?
+        .into_iter()
+        .filter_map(|row| match row.as_slice() {
+            [Some(schema), Some(name)] => Some(TableName::new(schema, name)),
+            _ => None,
+        })
+        .collect();
+    let gained: Vec<String> = tables.difference(&published).map(qualified).collect();
+    if gained.is_empty() {
+        return Ok((true, None));
+    }
+    Ok((
+        true,
+        Some(Action {
+            why: format!(
+                "add {} tables the rules gained to publication {publication}",
+                gained.len()
+            ),
+            sql: format!(
+                "ALTER PUBLICATION {} ADD TABLE {}",
+                quote_ident(publication),
+                gained.join(", ")
+            ),
+        }),
+    ))
 }
 
 /// Runs the actions in order.
