@@ -858,6 +858,11 @@ mod tests {
         fn with(sink: RecordingSink, rules: &str, settings: PipelineConfig) -> Harness {
             let rules = RuleSet::compile(&[("rules.toml".to_owned(), rules.to_owned())])
                 .expect("rules compile");
+            Harness::live(sink, LiveRules::fixed(Arc::new(rules)), settings)
+        }
+
+        /// Starts both loops with `rules` as the source loop's rules.
+        fn live(sink: RecordingSink, mut rules: LiveRules, settings: PipelineConfig) -> Harness {
             let (wal_tx, wal_rx) = mpsc::unbounded_channel();
             let statuses = Arc::new(Mutex::new(Vec::new()));
             let read = Arc::new(AtomicUsize::new(0));
@@ -888,7 +893,6 @@ mod tests {
             };
             let source = tokio::spawn(async move {
                 let mut decoder = Decoder::default();
-                let mut rules = LiveRules::fixed(Arc::new(rules));
                 run_source(&mut stream, &mut decoder, &mut rules, &mut links, &settings).await
             });
             wal_tx.send(xlog(relation())).unwrap();
@@ -1122,6 +1126,38 @@ mod tests {
         assert_eq!(deleted.len(), 1, "{deleted:?}");
         assert_eq!(deleted[0].keys, set(&["item:1", "user:42", "weird*key"]));
         assert_eq!(deleted[0].patterns, set(&["user:*:feed"]));
+    }
+
+    /// Reloaded rules take over at the next transaction: a transaction open when they arrive is
+    /// planned by the old rules to its commit, never by a mix.
+    #[tokio::test(start_paused = true)]
+    async fn new_rules_take_over_between_transactions_never_inside_one() {
+        let compile = |text: &str| {
+            Arc::new(
+                RuleSet::compile(&[("rules.toml".to_owned(), text.to_owned())])
+                    .expect("rules compile"),
+            )
+        };
+        let (updates, rx) = watch::channel(compile(ITEM_RULES));
+        let sink = RecordingSink::default();
+        let h = Harness::live(sink.clone(), LiveRules::watching(rx), settings(100_000));
+        let mut messages = transaction(&["1", "2"], 0x100);
+        let commit = messages.pop().unwrap();
+        let second = messages.pop().unwrap();
+        h.send(messages);
+        settle().await;
+        updates.send_replace(compile(
+            "[[rule]]\ntable = \"items\"\nkeys = [\"new:{id}\"]\n",
+        ));
+        h.send(vec![second, commit]);
+        h.wait_for_ack(0x100).await;
+        h.send(transaction(&["3"], 0x200));
+        h.wait_for_ack(0x200).await;
+        h.stop().await;
+        let deleted = sink.deleted.lock().unwrap().clone();
+        assert_eq!(deleted.len(), 2, "{deleted:?}");
+        assert_eq!(deleted[0].keys, set(&["item:1", "item:2"]));
+        assert_eq!(deleted[1].keys, set(&["new:3"]));
     }
 
     /// A non-transactional message (sent by Postgres outside any transaction) is deleted and

@@ -8,8 +8,8 @@ use std::time::Duration;
 use invalidator::rules::RuleSet;
 
 use crate::e2e::{RULES, SCHEMA};
-use crate::sidecar::{Fixture, Mode, Sidecar, in_both_modes, signal};
-use crate::support::wait_until;
+use crate::sidecar::{Fixture, Mode, Setup, Sidecar, in_both_modes, signal};
+use crate::support::{PgCluster, unique_name, wait_until};
 
 const RELOADS: &str = "invalidator_rules_reloads_total";
 const RELOAD_ERRORS: &str = "invalidator_rules_reload_errors_total";
@@ -177,4 +177,50 @@ fn notify_mode_asks_for_setup_when_a_new_table_appears() {
     f.sql("INSERT INTO unwatched VALUES (2, 'v')");
     f.wait_deleted(&["unwatched:2"]);
     sidecar.assert_alive();
+}
+
+/// Replication mode, as a role that does not own the tables: `ALTER PUBLICATION` fails, so the
+/// reload is rejected, the error is logged and counted, and exactly the old rules stay in effect
+/// (neither the new ones nor the union used while the publication was being extended).
+#[test]
+fn a_publication_the_role_cannot_extend_keeps_the_old_rules() {
+    let f = Fixture::new(SCHEMA, RULES);
+    let role = unique_name("role");
+    f.sql(&format!(
+        "CREATE ROLE {role} WITH LOGIN REPLICATION PASSWORD 'pw';
+         GRANT SELECT ON items, plain, shop.orders, sentinel, unwatched TO {role};
+         GRANT USAGE ON SCHEMA shop TO {role};"
+    ));
+    let (status, out) = f.setup.command(&["setup"]);
+    assert!(status.success(), "{out}");
+    let url = PgCluster::shared().url_as(&role, "pw", &f.db);
+    let limited = Setup::new(&url, &f.redis.url(), RULES);
+    let config = std::fs::read_to_string(limited.config()).unwrap();
+    std::fs::write(
+        limited.config(),
+        config.replace(&limited.slot, &f.setup.slot),
+    )
+    .unwrap();
+    let sidecar = limited.start();
+
+    let edited = RULES.replace("\"plain:{id}\"", "\"PLAIN:{id}\"")
+        + "\n[[rule]]\ntable = \"unwatched\"\nkeys = [\"unwatched:{id}\"]\n";
+    std::fs::write(limited.dir.path().join("rules/rules.toml"), edited).unwrap();
+    wait_metric(&sidecar, RELOAD_ERRORS, 1.0);
+    let log = sidecar.log();
+    assert!(
+        log.lines().any(|l| l.contains("ERROR")
+            && l.contains("rules reload rejected")
+            && l.contains("must be owner")),
+        "{log}"
+    );
+    assert_eq!(sidecar.metric(RELOADS), 0.0);
+    f.cache(&["plain:6", "PLAIN:6"]);
+    f.sql("INSERT INTO plain VALUES (6, 'fay')");
+    f.wait_deleted(&["plain:6"]);
+    // A barrier: a later write is done, so the first one was fully planned.
+    f.cache(&["plain:7"]);
+    f.sql("INSERT INTO plain VALUES (7, 'gus')");
+    f.wait_deleted(&["plain:7"]);
+    f.assert_kept(&["PLAIN:6"]);
 }
