@@ -144,6 +144,9 @@ in_both_modes! {
 #[test]
 fn the_repository_rules_pass_check_against_the_migrated_schema() {
     let f = exodrive(Mode::Replication);
+    // Before the first `setup` (or `run`), check warns that the publication does not exist yet.
+    let (status, out) = f.setup.command(&["setup"]);
+    assert!(status.success(), "{out}");
     let (status, out) = f.setup.command(&["check"]);
     assert!(status.success(), "{out}");
     assert!(
