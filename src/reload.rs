@@ -20,8 +20,9 @@
 //!   notify mode, so the new rules take effect at once and an error says to run `invalidator
 //!   setup`. That is never worse than keeping the old rules: a table without triggers sends
 //!   nothing either way, and a column the trigger does not record reads as unknown, so its
-//!   placeholder becomes `*` (over-invalidation, never a miss). A restart refuses to start
-//!   until `setup` has run, as it always does.
+//!   placeholder becomes `*` (over-invalidation, never a miss). A restart, or a reconnect to
+//!   Postgres, stops with an error until `setup` has run, as a start always does; the outbox
+//!   keeps every change meanwhile, so nothing is lost.
 //! - rules naming a table (or, in notify mode, a column) that does not exist are rejected like
 //!   broken rules; so is a reload that needs the database while it cannot be reached (SIGHUP,
 //!   or the next edit, tries again).
@@ -310,7 +311,8 @@ impl Reloader {
                         "the new rules need `invalidator setup` (notify mode): until it runs, \
                          changes of tables without triggers are not captured, and columns the \
                          triggers do not record read as unknown (their keys become patterns); \
-                         a restart refuses to start until then"
+                         a restart, or a reconnect to Postgres, stops with an error until then \
+                         (the outbox keeps every change meanwhile)"
                     );
                 }
                 Ok(())
