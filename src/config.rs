@@ -250,6 +250,7 @@ impl Config {
             match name.as_str() {
                 "DATABASE_URL" => database_url = Some(value.clone()),
                 "REDIS_URL" => redis_url = Some(value.clone()),
+                _ if is_service_link(name) => {}
                 _ if name.starts_with("INVALIDATOR_") => apply_env(&mut raw, name, value)?,
                 _ => {}
             }
@@ -430,6 +431,22 @@ fn validate(raw: RawConfig, file: &Path) -> Result<Config, ConfigError> {
     })
 }
 
+/// Whether `name` is one of the variables Kubernetes injects into every pod of the namespace
+/// for a Service named `invalidator` (`INVALIDATOR_SERVICE_HOST`, `INVALIDATOR_SERVICE_PORT`,
+/// `INVALIDATOR_PORT`, `INVALIDATOR_PORT_9187_TCP_ADDR`, ...). None can be a misspelt setting
+/// (no section is called SERVICE or PORT), and rejecting them would stop every pod beside such
+/// a Service.
+fn is_service_link(name: &str) -> bool {
+    let Some(rest) = name.strip_prefix("INVALIDATOR_") else {
+        return false;
+    };
+    rest.starts_with("SERVICE_")
+        || rest == "PORT"
+        || rest
+            .strip_prefix("PORT_")
+            .is_some_and(|port| port.starts_with(|c: char| c.is_ascii_digit()))
+}
+
 /// Whether `name` is safe to use unquoted as a slot or publication name.
 fn is_identifier(name: &str) -> bool {
     !name.is_empty()
@@ -468,6 +485,27 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn kubernetes_service_links_are_ignored_but_other_unknown_names_are_not() {
+        let links = env(&[
+            ("INVALIDATOR_SERVICE_HOST", "10.0.0.1"),
+            ("INVALIDATOR_SERVICE_PORT", "9187"),
+            ("INVALIDATOR_SERVICE_PORT_METRICS", "9187"),
+            ("INVALIDATOR_PORT", "tcp://10.0.0.1:9187"),
+            ("INVALIDATOR_PORT_9187_TCP", "tcp://10.0.0.1:9187"),
+            ("INVALIDATOR_PORT_9187_TCP_ADDR", "10.0.0.1"),
+        ]);
+        assert!(Config::load_with_env(None, &links).is_ok());
+        for typo in [
+            "INVALIDATOR_PORTS",
+            "INVALIDATOR_PORT_X",
+            "INVALIDATOR_SERVICE",
+        ] {
+            let err = Config::load_with_env(None, &env(&[(typo, "1")])).unwrap_err();
+            assert!(err.to_string().contains(typo), "{err}");
+        }
     }
 
     #[test]
