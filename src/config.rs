@@ -55,6 +55,9 @@ pub struct Config {
     pub postgres: PostgresConfig,
     /// Redis connection URL (may hold a password: print it only through [`redact`]).
     pub redis_url: String,
+    /// Further Redis targets that receive the same deletes (`[[redis.targets]]`); a change is
+    /// acknowledged only once every target, `redis_url` included, confirmed it. Empty: one target.
+    pub redis_targets: Vec<RedisTarget>,
     /// A rules directory or a single rules file.
     pub rules_path: PathBuf,
     /// Address of the HTTP server for `/metrics`, `/healthz` and `/readyz`.
@@ -82,6 +85,22 @@ pub struct PostgresConfig {
     /// system roots; checked at load to hold at least one certificate.
     pub ca_file: Option<PathBuf>,
 }
+
+/// One further Redis target, `[[redis.targets]]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisTarget {
+    /// A short unique name (`[a-z0-9_]`), used in metric labels, logs and `/readyz`.
+    pub name: String,
+    /// Connection URL (may hold a password: print it only through [`redact`]).
+    pub url: String,
+}
+
+/// The name of the `[redis] url` target in metric labels and `/readyz` when there are several.
+pub const PRIMARY_TARGET: &str = "default";
+
+/// The prefix of the variable that overrides a named target's URL:
+/// `INVALIDATOR_REDIS_TARGETS_<NAME>_URL`, the name in upper case.
+const TARGET_ENV_PREFIX: &str = "INVALIDATOR_REDIS_TARGETS_";
 
 /// The `[pipeline]` section; the defaults need no tuning.
 #[derive(Debug, Clone)]
@@ -168,6 +187,18 @@ struct RawPostgres {
 #[serde(deny_unknown_fields)]
 struct RawRedis {
     url: Option<String>,
+    #[serde(default)]
+    targets: Vec<RawTarget>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTarget {
+    name: String,
+    url: Option<String>,
+    /// Set by `INVALIDATOR_REDIS_TARGETS_<NAME>_URL`, which beats `url`.
+    #[serde(skip)]
+    env_url: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -299,6 +330,27 @@ fn apply_env(raw: &mut RawConfig, name: &str, value: &str) -> Result<(), ConfigE
         }
         "INVALIDATOR_LOG_FORMAT" => raw.log.format = v,
         "INVALIDATOR_LOG_LEVEL" => raw.log.level = v,
+        _ if name.starts_with(TARGET_ENV_PREFIX) && name.ends_with("_URL") => {
+            let upper = &name[TARGET_ENV_PREFIX.len()..name.len() - "_URL".len()];
+            let target = raw
+                .redis
+                .targets
+                .iter_mut()
+                .find(|t| t.name.to_ascii_uppercase() == upper);
+            match target {
+                Some(target) => target.env_url = v,
+                None => {
+                    return Err(ConfigError::Invalid {
+                        origin: name.to_owned(),
+                        message: format!(
+                            "no [[redis.targets]] is named {:?}: declare the target in the \
+                             configuration file, the variable only sets its url",
+                            upper.to_ascii_lowercase()
+                        ),
+                    });
+                }
+            }
+        }
         _ => {
             return Err(ConfigError::Invalid {
                 origin: name.to_owned(),
@@ -362,10 +414,7 @@ fn validate(raw: RawConfig, file: &Path) -> Result<Config, ConfigError> {
         .redis
         .url
         .unwrap_or_else(|| "redis://127.0.0.1:6379/0".to_owned());
-    if !(redis_url.starts_with("redis://")
-        || redis_url.starts_with("rediss://")
-        || redis_url.starts_with("unix://"))
-    {
+    if !is_redis_url(&redis_url) {
         return Err(invalid(
             "redis.url",
             format!(
@@ -374,6 +423,7 @@ fn validate(raw: RawConfig, file: &Path) -> Result<Config, ConfigError> {
             ),
         ));
     }
+    let redis_targets = validate_targets(raw.redis.targets, file)?;
     let listen = raw
         .http
         .listen
@@ -415,6 +465,7 @@ fn validate(raw: RawConfig, file: &Path) -> Result<Config, ConfigError> {
             ca_file: raw.postgres.ca_file,
         },
         redis_url,
+        redis_targets,
         rules_path: raw.rules.path.unwrap_or_else(|| PathBuf::from("rules")),
         http_listen,
         pipeline: PipelineConfig {
@@ -429,6 +480,48 @@ fn validate(raw: RawConfig, file: &Path) -> Result<Config, ConfigError> {
             level: raw.log.level.unwrap_or_else(|| "info".to_owned()),
         },
     })
+}
+
+/// Whether `url` is a Redis URL the deleter can use.
+fn is_redis_url(url: &str) -> bool {
+    url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("unix://")
+}
+
+/// Checks the further targets: names valid, unique and not the primary's, a Redis URL each.
+fn validate_targets(raw: Vec<RawTarget>, file: &Path) -> Result<Vec<RedisTarget>, ConfigError> {
+    let mut targets: Vec<RedisTarget> = Vec::with_capacity(raw.len());
+    for (index, target) in raw.into_iter().enumerate() {
+        let key = format!("redis.targets[{index}]");
+        let invalid = |message: String| ConfigError::Invalid {
+            origin: format!("{} [{key}]", file.display()),
+            message,
+        };
+        let name = target.name;
+        if !is_identifier(&name) || name.len() > 32 {
+            return Err(invalid(format!(
+                "name {name:?} is not valid: use 1-32 of a-z, 0-9 and _"
+            )));
+        }
+        if name == PRIMARY_TARGET || targets.iter().any(|t| t.name == name) {
+            return Err(invalid(format!(
+                "name {name:?} is used twice (\"{PRIMARY_TARGET}\" is [redis] url's)"
+            )));
+        }
+        let env = format!("{TARGET_ENV_PREFIX}{}_URL", name.to_ascii_uppercase());
+        let Some(url) = target.env_url.or(target.url) else {
+            return Err(invalid(format!(
+                "target {name:?} has no url (set url or {env})"
+            )));
+        };
+        if !is_redis_url(&url) {
+            return Err(invalid(format!(
+                "{} is not a Redis URL: expected redis://, rediss:// or unix://",
+                redact(&url)
+            )));
+        }
+        targets.push(RedisTarget { name, url });
+    }
+    Ok(targets)
 }
 
 /// Whether `name` is one of the variables Kubernetes injects into every pod of the namespace
@@ -637,6 +730,93 @@ mod tests {
             err.to_string().contains("pipeline.max_transaction_keys"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn further_redis_targets_load_and_their_url_comes_from_the_environment() {
+        let empty = write("");
+        let cfg = Config::load_with_env(Some(empty.path()), &[]).unwrap();
+        assert!(cfg.redis_targets.is_empty());
+        let f = write(
+            "[redis]\nurl = \"redis://main:6379/0\"\n\n[[redis.targets]]\nname = \"eu\"\n\
+             url = \"redis://eu:6379/0\"\n\n[[redis.targets]]\nname = \"us_east\"\n",
+        );
+        let cfg = Config::load_with_env(
+            Some(f.path()),
+            &env(&[
+                (
+                    "INVALIDATOR_REDIS_TARGETS_US_EAST_URL",
+                    "rediss://:pw@us:6380/0",
+                ),
+                ("REDIS_URL", "redis://generic:6379/0"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(cfg.redis_url, "redis://generic:6379/0");
+        assert_eq!(
+            cfg.redis_targets,
+            vec![
+                RedisTarget {
+                    name: "eu".to_owned(),
+                    url: "redis://eu:6379/0".to_owned()
+                },
+                RedisTarget {
+                    name: "us_east".to_owned(),
+                    url: "rediss://:pw@us:6380/0".to_owned()
+                },
+            ]
+        );
+        // Without the variable, us_east has no url.
+        let err = Config::load_with_env(Some(f.path()), &[]).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("INVALIDATOR_REDIS_TARGETS_US_EAST_URL"),
+            "{err}"
+        );
+        // A variable for a target the file does not declare is a typo.
+        let err = Config::load_with_env(
+            Some(f.path()),
+            &env(&[("INVALIDATOR_REDIS_TARGETS_EUU_URL", "redis://x:1/0")]),
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("INVALIDATOR_REDIS_TARGETS_EUU_URL"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn redis_target_names_are_unique_valid_and_keys_are_known() {
+        for (text, needle) in [
+            (
+                "[[redis.targets]]\nname = \"eu\"\nurl = \"redis://a/0\"\n\
+                 [[redis.targets]]\nname = \"eu\"\nurl = \"redis://b/0\"\n",
+                "used twice",
+            ),
+            (
+                "[[redis.targets]]\nname = \"default\"\nurl = \"redis://a/0\"\n",
+                "used twice",
+            ),
+            (
+                "[[redis.targets]]\nname = \"EU-1\"\nurl = \"redis://a/0\"\n",
+                "not valid",
+            ),
+            (
+                "[[redis.targets]]\nname = \"eu\"\nurl = \"http://u:hunter2@a/0\"\n",
+                "not a Redis URL",
+            ),
+            (
+                "[[redis.targets]]\nname = \"eu\"\nurll = \"redis://a/0\"\n",
+                "urll",
+            ),
+        ] {
+            let f = write(text);
+            let err = Config::load_with_env(Some(f.path()), &[]).unwrap_err();
+            let text = err.to_string();
+            assert!(text.contains(needle), "{text}");
+            assert!(!text.contains("hunter2"), "{text}");
+        }
     }
 
     #[test]

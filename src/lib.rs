@@ -23,6 +23,7 @@
 //! - [`redact`]: hides passwords in URLs before they reach a log line or an error.
 //! - [`redis`]: the deleter: pipelined `UNLINK`, `SCAN` for patterns, never `KEYS`.
 //! - [`pipeline`]: the only place that wires source, rules, Redis and acknowledgement.
+//! - [`targets`]: several Redis targets: one delete loop each, acknowledged at their minimum.
 //! - [`run`]: the sidecar: HTTP, delete loop, reconnect loop.
 //! - [`reload`]: hot reload of the rules (file changes and SIGHUP), swapped between transactions.
 //! - [`dry_run`]: `run --dry-run`: log what would be deleted, from a temporary slot.
@@ -42,4 +43,5 @@ pub mod reload;
 pub mod rules;
 pub mod run;
 pub mod source;
+pub mod targets;
 pub mod telemetry;

@@ -7,7 +7,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::change::Lsn;
-use crate::config::{Config, Mode};
+use crate::config::{Config, Mode, PRIMARY_TARGET};
 use crate::dry_run::{self, NoDeletes};
 use crate::pgoutput::Decoder;
 use crate::pipeline::{self, CatchUp, Links, SourceEnd, SourceError, WalStream};
@@ -20,6 +20,7 @@ use crate::source::replication::{
     ReplicationClient, ReplicationError, ReplicationMessage, ReplicationStream,
 };
 use crate::source::setup::{self, SetupError};
+use crate::targets::{self, Target};
 use crate::telemetry::{self, Health};
 
 /// How often a standby tries to take the slot.
@@ -109,6 +110,12 @@ pub async fn run(
     tracing::info!(
         postgres = %redact(&config.postgres.url),
         redis = %redact(&config.redis_url),
+        redis_targets = %config
+            .redis_targets
+            .iter()
+            .map(|t| format!("{}={}", t.name, redact(&t.url)))
+            .collect::<Vec<_>>()
+            .join(","),
         http = %config.http_listen,
         tables = rules.tables().count(),
         rules = rules.rules().len(),
@@ -130,8 +137,35 @@ pub async fn run(
                 done.cancel();
                 result.map_err(|never| match never {})
             })
+        } else if !config.redis_targets.is_empty() {
+            let named = std::iter::once((PRIMARY_TARGET.to_owned(), config.redis_url.clone()))
+                .chain(
+                    config
+                        .redis_targets
+                        .iter()
+                        .map(|t| (t.name.clone(), t.url.clone())),
+                );
+            let targets = named
+                .map(|(name, url)| {
+                    let (health, cancel, label) = (health.clone(), cancel.clone(), name.clone());
+                    let connect =
+                        async move { connect_redis(&url, &health, Some(&label), &cancel).await };
+                    Target {
+                        name,
+                        connect: Box::pin(connect),
+                    }
+                })
+                .collect();
+            tokio::spawn(async move {
+                let result =
+                    targets::run_targets(targets, queue_rx, confirmed_tx, health, max, cancel)
+                        .await;
+                done.cancel();
+                result
+            })
         } else {
-            let Some(deleter) = connect_redis(&config.redis_url, &health, &cancel).await? else {
+            let Some(deleter) = connect_redis(&config.redis_url, &health, None, &cancel).await?
+            else {
                 http_cancel.cancel();
                 return Ok(());
             };
@@ -263,22 +297,27 @@ pub async fn run(
     Ok(())
 }
 
-/// Connects to Redis, retrying transient failures until it answers; `None` on shutdown.
+/// Connects to Redis (the target named `target`, when there are several), retrying transient
+/// failures until it answers; `None` on shutdown.
 async fn connect_redis(
     url: &str,
     health: &Health,
+    target: Option<&str>,
     cancel: &CancellationToken,
-) -> Result<Option<Deleter>, RunError> {
+) -> Result<Option<Deleter>, DeleteError> {
     let mut delays = pipeline::backoff();
     loop {
         match Deleter::connect(url).await {
             Ok(deleter) => return Ok(Some(deleter)),
             Err(e) if e.is_transient() => {
                 let error = telemetry::chain(&e);
-                tracing::warn!(%error, "redis unavailable; retrying");
-                health.set_redis(Some(error));
+                tracing::warn!(%error, target, "redis unavailable; retrying");
+                match target {
+                    None => health.set_redis(Some(error)),
+                    Some(name) => health.set_target(name, Some(error)),
+                }
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(e),
         }
         let delay = delays.next().unwrap_or(std::time::Duration::from_secs(10));
         tokio::select! {

@@ -138,6 +138,17 @@ struct HealthState {
     source: Option<String>,
     /// Why Redis is not usable, or `None` while it answers.
     redis: Option<String>,
+    /// With several Redis targets, each one's state by name; empty with one target.
+    targets: std::collections::BTreeMap<String, TargetHealth>,
+}
+
+/// The state of one of several Redis targets.
+#[derive(Debug, Default)]
+struct TargetHealth {
+    /// Why it is not usable, or `None` while it answers.
+    down: Option<String>,
+    /// Commit time of its oldest transaction not yet confirmed (microseconds), or 0.
+    oldest_unconfirmed_us: i64,
 }
 
 impl Health {
@@ -156,6 +167,31 @@ impl Health {
     /// Records why Redis is not usable (`None`: it answers).
     pub fn set_redis(&self, reason: Option<String>) {
         self.lock().redis = reason;
+    }
+
+    /// Records why the Redis target `name` (one of several) is not usable (`None`: it answers).
+    pub fn set_target(&self, name: &str, reason: Option<String>) {
+        self.lock().targets.entry(name.to_owned()).or_default().down = reason;
+    }
+
+    /// Like [`Health::set_oldest_unconfirmed`], for the Redis target `name` (one of several):
+    /// the lag is that of the target furthest behind.
+    pub fn set_target_oldest_unconfirmed(&self, name: &str, commit_time_us: Option<i64>) {
+        let value = commit_time_us.map_or(0, |us| us.max(1));
+        let mut state = self.lock();
+        state
+            .targets
+            .entry(name.to_owned())
+            .or_default()
+            .oldest_unconfirmed_us = value;
+        let oldest = state
+            .targets
+            .values()
+            .map(|t| t.oldest_unconfirmed_us)
+            .filter(|&us| us != 0)
+            .min()
+            .unwrap_or(0);
+        self.oldest_unconfirmed_us.store(oldest, Ordering::Relaxed);
     }
 
     /// Records the commit time of the oldest transaction read and not yet confirmed (`None`:
@@ -179,9 +215,20 @@ impl Health {
     pub fn readiness(&self) -> Result<(), String> {
         let state = self.lock();
         match (&state.source, &state.redis) {
-            (None, None) => Ok(()),
             (Some(reason), _) => Err(reason.clone()),
             (None, Some(reason)) => Err(format!("redis: {reason}")),
+            (None, None) => {
+                let down: Vec<String> = state
+                    .targets
+                    .iter()
+                    .filter_map(|(name, t)| Some(format!("redis {name}: {}", t.down.as_ref()?)))
+                    .collect();
+                if down.is_empty() {
+                    Ok(())
+                } else {
+                    Err(down.join("; "))
+                }
+            }
         }
     }
 
@@ -267,6 +314,38 @@ mod tests {
         health.set_redis(None);
         health.set_source(Some("standby".to_owned()));
         assert_eq!(health.readiness(), Err("standby".to_owned()));
+    }
+
+    #[test]
+    fn readiness_names_each_target_that_is_down() {
+        let health = Health::new();
+        health.set_source(None);
+        health.set_target("default", None);
+        health.set_target("eu", Some("connection refused".to_owned()));
+        assert_eq!(
+            health.readiness(),
+            Err("redis eu: connection refused".to_owned())
+        );
+        health.set_target("default", Some("timed out".to_owned()));
+        assert_eq!(
+            health.readiness(),
+            Err("redis default: timed out; redis eu: connection refused".to_owned())
+        );
+        health.set_target("default", None);
+        health.set_target("eu", None);
+        assert_eq!(health.readiness(), Ok(()));
+    }
+
+    #[test]
+    fn with_several_targets_the_lag_is_that_of_the_one_furthest_behind() {
+        let health = Health::new();
+        health.set_target_oldest_unconfirmed("default", Some(9_000_000));
+        health.set_target_oldest_unconfirmed("eu", Some(7_500_000));
+        assert_eq!(health.lag_seconds(10_000_000), 2.5);
+        health.set_target_oldest_unconfirmed("eu", None);
+        assert_eq!(health.lag_seconds(10_000_000), 1.0);
+        health.set_target_oldest_unconfirmed("default", None);
+        assert_eq!(health.lag_seconds(10_000_000), 0.0);
     }
 
     #[test]

@@ -17,4 +17,5 @@ mod replication;
 mod sidecar;
 mod slots;
 mod support;
+mod targets;
 mod tls;
