@@ -66,6 +66,22 @@ pub struct Config {
     pub pipeline: PipelineConfig,
     /// Logging.
     pub log: LogConfig,
+    /// How to talk to Redis: cluster or not, TLS files (`[redis]` besides `url`).
+    pub redis: RedisConnectConfig,
+}
+
+/// The `[redis]` settings besides the URL.
+#[derive(Debug, Clone, Default)]
+pub struct RedisConnectConfig {
+    /// `Some(true)`: a Redis Cluster; `Some(false)`: one server; `None`: ask the server at
+    /// connect (`INFO cluster`).
+    pub cluster: Option<bool>,
+    /// A PEM file of CA certificates trusted for `rediss://` instead of the system roots.
+    pub ca_file: Option<PathBuf>,
+    /// A PEM client certificate chain, for servers started with `tls-auth-clients yes`.
+    pub tls_cert_file: Option<PathBuf>,
+    /// The PEM private key of `tls_cert_file`.
+    pub tls_key_file: Option<PathBuf>,
 }
 
 /// The `[postgres]` section.
@@ -186,6 +202,10 @@ struct RawPostgres {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawRedis {
+    cluster: Option<bool>,
+    ca_file: Option<PathBuf>,
+    tls_cert_file: Option<PathBuf>,
+    tls_key_file: Option<PathBuf>,
     url: Option<String>,
     #[serde(default)]
     targets: Vec<RawTarget>,
@@ -275,6 +295,19 @@ impl Config {
         if let Some(ca) = raw.postgres.ca_file.take() {
             raw.postgres.ca_file = Some(if ca.is_relative() { base.join(ca) } else { ca });
         }
+        for file in [
+            &mut raw.redis.ca_file,
+            &mut raw.redis.tls_cert_file,
+            &mut raw.redis.tls_key_file,
+        ] {
+            if let Some(path) = file.take() {
+                *file = Some(if path.is_relative() {
+                    base.join(path)
+                } else {
+                    path
+                });
+            }
+        }
         let mut database_url = None;
         let mut redis_url = None;
         for (name, value) in env {
@@ -319,6 +352,15 @@ fn apply_env(raw: &mut RawConfig, name: &str, value: &str) -> Result<(), ConfigE
         }
         "INVALIDATOR_POSTGRES_CA_FILE" => raw.postgres.ca_file = Some(PathBuf::from(value)),
         "INVALIDATOR_REDIS_URL" => raw.redis.url = v,
+        "INVALIDATOR_REDIS_CLUSTER" => {
+            raw.redis.cluster = Some(value.parse().map_err(|_| ConfigError::Invalid {
+                origin: name.to_owned(),
+                message: format!("expected true or false, got {value:?}"),
+            })?)
+        }
+        "INVALIDATOR_REDIS_CA_FILE" => raw.redis.ca_file = Some(PathBuf::from(value)),
+        "INVALIDATOR_REDIS_TLS_CERT_FILE" => raw.redis.tls_cert_file = Some(PathBuf::from(value)),
+        "INVALIDATOR_REDIS_TLS_KEY_FILE" => raw.redis.tls_key_file = Some(PathBuf::from(value)),
         "INVALIDATOR_RULES_PATH" => raw.rules.path = Some(PathBuf::from(value)),
         "INVALIDATOR_HTTP_LISTEN" => raw.http.listen = v,
         "INVALIDATOR_PIPELINE_MAX_BATCH_KEYS" => raw.pipeline.max_batch_keys = Some(number(value)?),
@@ -423,6 +465,13 @@ fn validate(raw: RawConfig, file: &Path) -> Result<Config, ConfigError> {
             ),
         ));
     }
+    let redis = RedisConnectConfig {
+        cluster: raw.redis.cluster,
+        ca_file: raw.redis.ca_file,
+        tls_cert_file: raw.redis.tls_cert_file,
+        tls_key_file: raw.redis.tls_key_file,
+    };
+    validate_redis_tls(&redis, &redis_url).map_err(|(key, message)| invalid(key, message))?;
     let redis_targets = validate_targets(raw.redis.targets, file)?;
     let listen = raw
         .http
@@ -479,7 +528,52 @@ fn validate(raw: RawConfig, file: &Path) -> Result<Config, ConfigError> {
             format,
             level: raw.log.level.unwrap_or_else(|| "info".to_owned()),
         },
+        redis,
     })
+}
+
+/// Checks the `[redis]` TLS files (each readable and holding what it should, the certificate
+/// and key together, a `rediss://` URL to use them on); the error names the key.
+fn validate_redis_tls(raw: &RedisConnectConfig, url: &str) -> Result<(), (&'static str, String)> {
+    use rustls::pki_types::{PrivateKeyDer, pem::PemObject};
+    if let Some(ca) = &raw.ca_file {
+        crate::source::connect::load_ca_file(ca).map_err(|e| ("redis.ca_file", e))?;
+    }
+    match (&raw.tls_cert_file, &raw.tls_key_file) {
+        (Some(cert), Some(key)) => {
+            crate::source::connect::load_ca_file(cert).map_err(|e| ("redis.tls_cert_file", e))?;
+            PrivateKeyDer::from_pem_file(key).map_err(|e| {
+                (
+                    "redis.tls_key_file",
+                    format!("cannot read a PEM private key from {}: {e}", key.display()),
+                )
+            })?;
+        }
+        (None, None) => {}
+        (Some(_), None) => {
+            return Err((
+                "redis.tls_key_file",
+                "tls_cert_file needs tls_key_file".into(),
+            ));
+        }
+        (None, Some(_)) => {
+            return Err((
+                "redis.tls_cert_file",
+                "tls_key_file needs tls_cert_file".into(),
+            ));
+        }
+    }
+    let tls_files = raw.ca_file.is_some() || raw.tls_cert_file.is_some();
+    if tls_files && !url.starts_with("rediss://") {
+        return Err((
+            "redis.url",
+            format!(
+                "{} is not a rediss:// URL, so ca_file and tls_cert_file cannot be used",
+                redact(url)
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Whether `url` is a Redis URL the deleter can use.

@@ -12,7 +12,7 @@ use crate::dry_run::{self, NoDeletes};
 use crate::pgoutput::Decoder;
 use crate::pipeline::{self, CatchUp, Links, SourceEnd, SourceError, WalStream};
 use crate::redact::redact;
-use crate::redis::{DeleteError, Deleter};
+use crate::redis::{DeleteError, Deleter, DeleterOptions};
 use crate::reload::{self, LiveRules, Reloader};
 use crate::rules::RuleSet;
 use crate::source::notify::{self, NotifyError};
@@ -129,6 +129,7 @@ pub async fn run(
     let delete_loop = {
         let (health, cancel, done) = (health.clone(), cancel.clone(), deleter_done.clone());
         let max = config.pipeline.max_batch_keys;
+        let options = DeleterOptions::from_config(&config.redis)?;
         if dry_run {
             tokio::spawn(async move {
                 let result =
@@ -148,8 +149,10 @@ pub async fn run(
             let targets = named
                 .map(|(name, url)| {
                     let (health, cancel, label) = (health.clone(), cancel.clone(), name.clone());
-                    let connect =
-                        async move { connect_redis(&url, &health, Some(&label), &cancel).await };
+                    let options = options.clone();
+                    let connect = async move {
+                        connect_redis(&url, &options, &health, Some(&label), &cancel).await
+                    };
                     Target {
                         name,
                         connect: Box::pin(connect),
@@ -164,7 +167,8 @@ pub async fn run(
                 result
             })
         } else {
-            let Some(deleter) = connect_redis(&config.redis_url, &health, None, &cancel).await?
+            let Some(deleter) =
+                connect_redis(&config.redis_url, &options, &health, None, &cancel).await?
             else {
                 http_cancel.cancel();
                 return Ok(());
@@ -301,13 +305,14 @@ pub async fn run(
 /// failures until it answers; `None` on shutdown.
 async fn connect_redis(
     url: &str,
+    options: &DeleterOptions,
     health: &Health,
     target: Option<&str>,
     cancel: &CancellationToken,
 ) -> Result<Option<Deleter>, DeleteError> {
     let mut delays = pipeline::backoff();
     loop {
-        match Deleter::connect(url).await {
+        match Deleter::connect_with(url, options.clone()).await {
             Ok(deleter) => return Ok(Some(deleter)),
             Err(e) if e.is_transient() => {
                 let error = telemetry::chain(&e);

@@ -498,6 +498,7 @@ async fn tls_without_trusting_the_ca_fails() {
     let err = Deleter::connect_with(&redis.url(), impatient())
         .await
         .expect_err("untrusted");
+    assert!(!err.is_transient(), "{}", chain(&err));
     assert!(
         chain(&err).to_lowercase().contains("certificate"),
         "{}",
@@ -514,7 +515,7 @@ async fn a_cluster_routes_keys_by_slot_and_scans_every_primary() {
     cluster.set_keys(literal.iter().chain(&matched).chain(&spared));
     assert_eq!(cluster.nodes_with_keys(), 3);
     let options = DeleterOptions {
-        cluster: true,
+        cluster: Some(true),
         ..DeleterOptions::default()
     };
     let mut deleter = Deleter::connect_with(&cluster.url(), options)

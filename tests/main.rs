@@ -1,6 +1,7 @@
 //! The one integration test binary: real Postgres and Redis servers owned by the harness.
 
 mod cli;
+mod cluster;
 mod deleter;
 mod deploy;
 mod dry_run;

@@ -5,7 +5,7 @@ use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use ::redis::cluster::{ClusterClient, ClusterClientBuilder};
 use ::redis::cluster_async::ClusterConnection;
 use ::redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
-use ::redis::{Client, Cmd, RedisResult, TlsCertificates, ToRedisArgs, Value};
+use ::redis::{Client, ClientTlsConfig, Cmd, RedisResult, TlsCertificates, ToRedisArgs, Value};
 use futures_util::future::try_join_all;
 use std::time::Duration;
 
@@ -58,6 +58,7 @@ impl Cluster {
 }
 
 /// A server that a SCAN walks: the only one, or one primary of a cluster.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) enum Node {
     /// The single server.
     Only,
@@ -67,7 +68,31 @@ pub(super) enum Node {
         host: String,
         /// Its port.
         port: u16,
+        /// The slot ranges it serves, inclusive at both ends.
+        slots: Vec<(u16, u16)>,
     },
+}
+
+impl Node {
+    /// Whether this server holds the keys of `slot`: the single server holds every slot.
+    pub(super) fn owns(&self, slot: u16) -> bool {
+        match self {
+            Node::Only => true,
+            Node::Primary { slots, .. } => slots
+                .iter()
+                .any(|&(start, end)| (start..=end).contains(&slot)),
+        }
+    }
+}
+
+/// A cheap clone of the open connection, so that several SCAN walks (one per cluster primary)
+/// run at once, each with its own cursor.
+#[derive(Clone)]
+pub(super) enum Handle {
+    /// The single server's multiplexed, reconnecting connection.
+    Single(ConnectionManager),
+    /// The cluster connection, which routes by slot or by address.
+    Cluster(ClusterConnection),
 }
 
 impl Connection {
@@ -87,27 +112,37 @@ impl Connection {
             action: "connect",
             source,
         };
-        let certificates = options.tls_ca_pem.as_ref().map(|ca| TlsCertificates {
-            client_tls: None,
-            root_cert: Some(ca.clone()),
-        });
-        if options.cluster {
-            let mut builder = ClusterClientBuilder::new(vec![url])
-                .connection_timeout(options.connection_timeout)
-                .response_timeout(options.response_timeout)
-                // The pipeline retries with its own backoff; the driver's retries only add delay.
-                .retries(1);
-            if let Some(certificates) = certificates {
-                builder = builder.certs(certificates);
+        let client_tls = match (&options.tls_cert_pem, &options.tls_key_pem) {
+            (Some(cert), Some(key)) => Some(ClientTlsConfig {
+                client_cert: cert.clone(),
+                client_key: key.clone(),
+            }),
+            (None, None) => None,
+            _ => {
+                return Err(DeleteError::InvalidSettings {
+                    target: target.to_owned(),
+                    reason: "a TLS client certificate needs both its certificate and its key"
+                        .to_owned(),
+                });
             }
-            let client = builder.build().map_err(invalid)?;
-            let connection = client.get_async_connection().await.map_err(connect_error)?;
-            return Ok(Connection::Cluster(Box::new(Cluster {
-                client,
-                connection: Some(connection),
-            })));
+        };
+        let certificates =
+            (options.tls_ca_pem.is_some() || client_tls.is_some()).then(|| TlsCertificates {
+                client_tls,
+                root_cert: options.tls_ca_pem.clone(),
+            });
+        if certificates.is_some() && !url.starts_with("rediss://") {
+            return Err(DeleteError::InvalidSettings {
+                target: target.to_owned(),
+                reason: "a CA file or client certificate needs a rediss:// URL".to_owned(),
+            });
         }
-        let client = match certificates {
+        if options.cluster == Some(true) {
+            let mut cluster = open_cluster(url, options, certificates).map_err(invalid)?;
+            cluster.connection().await.map_err(connect_error)?;
+            return Ok(Connection::Cluster(Box::new(cluster)));
+        }
+        let client = match certificates.clone() {
             Some(certificates) => Client::build_with_tls(url, certificates),
             None => Client::open(url),
         }
@@ -118,14 +153,56 @@ impl Connection {
             // One quick retry rides out a blip; longer outages are the pipeline's backoff.
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(500));
-        let manager = ConnectionManager::new_with_config(client.clone(), config.clone())
+        let mut manager = ConnectionManager::new_with_config(client.clone(), config.clone())
             .await
             .map_err(connect_error)?;
+        if options.cluster.is_none() {
+            let enabled = cluster_enabled(&mut manager).await;
+            match enabled {
+                Ok(enabled) => {
+                    tracing::info!(target_url = %target, cluster = enabled,
+                        "redis mode detected from INFO cluster");
+                    if enabled {
+                        let mut cluster =
+                            open_cluster(url, options, certificates).map_err(invalid)?;
+                        cluster.connection().await.map_err(connect_error)?;
+                        return Ok(Connection::Cluster(Box::new(cluster)));
+                    }
+                }
+                Err(err) if super::error::is_transient(&err) => {
+                    return Err(DeleteError::Redis {
+                        target: target.to_owned(),
+                        action: "INFO cluster",
+                        source: err,
+                    });
+                }
+                // INFO renamed, disabled or denied by ACL: the server does not say, so it is
+                // taken for a single one; set `[redis] cluster` to say otherwise.
+                Err(err) => {
+                    tracing::warn!(target_url = %target, error = %err,
+                        "cannot detect redis cluster mode; assuming a single server \
+                         (set [redis] cluster to choose)");
+                }
+            }
+        }
         Ok(Connection::Single(Box::new(Single {
             client,
             config,
             manager,
         })))
+    }
+
+    /// Whether this is a cluster connection (configured or detected).
+    pub(super) fn is_cluster(&self) -> bool {
+        matches!(self, Connection::Cluster(_))
+    }
+
+    /// A clone of the open connection (opening a cluster connection if the last was dropped).
+    pub(super) async fn handle(&mut self) -> RedisResult<Handle> {
+        Ok(match self {
+            Connection::Single(single) => Handle::Single(single.manager.clone()),
+            Connection::Cluster(cluster) => Handle::Cluster(cluster.connection().await?.clone()),
+        })
     }
 
     /// Replaces the connection after an error, so the next request starts on a fresh one.
@@ -158,37 +235,6 @@ impl Connection {
         }
     }
 
-    /// Deletes `keys` with UNLINK and returns how many existed.
-    pub(super) async fn unlink<K: ToRedisArgs + Sync>(&mut self, keys: &[K]) -> RedisResult<u64> {
-        let mut deleted = 0;
-        for round in keys.chunks(KEYS_PER_UNLINK * UNLINKS_PER_ROUND) {
-            let chunks = round.chunks(KEYS_PER_UNLINK);
-            let counts: Vec<u64> = match self {
-                Connection::Single(single) => {
-                    let mut pipe = ::redis::pipe();
-                    for chunk in chunks {
-                        pipe.cmd("UNLINK").arg(chunk);
-                    }
-                    pipe.query_async(&mut single.manager).await?
-                }
-                // The driver splits a multi-key UNLINK by slot and sums the replies; a pipeline
-                // could not span slots, so the chunks go out concurrently instead.
-                Connection::Cluster(cluster) => {
-                    let connection = cluster.connection().await?;
-                    try_join_all(chunks.map(|chunk| {
-                        let mut cluster = connection.clone();
-                        let mut unlink = ::redis::cmd("UNLINK");
-                        unlink.arg(chunk);
-                        async move { unlink.query_async::<u64>(&mut cluster).await }
-                    }))
-                    .await?
-                }
-            };
-            deleted += counts.iter().sum::<u64>();
-        }
-        Ok(deleted)
-    }
-
     /// The servers a full SCAN must walk: the one server, or every primary of the cluster.
     pub(super) async fn nodes(&mut self, seed_host: &str) -> RedisResult<Vec<Node>> {
         let Connection::Cluster(cluster) = self else {
@@ -206,6 +252,39 @@ impl Connection {
             .await?;
         primaries(reply, seed_host)
     }
+}
+
+impl Handle {
+    /// Deletes `keys` with UNLINK and returns how many existed.
+    pub(super) async fn unlink<K: ToRedisArgs + Sync>(&mut self, keys: &[K]) -> RedisResult<u64> {
+        let mut deleted = 0;
+        for round in keys.chunks(KEYS_PER_UNLINK * UNLINKS_PER_ROUND) {
+            let chunks = round.chunks(KEYS_PER_UNLINK);
+            let counts: Vec<u64> = match self {
+                Handle::Single(manager) => {
+                    let mut pipe = ::redis::pipe();
+                    for chunk in chunks {
+                        pipe.cmd("UNLINK").arg(chunk);
+                    }
+                    pipe.query_async(manager).await?
+                }
+                // The driver splits a multi-key UNLINK into one command per slot, sends them all at
+                // once over its multiplexed node connections and sums the replies; a pipeline
+                // could not span slots, so the chunks go out concurrently instead.
+                Handle::Cluster(connection) => {
+                    try_join_all(chunks.map(|chunk| {
+                        let mut cluster = connection.clone();
+                        let mut unlink = ::redis::cmd("UNLINK");
+                        unlink.arg(chunk);
+                        async move { unlink.query_async::<u64>(&mut cluster).await }
+                    }))
+                    .await?
+                }
+            };
+            deleted += counts.iter().sum::<u64>();
+        }
+        Ok(deleted)
+    }
 
     /// Runs one SCAN step on `node` and returns the next cursor and the page of keys.
     pub(super) async fn scan(
@@ -221,17 +300,16 @@ impl Connection {
         }
         scan.arg("COUNT").arg(SCAN_COUNT);
         match (self, node) {
-            (Connection::Cluster(cluster), Node::Primary { host, port }) => {
+            (Handle::Cluster(connection), Node::Primary { host, port, .. }) => {
                 let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
                     host: host.clone(),
                     port: *port,
                 });
-                let connection = cluster.connection().await?;
                 let reply = connection.route_command(scan, routing).await?;
                 Ok(::redis::from_redis_value(reply)?)
             }
-            (Connection::Single(single), _) => scan.query_async(&mut single.manager).await,
-            (Connection::Cluster(_), Node::Only) => Err(::redis::RedisError::from((
+            (Handle::Single(manager), _) => scan.query_async(manager).await,
+            (Handle::Cluster(_), Node::Only) => Err(::redis::RedisError::from((
                 ::redis::ErrorKind::Client,
                 "a cluster SCAN needs a primary to run on",
             ))),
@@ -239,16 +317,22 @@ impl Connection {
     }
 }
 
-/// Reads the distinct primaries from a CLUSTER SLOTS reply: per slot range `[start, end,
-/// [host, port, id, ...], replicas...]`. An empty host means the answering node, which is the seed
-/// only in the one case Redis sends it (a lone node that never met another).
+/// Reads the distinct primaries and their slot ranges from a CLUSTER SLOTS reply: per slot range
+/// `[start, end, [host, port, id, ...], replicas...]`. An empty host means the answering node,
+/// which is the seed only in the one case Redis sends it (a lone node that never met another).
 fn primaries(reply: Value, seed_host: &str) -> RedisResult<Vec<Node>> {
     let ranges: Vec<Vec<Value>> = ::redis::from_redis_value(reply)?;
-    let mut found: Vec<(String, u16)> = Vec::new();
+    let mut found: Vec<Node> = Vec::new();
     for range in ranges {
-        let Some(primary) = range.into_iter().nth(2) else {
+        let mut fields = range.into_iter();
+        let (Some(start), Some(end), Some(primary)) = (fields.next(), fields.next(), fields.next())
+        else {
             continue;
         };
+        let range: (u16, u16) = (
+            ::redis::from_redis_value(start)?,
+            ::redis::from_redis_value(end)?,
+        );
         let (host, port): (String, u16) =
             match ::redis::from_redis_value::<Vec<Value>>(primary)?.as_slice() {
                 [host, port, ..] => (
@@ -262,12 +346,105 @@ fn primaries(reply: Value, seed_host: &str) -> RedisResult<Vec<Node>> {
         } else {
             host
         };
-        if !found.contains(&(host.clone(), port)) {
-            found.push((host, port));
+        let known = found.iter_mut().find_map(|node| match node {
+            Node::Primary {
+                host: h,
+                port: p,
+                slots,
+            } if *h == host && *p == port => Some(slots),
+            _ => None,
+        });
+        match known {
+            Some(slots) => slots.push(range),
+            None => found.push(Node::Primary {
+                host,
+                port,
+                slots: vec![range],
+            }),
         }
     }
-    Ok(found
-        .into_iter()
-        .map(|(host, port)| Node::Primary { host, port })
-        .collect())
+    Ok(found)
+}
+
+/// Builds the cluster client; the caller opens the first connection.
+fn open_cluster(
+    url: &str,
+    options: &DeleterOptions,
+    certificates: Option<TlsCertificates>,
+) -> RedisResult<Cluster> {
+    let mut builder = ClusterClientBuilder::new(vec![url])
+        .connection_timeout(options.connection_timeout)
+        .response_timeout(options.response_timeout)
+        // The pipeline retries with its own backoff; the driver's retries only add delay.
+        .retries(1);
+    if let Some(certificates) = certificates {
+        builder = builder.certs(certificates);
+    }
+    Ok(Cluster {
+        client: builder.build()?,
+        connection: None,
+    })
+}
+
+/// Asks a server whether it runs in cluster mode (`INFO cluster` says `cluster_enabled:1`).
+async fn cluster_enabled(manager: &mut ConnectionManager) -> RedisResult<bool> {
+    let info: String = ::redis::cmd("INFO")
+        .arg("cluster")
+        .query_async(manager)
+        .await?;
+    Ok(info
+        .lines()
+        .any(|line| line.trim_end() == "cluster_enabled:1"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(host: &str, port: u16, slots: &[(u16, u16)]) -> Node {
+        Node::Primary {
+            host: host.into(),
+            port,
+            slots: slots.to_vec(),
+        }
+    }
+
+    fn range(start: i64, end: i64, host: &str, port: i64) -> Value {
+        Value::Array(vec![
+            Value::Int(start),
+            Value::Int(end),
+            Value::Array(vec![
+                Value::BulkString(host.as_bytes().to_vec()),
+                Value::Int(port),
+                Value::BulkString(b"id".to_vec()),
+            ]),
+        ])
+    }
+
+    #[test]
+    fn cluster_slots_give_each_primary_its_ranges() {
+        let reply = Value::Array(vec![
+            range(0, 5460, "10.0.0.1", 7000),
+            range(5461, 10922, "10.0.0.2", 7001),
+            range(10923, 12000, "10.0.0.3", 7002),
+            range(12001, 16383, "10.0.0.1", 7000),
+        ]);
+        let nodes = primaries(reply, "seed").expect("parse");
+        assert_eq!(
+            nodes,
+            [
+                node("10.0.0.1", 7000, &[(0, 5460), (12001, 16383)]),
+                node("10.0.0.2", 7001, &[(5461, 10922)]),
+                node("10.0.0.3", 7002, &[(10923, 12000)]),
+            ]
+        );
+        assert!(nodes[0].owns(16383) && nodes[0].owns(0) && !nodes[0].owns(5461));
+        assert!(Node::Only.owns(42));
+    }
+
+    #[test]
+    fn an_empty_host_is_the_seed() {
+        let nodes = primaries(Value::Array(vec![range(0, 16383, "", 7000)]), "seed");
+        assert_eq!(nodes.expect("parse"), [node("seed", 7000, &[(0, 16383)])]);
+    }
 }

@@ -39,11 +39,12 @@ impl DeleteError {
 }
 
 /// Classifies a driver error; see [`DeleteError::is_transient`].
-fn is_transient(err: &RedisError) -> bool {
+pub(super) fn is_transient(err: &RedisError) -> bool {
     if matches!(
         err.kind(),
         ErrorKind::AuthenticationFailed | ErrorKind::InvalidClientConfig
-    ) {
+    ) || is_certificate_error(err)
+    {
         return false;
     }
     // Server errors come alone or, from a pipeline, as a list; any permanent one decides.
@@ -52,6 +53,52 @@ fn is_transient(err: &RedisError) -> bool {
         .iter()
         .flat_map(|errors| errors.iter())
         .any(|(_, server)| is_permanent_reply(server.code(), server.details()))
+}
+
+/// Whether TLS failed over a certificate: the server's is not trusted (wrong CA, wrong name,
+/// expired), or the server rejected ours or wanted one. Retrying changes nothing until a person
+/// fixes the files; other TLS failures (a reset mid-handshake) stay transient.
+fn is_certificate_error(err: &RedisError) -> bool {
+    use rustls::AlertDescription as Alert;
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(current) = source {
+        let tls = tls_error(current);
+        if let Some(tls) = tls {
+            return match tls {
+                rustls::Error::InvalidCertificate(_) => true,
+                rustls::Error::AlertReceived(alert) => matches!(
+                    alert,
+                    Alert::CertificateRequired
+                        | Alert::BadCertificate
+                        | Alert::UnsupportedCertificate
+                        | Alert::CertificateRevoked
+                        | Alert::CertificateExpired
+                        | Alert::CertificateUnknown
+                        | Alert::UnknownCA
+                        | Alert::AccessDenied
+                ),
+                _ => false,
+            };
+        }
+        source = current.source();
+    }
+    false
+}
+
+/// The rustls error that `err` is or wraps: directly, inside an `io::Error`, or inside the
+/// `Arc` the driver keeps its causes in (whose own `source` would skip the `io::Error`).
+fn tls_error<'e>(err: &'e (dyn std::error::Error + 'static)) -> Option<&'e rustls::Error> {
+    type Shared = std::sync::Arc<dyn std::error::Error + Send + Sync>;
+    if let Some(tls) = err.downcast_ref::<rustls::Error>() {
+        return Some(tls);
+    }
+    if let Some(io) = err.downcast_ref::<std::io::Error>() {
+        return io
+            .get_ref()
+            .and_then(|inner| tls_error(inner as &(dyn std::error::Error + 'static)));
+    }
+    err.downcast_ref::<Shared>()
+        .and_then(|shared| tls_error(shared.as_ref() as &(dyn std::error::Error + 'static)))
 }
 
 /// Whether an error reply means a person must act: the server wants credentials or rejects
@@ -89,6 +136,19 @@ mod tests {
             let err = redis_error(std::io::Error::from(kind).into());
             assert!(err.is_transient(), "{kind:?}");
         }
+    }
+
+    #[test]
+    fn certificate_errors_are_permanent_and_other_tls_failures_transient() {
+        let tls = |err: rustls::Error| {
+            redis_error(std::io::Error::new(std::io::ErrorKind::InvalidData, err).into())
+        };
+        let required = rustls::Error::AlertReceived(rustls::AlertDescription::CertificateRequired);
+        assert!(!tls(required).is_transient());
+        let unknown = rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer);
+        assert!(!tls(unknown).is_transient());
+        let closed = rustls::Error::AlertReceived(rustls::AlertDescription::InternalError);
+        assert!(tls(closed).is_transient());
     }
 
     #[test]

@@ -8,12 +8,14 @@
 mod connection;
 mod error;
 mod plan;
+pub mod slot;
 
 pub use self::error::DeleteError;
 pub use self::plan::SHARED_PASS_THRESHOLD;
 
-use self::connection::Connection;
+use self::connection::{Connection, Handle, Node};
 use crate::redact::redact;
+use futures_util::future::try_join_all;
 use std::collections::HashSet;
 use std::fmt;
 use std::time::Duration;
@@ -26,12 +28,18 @@ pub struct DeleterOptions {
     /// How long one reply may take before the request fails and the connection is replaced, so a
     /// hung or unreachable server yields an error instead of a stuck pipeline.
     pub response_timeout: Duration,
-    /// Treat the URL as a seed node of a Redis Cluster: keys are routed by slot and patterns are
-    /// scanned on every primary.
-    pub cluster: bool,
+    /// `Some(true)`: the URL is a seed node of a Redis Cluster (keys are routed by slot, patterns
+    /// scanned on every primary); `Some(false)`: a single server; `None`: ask the server
+    /// (`INFO cluster`) at connect.
+    pub cluster: Option<bool>,
     /// A CA certificate (PEM) to trust for `rediss://` instead of the system roots, for servers
     /// with a private CA.
     pub tls_ca_pem: Option<Vec<u8>>,
+    /// A client certificate chain (PEM) for servers that demand one (`tls-auth-clients yes`);
+    /// needs [`DeleterOptions::tls_key_pem`].
+    pub tls_cert_pem: Option<Vec<u8>>,
+    /// The private key (PEM) of [`DeleterOptions::tls_cert_pem`].
+    pub tls_key_pem: Option<Vec<u8>>,
 }
 
 impl Default for DeleterOptions {
@@ -39,9 +47,34 @@ impl Default for DeleterOptions {
         DeleterOptions {
             connection_timeout: Duration::from_secs(2),
             response_timeout: Duration::from_secs(5),
-            cluster: false,
+            cluster: None,
             tls_ca_pem: None,
+            tls_cert_pem: None,
+            tls_key_pem: None,
         }
+    }
+}
+
+impl DeleterOptions {
+    /// The options `[redis]` asks for: cluster or not, and the TLS files read into memory.
+    pub fn from_config(config: &crate::config::RedisConnectConfig) -> Result<Self, DeleteError> {
+        let read = |path: &Option<std::path::PathBuf>| {
+            path.as_ref()
+                .map(|path| {
+                    std::fs::read(path).map_err(|err| DeleteError::InvalidSettings {
+                        target: path.display().to_string(),
+                        reason: format!("cannot read the file: {err}"),
+                    })
+                })
+                .transpose()
+        };
+        Ok(DeleterOptions {
+            cluster: config.cluster,
+            tls_ca_pem: read(&config.ca_file)?,
+            tls_cert_pem: read(&config.tls_cert_file)?,
+            tls_key_pem: read(&config.tls_key_file)?,
+            ..DeleterOptions::default()
+        })
     }
 }
 
@@ -55,6 +88,9 @@ pub struct DeleteStats {
     /// SCAN commands sent (every page of every pass, on every cluster primary).
     pub scan_calls: u64,
 }
+
+/// A driver error and what the deleter was doing when it came, from a task that cannot wrap it.
+type Failure = (&'static str, ::redis::RedisError);
 
 /// Deletes keys from one Redis server or cluster, reconnecting after errors.
 pub struct Deleter {
@@ -100,6 +136,11 @@ impl Deleter {
         &self.target
     }
 
+    /// Whether it talks to a Redis Cluster (configured, or detected at connect).
+    pub fn is_cluster(&self) -> bool {
+        self.connection.is_cluster()
+    }
+
     /// Checks that Redis answers (every primary, for a cluster).
     pub async fn ping(&mut self) -> Result<(), DeleteError> {
         let result = self.connection.ping().await;
@@ -116,21 +157,36 @@ impl Deleter {
         patterns: &HashSet<String>,
     ) -> Result<DeleteStats, DeleteError> {
         let mut stats = DeleteStats::default();
-        if !keys.is_empty() {
-            let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
-            let result = self.connection.unlink(&keys).await;
-            stats.keys_deleted += result.map_err(|source| self.failed("UNLINK", source))?;
-        }
         let patterns = plan::coalesce(patterns);
         stats.patterns_scanned = patterns.len() as u64;
-        let passes = plan::passes(&patterns, crate::rules::glob::matches);
-        if !passes.is_empty() {
+        if keys.is_empty() && patterns.is_empty() {
+            return Ok(stats);
+        }
+        let handle = self.connection.handle().await;
+        let mut handle = handle.map_err(|source| self.failed("connect", source))?;
+        if !keys.is_empty() {
+            let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+            let result = handle.unlink(&keys).await;
+            stats.keys_deleted += result.map_err(|source| self.failed("UNLINK", source))?;
+        }
+        if !patterns.is_empty() {
+            // The topology is read again for every batch with patterns: one small reply next to
+            // whole-keyspace walks, and it follows a failover or a resharding that raised no
+            // error here. After an error the connection is replaced (see `failed`), so the
+            // driver's slot map is fresh as well.
             let nodes = self.connection.nodes(&self.seed_host).await;
             let nodes = nodes.map_err(|source| self.failed("CLUSTER SLOTS", source))?;
-            for pass in &passes {
-                for node in &nodes {
-                    self.scan_and_unlink(pass, node, &mut stats).await?;
-                }
+            let walks = walks(&patterns, &nodes);
+            let results = try_join_all(
+                walks
+                    .iter()
+                    .map(|(node, passes)| walk(handle.clone(), node, passes)),
+            )
+            .await;
+            let results = results.map_err(|(action, source)| self.failed(action, source))?;
+            for walked in results {
+                stats.keys_deleted += walked.keys_deleted;
+                stats.scan_calls += walked.scan_calls;
             }
         }
         tracing::debug!(
@@ -140,35 +196,6 @@ impl Deleter {
             "invalidation applied"
         );
         Ok(stats)
-    }
-
-    /// Walks `node` with SCAN for `pass` and unlinks the wanted keys in full UNLINK chunks: a
-    /// pass over a large keyspace finds a few matches on most pages, and one UNLINK per page
-    /// would double its round trips.
-    async fn scan_and_unlink(
-        &mut self,
-        pass: &plan::ScanPass,
-        node: &connection::Node,
-        stats: &mut DeleteStats,
-    ) -> Result<(), DeleteError> {
-        let mut cursor = String::from("0");
-        let mut doomed: Vec<Vec<u8>> = Vec::new();
-        loop {
-            let page = self.connection.scan(node, &cursor, pass.match_arg()).await;
-            let (next, keys) = page.map_err(|source| self.failed("SCAN", source))?;
-            stats.scan_calls += 1;
-            doomed.extend(keys.into_iter().filter(|key| pass.wants(key)));
-            let done = next == "0";
-            if doomed.len() >= connection::KEYS_PER_UNLINK || (done && !doomed.is_empty()) {
-                let result = self.connection.unlink(&doomed).await;
-                stats.keys_deleted += result.map_err(|source| self.failed("UNLINK", source))?;
-                doomed.clear();
-            }
-            if done {
-                return Ok(());
-            }
-            cursor = next;
-        }
     }
 
     /// Wraps a driver error and, when it is transient, replaces the connection so the next call
@@ -185,6 +212,66 @@ impl Deleter {
         }
         err
     }
+}
+
+/// Plans the SCAN passes of each server: every pattern on every server, except that a pattern
+/// whose keys all live in one slot (a complete hash tag in its literal prefix, see
+/// [`slot::pattern_slot`]) goes only to the primary that owns that slot. A slot that no primary
+/// claims (a cluster being set up) sends its pattern everywhere, as if it had no tag.
+fn walks<'n>(patterns: &[&str], nodes: &'n [Node]) -> Vec<(&'n Node, Vec<plan::ScanPass>)> {
+    let cluster = nodes.len() > 1 || nodes.iter().any(|n| matches!(n, Node::Primary { .. }));
+    nodes
+        .iter()
+        .filter_map(|node| {
+            let mine: Vec<&str> = patterns
+                .iter()
+                .copied()
+                .filter(|pattern| {
+                    let slot = cluster.then(|| slot::pattern_slot(pattern.as_bytes()));
+                    match slot.flatten() {
+                        Some(slot) => {
+                            node.owns(slot) || !nodes.iter().any(|other| other.owns(slot))
+                        }
+                        None => true,
+                    }
+                })
+                .collect();
+            let passes = plan::passes(&mine, crate::rules::glob::matches);
+            (!passes.is_empty()).then_some((node, passes))
+        })
+        .collect()
+}
+
+/// Walks `node` with SCAN for each of `passes` and unlinks the wanted keys in full UNLINK chunks:
+/// a pass over a large keyspace finds a few matches on most pages, and one UNLINK per page would
+/// double its round trips. Runs beside the walks of the other primaries, on its own handle.
+async fn walk(
+    mut handle: Handle,
+    node: &Node,
+    passes: &[plan::ScanPass],
+) -> Result<DeleteStats, Failure> {
+    let mut stats = DeleteStats::default();
+    for pass in passes {
+        let mut cursor = String::from("0");
+        let mut doomed: Vec<Vec<u8>> = Vec::new();
+        loop {
+            let page = handle.scan(node, &cursor, pass.match_arg()).await;
+            let (next, keys) = page.map_err(|source| ("SCAN", source))?;
+            stats.scan_calls += 1;
+            doomed.extend(keys.into_iter().filter(|key| pass.wants(key)));
+            let done = next == "0";
+            if doomed.len() >= connection::KEYS_PER_UNLINK || (done && !doomed.is_empty()) {
+                let deleted = handle.unlink(&doomed).await;
+                stats.keys_deleted += deleted.map_err(|source| ("UNLINK", source))?;
+                doomed.clear();
+            }
+            if done {
+                break;
+            }
+            cursor = next;
+        }
+    }
+    Ok(stats)
 }
 
 /// Makes sure rustls has a crypto provider before the driver builds a TLS config.

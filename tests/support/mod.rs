@@ -21,7 +21,7 @@ pub use self::ports::free_port;
 pub use self::postgres::{PgCluster, StopMode};
 pub use self::proxy::{CutMode, TcpProxy};
 pub use self::redis::{RedisCluster, RedisServer};
-pub use self::tls::make_certificates;
+pub use self::tls::{make_certificates, make_client_certificate};
 pub use self::wait::{wait_for, wait_until};
 pub use self::watchdog::Watchdog;
 

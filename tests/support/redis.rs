@@ -1,6 +1,8 @@
 //! Private `redis-server` processes.
 
-use super::{Watchdog, free_port, make_certificates, scratch_dir, sh_quote};
+use super::{
+    Watchdog, free_port, make_certificates, make_client_certificate, scratch_dir, sh_quote,
+};
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
@@ -25,6 +27,8 @@ pub struct RedisServer {
     extra_args: Vec<String>,
     /// The CA certificate (PEM) that signed the server certificate, for a TLS server.
     tls_ca: Option<Vec<u8>>,
+    /// Whether the TLS server demands a client certificate signed by its CA.
+    tls_auth_clients: bool,
     /// The running process, if any; a mutex so tests can kill and restart through `&self`.
     child: Mutex<Option<Child>>,
     /// Kills the server and removes `dir` if the test binary dies before `Drop` runs.
@@ -49,6 +53,22 @@ impl RedisServer {
         RedisServer::launch(Vec::new(), true)
     }
 
+    /// Like [`RedisServer::start_tls`], with `--tls-auth-clients yes`: clients must present a
+    /// certificate signed by the same CA; [`RedisServer::client_cert_files`] has one.
+    pub fn start_tls_with_client_auth() -> RedisServer {
+        RedisServer::launch_with(Vec::new(), true, true)
+    }
+
+    /// The client certificate and key (PEM files) of a server from
+    /// [`RedisServer::start_tls_with_client_auth`], and the CA file.
+    pub fn client_cert_files(&self) -> (PathBuf, PathBuf, PathBuf) {
+        (
+            self.dir.join("client.crt"),
+            self.dir.join("client.key"),
+            self.dir.join("ca.crt"),
+        )
+    }
+
     /// A server shared by every test of this binary that only needs its own key prefix (see
     /// [`super::unique_name`]); never kill it or flush it. The watchdog removes it after the run.
     pub fn shared() -> &'static RedisServer {
@@ -58,6 +78,11 @@ impl RedisServer {
 
     /// Creates the directory and watchdog, then starts on free ports until one works.
     fn launch(extra_args: Vec<String>, tls: bool) -> RedisServer {
+        RedisServer::launch_with(extra_args, tls, false)
+    }
+
+    /// [`RedisServer::launch`], optionally demanding client certificates.
+    fn launch_with(extra_args: Vec<String>, tls: bool, tls_auth_clients: bool) -> RedisServer {
         let dir = scratch_dir("redis");
         let pidfile = dir.join("server.pid");
         let watchdog = Watchdog::spawn(&format!(
@@ -66,11 +91,15 @@ impl RedisServer {
             dir = sh_quote(&dir.to_string_lossy()),
         ));
         let tls_ca = tls.then(|| make_certificates(&dir));
+        if tls_auth_clients {
+            make_client_certificate(&dir);
+        }
         let mut server = RedisServer {
             dir,
             port: 0,
             extra_args,
             tls_ca,
+            tls_auth_clients,
             child: Mutex::new(None),
             _watchdog: watchdog,
         };
@@ -107,11 +136,18 @@ impl RedisServer {
 
     /// A client for this server (trusting its CA when it speaks TLS), for test assertions.
     pub fn client(&self) -> redis::Client {
+        let client_tls = self.tls_auth_clients.then(|| {
+            let (cert, key, _) = self.client_cert_files();
+            redis::ClientTlsConfig {
+                client_cert: std::fs::read(cert).expect("read client.crt"),
+                client_key: std::fs::read(key).expect("read client.key"),
+            }
+        });
         match &self.tls_ca {
             Some(ca) => redis::Client::build_with_tls(
                 self.url(),
                 redis::TlsCertificates {
-                    client_tls: None,
+                    client_tls,
                     root_cert: Some(ca.clone()),
                 },
             ),
@@ -176,6 +212,14 @@ impl RedisServer {
         keys
     }
 
+    /// One section of `INFO`.
+    pub fn info(&self, section: &str) -> String {
+        redis::cmd("INFO")
+            .arg(section)
+            .query::<String>(&mut self.connection())
+            .unwrap_or_default()
+    }
+
     /// The `INFO commandstats` section, to check which commands a client sent.
     pub fn command_stats(&self) -> String {
         redis::cmd("INFO")
@@ -238,7 +282,8 @@ impl RedisServer {
                     "--tls-key-file",
                     "server.key",
                 ])
-                .args(["--tls-ca-cert-file", "ca.crt", "--tls-auth-clients", "no"]),
+                .args(["--tls-ca-cert-file", "ca.crt", "--tls-auth-clients"])
+                .arg(if self.tls_auth_clients { "yes" } else { "no" }),
             None => cmd.args(["--port", &port]),
         };
         let mut child = cmd
@@ -305,9 +350,9 @@ impl Drop for RedisServer {
     }
 }
 
-/// A Redis Cluster of primaries without replicas, each a private [`RedisServer`].
+/// A Redis Cluster of private [`RedisServer`]s: primaries, and optionally replicas.
 pub struct RedisCluster {
-    /// The primaries, in the order their slots were assigned.
+    /// Every node; `redis-cli --cluster create` makes the first `primaries` ones primaries.
     nodes: Vec<RedisServer>,
 }
 
@@ -315,7 +360,14 @@ impl RedisCluster {
     /// Starts `primaries` servers in cluster mode, joins them with `redis-cli --cluster create`
     /// and waits until every node reports the cluster healthy.
     pub fn start(primaries: usize) -> RedisCluster {
-        let nodes: Vec<RedisServer> = (0..primaries)
+        RedisCluster::start_with_replicas(primaries, 0)
+    }
+
+    /// Starts `primaries` primaries with `replicas` replicas each (`--cluster-replicas`), waits
+    /// for `cluster_state:ok` on every node and for every replica to be in sync. The node
+    /// timeout is 1 s, so a killed primary's replica takes over within a few seconds.
+    pub fn start_with_replicas(primaries: usize, replicas: usize) -> RedisCluster {
+        let nodes: Vec<RedisServer> = (0..primaries * (1 + replicas))
             .map(|_| {
                 RedisServer::start_with(&[
                     "--cluster-enabled",
@@ -323,15 +375,18 @@ impl RedisCluster {
                     "--cluster-config-file",
                     "nodes.conf",
                     "--cluster-node-timeout",
-                    "5000",
+                    "1000",
+                    "--cluster-replica-validity-factor",
+                    "0",
                 ])
             })
             .collect();
+        let replicas_arg = replicas.to_string();
         let out = Command::new("redis-cli")
             .arg("--cluster")
             .arg("create")
             .args(nodes.iter().map(|n| format!("127.0.0.1:{}", n.port())))
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .args(["--cluster-replicas", &replicas_arg, "--cluster-yes"])
             .stdin(Stdio::null())
             .output()
             .expect("run redis-cli --cluster create");
@@ -350,7 +405,84 @@ impl RedisCluster {
                     .is_ok_and(|info| info.contains("cluster_state:ok"))
             })
         });
+        super::wait_until(Duration::from_secs(30), "every replica is in sync", || {
+            let synced = cluster
+                .nodes
+                .iter()
+                .filter(|node| {
+                    node.info("replication").contains("role:slave")
+                        && node.info("replication").contains("master_link_status:up")
+                        && !node
+                            .info("replication")
+                            .contains("master_sync_in_progress:1")
+                })
+                .count();
+            synced == primaries * replicas
+        });
         cluster
+    }
+
+    /// The running nodes that are primaries now (by `INFO replication`).
+    pub fn primaries(&self) -> Vec<&RedisServer> {
+        self.nodes
+            .iter()
+            .filter(|node| node.is_running() && node.info("replication").contains("role:master"))
+            .collect()
+    }
+
+    /// Kills `primary` with SIGKILL and waits until one of its replicas has taken over and the
+    /// cluster is ok again on every running node.
+    pub fn kill_primary_and_wait_failover(&self, primary: &RedisServer) {
+        let replicas: Vec<&RedisServer> = self
+            .nodes
+            .iter()
+            .filter(|node| {
+                node.info("replication")
+                    .contains(&format!("master_port:{}", primary.port()))
+            })
+            .collect();
+        assert!(
+            !replicas.is_empty(),
+            "port {} has no replica",
+            primary.port()
+        );
+        primary.kill();
+        super::wait_until(Duration::from_secs(30), "a replica is promoted", || {
+            replicas
+                .iter()
+                .any(|replica| replica.info("replication").contains("role:master"))
+        });
+        super::wait_until(Duration::from_secs(30), "the cluster is ok again", || {
+            self.nodes.iter().filter(|n| n.is_running()).all(|node| {
+                redis::cmd("CLUSTER")
+                    .arg("INFO")
+                    .query::<String>(&mut node.connection())
+                    .is_ok_and(|info| info.contains("cluster_state:ok"))
+            })
+        });
+    }
+
+    /// Whether `key` exists, asked of the primary that owns it.
+    pub fn exists(&self, key: impl AsRef<[u8]>) -> bool {
+        let mut con = self
+            .client()
+            .get_connection()
+            .expect("connect to the cluster");
+        redis::cmd("EXISTS")
+            .arg(key.as_ref())
+            .query::<bool>(&mut con)
+            .expect("EXISTS in the cluster")
+    }
+
+    /// The keys matching `pattern` on every primary, sorted.
+    pub fn scan_keys(&self, pattern: &str) -> Vec<String> {
+        let mut keys: Vec<String> = self
+            .primaries()
+            .iter()
+            .flat_map(|n| n.scan_keys(pattern))
+            .collect();
+        keys.sort();
+        keys
     }
 
     /// The URL of the first node, a seed for cluster clients.
@@ -366,7 +498,11 @@ impl RedisCluster {
     /// A cluster client, for test assertions.
     pub fn client(&self) -> redis::cluster::ClusterClient {
         redis::cluster::ClusterClient::new(
-            self.nodes.iter().map(RedisServer::url).collect::<Vec<_>>(),
+            self.nodes
+                .iter()
+                .filter(|n| n.is_running())
+                .map(RedisServer::url)
+                .collect::<Vec<_>>(),
         )
         .expect("build a cluster client")
     }
@@ -386,16 +522,20 @@ impl RedisCluster {
         }
     }
 
-    /// All keys of all nodes, sorted.
+    /// All keys of all primaries, sorted.
     pub fn all_keys(&self) -> Vec<String> {
-        let mut keys: Vec<String> = self.nodes.iter().flat_map(|n| n.scan_keys("*")).collect();
+        let mut keys: Vec<String> = self
+            .primaries()
+            .iter()
+            .flat_map(|n| n.scan_keys("*"))
+            .collect();
         keys.sort();
         keys
     }
 
     /// How many nodes hold at least one key, to check that test keys spread over the cluster.
     pub fn nodes_with_keys(&self) -> usize {
-        self.nodes
+        self.primaries()
             .iter()
             .filter(|n| !n.scan_keys("*").is_empty())
             .count()

@@ -76,3 +76,56 @@ pub fn make_certificates(dir: &std::path::Path) -> Vec<u8> {
     }
     std::fs::read(dir.join("ca.crt")).expect("read ca.crt")
 }
+
+/// Writes `client.crt` and `client.key` (P-256, `clientAuth`) signed by the CA that
+/// [`make_certificates`] left in `dir`, for servers that demand a client certificate.
+pub fn make_client_certificate(dir: &std::path::Path) {
+    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n")
+        .expect("write client.ext");
+    let steps: [&[&str]; 2] = [
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            "client.key",
+            "-out",
+            "client.csr",
+            "-subj",
+            "/CN=invalidator test client",
+        ],
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "client.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "client.crt",
+            "-days",
+            "2",
+            "-extfile",
+            "client.ext",
+        ],
+    ];
+    for args in steps {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run openssl");
+        assert!(
+            out.status.success(),
+            "openssl {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

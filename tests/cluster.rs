@@ -1,0 +1,251 @@
+//! Redis Cluster and Redis TLS client certificates: the deleter against real servers.
+
+use std::collections::HashSet;
+use std::error::Error as _;
+use std::time::{Duration, Instant};
+
+use invalidator::redis::slot::key_slot;
+use invalidator::redis::{DeleteError, Deleter, DeleterOptions};
+
+use crate::support::{RedisCluster, RedisServer};
+
+/// Builds a set of owned strings.
+fn set<S: AsRef<str>>(items: impl IntoIterator<Item = S>) -> HashSet<String> {
+    items.into_iter().map(|s| s.as_ref().to_owned()).collect()
+}
+
+/// The error and all its sources.
+fn chain(err: &DeleteError) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// Retries like the pipeline does: transient errors forever (here: for 60 s), permanent ones
+/// fail the test.
+async fn delete_until_ok(
+    deleter: &mut Deleter,
+    keys: &HashSet<String>,
+    patterns: &HashSet<String>,
+) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match deleter.delete(keys, patterns).await {
+            Ok(_) => return,
+            Err(err) if !err.is_transient() => panic!("permanent error: {}", chain(&err)),
+            Err(err) if Instant::now() >= deadline => {
+                panic!("the deleter did not recover: {}", chain(&err))
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+/// Resets `INFO commandstats` on every node.
+fn reset_stats(cluster: &RedisCluster) {
+    for node in cluster.nodes() {
+        redis::cmd("CONFIG")
+            .arg("RESETSTAT")
+            .exec(&mut node.connection())
+            .expect("CONFIG RESETSTAT");
+    }
+}
+
+#[tokio::test]
+async fn the_slot_function_agrees_with_cluster_keyslot_and_a_tagged_pattern_scans_one_primary() {
+    let cluster = RedisCluster::start(3);
+    let mut con = cluster.nodes()[0].connection();
+    for key in [
+        "123456789",
+        "foo",
+        "{user:42}:profile",
+        "x{a}{b}",
+        "{}{a}",
+        "{{user:7}}:p",
+        "Zürich 東京",
+        "",
+    ] {
+        let slot: u16 = redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(key)
+            .query(&mut con)
+            .expect("CLUSTER KEYSLOT");
+        assert_eq!(key_slot(key.as_bytes()), slot, "{key:?}");
+    }
+
+    let tagged: Vec<String> = (0..200).map(|i| format!("{{user:42}}:page:{i}")).collect();
+    let spread: Vec<String> = (0..600).map(|i| format!("user:42:page:{i}")).collect();
+    cluster.set_keys(tagged.iter().chain(&spread));
+    assert_eq!(cluster.nodes_with_keys(), 3);
+    // Default options: cluster mode is detected from the server.
+    let mut deleter = Deleter::connect(&cluster.url()).await.expect("connect");
+    assert!(deleter.is_cluster());
+    reset_stats(&cluster);
+    let stats = deleter
+        .delete(&HashSet::new(), &set(["{user:42}:page:*"]))
+        .await
+        .expect("tagged pattern");
+    assert_eq!(stats.keys_deleted, 200);
+    let scanned: Vec<u16> = cluster
+        .nodes()
+        .iter()
+        .filter(|node| node.command_stats().contains("cmdstat_scan:"))
+        .map(RedisServer::port)
+        .collect();
+    assert_eq!(scanned.len(), 1, "SCAN ran on {scanned:?}");
+    let owner: u16 = {
+        let mut con = cluster.nodes()[0].connection();
+        let slot = key_slot(b"user:42");
+        let slots: Vec<(u16, u16, (String, u16))> = redis::cmd("CLUSTER")
+            .arg("SLOTS")
+            .query::<Vec<redis::Value>>(&mut con)
+            .expect("CLUSTER SLOTS")
+            .into_iter()
+            .map(|range| {
+                let fields: Vec<redis::Value> = redis::from_redis_value(range).expect("range");
+                let start: u16 = redis::from_redis_value_ref(&fields[0]).expect("start");
+                let end: u16 = redis::from_redis_value_ref(&fields[1]).expect("end");
+                let node: Vec<redis::Value> =
+                    redis::from_redis_value_ref(&fields[2]).expect("node");
+                let host: String = redis::from_redis_value_ref(&node[0]).expect("host");
+                let port: u16 = redis::from_redis_value_ref(&node[1]).expect("port");
+                (start, end, (host, port))
+            })
+            .collect();
+        slots
+            .iter()
+            .find(|(start, end, _)| (*start..=*end).contains(&slot))
+            .map(|(_, _, node)| node.1)
+            .expect("the slot has an owner")
+    };
+    assert_eq!(scanned, [owner]);
+
+    // The same pattern without a tag (the braces escaped or absent) scans every primary.
+    reset_stats(&cluster);
+    let stats = deleter
+        .delete(&HashSet::new(), &set(["user:42:page:*"]))
+        .await
+        .expect("untagged pattern");
+    assert_eq!(stats.keys_deleted, 600);
+    let scanned = cluster
+        .nodes()
+        .iter()
+        .filter(|node| node.command_stats().contains("cmdstat_scan:"))
+        .count();
+    assert_eq!(scanned, 3);
+    assert!(cluster.all_keys().is_empty());
+}
+
+#[tokio::test]
+async fn a_primary_failover_during_a_stream_of_deletes_loses_nothing() {
+    let cluster = std::sync::Arc::new(RedisCluster::start_with_replicas(3, 1));
+    const BATCHES: usize = 200;
+    let keys =
+        |batch: usize| -> Vec<String> { (0..20).map(|i| format!("s:{batch}:k{i}")).collect() };
+    let matched =
+        |batch: usize| -> Vec<String> { (0..5).map(|i| format!("p:{batch}:{i}")).collect() };
+    cluster.set_keys((0..BATCHES).flat_map(|b| keys(b).into_iter().chain(matched(b))));
+    // Every SET has reached the replicas before anything is killed.
+    for primary in cluster.primaries() {
+        let acked: i64 = redis::cmd("WAIT")
+            .arg(1)
+            .arg(5000)
+            .query(&mut primary.connection())
+            .expect("WAIT");
+        assert_eq!(acked, 1);
+    }
+    let options = DeleterOptions {
+        connection_timeout: Duration::from_millis(500),
+        response_timeout: Duration::from_secs(1),
+        ..DeleterOptions::default()
+    };
+    let mut deleter = Deleter::connect_with(&cluster.url(), options)
+        .await
+        .expect("connect");
+    assert!(deleter.is_cluster());
+    let victim_port = cluster.primaries()[1].port();
+    let mut failover = None;
+    for batch in 0..BATCHES {
+        if batch == BATCHES / 4 {
+            // Kill a primary and keep deleting while its replica takes over.
+            let cluster = std::sync::Arc::clone(&cluster);
+            failover = Some(std::thread::spawn(move || {
+                let victim = cluster
+                    .nodes()
+                    .iter()
+                    .find(|n| n.port() == victim_port)
+                    .expect("the victim");
+                cluster.kill_primary_and_wait_failover(victim);
+            }));
+        }
+        delete_until_ok(
+            &mut deleter,
+            &set(keys(batch)),
+            &set([format!("p:{batch}:*")]),
+        )
+        .await;
+    }
+    failover
+        .expect("the failover ran")
+        .join()
+        .expect("the failover completed");
+    let left = cluster.all_keys();
+    assert!(
+        left.is_empty(),
+        "{} keys survived: {:?}",
+        left.len(),
+        &left[..left.len().min(10)]
+    );
+}
+
+#[tokio::test]
+async fn a_client_certificate_is_presented_and_its_absence_is_a_clear_permanent_error() {
+    let redis = RedisServer::start_tls_with_client_auth();
+    redis.set_keys(["mtls:1", "mtls:2"]);
+    let (cert, key, ca) = redis.client_cert_files();
+    let options = DeleterOptions {
+        tls_ca_pem: Some(std::fs::read(&ca).expect("ca")),
+        tls_cert_pem: Some(std::fs::read(&cert).expect("cert")),
+        tls_key_pem: Some(std::fs::read(&key).expect("key")),
+        ..DeleterOptions::default()
+    };
+    let mut deleter = Deleter::connect_with(&redis.url(), options.clone())
+        .await
+        .expect("connect with a client certificate");
+    let stats = deleter
+        .delete(&set(["mtls:1"]), &set(["mtls:*"]))
+        .await
+        .expect("delete");
+    assert_eq!(stats.keys_deleted, 2);
+
+    let without = DeleterOptions {
+        tls_cert_pem: None,
+        tls_key_pem: None,
+        connection_timeout: Duration::from_secs(2),
+        ..options.clone()
+    };
+    let err = Deleter::connect_with(&redis.url(), without)
+        .await
+        .expect_err("no client certificate");
+    eprintln!("without a client certificate: {}", chain(&err));
+    assert!(!err.is_transient(), "{}", chain(&err));
+    assert!(
+        chain(&err).to_lowercase().contains("certificate"),
+        "{}",
+        chain(&err)
+    );
+
+    let half = DeleterOptions {
+        tls_key_pem: None,
+        ..options
+    };
+    let err = Deleter::connect_with(&redis.url(), half)
+        .await
+        .expect_err("a certificate without its key");
+    assert!(!err.is_transient(), "{}", chain(&err));
+}
