@@ -443,7 +443,7 @@ fn validate(raw: RawConfig, file: &Path) -> Result<Config, ConfigError> {
         .postgres
         .url
         .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
-    if let Err(e) = url.parse::<tokio_postgres::Config>() {
+    if let Err(e) = crate::source::connect::parse_url(&url) {
         return Err(invalid(
             "postgres.url",
             format!("{} is not a valid Postgres URL: {e}", redact(&url)),

@@ -15,6 +15,7 @@ use crate::redact::redact;
 use crate::redis::{DeleteError, Deleter, DeleterOptions};
 use crate::reload::{self, LiveRules, Reloader};
 use crate::rules::RuleSet;
+use crate::source::connect;
 use crate::source::notify::{self, NotifyError};
 use crate::source::replication::{
     ReplicationClient, ReplicationError, ReplicationMessage, ReplicationStream,
@@ -424,13 +425,11 @@ async fn stream_once(
 ) -> Result<Streamed, Failure> {
     // Between connections is between transactions.
     live.refresh();
-    let pg: tokio_postgres::Config = config
-        .postgres
-        .url
-        .parse()
+    let (pg, check_host) = connect::parse_url(&config.postgres.url)
         .map_err(|e| Failure::Permanent(format!("invalid postgres url: {e}")))?;
     let ca_file = config.postgres.ca_file.as_deref();
-    let mut client = ReplicationClient::connect_with_ca(&pg, "invalidator", ca_file).await?;
+    let mut client =
+        ReplicationClient::connect_with_tls(&pg, "invalidator", ca_file, check_host).await?;
     // Which server this is, for the log: after a failover the system id or timeline changes.
     let system = client.identify_system().await?;
     tracing::info!(
@@ -507,14 +506,12 @@ async fn dry_stream_once(
     streamed: &mut bool,
 ) -> Result<Streamed, Failure> {
     live.refresh();
-    let pg: tokio_postgres::Config = config
-        .postgres
-        .url
-        .parse()
+    let (pg, check_host) = connect::parse_url(&config.postgres.url)
         .map_err(|e| Failure::Permanent(format!("invalid postgres url: {e}")))?;
     let ca_file = config.postgres.ca_file.as_deref();
     let mut client =
-        ReplicationClient::connect_with_ca(&pg, "invalidator-dry-run", ca_file).await?;
+        ReplicationClient::connect_with_tls(&pg, "invalidator-dry-run", ca_file, check_host)
+            .await?;
     let publication = &config.postgres.publication;
     let tables = live.rules().tables().cloned().collect();
     let (existed, action) = setup::publication_action(&mut client, &tables, publication).await?;

@@ -13,6 +13,12 @@ const SCHEMA: &str = "CREATE TABLE items (id int PRIMARY KEY, name text);";
 
 const RULES: &str = "[[rule]]\ntable = \"items\"\nkeys = [\"item:{id}\"]\n";
 
+/// A role of the TLS cluster that must log in with a SCRAM-SHA-256 password.
+const SCRAM_ROLE: &str = "scram_app";
+
+/// Its password.
+const SCRAM_PASSWORD: &str = "scram-pw-never-logged";
+
 /// The TLS-only cluster shared by this module's tests (each has its own database).
 struct TlsCluster {
     /// The server.
@@ -54,7 +60,18 @@ fn tls_cluster() -> &'static TlsCluster {
                 path("server.key"),
             ),
         );
+        // One role must authenticate with a SCRAM password; the others are trusted.
+        pg.psql(
+            "postgres",
+            &format!(
+                "ALTER SYSTEM SET password_encryption = 'scram-sha-256';\n\
+                 SELECT pg_reload_conf();\n\
+                 SET password_encryption = 'scram-sha-256';\n\
+                 CREATE ROLE {SCRAM_ROLE} LOGIN REPLICATION PASSWORD '{SCRAM_PASSWORD}';"
+            ),
+        );
         pg.set_hba(&[
+            &format!("hostssl all {SCRAM_ROLE} 127.0.0.1/32 scram-sha-256"),
             "hostssl all all 127.0.0.1/32 trust",
             "host all all 127.0.0.1/32 reject",
         ]);
@@ -222,5 +239,148 @@ fn sslmode_disable_against_a_tls_only_server_fails_clearly() {
             out.contains("pg_hba.conf") && out.contains("no encryption"),
             "{args:?}: {out}"
         );
+    }
+}
+
+/// `?sslmode=verify-full` and `verify-ca` for a database of the TLS cluster, reached as
+/// `host` (resolved through `hostaddr=127.0.0.1`, so the certificate for 127.0.0.1 does not name
+/// it unless `host` is 127.0.0.1).
+fn url_via(cluster: &TlsCluster, host: &str, db: &str, sslmode: &str) -> String {
+    format!(
+        "postgres://postgres@{host}:{}/{db}?hostaddr=127.0.0.1&sslmode={sslmode}",
+        cluster.pg.port()
+    )
+}
+
+/// Inserts a row and waits until the sidecar deleted its key.
+fn invalidates(cluster: &TlsCluster, db: &str, redis: &RedisServer, id: u32) {
+    let key = format!("item:{id}");
+    redis.set_keys([&key]);
+    cluster
+        .pg
+        .psql(db, &format!("INSERT INTO items VALUES ({id}, 'x')"));
+    wait_until(
+        Duration::from_secs(30),
+        &format!("{key} is deleted"),
+        || !redis.exists(&key),
+    );
+}
+
+#[test]
+fn verify_full_with_the_right_ca_works_for_both_connections() {
+    let cluster = tls_cluster();
+    let db = database(cluster);
+    let redis = RedisServer::start();
+    let url = url_via(cluster, "127.0.0.1", &db, "verify-full");
+    let setup = setup(&url, &redis, Some(&cluster.ca_file));
+    // The SQL connection...
+    let (status, out) = setup.command(&["check"]);
+    assert!(status.success(), "{out}");
+    // ...and the replication connection (and the SQL one of the reloader).
+    let sidecar = setup.start();
+    invalidates(cluster, &db, &redis, 1);
+    sidecar.assert_alive();
+}
+
+#[test]
+fn a_wrong_ca_is_refused_naming_the_host_in_both_verify_modes() {
+    let cluster = tls_cluster();
+    let db = database(cluster);
+    let redis = RedisServer::start();
+    let other = tempfile::tempdir().unwrap();
+    make_certificates(other.path());
+    let wrong_ca = other.path().join("ca.crt");
+    for sslmode in ["verify-full", "verify-ca"] {
+        let url = url_via(cluster, "127.0.0.1", &db, sslmode);
+        let setup = setup(&url, &redis, Some(&wrong_ca));
+        for args in [&["run"][..], &["check"]] {
+            let (status, out) = run_to_exit(&setup, args, Duration::from_secs(30));
+            assert_eq!(status.code(), Some(1), "{sslmode} {args:?}: {out}");
+            assert!(
+                out.contains("certificate") && out.contains("127.0.0.1"),
+                "{sslmode} {args:?}: {out}"
+            );
+        }
+    }
+}
+
+#[test]
+fn verify_ca_accepts_a_certificate_for_another_name_and_verify_full_refuses_it() {
+    let cluster = tls_cluster();
+    let db = database(cluster);
+    let redis = RedisServer::start();
+    // The certificate names 127.0.0.1 only; "localhost" is another name for the same server.
+    let url = url_via(cluster, "localhost", &db, "verify-ca");
+    let setup = setup(&url, &redis, Some(&cluster.ca_file));
+    let (status, out) = setup.command(&["check"]);
+    assert!(status.success(), "{out}");
+    let sidecar = setup.start();
+    invalidates(cluster, &db, &redis, 1);
+    drop(sidecar);
+    // verify-full, and require (which checks exactly what verify-full does), refuse the name.
+    for sslmode in ["verify-full", "require"] {
+        let url = url_via(cluster, "localhost", &db, sslmode);
+        let setup = self::setup(&url, &redis, Some(&cluster.ca_file));
+        for args in [&["run"][..], &["check"]] {
+            let (status, out) = run_to_exit(&setup, args, Duration::from_secs(30));
+            assert_eq!(status.code(), Some(1), "{sslmode} {args:?}: {out}");
+            assert!(
+                out.contains("certificate") && out.contains("localhost"),
+                "{sslmode} {args:?}: {out}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_scram_password_authenticates_both_connections_and_a_wrong_one_stops_without_showing_it() {
+    let cluster = tls_cluster();
+    let db = database(cluster);
+    // The role owns the table, so `setup` (the publication) runs as it too.
+    cluster.pg.psql(
+        &db,
+        &format!(
+            "ALTER TABLE items OWNER TO {SCRAM_ROLE}; \
+             GRANT CREATE ON DATABASE {db} TO {SCRAM_ROLE};"
+        ),
+    );
+    let redis = RedisServer::start();
+    let port = cluster.pg.port();
+    let url = format!(
+        "postgres://{SCRAM_ROLE}:{SCRAM_PASSWORD}@127.0.0.1:{port}/{db}?sslmode=verify-full"
+    );
+    let setup = setup(&url, &redis, Some(&cluster.ca_file));
+    let (status, out) = setup.command(&["setup"]);
+    assert!(status.success(), "{out}");
+    let (status, out) = setup.command(&["check"]);
+    assert!(status.success(), "{out}");
+    let sidecar = setup.start();
+    invalidates(cluster, &db, &redis, 1);
+    // Both connections authenticated with SCRAM, not trust.
+    let methods = cluster.pg.psql(
+        "postgres",
+        &format!(
+            "SELECT DISTINCT backend_type FROM pg_stat_activity WHERE usename = '{SCRAM_ROLE}' \
+             ORDER BY 1"
+        ),
+    );
+    assert!(methods.contains("walsender"), "{methods}");
+    assert!(
+        !sidecar.log().contains(SCRAM_PASSWORD),
+        "the password reached the log"
+    );
+    drop(sidecar);
+
+    let wrong = "wrong-pw-never-logged";
+    let url = format!("postgres://{SCRAM_ROLE}:{wrong}@127.0.0.1:{port}/{db}?sslmode=verify-full");
+    let setup = self::setup(&url, &redis, Some(&cluster.ca_file));
+    for args in [&["run"][..], &["check"], &["status"]] {
+        let (status, out) = run_to_exit(&setup, args, Duration::from_secs(30));
+        assert_eq!(status.code(), Some(1), "{args:?}: {out}");
+        assert!(
+            out.contains("password authentication failed"),
+            "{args:?}: {out}"
+        );
+        assert!(!out.contains(wrong), "{args:?}: {out}");
     }
 }

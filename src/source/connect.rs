@@ -2,16 +2,23 @@
 //! `status` and notify mode use.
 //!
 //! ```text
-//! sslmode (URL)   disable ─▶ plain
-//!                 prefer  ─▶ SSLRequest; 'S' ─▶ TLS, 'N' ─▶ plain     (the default)
-//!                 require ─▶ SSLRequest; 'S' ─▶ TLS, 'N' ─▶ error
-//! TLS = rustls with ring; the server certificate is always verified against the system roots
-//!       plus `[postgres] ca_file`, for the host named in the URL
+//! sslmode (URL)   disable     ─▶ plain
+//!                 prefer      ─▶ SSLRequest; 'S' ─▶ TLS, 'N' ─▶ plain     (the default)
+//!                 require     ─▶ SSLRequest; 'S' ─▶ TLS, 'N' ─▶ error
+//!                 verify-full ─▶ as require
+//!                 verify-ca   ─▶ as require, but the host name is not checked
+//! TLS = rustls with ring; the server certificate is verified against the system roots plus
+//!       `[postgres] ca_file`, for the host named in the URL (except: prefer without ca_file
+//!       checks nothing, as libpq's prefer; verify-ca checks the chain only)
 //! ```
 //!
-//! Unlike libpq, `prefer` and `require` verify the certificate (libpq needs `verify-full` for
-//! that): a cache invalidator that talks to the wrong server is silently wrong. Unix sockets never
-//! use TLS, as in libpq. Channel binding is not offered (SCRAM still authenticates both sides).
+//! Unlike libpq, `require` verifies the certificate and the host name, exactly as
+//! `verify-full` does (libpq's `require` checks nothing unless a root certificate file exists):
+//! a cache invalidator that talks to the wrong server is silently wrong. `verify-ca` is for
+//! servers reached by a name their certificate does not carry (an IP address, a tunnel).
+//! tokio-postgres knows only disable, prefer and require, so [`parse_url`] turns both `verify-*`
+//! modes into `require` and keeps whether the host name is checked. Unix sockets never use TLS,
+//! as in libpq. Channel binding is not offered (SCRAM still authenticates both sides).
 //! The replication client runs the same handshake through [`handshake`].
 
 use std::error::Error as StdError;
@@ -159,6 +166,99 @@ fn system_roots() -> &'static [CertificateDer<'static>] {
     })
 }
 
+/// Parses a Postgres URL (or `key=value` string) as tokio-postgres does, also accepting libpq's
+/// `sslmode=verify-ca` and `sslmode=verify-full`: both become `require` (TLS or fail, the
+/// certificate verified); the second value is whether the certificate must name the host, false
+/// only for `verify-ca`.
+pub fn parse_url(url: &str) -> Result<(tokio_postgres::Config, bool), tokio_postgres::Error> {
+    let mut text = url.to_owned();
+    let mut check_host = true;
+    for (mode, checks_host) in [("verify-full", true), ("verify-ca", false)] {
+        let needle = format!("sslmode={mode}");
+        let mut from = 0;
+        while let Some(at) = text[from..].find(&needle).map(|i| i + from) {
+            let starts = at == 0 || text[..at].ends_with(['?', '&', ' ', '\t', '\n']);
+            let end = at + needle.len();
+            let ends = text[end..]
+                .chars()
+                .next()
+                .is_none_or(|c| c == '&' || c.is_whitespace());
+            if starts && ends {
+                text.replace_range(at..end, "sslmode=require");
+                check_host = checks_host;
+                from = at + "sslmode=require".len();
+            } else {
+                from = end;
+            }
+        }
+    }
+    Ok((text.parse()?, check_host))
+}
+
+/// Checks the server's certificate chain against the roots, not its names: `sslmode=verify-ca`.
+#[derive(Debug)]
+struct ChainOnly {
+    /// The trusted roots.
+    roots: Arc<rustls::RootCertStore>,
+    /// The signature algorithms.
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl ServerCertVerifier for ChainOnly {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let cert = rustls::server::ParsedCertificate::try_from(end_entity)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &cert,
+            &self.roots,
+            intermediates,
+            now,
+            self.provider.signature_verification_algorithms.all,
+        )?;
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
 /// Whether the server's certificate is checked: always, except with `sslmode=prefer` and no
 /// `ca_file`, which behaves like libpq's `prefer` (encrypt when offered, do not authenticate),
 /// so that a local server with a self-signed certificate (Debian's default) works untouched.
@@ -217,12 +317,13 @@ impl ServerCertVerifier for AcceptAnyCertificate {
 }
 
 /// The rustls configuration: ring, TLS 1.2 and 1.3, the system roots plus `ca_file` (or no
-/// certificate check when `verify` is false), and the `postgresql` ALPN protocol when the server
-/// is spoken to directly in TLS.
+/// certificate check when `verify` is false; the chain but not the host name when `check_host`
+/// is false), and the `postgresql` ALPN protocol when the server is spoken to directly in TLS.
 pub(crate) fn client_config(
     ca_file: Option<&Path>,
     direct: bool,
     verify: bool,
+    check_host: bool,
 ) -> Result<Arc<ClientConfig>, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = ClientConfig::builder_with_provider(provider.clone())
@@ -247,7 +348,17 @@ pub(crate) fn client_config(
             tracing::warn!(ignored, file = %path.display(), "ignoring unusable CA certificates");
         }
     }
-    let mut config = builder.with_root_certificates(roots).with_no_client_auth();
+    let mut config = if check_host {
+        builder.with_root_certificates(roots).with_no_client_auth()
+    } else {
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(ChainOnly {
+                roots: Arc::new(roots),
+                provider,
+            }))
+            .with_no_client_auth()
+    };
     if direct {
         config.alpn_protocols = vec![ALPN_POSTGRESQL.to_vec()];
     }
@@ -316,15 +427,13 @@ pub async fn open(
     ConnectError,
 > {
     let url = || redact(&postgres.url);
-    let mut config: tokio_postgres::Config = postgres
-        .url
-        .parse()
-        .map_err(|source| ConnectError::Url { url: url(), source })?;
+    let (mut config, check_host) =
+        parse_url(&postgres.url).map_err(|source| ConnectError::Url { url: url(), source })?;
     if config.get_connect_timeout().is_none() {
         // A server that never answers should fail the attempt, not hold it for the OS timeout.
         config.connect_timeout(DEFAULT_CONNECT_TIMEOUT);
     }
-    let tls = MakeRustls::new(&config, postgres.ca_file.as_deref())?;
+    let tls = MakeRustls::with_host_check(&config, postgres.ca_file.as_deref(), check_host)?;
     config.connect(tls).await.map_err(|source| {
         // Our own TLS error is inside tokio-postgres's; surface it so it is classified right.
         let cause = source.source();
@@ -392,12 +501,23 @@ impl MakeRustls {
         config: &tokio_postgres::Config,
         ca_file: Option<&Path>,
     ) -> Result<MakeRustls, TlsError> {
+        MakeRustls::with_host_check(config, ca_file, true)
+    }
+
+    /// Like [`MakeRustls::new`]; `check_host` false (`sslmode=verify-ca`, see [`parse_url`])
+    /// verifies the chain but not the host name.
+    pub fn with_host_check(
+        config: &tokio_postgres::Config,
+        ca_file: Option<&Path>,
+        check_host: bool,
+    ) -> Result<MakeRustls, TlsError> {
         let config = match config.get_ssl_mode() {
             SslMode::Disable => None,
             mode => Some(client_config(
                 ca_file,
                 config.get_ssl_negotiation() == SslNegotiation::Direct,
                 verifies(mode, ca_file),
+                check_host,
             )?),
         };
         Ok(MakeRustls { config })
@@ -416,7 +536,7 @@ where
         let config = match &self.config {
             Some(config) => Arc::clone(config),
             // Only reachable if tokio-postgres asks for TLS with sslmode=disable.
-            None => client_config(None, false, true)?,
+            None => client_config(None, false, true, true)?,
         };
         Ok(RustlsConnect {
             config,
@@ -516,6 +636,35 @@ mod tests {
         assert!(text.contains("ca_file"), "{text}");
         let err = tls_failure("h", io::ErrorKind::ConnectionReset.into());
         assert!(err.is_transient());
+    }
+
+    #[test]
+    fn verify_modes_become_require_and_only_verify_ca_skips_the_host_name() {
+        for (url, check_host) in [
+            ("postgres://u@h/db?sslmode=verify-full", true),
+            ("postgres://u@h/db?sslmode=verify-ca", false),
+            (
+                "postgres://u@h/db?connect_timeout=3&sslmode=verify-ca&application_name=x",
+                false,
+            ),
+            ("host=h user=u sslmode=verify-ca", false),
+            ("host=h user=u sslmode=verify-full dbname=d", true),
+        ] {
+            let (config, checks) = parse_url(url).unwrap_or_else(|e| panic!("{url}: {e}"));
+            assert_eq!(config.get_ssl_mode(), SslMode::Require, "{url}");
+            assert_eq!(checks, check_host, "{url}");
+        }
+        let (config, checks) = parse_url("postgres://u@h/db").unwrap();
+        assert_eq!((config.get_ssl_mode(), checks), (SslMode::Prefer, true));
+        // Only the whole parameter is rewritten.
+        assert!(parse_url("postgres://u@h/db?sslmode=verify-fullx").is_err());
+        assert_eq!(
+            parse_url("postgres://u@h/db?application_name=sslmode=verify-ca")
+                .unwrap()
+                .0
+                .get_ssl_mode(),
+            SslMode::Prefer
+        );
     }
 
     #[test]

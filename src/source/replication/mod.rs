@@ -118,13 +118,25 @@ impl ReplicationClient {
         application_name: &str,
         ca_file: Option<&Path>,
     ) -> Result<ReplicationClient, ReplicationError> {
+        ReplicationClient::connect_with_tls(config, application_name, ca_file, true).await
+    }
+
+    /// Like [`ReplicationClient::connect_with_ca`]; `check_host` false (`sslmode=verify-ca`, see
+    /// [`crate::source::connect::parse_url`]) verifies the certificate chain but not the host name.
+    pub async fn connect_with_tls(
+        config: &tokio_postgres::Config,
+        application_name: &str,
+        ca_file: Option<&Path>,
+        check_host: bool,
+    ) -> Result<ReplicationClient, ReplicationError> {
         // Without a bound, a server that never answers (a network cut) would hold the
         // reconnect loop, and a shutdown, for the operating system's TCP timeout.
         let limit = config
             .get_connect_timeout()
             .copied()
             .unwrap_or(DEFAULT_CONNECT_TIMEOUT);
-        tokio::time::timeout(limit, connect(config, application_name, ca_file))
+        let tls = (ca_file, check_host);
+        tokio::time::timeout(limit, connect(config, application_name, tls))
             .await
             .map_err(|_| {
                 ReplicationError::Io(std::io::Error::new(
@@ -282,7 +294,7 @@ impl ReplicationClient {
 async fn connect(
     config: &tokio_postgres::Config,
     application_name: &str,
-    ca_file: Option<&Path>,
+    tls: (Option<&Path>, bool),
 ) -> Result<ReplicationClient, ReplicationError> {
     if config.get_channel_binding() == ChannelBinding::Require {
         return Err(ReplicationError::Invalid(
@@ -294,7 +306,7 @@ async fn connect(
     })?;
     let (socket, host) = open_socket(config).await?;
     let socket = match host {
-        Some(host) => negotiate_tls(config, ca_file, &host, socket).await?,
+        Some(host) => negotiate_tls(config, tls, &host, socket).await?,
         // Postgres has no TLS on Unix sockets; like libpq, sslmode does not apply there.
         None => socket,
     };
@@ -382,10 +394,11 @@ async fn open_socket(
 }
 
 /// Applies `sslmode` to a fresh TCP socket: sends an SSLRequest (unless disabled, or
-/// `sslnegotiation=direct`), reads the one-byte answer and runs the TLS handshake on 'S'.
+/// `sslnegotiation=direct`), reads the one-byte answer and runs the TLS handshake on 'S';
+/// `tls` is the CA file and whether the certificate must name the host.
 async fn negotiate_tls(
     config: &tokio_postgres::Config,
-    ca_file: Option<&Path>,
+    (ca_file, check_host): (Option<&Path>, bool),
     host: &str,
     mut socket: Box<dyn Socket>,
 ) -> Result<Box<dyn Socket>, ReplicationError> {
@@ -424,7 +437,7 @@ async fn negotiate_tls(
             }
         }
     }
-    let tls = client_config(ca_file, direct, verifies(mode, ca_file))?;
+    let tls = client_config(ca_file, direct, verifies(mode, ca_file), check_host)?;
     let stream = handshake(tls, host, socket).await?;
     Ok(Box::new(stream))
 }
