@@ -448,6 +448,38 @@ async fn a_wrong_password_is_permanent_and_never_shown() {
 }
 
 #[tokio::test]
+async fn an_acl_user_and_its_password_in_the_url_work_and_a_wrong_password_is_permanent() {
+    // `app` may only touch `app:*`; the default user stays for the harness.
+    let redis = RedisServer::start_with(&["--user", "app", "on", ">acl-secret", "~app:*", "+@all"]);
+    redis.set_keys(["app:1", "app:2", "other:1"]);
+    let url = format!("redis://app:acl-secret@127.0.0.1:{}/0", redis.port());
+    let mut deleter = Deleter::connect(&url).await.expect("connect as app");
+    assert_eq!(
+        deleter.target(),
+        format!("redis://app:***@127.0.0.1:{}/0", redis.port())
+    );
+    let stats = deleter
+        .delete(&set(["app:1"]), &set(["app:*"]))
+        .await
+        .expect("delete as app");
+    assert_eq!(stats.keys_deleted, 2);
+    // The session is app's: a key outside its key pattern is refused, and permanently.
+    let err = deleter
+        .delete(&set(["other:1"]), &HashSet::new())
+        .await
+        .expect_err("outside app's keys");
+    assert!(!err.is_transient(), "{}", chain(&err));
+    assert!(redis.exists("other:1"));
+
+    let url = format!("redis://app:acl-wrong-secret@127.0.0.1:{}/0", redis.port());
+    let err = Deleter::connect(&url).await.expect_err("wrong password");
+    assert!(!err.is_transient(), "{}", chain(&err));
+    assert!(!chain(&err).contains("acl-wrong-secret"), "{}", chain(&err));
+    assert!(!format!("{err:?}").contains("acl-wrong-secret"), "{err:?}");
+    assert!(chain(&err).contains("app:***@"), "{}", chain(&err));
+}
+
+#[tokio::test]
 async fn a_missing_password_is_permanent() {
     let redis = RedisServer::start_with(&["--requirepass", "right-pass"]);
     let outcome = match Deleter::connect(&redis.url()).await {

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use invalidator::change::Lsn;
 
-use crate::sidecar::{Setup, Sidecar};
+use crate::sidecar::{Setup, Sidecar, binary};
 use crate::support::{PgCluster, RedisServer, unique_name, wait_until};
 
 const SCHEMA: &str = "CREATE TABLE items (id int PRIMARY KEY, \
@@ -35,17 +35,23 @@ struct Rig {
 
 impl Rig {
     fn new() -> Rig {
+        Rig::with_eu_args(&["--appendonly", "yes", "--appendfsync", "always"], None)
+    }
+
+    /// A rig whose `eu` server gets `args`, and whose configuration reaches it at `eu_url`
+    /// (default: its plain URL).
+    fn with_eu_args(args: &[&str], eu_url: Option<&dyn Fn(u16) -> String>) -> Rig {
         let cluster = PgCluster::shared();
         let db = unique_name("targets");
         let url = cluster.create_database(&db);
         cluster.psql(&db, SCHEMA);
         let main = RedisServer::start();
-        let eu = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
+        let eu = RedisServer::start_with(args);
+        let eu_url = eu_url.map_or_else(|| eu.url(), |url| url(eu.port()));
         let setup = Setup::new(&url, &main.url(), RULES);
         let mut config = std::fs::read_to_string(setup.config()).unwrap();
         config.push_str(&format!(
-            "\n[[redis.targets]]\nname = \"eu\"\nurl = \"{}\"\n",
-            eu.url()
+            "\n[[redis.targets]]\nname = \"eu\"\nurl = \"{eu_url}\"\n"
         ));
         std::fs::write(setup.config(), config).unwrap();
         Rig {
@@ -119,6 +125,23 @@ impl Rig {
     }
 }
 
+/// Waits until a restarted server has loaded its data again (it answers `LOADING` meanwhile)
+/// and still holds the `canary` key: otherwise the test would prove nothing.
+fn wait_loaded(redis: &RedisServer) {
+    wait_until(DEADLINE, "redis has loaded its data (canary)", || {
+        let Ok(mut con) = redis
+            .client()
+            .get_connection_with_timeout(Duration::from_secs(5))
+        else {
+            return false;
+        };
+        redis::cmd("EXISTS")
+            .arg("canary")
+            .query::<bool>(&mut con)
+            .is_ok_and(|exists| exists)
+    });
+}
+
 impl Drop for Rig {
     fn drop(&mut self) {
         let _ = PgCluster::shared().try_psql(
@@ -187,10 +210,7 @@ fn a_target_down_holds_the_ack_while_the_others_go_on_and_nothing_is_lost() {
     );
 
     rig.eu.start_again();
-    assert!(
-        rig.eu.exists("canary"),
-        "redis lost its data: the test proves nothing"
-    );
+    wait_loaded(&rig.eu);
     assert_eq!(
         Rig::left(&rig.eu, &during).len(),
         during.clone().count(),
@@ -227,14 +247,43 @@ fn kill_9_while_a_target_is_down_loses_nothing_after_restart() {
     sidecar.kill9();
 
     rig.eu.start_again();
-    assert!(
-        rig.eu.exists("canary"),
-        "redis lost its data: the test proves nothing"
-    );
+    wait_loaded(&rig.eu);
     // The healthy target's keys are cached again meanwhile; the replay deletes them again.
     rig.main
         .set_keys(during.clone().map(|id| format!("item:{id}")));
     let sidecar = rig.setup.start();
     rig.wait_gone(&rig.eu, &(1..=N), &sidecar);
     rig.wait_gone(&rig.main, &(1..=N), &sidecar);
+}
+
+/// A target with an ACL user and a wrong password in its URL: `run` stops with exit 1 naming
+/// the target's URL without the password, and never shows the password.
+#[test]
+fn a_wrong_password_of_one_target_stops_run_without_showing_it() {
+    let acl = ["--user", "app", "on", ">eu-secret", "~*", "+@all"];
+    let wrong = |port: u16| format!("redis://app:eu-wrong-secret@127.0.0.1:{port}/0");
+    let rig = Rig::with_eu_args(&acl, Some(&wrong));
+    let out_dir = tempfile::tempdir().unwrap();
+    let log = out_dir.path().join("log");
+    let mut child = std::process::Command::new(binary())
+        .arg("run")
+        .arg("--config")
+        .arg(rig.setup.config())
+        .env_remove("DATABASE_URL")
+        .env_remove("REDIS_URL")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(std::fs::File::create(out_dir.path().join("err")).unwrap())
+        .spawn()
+        .expect("spawn invalidator run");
+    let mut status = None;
+    wait_until(DEADLINE, "run stops", || {
+        status = child.try_wait().expect("wait");
+        status.is_some()
+    });
+    let out = std::fs::read_to_string(&log).unwrap_or_default()
+        + &std::fs::read_to_string(out_dir.path().join("err")).unwrap_or_default();
+    assert_eq!(status.and_then(|s| s.code()), Some(1), "{out}");
+    assert!(out.contains("app:***@127.0.0.1"), "{out}");
+    assert!(!out.contains("eu-wrong-secret"), "{out}");
 }
