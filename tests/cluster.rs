@@ -249,3 +249,63 @@ async fn a_client_certificate_is_presented_and_its_absence_is_a_clear_permanent_
         .expect_err("a certificate without its key");
     assert!(!err.is_transient(), "{}", chain(&err));
 }
+
+/// Sets `slots:{v}:{n}` for v in 1..=10,000 and n in 1..=100 (1M keys, as in `cargo bench`
+/// section 3) on one server, 10,000 SETs per pipeline.
+fn load_million(con: &mut redis::Connection) {
+    for v0 in (1..=10_000).step_by(100) {
+        let mut pipe = redis::pipe();
+        for v in v0..v0 + 100 {
+            for n in 1..=100 {
+                pipe.cmd("SET")
+                    .arg(format!("slots:{v}:{n}"))
+                    .arg("1")
+                    .ignore();
+            }
+        }
+        pipe.exec(con).expect("SET 10k keys");
+    }
+}
+
+/// Times one `Deleter::delete` of 200 `slots:{v}:*` patterns (20,000 matching keys) over 1M keys
+/// on one server and on a 3-primary cluster. A figure for the closing note, not a test:
+/// `cargo test --release --test main cluster::wildcard_resolution_one_node_against_three_primaries -- --ignored --nocapture`
+#[tokio::test]
+#[ignore = "a measurement: run with --ignored --nocapture"]
+async fn wildcard_resolution_one_node_against_three_primaries() {
+    let patterns: HashSet<String> = (1..=200).map(|v| format!("slots:{v}:*")).collect();
+
+    let single = RedisServer::start();
+    load_million(&mut single.connection());
+    let mut deleter = Deleter::connect(&single.url()).await.expect("connect");
+    let start = Instant::now();
+    let stats = deleter
+        .delete(&HashSet::new(), &patterns)
+        .await
+        .expect("delete");
+    let one = start.elapsed();
+    assert_eq!(stats.keys_deleted, 20_000);
+    eprintln!(
+        "one node:    200 patterns over 1,000,000 keys: {:.3} s, {} SCAN calls",
+        one.as_secs_f64(),
+        stats.scan_calls
+    );
+    drop(single);
+
+    let cluster = RedisCluster::start(3);
+    cluster.load_slots_keys(10_000, 100);
+    let mut deleter = Deleter::connect(&cluster.url()).await.expect("connect");
+    assert!(deleter.is_cluster());
+    let start = Instant::now();
+    let stats = deleter
+        .delete(&HashSet::new(), &patterns)
+        .await
+        .expect("delete");
+    let three = start.elapsed();
+    assert_eq!(stats.keys_deleted, 20_000);
+    eprintln!(
+        "3 primaries: 200 patterns over 1,000,000 keys: {:.3} s, {} SCAN calls",
+        three.as_secs_f64(),
+        stats.scan_calls
+    );
+}

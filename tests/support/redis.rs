@@ -522,6 +522,64 @@ impl RedisCluster {
         }
     }
 
+    /// Sets `slots:{v}:{n}` for v in 1..=vehicles and n in 1..=per_vehicle, each on the primary
+    /// that owns its slot, in pipelines of one primary's keys (fast enough for a million keys).
+    pub fn load_slots_keys(&self, vehicles: u32, per_vehicle: u32) {
+        let primaries = self.primaries();
+        let owners: Vec<Vec<(u16, u16)>> = primaries
+            .iter()
+            .map(|node| {
+                let id: String = redis::cmd("CLUSTER")
+                    .arg("MYID")
+                    .query(&mut node.connection())
+                    .expect("CLUSTER MYID");
+                let shards: Vec<redis::Value> = redis::cmd("CLUSTER")
+                    .arg("SLOTS")
+                    .query(&mut node.connection())
+                    .expect("CLUSTER SLOTS");
+                shards
+                    .into_iter()
+                    .filter_map(|range| {
+                        let fields: Vec<redis::Value> = redis::from_redis_value(range).ok()?;
+                        let node: Vec<redis::Value> =
+                            redis::from_redis_value_ref(&fields[2]).ok()?;
+                        let owner: String = redis::from_redis_value_ref(&node[2]).ok()?;
+                        (owner == id).then(|| {
+                            (
+                                redis::from_redis_value_ref(&fields[0]).expect("start"),
+                                redis::from_redis_value_ref(&fields[1]).expect("end"),
+                            )
+                        })
+                    })
+                    .collect()
+            })
+            .collect();
+        let mut cons: Vec<redis::Connection> = primaries.iter().map(|n| n.connection()).collect();
+        let mut pipes: Vec<redis::Pipeline> = primaries.iter().map(|_| redis::pipe()).collect();
+        let mut queued = 0;
+        for v in 1..=vehicles {
+            for n in 1..=per_vehicle {
+                let key = format!("slots:{v}:{n}");
+                let slot = invalidator::redis::slot::key_slot(key.as_bytes());
+                let owner = owners
+                    .iter()
+                    .position(|ranges| ranges.iter().any(|&(s, e)| (s..=e).contains(&slot)))
+                    .expect("every slot has a primary");
+                pipes[owner].cmd("SET").arg(key).arg("1").ignore();
+                queued += 1;
+                if queued % 30_000 == 0 {
+                    for (pipe, con) in pipes.iter_mut().zip(&mut cons) {
+                        pipe.exec(con).expect("SET on a primary");
+                        pipe.clear();
+                    }
+                }
+            }
+        }
+        for (pipe, con) in pipes.iter_mut().zip(&mut cons) {
+            pipe.exec(con).expect("SET on a primary");
+        }
+    }
+
     /// All keys of all primaries, sorted.
     pub fn all_keys(&self) -> Vec<String> {
         let mut keys: Vec<String> = self
