@@ -268,6 +268,8 @@ impl RedisServer {
     /// Spawns redis-server on `self.port` and waits until it is ready; on failure returns the log.
     fn spawn(&self) -> Result<(), String> {
         let mut slot = self.lock_child();
+        // A restart appends to the same log: only what this process writes counts.
+        let log_start = self.log().len();
         let dir = self.dir.to_string_lossy().into_owned();
         let port = self.port.to_string();
         let mut cmd = Command::new("redis-server");
@@ -303,7 +305,7 @@ impl RedisServer {
                 let _ = std::fs::remove_file(self.dir.join("server.pid"));
                 return Err(self.log());
             }
-            if self.ready() {
+            if self.ready(log_start) {
                 break;
             }
             if Instant::now() >= deadline {
@@ -322,10 +324,15 @@ impl RedisServer {
         Ok(())
     }
 
-    /// Whether our server accepts clients: its own log says so (a reply alone could come from a
-    /// stranger that holds the port), and, without TLS, a PING is answered.
-    fn ready(&self) -> bool {
-        if !self.log().contains("Ready to accept connections") {
+    /// Whether our server accepts clients: its own log, past `log_start`, says so (a reply alone
+    /// could come from a stranger that holds the port), and, without TLS, a PING is answered by
+    /// anything but `-LOADING`.
+    fn ready(&self, log_start: usize) -> bool {
+        let log = self.log();
+        if !log
+            .get(log_start..)
+            .is_some_and(|new| new.contains("Ready to accept connections"))
+        {
             return false;
         }
         if self.tls_ca.is_some() {
@@ -335,11 +342,14 @@ impl RedisServer {
             return false;
         };
         let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
-        // Any reply will do: a server with a password answers -NOAUTH, and is ready all the same.
-        let mut reply = [0u8; 1];
+        // A server with a password answers -NOAUTH, and is ready all the same.
+        let mut reply = [0u8; 8];
         stream.write_all(b"PING\r\n").is_ok()
-            && stream.read_exact(&mut reply).is_ok()
-            && matches!(reply[0], b'+' | b'-')
+            && stream.read_exact(&mut reply[..1]).is_ok()
+            && (reply[0] == b'+'
+                || (reply[0] == b'-'
+                    && stream.read_exact(&mut reply[1..]).is_ok()
+                    && !reply[1..].starts_with(b"LOADING")))
     }
 }
 
