@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::sidecar::{Fixture, Mode, Setup, in_both_modes};
+use crate::sidecar::{Fixture, Mode, Setup, Topology, in_both_modes_and_on_a_cluster};
 use crate::support::{PgCluster, RedisServer, wait_until};
 
 pub const SCHEMA: &str = "
@@ -44,8 +44,8 @@ table = "sentinel"
 keys = ["sentinel:{id}"]
 "#;
 
-fn fixture(mode: Mode) -> Fixture {
-    Fixture::with_mode(SCHEMA, RULES, mode)
+fn fixture(mode: Mode, topology: Topology) -> Fixture {
+    Fixture::with_mode_on(SCHEMA, RULES, mode, topology)
 }
 
 /// Inserts a sentinel row and waits for its key: every earlier commit has been processed.
@@ -94,9 +94,9 @@ fn truncate_deletes_every_key_of_the_table(f: &Fixture) {
     f.assert_kept(&["plain:99", "price:9"]);
 }
 
-in_both_modes! {
-    fn insert_update_delete_and_truncate_delete_their_keys(mode: Mode) {
-        let f = fixture(mode);
+in_both_modes_and_on_a_cluster! {
+    fn insert_update_delete_and_truncate_delete_their_keys(mode: Mode, topology: Topology) {
+        let f = fixture(mode, topology);
         let _sidecar = f.setup.start();
 
         insert_then_update_invalidate(&f);
@@ -108,8 +108,8 @@ in_both_modes! {
         truncate_deletes_every_key_of_the_table(&f);
     }
 
-    fn changed_fires_only_when_its_columns_change(mode: Mode) {
-        let f = fixture(mode);
+    fn changed_fires_only_when_its_columns_change(mode: Mode, topology: Topology) {
+        let f = fixture(mode, topology);
         let _sidecar = f.setup.start();
         f.sql("INSERT INTO items VALUES (1, 'alpha', 'cars', 10)");
         barrier(&f);
@@ -123,8 +123,8 @@ in_both_modes! {
         f.wait_deleted(&["price:1"]);
     }
 
-    fn row_values_with_glob_characters_never_widen_a_deletion(mode: Mode) {
-        let f = fixture(mode);
+    fn row_values_with_glob_characters_never_widen_a_deletion(mode: Mode, topology: Topology) {
+        let f = fixture(mode, topology);
         let _sidecar = f.setup.start();
         let bystanders = [
             "items:name:abc:page1",
@@ -158,8 +158,8 @@ in_both_modes! {
         f.assert_kept(&bystanders);
     }
 
-    fn a_null_value_renders_no_key(mode: Mode) {
-        let f = fixture(mode);
+    fn a_null_value_renders_no_key(mode: Mode, topology: Topology) {
+        let f = fixture(mode, topology);
         let _sidecar = f.setup.start();
         f.cache(&[
             "items:category:",
@@ -177,8 +177,8 @@ in_both_modes! {
         ]);
     }
 
-    fn a_delete_under_default_replica_identity_never_misses_a_key(mode: Mode) {
-        let f = fixture(mode);
+    fn a_delete_under_default_replica_identity_never_misses_a_key(mode: Mode, topology: Topology) {
+        let f = fixture(mode, topology);
         let _sidecar = f.setup.start();
         f.sql("INSERT INTO plain VALUES (1, 'bob'), (2, 'alice')");
         barrier(&f);
@@ -199,8 +199,8 @@ in_both_modes! {
         f.assert_kept(&["plain:2"]);
     }
 
-    fn a_table_outside_public_with_a_filter(mode: Mode) {
-        let f = fixture(mode);
+    fn a_table_outside_public_with_a_filter(mode: Mode, topology: Topology) {
+        let f = fixture(mode, topology);
         let _sidecar = f.setup.start();
         f.cache(&["order:7", "customer:alice:orders", "customer:ALICE:orders"]);
         f.sql("INSERT INTO shop.orders VALUES (7, 'ALICE')");
@@ -208,8 +208,8 @@ in_both_modes! {
         f.assert_kept(&["customer:ALICE:orders"]);
     }
 
-    fn unicode_values_render_byte_for_byte(mode: Mode) {
-        let f = fixture(mode);
+    fn unicode_values_render_byte_for_byte(mode: Mode, topology: Topology) {
+        let f = fixture(mode, topology);
         let _sidecar = f.setup.start();
         let keys = ["items:category:Zürich 東京 🚗", "items:name:Ünïcødé:p"];
         f.cache(&keys);
@@ -219,8 +219,8 @@ in_both_modes! {
         f.assert_kept(&["items:category:Zurich"]);
     }
 
-    fn a_ten_thousand_row_transaction_deletes_every_key(mode: Mode) {
-        let f = fixture(mode);
+    fn a_ten_thousand_row_transaction_deletes_every_key(mode: Mode, topology: Topology) {
+        let f = fixture(mode, topology);
         let _sidecar = f.setup.start();
         let keys: Vec<String> = (1..=10_000).map(|i| format!("item:{i}")).collect();
         f.redis.set_keys(keys.iter());
@@ -232,8 +232,8 @@ in_both_modes! {
         });
     }
 
-    fn changes_of_tables_without_rules_delete_nothing(mode: Mode) {
-        let f = fixture(mode);
+    fn changes_of_tables_without_rules_delete_nothing(mode: Mode, topology: Topology) {
+        let f = fixture(mode, topology);
         let sidecar = f.setup.start();
         f.cache(&["unwatched:1", "item:1", "1"]);
         f.sql("INSERT INTO unwatched VALUES (1, 'x'); UPDATE unwatched SET v = 'y'; DELETE FROM unwatched");
@@ -246,8 +246,8 @@ in_both_modes! {
         );
     }
 
-    fn kill_9_during_a_stream_of_commits_loses_nothing(mode: Mode) {
-        let f = fixture(mode);
+    fn kill_9_during_a_stream_of_commits_loses_nothing(mode: Mode, topology: Topology) {
+        let f = fixture(mode, topology);
         const N: usize = 600;
         let keys: Vec<String> = (1..=N).map(|i| format!("item:{i}")).collect();
         f.redis.set_keys(keys.iter());
@@ -278,8 +278,8 @@ in_both_modes! {
         drop(sidecar);
     }
 
-    fn sigterm_exits_zero_after_acknowledging(mode: Mode) {
-        let f = fixture(mode);
+    fn sigterm_exits_zero_after_acknowledging(mode: Mode, topology: Topology) {
+        let f = fixture(mode, topology);
         let mut sidecar = f.setup.start();
         f.cache(&["item:1"]);
         f.sql("INSERT INTO items VALUES (1, 'a', 'b', 0)");
@@ -295,8 +295,8 @@ in_both_modes! {
         f.wait_acknowledged(mode);
     }
 
-    fn http_endpoints_answer(mode: Mode) {
-        let f = fixture(mode);
+    fn http_endpoints_answer(mode: Mode, topology: Topology) {
+        let f = fixture(mode, topology);
         let sidecar = f.setup.start();
         assert_eq!(sidecar.get("/healthz").map(|r| r.0), Some(200));
         assert_eq!(sidecar.get("/readyz").map(|r| r.0), Some(200));
@@ -326,7 +326,7 @@ in_both_modes! {
         assert!(sidecar.metric("invalidator_keys_deleted_total") >= 1.0);
     }
 
-    fn values_of_any_type_render_in_postgres_text_form(mode: Mode) {
+    fn values_of_any_type_render_in_postgres_text_form(mode: Mode, topology: Topology) {
         let schema = "
             CREATE TYPE mood AS ENUM ('happy', 'sad');
             CREATE DOMAIN positive AS int CHECK (VALUE > 0);
@@ -341,7 +341,7 @@ in_both_modes! {
             table = "sentinel"
             keys = ["sentinel:{id}"]
         "#;
-        let f = Fixture::with_mode(schema, rules, mode);
+        let f = Fixture::with_mode_on(schema, rules, mode, topology);
         let _sidecar = f.setup.start();
         let keys = [
             "x:happy:{a,\"b c\"}:7:t",
@@ -400,7 +400,7 @@ fn check_reports_missing_columns_and_broadening_rules() {
 
 #[test]
 fn setup_is_idempotent_and_status_reports_the_slot() {
-    let f = fixture(Mode::Replication);
+    let f = fixture(Mode::Replication, Topology::Single);
     let (status, out) = f.setup.command(&["setup", "--dry-run"]);
     assert!(status.success(), "{out}");
     assert!(out.contains("CREATE PUBLICATION"), "{out}");

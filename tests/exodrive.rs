@@ -1,10 +1,10 @@
 //! ExoDrive, the first user: its migrations and its rules from this repository, end to end.
 
-use crate::sidecar::{Fixture, Mode, in_both_modes};
+use crate::sidecar::{Cache, Fixture, Mode, Topology, in_both_modes_and_on_a_cluster};
 
 /// A database with `migrations/` applied and the sidecar configured with `rules/`, reading
-/// changes as `mode` says.
-fn exodrive(mode: Mode) -> Fixture {
+/// changes as `mode` says and deleting from a Redis of the given topology.
+fn exodrive(mode: Mode, topology: Topology) -> Fixture {
     let root = env!("CARGO_MANIFEST_DIR");
     let mut files: Vec<_> = std::fs::read_dir(format!("{root}/migrations"))
         .unwrap()
@@ -17,7 +17,7 @@ fn exodrive(mode: Mode) -> Fixture {
         .map(|p| std::fs::read_to_string(p).unwrap())
         .collect::<Vec<_>>()
         .join("\n");
-    let f = Fixture::new(&schema, "");
+    let f = Fixture::with_cache(&schema, "", Cache::start(topology));
     let rules = f.setup.dir.path().join("rules");
     std::fs::remove_file(rules.join("rules.toml")).unwrap();
     for entry in std::fs::read_dir(format!("{root}/rules")).unwrap() {
@@ -52,9 +52,9 @@ fn customer(f: &Fixture, email: &str) -> String {
     )
 }
 
-in_both_modes! {
-    fn should_invalidate_related_caches_on_booking_creation(mode: Mode) {
-        let f = exodrive(mode);
+in_both_modes_and_on_a_cluster! {
+    fn should_invalidate_related_caches_on_booking_creation(mode: Mode, topology: Topology) {
+        let f = exodrive(mode, topology);
         let _sidecar = f.setup.start();
         let (car, other) = (car(&f, "miami"), car(&f, "miami"));
         let customer = customer(&f, "ada@example.com");
@@ -107,8 +107,8 @@ in_both_modes! {
         f.wait_deleted(&details);
     }
 
-    fn a_booking_moved_to_another_car_invalidates_both_cars(mode: Mode) {
-        let f = exodrive(mode);
+    fn a_booking_moved_to_another_car_invalidates_both_cars(mode: Mode, topology: Topology) {
+        let f = exodrive(mode, topology);
         let _sidecar = f.setup.start();
         let (from, to, bystander) = (car(&f, "miami"), car(&f, "miami"), car(&f, "miami"));
         let customer = customer(&f, "grace@example.com");
@@ -143,7 +143,7 @@ in_both_modes! {
 
 #[test]
 fn the_repository_rules_pass_check_against_the_migrated_schema() {
-    let f = exodrive(Mode::Replication);
+    let f = exodrive(Mode::Replication, Topology::Single);
     // Before the first `setup` (or `run`), check warns that the publication does not exist yet.
     let (status, out) = f.setup.command(&["setup"]);
     assert!(status.success(), "{out}");

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
 
-use crate::support::{PgCluster, RedisServer, free_port, unique_name, wait_until};
+use crate::support::{PgCluster, RedisCluster, RedisServer, free_port, unique_name, wait_until};
 
 /// The binary under test.
 pub fn binary() -> &'static str {
@@ -251,12 +251,121 @@ macro_rules! in_both_modes {
 }
 pub(crate) use in_both_modes;
 
+/// Which Redis the sidecar deletes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Topology {
+    /// One `redis-server`.
+    Single,
+    /// A Redis Cluster of 3 primaries without replicas (`[redis] cluster` left unset, so the
+    /// sidecar detects it from `INFO cluster`).
+    Cluster,
+}
+
+/// Like [`in_both_modes!`] for scenarios that take a [`Mode`] and a [`Topology`]: each runs as
+/// `replication::NAME` and `notify::NAME` against one Redis server, and as `cluster::NAME`
+/// (replication mode) against a 3-primary Redis Cluster.
+macro_rules! in_both_modes_and_on_a_cluster {
+    ($($(#[$meta:meta])* fn $name:ident($mode:ident: Mode, $topology:ident: Topology) $body:block)*) => {
+        $($(#[$meta])* fn $name($mode: crate::sidecar::Mode, $topology: crate::sidecar::Topology) $body)*
+
+        mod replication {
+            $(#[test]
+            fn $name() {
+                super::$name(crate::sidecar::Mode::Replication, crate::sidecar::Topology::Single)
+            })*
+        }
+
+        mod notify {
+            $(#[test]
+            fn $name() {
+                super::$name(crate::sidecar::Mode::Notify, crate::sidecar::Topology::Single)
+            })*
+        }
+
+        mod cluster {
+            $(#[test]
+            fn $name() {
+                super::$name(crate::sidecar::Mode::Replication, crate::sidecar::Topology::Cluster)
+            })*
+        }
+    };
+}
+pub(crate) use in_both_modes_and_on_a_cluster;
+
+/// A test's own Redis: one server or a cluster, with what the scenarios ask of either.
+pub enum Cache {
+    /// One server, which tests may kill and restart.
+    Single(RedisServer),
+    /// A cluster; keys live on the primary that owns their slot.
+    Cluster(RedisCluster),
+}
+
+impl Cache {
+    /// Starts a fresh Redis of the given topology.
+    pub fn start(topology: Topology) -> Cache {
+        match topology {
+            Topology::Single => Cache::Single(RedisServer::start()),
+            Topology::Cluster => Cache::Cluster(RedisCluster::start(3)),
+        }
+    }
+
+    /// The URL the sidecar is configured with (a seed node for a cluster).
+    pub fn url(&self) -> String {
+        match self {
+            Cache::Single(server) => server.url(),
+            Cache::Cluster(cluster) => cluster.url(),
+        }
+    }
+
+    /// Sets each of `keys` to "1" (on the owning primary, in a cluster).
+    pub fn set_keys<K: AsRef<[u8]>>(&self, keys: impl IntoIterator<Item = K>) {
+        match self {
+            Cache::Single(server) => server.set_keys(keys),
+            Cache::Cluster(cluster) => cluster.set_keys(keys),
+        }
+    }
+
+    /// Whether `key` exists (asked of the owning primary, in a cluster).
+    pub fn exists(&self, key: impl AsRef<[u8]>) -> bool {
+        match self {
+            Cache::Single(server) => server.exists(key),
+            Cache::Cluster(cluster) => cluster.exists(key),
+        }
+    }
+
+    /// The keys matching `pattern`, sorted (over every primary, in a cluster).
+    pub fn scan_keys(&self, pattern: &str) -> Vec<String> {
+        match self {
+            Cache::Single(server) => server.scan_keys(pattern),
+            Cache::Cluster(cluster) => cluster.scan_keys(pattern),
+        }
+    }
+
+    /// The single server, for tests that kill, restart or inspect it; panics for a cluster.
+    pub fn server(&self) -> &RedisServer {
+        match self {
+            Cache::Single(server) => server,
+            Cache::Cluster(_) => panic!("this test needs a single Redis server, not a cluster"),
+        }
+    }
+
+    /// Kills the single server (see [`RedisServer::kill`]).
+    pub fn kill(&self) {
+        self.server().kill();
+    }
+
+    /// Starts the single server again (see [`RedisServer::start_again`]).
+    pub fn start_again(&self) {
+        self.server().start_again();
+    }
+}
+
 /// A test's own database (in the shared cluster), Redis server and configuration.
 pub struct Fixture {
     /// The database name.
     pub db: String,
-    /// The test's Redis.
-    pub redis: RedisServer,
+    /// The test's Redis: one server, or a cluster.
+    pub redis: Cache,
     /// The configuration.
     pub setup: Setup,
 }
@@ -264,18 +373,27 @@ pub struct Fixture {
 impl Fixture {
     /// Creates a database with `schema` applied, a Redis server, and a configuration.
     pub fn new(schema: &str, rules: &str) -> Fixture {
+        Fixture::with_cache(schema, rules, Cache::start(Topology::Single))
+    }
+
+    /// Like [`Fixture::new`], with `redis` (a server or a cluster) as the sidecar's Redis.
+    pub fn with_cache(schema: &str, rules: &str, redis: Cache) -> Fixture {
         let cluster = PgCluster::shared();
         let db = unique_name("db");
         let url = cluster.create_database(&db);
         cluster.psql(&db, schema);
-        let redis = RedisServer::start();
         let setup = Setup::new(&url, &redis.url(), rules);
         Fixture { db, redis, setup }
     }
 
     /// Like [`Fixture::new`], reading changes as `mode` says.
     pub fn with_mode(schema: &str, rules: &str, mode: Mode) -> Fixture {
-        let f = Fixture::new(schema, rules);
+        Fixture::with_mode_on(schema, rules, mode, Topology::Single)
+    }
+
+    /// Like [`Fixture::with_mode`], deleting from a Redis of the given topology.
+    pub fn with_mode_on(schema: &str, rules: &str, mode: Mode, topology: Topology) -> Fixture {
+        let f = Fixture::with_cache(schema, rules, Cache::start(topology));
         f.use_mode(mode);
         f
     }
