@@ -913,6 +913,204 @@ mod tests {
         }
     }
 
+    /// A PEM file holding one (syntactically) certificate, and one holding a private key: the
+    /// loader checks the PEM sections, not the DER inside.
+    fn tls_files() -> (tempfile::NamedTempFile, tempfile::NamedTempFile) {
+        let mut cert = tempfile::NamedTempFile::new().unwrap();
+        cert.write_all(b"-----BEGIN CERTIFICATE-----\nMAA=\n-----END CERTIFICATE-----\n")
+            .unwrap();
+        let mut key = tempfile::NamedTempFile::new().unwrap();
+        key.write_all(b"-----BEGIN PRIVATE KEY-----\nMAA=\n-----END PRIVATE KEY-----\n")
+            .unwrap();
+        (cert, key)
+    }
+
+    #[test]
+    fn redis_cluster_is_detected_unless_the_file_or_the_environment_says() {
+        let empty = write("");
+        let cfg = Config::load_with_env(Some(empty.path()), &[]).unwrap();
+        assert_eq!(cfg.redis.cluster, None);
+        let f = write("[redis]\ncluster = true\n");
+        let cfg = Config::load_with_env(Some(f.path()), &[]).unwrap();
+        assert_eq!(cfg.redis.cluster, Some(true));
+        let cfg = Config::load_with_env(
+            Some(f.path()),
+            &env(&[("INVALIDATOR_REDIS_CLUSTER", "false")]),
+        )
+        .unwrap();
+        assert_eq!(cfg.redis.cluster, Some(false));
+        let cfg =
+            Config::load_with_env(None, &env(&[("INVALIDATOR_REDIS_CLUSTER", "true")])).unwrap();
+        assert_eq!(cfg.redis.cluster, Some(true));
+        let err = Config::load_with_env(None, &env(&[("INVALIDATOR_REDIS_CLUSTER", "yes")]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("INVALIDATOR_REDIS_CLUSTER") && err.contains("true or false"),
+            "{err}"
+        );
+        let err = Config::load_with_env(Some(write("[redis]\ncluster = \"yes\"\n").path()), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(":2:"), "{err}");
+    }
+
+    #[test]
+    fn redis_tls_files_load_relative_to_the_file_and_the_environment_overrides_them() {
+        let (cert, key) = tls_files();
+        let dir = cert.path().parent().unwrap();
+        let name = |f: &tempfile::NamedTempFile| {
+            f.path().file_name().unwrap().to_string_lossy().into_owned()
+        };
+        // Relative paths are relative to the configuration file (the temp dir for both).
+        let f = write(&format!(
+            "[redis]\nurl = \"rediss://cache:6380/0\"\nca_file = \"{}\"\n\
+             tls_cert_file = \"{}\"\ntls_key_file = \"{}\"\n",
+            name(&cert),
+            name(&cert),
+            name(&key)
+        ));
+        assert_eq!(f.path().parent(), Some(dir));
+        let cfg = Config::load_with_env(Some(f.path()), &[]).unwrap();
+        assert_eq!(cfg.redis.ca_file.as_deref(), Some(cert.path()));
+        assert_eq!(cfg.redis.tls_cert_file.as_deref(), Some(cert.path()));
+        assert_eq!(cfg.redis.tls_key_file.as_deref(), Some(key.path()));
+
+        let (cert2, key2) = tls_files();
+        let path = |f: &tempfile::NamedTempFile| f.path().to_string_lossy().into_owned();
+        let cfg = Config::load_with_env(
+            Some(f.path()),
+            &env(&[
+                ("INVALIDATOR_REDIS_CA_FILE", &path(&cert2)),
+                ("INVALIDATOR_REDIS_TLS_CERT_FILE", &path(&cert2)),
+                ("INVALIDATOR_REDIS_TLS_KEY_FILE", &path(&key2)),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(cfg.redis.ca_file.as_deref(), Some(cert2.path()));
+        assert_eq!(cfg.redis.tls_cert_file.as_deref(), Some(cert2.path()));
+        assert_eq!(cfg.redis.tls_key_file.as_deref(), Some(key2.path()));
+
+        // The environment alone is enough, with a rediss:// URL.
+        let cfg = Config::load_with_env(
+            None,
+            &env(&[
+                ("INVALIDATOR_REDIS_URL", "rediss://cache:6380/0"),
+                ("INVALIDATOR_REDIS_CA_FILE", &path(&cert2)),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(cfg.redis.ca_file.as_deref(), Some(cert2.path()));
+        assert_eq!(cfg.redis.tls_cert_file, None);
+    }
+
+    #[test]
+    fn redis_tls_files_must_hold_what_they_say() {
+        let (cert, key) = tls_files();
+        let path = |f: &tempfile::NamedTempFile| f.path().to_string_lossy().into_owned();
+        let url = ("INVALIDATOR_REDIS_URL", "rediss://cache:6380/0");
+        for (vars, needle) in [
+            (
+                vec![(
+                    "INVALIDATOR_REDIS_CA_FILE",
+                    "/nonexistent/ca.pem".to_owned(),
+                )],
+                "redis.ca_file",
+            ),
+            // A key is no certificate.
+            (
+                vec![("INVALIDATOR_REDIS_CA_FILE", path(&key))],
+                "redis.ca_file",
+            ),
+            (
+                vec![
+                    ("INVALIDATOR_REDIS_TLS_CERT_FILE", path(&key)),
+                    ("INVALIDATOR_REDIS_TLS_KEY_FILE", path(&key)),
+                ],
+                "redis.tls_cert_file",
+            ),
+            // A certificate is no private key.
+            (
+                vec![
+                    ("INVALIDATOR_REDIS_TLS_CERT_FILE", path(&cert)),
+                    ("INVALIDATOR_REDIS_TLS_KEY_FILE", path(&cert)),
+                ],
+                "redis.tls_key_file",
+            ),
+        ] {
+            let mut pairs: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            pairs.push(url);
+            let err = Config::load_with_env(None, &env(&pairs))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(needle), "{vars:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_certificate_needs_its_key_and_tls_files_need_a_rediss_url() {
+        let (cert, key) = tls_files();
+        let path = |f: &tempfile::NamedTempFile| f.path().to_string_lossy().into_owned();
+        let tls = ("INVALIDATOR_REDIS_URL", "rediss://cache:6380/0");
+        let err = Config::load_with_env(
+            None,
+            &env(&[tls, ("INVALIDATOR_REDIS_TLS_CERT_FILE", &path(&cert))]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("redis.tls_key_file") && err.contains("tls_cert_file needs tls_key_file"),
+            "{err}"
+        );
+        let err = Config::load_with_env(
+            None,
+            &env(&[tls, ("INVALIDATOR_REDIS_TLS_KEY_FILE", &path(&key))]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("redis.tls_cert_file") && err.contains("tls_key_file needs tls_cert_file"),
+            "{err}"
+        );
+
+        // A CA file or a client certificate on a plain redis:// URL would be silently unused.
+        let plain = ("INVALIDATOR_REDIS_URL", "redis://:hunter2@cache:6379/0");
+        for vars in [
+            vec![("INVALIDATOR_REDIS_CA_FILE", path(&cert))],
+            vec![
+                ("INVALIDATOR_REDIS_TLS_CERT_FILE", path(&cert)),
+                ("INVALIDATOR_REDIS_TLS_KEY_FILE", path(&key)),
+            ],
+        ] {
+            let mut pairs: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            pairs.push(plain);
+            let err = Config::load_with_env(None, &env(&pairs))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("redis.url") && err.contains("is not a rediss:// URL"),
+                "{vars:?}: {err}"
+            );
+            assert!(!err.contains("hunter2"), "{err}");
+        }
+        // Also when the URL comes from the file and the file from the environment.
+        let f = write("[redis]\nurl = \"redis://cache:6379/0\"\n");
+        let err = Config::load_with_env(
+            Some(f.path()),
+            &env(&[("INVALIDATOR_REDIS_CA_FILE", &path(&cert))]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("redis.url"), "{err}");
+        // `cluster` needs no TLS and works with redis://.
+        let cfg = Config::load_with_env(
+            Some(f.path()),
+            &env(&[("INVALIDATOR_REDIS_CLUSTER", "true")]),
+        )
+        .unwrap();
+        assert_eq!(cfg.redis.cluster, Some(true));
+    }
+
     #[test]
     fn bad_names_and_modes_are_rejected() {
         for (var, value) in [
