@@ -2,6 +2,7 @@
 
 mod cli;
 mod cluster;
+mod cluster_sidecar;
 mod deleter;
 mod deploy;
 mod dry_run;

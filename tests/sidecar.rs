@@ -349,6 +349,14 @@ impl Cache {
         }
     }
 
+    /// The cluster, for tests that inspect or kill its nodes; panics for a single server.
+    pub fn cluster(&self) -> &RedisCluster {
+        match self {
+            Cache::Cluster(cluster) => cluster,
+            Cache::Single(_) => panic!("this test needs a Redis Cluster, not a single server"),
+        }
+    }
+
     /// Kills the single server (see [`RedisServer::kill`]).
     pub fn kill(&self) {
         self.server().kill();
