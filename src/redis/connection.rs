@@ -4,7 +4,7 @@ use super::{DeleteError, DeleterOptions};
 use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use ::redis::cluster::{ClusterClient, ClusterClientBuilder};
 use ::redis::cluster_async::ClusterConnection;
-use ::redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+use ::redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use ::redis::{Client, ClientTlsConfig, Cmd, RedisResult, TlsCertificates, ToRedisArgs, Value};
 use futures_util::future::try_join_all;
 use std::time::Duration;
@@ -268,15 +268,33 @@ impl Handle {
                     }
                     pipe.query_async(manager).await?
                 }
-                // The driver splits a multi-key UNLINK into one command per slot, sends them all at
-                // once over its multiplexed node connections and sums the replies; a pipeline
-                // could not span slots, so the chunks go out concurrently instead.
+                // One UNLINK per slot, routed to the slot's primary and sent concurrently over
+                // the driver's multiplexed node connections. Not one multi-slot UNLINK: redis
+                // 1.8.1 silently leaves out the keys of a slot whose primary has no connection
+                // (a failed primary still in its slot map) and sums the rest, so a delete would
+                // be confirmed that never happened. A single-slot route instead falls back to
+                // another node, follows MOVED and refreshes the slot map, or fails.
                 Handle::Cluster(connection) => {
-                    try_join_all(chunks.map(|chunk| {
+                    let mut slots: std::collections::BTreeMap<u16, Vec<Vec<u8>>> =
+                        std::collections::BTreeMap::new();
+                    for key in round.iter().flat_map(ToRedisArgs::to_redis_args) {
+                        let slot = super::slot::key_slot(&key);
+                        slots.entry(slot).or_default().push(key);
+                    }
+                    let unlinks = slots.iter().flat_map(|(&slot, keys)| {
+                        keys.chunks(KEYS_PER_UNLINK).map(move |chunk| (slot, chunk))
+                    });
+                    try_join_all(unlinks.map(|(slot, chunk)| {
                         let mut cluster = connection.clone();
                         let mut unlink = ::redis::cmd("UNLINK");
                         unlink.arg(chunk);
-                        async move { unlink.query_async::<u64>(&mut cluster).await }
+                        let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(
+                            Route::new(slot, SlotAddr::Master),
+                        ));
+                        async move {
+                            let reply = cluster.route_command(unlink, route).await?;
+                            RedisResult::Ok(::redis::from_redis_value::<u64>(reply)?)
+                        }
                     }))
                     .await?
                 }
