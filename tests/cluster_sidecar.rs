@@ -357,8 +357,6 @@ fn a_primary_failover_during_a_stream_of_commits_loses_nothing_committed_after_i
 }
 
 #[test]
-#[ignore = "fails: the cluster client is seeded only by [redis] url, so once that node is dead \
-            every reconnect fails (nothing is acknowledged, and nothing more is deleted)"]
 fn a_failover_of_the_seed_primary_during_a_stream_of_commits() {
     a_primary_failover_during_a_stream_of_commits(true);
 }

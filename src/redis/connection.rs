@@ -44,16 +44,77 @@ pub(super) struct Cluster {
     client: ClusterClient,
     /// The open connection; `None` after an error, until the next request opens a new one.
     connection: Option<ClusterConnection>,
+    /// The configured URL: the first seed, and the template (scheme, credentials, database) for
+    /// the URLs of the other nodes.
+    seed_url: String,
+    /// What the client is built with, to build it again with more seeds.
+    options: DeleterOptions,
+    /// TLS material for the client.
+    certificates: Option<TlsCertificates>,
+    /// Every node CLUSTER SLOTS has announced, primaries and replicas.
+    known: Vec<(String, u16)>,
+    /// Whether `known` has grown since `client` was built.
+    reseed: bool,
 }
 
 impl Cluster {
     /// The open connection, or a new one if the last was dropped after an error.
+    ///
+    /// The driver only ever seeds a new connection from the nodes its client was built with, so
+    /// a client built from `[redis] url` alone could never connect again once that node died,
+    /// even though its replica took over. New connections are therefore seeded with every node
+    /// the cluster has announced.
     async fn connection(&mut self) -> RedisResult<&mut ClusterConnection> {
         let connection = match self.connection.take() {
             Some(connection) => connection,
-            None => self.client.get_async_connection().await?,
+            None => {
+                if self.reseed {
+                    let mut seeds = vec![self.seed_url.clone()];
+                    seeds.extend(
+                        self.known
+                            .iter()
+                            .map(|(host, port)| with_address(&self.seed_url, host, *port)),
+                    );
+                    self.client = build_cluster_client(seeds, &self.options, &self.certificates)?;
+                    self.reseed = false;
+                }
+                self.client.get_async_connection().await?
+            }
         };
         Ok(self.connection.insert(connection))
+    }
+
+    /// Learns the cluster's nodes at connect, so that even a stream of literal keys alone (which
+    /// never asks for the topology) can reconnect after the seed node died. Best effort: the
+    /// next topology read tries again.
+    async fn discover(&mut self) {
+        let mut slots = Cmd::new();
+        slots.arg("CLUSTER").arg("SLOTS");
+        let reply = match self.connection().await {
+            Ok(connection) => {
+                connection
+                    .route_command(
+                        slots,
+                        RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
+                    )
+                    .await
+            }
+            Err(err) => Err(err),
+        };
+        if let Ok(reply) = reply {
+            let seed_host = super::host_of(&self.seed_url).to_owned();
+            self.learn(&reply, &seed_host);
+        }
+    }
+
+    /// Remembers the nodes of a CLUSTER SLOTS reply.
+    fn learn(&mut self, reply: &Value, seed_host: &str) {
+        for address in announced(reply, seed_host) {
+            if !self.known.contains(&address) {
+                self.known.push(address);
+                self.reseed = true;
+            }
+        }
     }
 }
 
@@ -140,6 +201,7 @@ impl Connection {
         if options.cluster == Some(true) {
             let mut cluster = open_cluster(url, options, certificates).map_err(invalid)?;
             cluster.connection().await.map_err(connect_error)?;
+            cluster.discover().await;
             return Ok(Connection::Cluster(Box::new(cluster)));
         }
         let client = match certificates.clone() {
@@ -166,6 +228,7 @@ impl Connection {
                         let mut cluster =
                             open_cluster(url, options, certificates).map_err(invalid)?;
                         cluster.connection().await.map_err(connect_error)?;
+                        cluster.discover().await;
                         return Ok(Connection::Cluster(Box::new(cluster)));
                     }
                 }
@@ -250,6 +313,7 @@ impl Connection {
                 RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
             )
             .await?;
+        cluster.learn(&reply, seed_host);
         primaries(reply, seed_host)
     }
 }
@@ -390,18 +454,80 @@ fn open_cluster(
     options: &DeleterOptions,
     certificates: Option<TlsCertificates>,
 ) -> RedisResult<Cluster> {
-    let mut builder = ClusterClientBuilder::new(vec![url])
+    Ok(Cluster {
+        client: build_cluster_client(vec![url.to_owned()], options, &certificates)?,
+        connection: None,
+        seed_url: url.to_owned(),
+        options: options.clone(),
+        certificates,
+        known: Vec::new(),
+        reseed: false,
+    })
+}
+
+/// A cluster client seeded with `seeds`.
+fn build_cluster_client(
+    seeds: Vec<String>,
+    options: &DeleterOptions,
+    certificates: &Option<TlsCertificates>,
+) -> RedisResult<ClusterClient> {
+    let mut builder = ClusterClientBuilder::new(seeds)
         .connection_timeout(options.connection_timeout)
         .response_timeout(options.response_timeout)
         // The pipeline retries with its own backoff; the driver's retries only add delay.
         .retries(1);
     if let Some(certificates) = certificates {
-        builder = builder.certs(certificates);
+        builder = builder.certs(certificates.clone());
     }
-    Ok(Cluster {
-        client: builder.build()?,
-        connection: None,
-    })
+    builder.build()
+}
+
+/// Every node address in a CLUSTER SLOTS reply, primaries and replicas; an empty host is
+/// `seed_host` (see [`primaries`]). A reply of another shape yields nothing.
+fn announced(reply: &Value, seed_host: &str) -> Vec<(String, u16)> {
+    let Ok(ranges) = ::redis::from_redis_value_ref::<Vec<Vec<Value>>>(reply) else {
+        return Vec::new();
+    };
+    let mut found = Vec::new();
+    for node in ranges.iter().flat_map(|range| range.iter().skip(2)) {
+        let Ok(fields) = ::redis::from_redis_value_ref::<Vec<Value>>(node) else {
+            continue;
+        };
+        let [host, port, ..] = fields.as_slice() else {
+            continue;
+        };
+        let (Ok(host), Ok(port)) = (
+            ::redis::from_redis_value_ref::<String>(host),
+            ::redis::from_redis_value_ref::<u16>(port),
+        ) else {
+            continue;
+        };
+        let host = if host.is_empty() {
+            seed_host.to_owned()
+        } else {
+            host
+        };
+        if !found.contains(&(host.clone(), port)) {
+            found.push((host, port));
+        }
+    }
+    found
+}
+
+/// `url` with its host and port replaced: the same scheme, credentials and database.
+fn with_address(url: &str, host: &str, port: u16) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("redis", url));
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    let credentials = authority
+        .rsplit_once('@')
+        .map_or(String::new(), |(user, _)| format!("{user}@"));
+    let host = if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host.to_owned()
+    };
+    format!("{scheme}://{credentials}{host}:{port}{tail}")
 }
 
 /// Asks a server whether it runs in cluster mode (`INFO cluster` says `cluster_enabled:1`).
@@ -417,6 +543,51 @@ async fn cluster_enabled(manager: &mut ConnectionManager) -> RedisResult<bool> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn other_nodes_get_the_seed_url_with_their_address() {
+        assert_eq!(
+            with_address("rediss://app:pw@seed.internal:7000/0?x=1", "10.0.0.2", 7001),
+            "rediss://app:pw@10.0.0.2:7001/0?x=1"
+        );
+        assert_eq!(
+            with_address("redis://127.0.0.1:7000", "::1", 7002),
+            "redis://[::1]:7002"
+        );
+    }
+
+    #[test]
+    fn every_announced_node_is_known_replicas_included() {
+        let node = |host: &str, port: i64| {
+            Value::Array(vec![
+                Value::BulkString(host.as_bytes().to_vec()),
+                Value::Int(port),
+                Value::BulkString(b"id".to_vec()),
+            ])
+        };
+        let reply = Value::Array(vec![
+            Value::Array(vec![
+                Value::Int(0),
+                Value::Int(99),
+                node("a", 1),
+                node("b", 2),
+            ]),
+            Value::Array(vec![
+                Value::Int(100),
+                Value::Int(16383),
+                node("", 3),
+                node("a", 1),
+            ]),
+        ]);
+        assert_eq!(
+            announced(&reply, "seed"),
+            [
+                ("a".to_owned(), 1),
+                ("b".to_owned(), 2),
+                ("seed".to_owned(), 3)
+            ]
+        );
+    }
+
     use super::*;
 
     fn node(host: &str, port: u16, slots: &[(u16, u16)]) -> Node {
