@@ -82,6 +82,9 @@ pub struct RedisConnectConfig {
     pub tls_cert_file: Option<PathBuf>,
     /// The PEM private key of `tls_cert_file`.
     pub tls_key_file: Option<PathBuf>,
+    /// Replicas that must confirm a batch's deletes (`WAIT`) before it is acknowledged; 0 (the
+    /// default) acknowledges on the primary's reply.
+    pub wait_replicas: u32,
 }
 
 /// The `[postgres]` section.
@@ -206,6 +209,7 @@ struct RawRedis {
     ca_file: Option<PathBuf>,
     tls_cert_file: Option<PathBuf>,
     tls_key_file: Option<PathBuf>,
+    wait_replicas: Option<u32>,
     url: Option<String>,
     #[serde(default)]
     targets: Vec<RawTarget>,
@@ -359,6 +363,14 @@ fn apply_env(raw: &mut RawConfig, name: &str, value: &str) -> Result<(), ConfigE
             })?)
         }
         "INVALIDATOR_REDIS_CA_FILE" => raw.redis.ca_file = Some(PathBuf::from(value)),
+        "INVALIDATOR_REDIS_WAIT_REPLICAS" => {
+            let replicas: usize = number(value)?;
+            raw.redis.wait_replicas =
+                Some(replicas.try_into().map_err(|_| ConfigError::Invalid {
+                    origin: name.to_owned(),
+                    message: format!("too many replicas: {value}"),
+                })?)
+        }
         "INVALIDATOR_REDIS_TLS_CERT_FILE" => raw.redis.tls_cert_file = Some(PathBuf::from(value)),
         "INVALIDATOR_REDIS_TLS_KEY_FILE" => raw.redis.tls_key_file = Some(PathBuf::from(value)),
         "INVALIDATOR_RULES_PATH" => raw.rules.path = Some(PathBuf::from(value)),
@@ -470,6 +482,7 @@ fn validate(raw: RawConfig, file: &Path) -> Result<Config, ConfigError> {
         ca_file: raw.redis.ca_file,
         tls_cert_file: raw.redis.tls_cert_file,
         tls_key_file: raw.redis.tls_key_file,
+        wait_replicas: raw.redis.wait_replicas.unwrap_or(0),
     };
     validate_redis_tls(&redis, &redis_url).map_err(|(key, message)| invalid(key, message))?;
     let redis_targets = validate_targets(raw.redis.targets, file)?;
@@ -693,6 +706,27 @@ mod tests {
             let err = Config::load_with_env(None, &env(&[(typo, "1")])).unwrap_err();
             assert!(err.to_string().contains(typo), "{err}");
         }
+    }
+
+    #[test]
+    fn redis_wait_replicas_defaults_to_zero_and_comes_from_file_or_environment() {
+        let cfg = Config::load_with_env(None, &env(&[])).unwrap();
+        assert_eq!(cfg.redis.wait_replicas, 0);
+        let file = write("[redis]\nwait_replicas = 1\n");
+        let cfg = Config::load_with_env(Some(file.path()), &env(&[])).unwrap();
+        assert_eq!(cfg.redis.wait_replicas, 1);
+        let cfg = Config::load_with_env(
+            Some(file.path()),
+            &env(&[("INVALIDATOR_REDIS_WAIT_REPLICAS", "2")]),
+        )
+        .unwrap();
+        assert_eq!(cfg.redis.wait_replicas, 2);
+        let err = Config::load_with_env(None, &env(&[("INVALIDATOR_REDIS_WAIT_REPLICAS", "x")]))
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("INVALIDATOR_REDIS_WAIT_REPLICAS"),
+            "{err}"
+        );
     }
 
     #[test]

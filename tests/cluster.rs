@@ -204,6 +204,35 @@ async fn a_primary_failover_during_a_stream_of_deletes_loses_nothing() {
 }
 
 #[tokio::test]
+async fn with_wait_replicas_every_primary_waits_for_its_replica() {
+    let cluster = RedisCluster::start_with_replicas(3, 1);
+    let keys: Vec<String> = (0..300).map(|i| format!("w:{i}")).collect();
+    let matched: Vec<String> = (0..300).map(|i| format!("q:{i}")).collect();
+    cluster.set_keys(keys.iter().chain(&matched));
+    let options = DeleterOptions {
+        wait_replicas: 1,
+        ..DeleterOptions::default()
+    };
+    let mut deleter = Deleter::connect_with(&cluster.url(), options)
+        .await
+        .expect("connect");
+    let stats = deleter
+        .delete(&set(&keys), &set(["q:*"]))
+        .await
+        .expect("every primary's replica confirms");
+    assert_eq!(stats.keys_deleted, 600);
+    // WAIT returned, so the replicas have the deletes too.
+    for node in cluster.nodes() {
+        assert_eq!(
+            node.scan_keys("*"),
+            Vec::<String>::new(),
+            "node {}",
+            node.port()
+        );
+    }
+}
+
+#[tokio::test]
 async fn a_client_certificate_is_presented_and_its_absence_is_a_clear_permanent_error() {
     let redis = RedisServer::start_tls_with_client_auth();
     redis.set_keys(["mtls:1", "mtls:2"]);

@@ -588,3 +588,62 @@ async fn a_cluster_routes_keys_by_slot_and_scans_every_primary() {
     delete_until_ok(&mut deleter, &set(&spared), &set(["keep:*"])).await;
     assert!(cluster.all_keys().is_empty());
 }
+
+/// Waits until `replica` is connected to its primary and in sync.
+fn wait_replica_in_sync(replica: &RedisServer) {
+    crate::support::wait_until(Duration::from_secs(30), "the replica is in sync", || {
+        redis::cmd("INFO")
+            .arg("replication")
+            .query::<String>(&mut replica.connection())
+            .is_ok_and(|info| info.contains("master_link_status:up"))
+    });
+}
+
+#[tokio::test]
+async fn with_wait_replicas_a_delete_is_done_only_once_a_replica_confirmed_it() {
+    let primary = RedisServer::start();
+    let port = primary.port().to_string();
+    let replica = RedisServer::start_with(&["--replicaof", "127.0.0.1", &port]);
+    wait_replica_in_sync(&replica);
+    let options = DeleterOptions {
+        wait_replicas: 1,
+        ..impatient()
+    };
+    let mut deleter = Deleter::connect_with(&primary.url(), options)
+        .await
+        .expect("connect");
+
+    primary.set_keys(["w:1"]);
+    deleter
+        .delete(&set(["w:1"]), &HashSet::new())
+        .await
+        .expect("one replica confirms");
+
+    // Without its replica the primary still deletes, but the batch is not done: a failover now
+    // would bring the key back.
+    replica.kill();
+    primary.set_keys(["w:2"]);
+    let err = deleter
+        .delete(&set(["w:2"]), &HashSet::new())
+        .await
+        .expect_err("no replica confirms");
+    assert!(
+        matches!(
+            err,
+            DeleteError::NotReplicated {
+                confirmed: 0,
+                wanted: 1,
+                ..
+            }
+        ),
+        "{}",
+        chain(&err)
+    );
+    assert!(err.is_transient(), "{}", chain(&err));
+
+    replica.start_again();
+    wait_replica_in_sync(&replica);
+    primary.set_keys(["w:3"]);
+    delete_until_ok(&mut deleter, &set(["w:3"]), &HashSet::new()).await;
+    assert!(!replica.exists("w:3"));
+}

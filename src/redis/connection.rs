@@ -4,7 +4,10 @@ use super::{DeleteError, DeleterOptions};
 use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use ::redis::cluster::{ClusterClient, ClusterClientBuilder};
 use ::redis::cluster_async::ClusterConnection;
-use ::redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+use ::redis::cluster_routing::{
+    AggregateOp, MultipleNodeRoutingInfo, ResponsePolicy, Route, RoutingInfo,
+    SingleNodeRoutingInfo, SlotAddr,
+};
 use ::redis::{Client, ClientTlsConfig, Cmd, RedisResult, TlsCertificates, ToRedisArgs, Value};
 use futures_util::future::try_join_all;
 use std::time::Duration;
@@ -319,6 +322,25 @@ impl Connection {
 }
 
 impl Handle {
+    /// Waits until `replicas` replicas of every primary have confirmed this connection's writes,
+    /// or `timeout_ms` passed; returns how many did (the least over the primaries: a primary
+    /// that took no write answers at once).
+    pub(super) async fn wait(&mut self, replicas: u32, timeout_ms: u64) -> RedisResult<u64> {
+        let mut wait = ::redis::cmd("WAIT");
+        wait.arg(replicas).arg(timeout_ms);
+        match self {
+            Handle::Single(manager) => wait.query_async(manager).await,
+            Handle::Cluster(connection) => {
+                let routing = RoutingInfo::MultiNode((
+                    MultipleNodeRoutingInfo::AllMasters,
+                    Some(ResponsePolicy::Aggregate(AggregateOp::Min)),
+                ));
+                let reply = connection.route_command(wait, routing).await?;
+                Ok(::redis::from_redis_value(reply)?)
+            }
+        }
+    }
+
     /// Deletes `keys` with UNLINK and returns how many existed.
     pub(super) async fn unlink<K: ToRedisArgs + Sync>(&mut self, keys: &[K]) -> RedisResult<u64> {
         let mut deleted = 0;

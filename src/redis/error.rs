@@ -24,6 +24,17 @@ pub enum DeleteError {
         #[source]
         source: RedisError,
     },
+    /// Fewer replicas than `redis.wait_replicas` confirmed the deletes in time: a failover now
+    /// could bring the keys back, so the batch is not done and is tried again.
+    #[error("redis {target}: {confirmed} of {wanted} replicas confirmed the deletes")]
+    NotReplicated {
+        /// The URL with its password hidden.
+        target: String,
+        /// Replicas that confirmed (the least over the primaries that were asked).
+        confirmed: u64,
+        /// Replicas wanted.
+        wanted: u32,
+    },
 }
 
 impl DeleteError {
@@ -34,6 +45,8 @@ impl DeleteError {
         match self {
             DeleteError::InvalidSettings { .. } => false,
             DeleteError::Redis { source, .. } => is_transient(source),
+            // Replicas catch up or come back; a replica that never does is for the alerts.
+            DeleteError::NotReplicated { .. } => true,
         }
     }
 }

@@ -40,6 +40,11 @@ pub struct DeleterOptions {
     pub tls_cert_pem: Option<Vec<u8>>,
     /// The private key (PEM) of [`DeleterOptions::tls_cert_pem`].
     pub tls_key_pem: Option<Vec<u8>>,
+    /// Replicas (of each primary that deleted something) that must confirm a batch's deletes
+    /// with `WAIT` before it counts as done; 0 trusts the primary's reply. Redis replicates
+    /// asynchronously, so a delete that a primary confirmed but had not passed on when it died
+    /// comes back with the promoted replica; waiting for one replica closes that window.
+    pub wait_replicas: u32,
 }
 
 impl Default for DeleterOptions {
@@ -51,6 +56,7 @@ impl Default for DeleterOptions {
             tls_ca_pem: None,
             tls_cert_pem: None,
             tls_key_pem: None,
+            wait_replicas: 0,
         }
     }
 }
@@ -73,6 +79,7 @@ impl DeleterOptions {
             tls_ca_pem: read(&config.ca_file)?,
             tls_cert_pem: read(&config.tls_cert_file)?,
             tls_key_pem: read(&config.tls_key_file)?,
+            wait_replicas: config.wait_replicas,
             ..DeleterOptions::default()
         })
     }
@@ -100,6 +107,12 @@ pub struct Deleter {
     seed_host: String,
     /// The connection to Redis.
     connection: Connection,
+    /// See [`DeleterOptions::wait_replicas`].
+    wait_replicas: u32,
+    /// How long `WAIT` lets replicas take, in milliseconds: a second, or half the response
+    /// timeout if that is shorter, so a missing replica is a clear "not replicated" rather than
+    /// a timed-out request.
+    wait_timeout_ms: u64,
 }
 
 impl fmt::Debug for Deleter {
@@ -128,6 +141,10 @@ impl Deleter {
             seed_host: host_of(url).to_owned(),
             target,
             connection,
+            wait_replicas: options.wait_replicas,
+            wait_timeout_ms: (options.response_timeout / 2)
+                .min(Duration::from_secs(1))
+                .as_millis() as u64,
         })
     }
 
@@ -187,6 +204,17 @@ impl Deleter {
             for walked in results {
                 stats.keys_deleted += walked.keys_deleted;
                 stats.scan_calls += walked.scan_calls;
+            }
+        }
+        if self.wait_replicas > 0 && stats.keys_deleted > 0 {
+            let confirmed = handle.wait(self.wait_replicas, self.wait_timeout_ms).await;
+            let confirmed = confirmed.map_err(|source| self.failed("WAIT", source))?;
+            if confirmed < u64::from(self.wait_replicas) {
+                return Err(DeleteError::NotReplicated {
+                    target: self.target.clone(),
+                    confirmed,
+                    wanted: self.wait_replicas,
+                });
             }
         }
         tracing::debug!(
