@@ -263,7 +263,7 @@ pub enum Topology {
 
 /// Like [`in_both_modes!`] for scenarios that take a [`Mode`] and a [`Topology`]: each runs as
 /// `replication::NAME` and `notify::NAME` against one Redis server, and as `cluster::NAME`
-/// (replication mode) against a 3-primary Redis Cluster.
+/// (replication mode) against a Redis Cluster of 3 primaries with a replica each.
 macro_rules! in_both_modes_and_on_a_cluster {
     ($($(#[$meta:meta])* fn $name:ident($mode:ident: Mode, $topology:ident: Topology) $body:block)*) => {
         $($(#[$meta])* fn $name($mode: crate::sidecar::Mode, $topology: crate::sidecar::Topology) $body)*
@@ -305,7 +305,8 @@ impl Cache {
     pub fn start(topology: Topology) -> Cache {
         match topology {
             Topology::Single => Cache::Single(RedisServer::start()),
-            Topology::Cluster => Cache::Cluster(RedisCluster::start(3)),
+            // Three primaries with a replica each, as a production cluster runs.
+            Topology::Cluster => Cache::Cluster(RedisCluster::start_with_replicas(3, 1)),
         }
     }
 
