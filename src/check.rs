@@ -18,7 +18,7 @@ use serde_json::json;
 
 use crate::change::TableName;
 use crate::config::PostgresConfig;
-use crate::rules::{RuleErrors, RuleSet};
+use crate::rules::{Rule, RuleErrors, RuleSet};
 use crate::source::setup::{SetupError, Sql};
 
 mod analysis;
@@ -110,6 +110,20 @@ pub struct Finding {
 }
 
 impl Finding {
+    /// A finding about `rule`.
+    fn about(rule: &Rule, severity: Severity, kind: Kind, message: String, fix: String) -> Finding {
+        Finding {
+            severity,
+            kind,
+            rule: Some(rule.name.clone()),
+            file: Some(rule.file.clone()),
+            line: Some(rule.line),
+            table: Some(rule.table.clone()),
+            message,
+            fix: Some(fix),
+        }
+    }
+
     /// A finding about a table (or the server, without one) rather than one rule.
     fn general(
         severity: Severity,

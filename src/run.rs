@@ -425,11 +425,7 @@ async fn stream_once(
 ) -> Result<Streamed, Failure> {
     // Between connections is between transactions.
     live.refresh();
-    let (pg, check_host) = connect::parse_url(&config.postgres.url)
-        .map_err(|e| Failure::Permanent(format!("invalid postgres url: {e}")))?;
-    let ca_file = config.postgres.ca_file.as_deref();
-    let mut client =
-        ReplicationClient::connect_with_tls(&pg, "invalidator", ca_file, check_host).await?;
+    let mut client = connect_replication(config, "invalidator").await?;
     // Which server this is, for the log: after a failover the system id or timeline changes.
     let system = client.identify_system().await?;
     tracing::info!(
@@ -467,7 +463,7 @@ async fn stream_once(
         links.reported = links.reported.max(flush);
     }
     links.catch_up = CatchUp::start(links.reported, system.xlog_pos);
-    let mut stream = client
+    let stream = client
         .start_replication(&config.postgres.slot, Lsn(0), &config.postgres.publication)
         .await?;
     if !stream.messages() {
@@ -479,9 +475,33 @@ async fn stream_once(
             );
         });
     }
+    tracing::info!(slot = %config.postgres.slot, from = %links.reported, "streaming");
+    stream_until_end(stream, config, live, links, health, streamed).await
+}
+
+/// Connects a replication session as `[postgres]` says (URL, sslmode, CA).
+async fn connect_replication(
+    config: &Config,
+    application_name: &str,
+) -> Result<ReplicationClient, Failure> {
+    let (pg, check_host) = connect::parse_url(&config.postgres.url)
+        .map_err(|e| Failure::Permanent(format!("invalid postgres url: {e}")))?;
+    let ca_file = config.postgres.ca_file.as_deref();
+    Ok(ReplicationClient::connect_with_tls(&pg, application_name, ca_file, check_host).await?)
+}
+
+/// Runs the source loop on a started stream until it ends; sets `streamed` and keeps readiness
+/// in step.
+async fn stream_until_end(
+    mut stream: ReplicationStream,
+    config: &Config,
+    live: &mut LiveRules,
+    links: &mut Links,
+    health: &Health,
+    streamed: &mut bool,
+) -> Result<Streamed, Failure> {
     *streamed = true;
     health.set_source(None);
-    tracing::info!(slot = %config.postgres.slot, from = %links.reported, "streaming");
     let mut decoder = Decoder::default();
     let outcome =
         pipeline::run_source(&mut stream, &mut decoder, live, links, &config.pipeline).await;
@@ -506,12 +526,7 @@ async fn dry_stream_once(
     streamed: &mut bool,
 ) -> Result<Streamed, Failure> {
     live.refresh();
-    let (pg, check_host) = connect::parse_url(&config.postgres.url)
-        .map_err(|e| Failure::Permanent(format!("invalid postgres url: {e}")))?;
-    let ca_file = config.postgres.ca_file.as_deref();
-    let mut client =
-        ReplicationClient::connect_with_tls(&pg, "invalidator-dry-run", ca_file, check_host)
-            .await?;
+    let mut client = connect_replication(config, "invalidator-dry-run").await?;
     let publication = &config.postgres.publication;
     let tables = live.rules().tables().cloned().collect();
     let (existed, action) = setup::publication_action(&mut client, &tables, publication).await?;
@@ -546,20 +561,8 @@ async fn dry_stream_once(
          committed before it are not shown (a temporary slot cannot see the past); the real \
          slot does not move and nothing is deleted"
     );
-    let mut stream = client.start_replication(&slot, Lsn(0), publication).await?;
-    *streamed = true;
-    health.set_source(None);
-    let mut decoder = Decoder::default();
-    let outcome =
-        pipeline::run_source(&mut stream, &mut decoder, live, links, &config.pipeline).await;
-    health.set_source(Some("reconnecting to postgres".to_owned()));
-    match outcome? {
-        SourceEnd::DeleterStopped => {
-            stream.finish().await;
-            Ok(Streamed::Finished)
-        }
-        SourceEnd::StreamEnded => Ok(Streamed::Ended),
-    }
+    let stream = client.start_replication(&slot, Lsn(0), publication).await?;
+    stream_until_end(stream, config, live, links, health, streamed).await
 }
 
 /// Notify mode: connects an ordinary session, checks that `setup` has put the outbox, the

@@ -1,50 +1,13 @@
 //! Redis Cluster and Redis TLS client certificates: the deleter against real servers.
 
 use std::collections::HashSet;
-use std::error::Error as _;
 use std::time::{Duration, Instant};
 
 use invalidator::redis::slot::key_slot;
-use invalidator::redis::{DeleteError, Deleter, DeleterOptions};
+use invalidator::redis::{Deleter, DeleterOptions};
 
+use crate::deleter::{chain, delete_until_ok, set};
 use crate::support::{RedisCluster, RedisServer};
-
-/// Builds a set of owned strings.
-fn set<S: AsRef<str>>(items: impl IntoIterator<Item = S>) -> HashSet<String> {
-    items.into_iter().map(|s| s.as_ref().to_owned()).collect()
-}
-
-/// The error and all its sources.
-fn chain(err: &DeleteError) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
-
-/// Retries like the pipeline does: transient errors forever (here: for 60 s), permanent ones
-/// fail the test.
-async fn delete_until_ok(
-    deleter: &mut Deleter,
-    keys: &HashSet<String>,
-    patterns: &HashSet<String>,
-) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        match deleter.delete(keys, patterns).await {
-            Ok(_) => return,
-            Err(err) if !err.is_transient() => panic!("permanent error: {}", chain(&err)),
-            Err(err) if Instant::now() >= deadline => {
-                panic!("the deleter did not recover: {}", chain(&err))
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
-    }
-}
 
 /// Resets `INFO commandstats` on every node.
 fn reset_stats(cluster: &RedisCluster) {

@@ -11,12 +11,12 @@ use invalidator::redis::{
 use crate::support::{CutMode, RedisCluster, RedisServer, TcpProxy, unique_name};
 
 /// Builds a set of owned strings.
-fn set<S: AsRef<str>>(items: impl IntoIterator<Item = S>) -> HashSet<String> {
+pub fn set<S: AsRef<str>>(items: impl IntoIterator<Item = S>) -> HashSet<String> {
     items.into_iter().map(|s| s.as_ref().to_owned()).collect()
 }
 
 /// The error and all its sources, as a log line with the chain would show them.
-fn chain(err: &DeleteError) -> String {
+pub fn chain(err: &DeleteError) -> String {
     let mut text = err.to_string();
     let mut source = err.source();
     while let Some(cause) = source {
@@ -27,16 +27,18 @@ fn chain(err: &DeleteError) -> String {
     text
 }
 
-/// Retries `delete` until it succeeds, for a Redis that is coming back; panics after 20 s.
-async fn delete_until_ok(
+/// Retries `delete` as the pipeline does: transient errors until Redis is back (here: for 60 s),
+/// a permanent one fails the test at once.
+pub async fn delete_until_ok(
     deleter: &mut Deleter,
     keys: &HashSet<String>,
     patterns: &HashSet<String>,
 ) {
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         match deleter.delete(keys, patterns).await {
             Ok(_) => return,
+            Err(err) if !err.is_transient() => panic!("permanent error: {}", chain(&err)),
             Err(err) if Instant::now() >= deadline => {
                 panic!("the deleter did not recover: {}", chain(&err))
             }

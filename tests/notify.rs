@@ -111,26 +111,29 @@ fn notify_mode_setup_prints_sql_and_is_idempotent() {
     );
 }
 
+/// Caches `item:1` to `item:300`, then inserts those rows from another thread, one commit per
+/// row a few milliseconds apart; returns the keys and the writer.
+fn insert_300_items_slowly(f: &Fixture) -> (Vec<String>, std::thread::JoinHandle<String>) {
+    let ids: Vec<String> = (1..=300).map(|i| i.to_string()).collect();
+    let keys: Vec<String> = ids.iter().map(|i| format!("item:{i}")).collect();
+    f.redis.set_keys(keys.iter());
+    let db = f.db.clone();
+    let statements: String = ids
+        .iter()
+        .map(|i| format!("INSERT INTO items VALUES ({i}, 'n', 'c', 0); SELECT pg_sleep(0.005);\n"))
+        .collect();
+    let writer = std::thread::spawn(move || PgCluster::shared().psql(&db, &statements));
+    (keys, writer)
+}
+
 /// The listener's session is killed by the server while rows are written: the sidecar
 /// reconnects, takes the reader lock again and re-reads what it had not confirmed.
 #[test]
 fn notify_mode_listener_terminated_during_writes_loses_nothing() {
     let f = fixture();
     let _sidecar = f.setup.start();
-    let ids: Vec<String> = (1..=300).map(|i| i.to_string()).collect();
-    let keys: Vec<String> = ids.iter().map(|i| format!("item:{i}")).collect();
+    let (keys, writer) = insert_300_items_slowly(&f);
     let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
-    f.cache(&keys);
-    let writer = {
-        let db = f.db.clone();
-        let statements: String = ids
-            .iter()
-            .map(|i| {
-                format!("INSERT INTO items VALUES ({i}, 'n', 'c', 0); SELECT pg_sleep(0.005);\n")
-            })
-            .collect();
-        std::thread::spawn(move || PgCluster::shared().psql(&db, &statements))
-    };
     // The reader is the session that holds the advisory lock.
     let terminate = "SELECT count(pg_terminate_backend(pid)) FROM pg_locks \
                      WHERE locktype = 'advisory' AND granted \
@@ -326,20 +329,8 @@ fn notify_mode_a_second_instance_waits_as_standby_and_takes_over() {
             .get("/readyz")
             .is_some_and(|(status, body)| status == 503 && body.contains("standby"))
     });
-    let ids: Vec<String> = (1..=300).map(|i| i.to_string()).collect();
-    let keys: Vec<String> = ids.iter().map(|i| format!("item:{i}")).collect();
+    let (keys, writer) = insert_300_items_slowly(&f);
     let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
-    f.cache(&keys);
-    let writer = {
-        let db = f.db.clone();
-        let statements: String = ids
-            .iter()
-            .map(|i| {
-                format!("INSERT INTO items VALUES ({i}, 'n', 'c', 0); SELECT pg_sleep(0.005);\n")
-            })
-            .collect();
-        std::thread::spawn(move || PgCluster::shared().psql(&db, &statements))
-    };
     wait_until(Duration::from_secs(30), "some keys are deleted", || {
         keys.iter().any(|k| !f.redis.exists(k))
     });

@@ -203,20 +203,6 @@ fn ops_list(ops: &[Op]) -> String {
     format!("[{}]", names.join(", "))
 }
 
-/// A finding about `rule`.
-fn about(rule: &Rule, severity: Severity, kind: Kind, message: String, fix: String) -> Finding {
-    Finding {
-        severity,
-        kind,
-        rule: Some(rule.name.clone()),
-        file: Some(rule.file.clone()),
-        line: Some(rule.line),
-        table: Some(rule.table.clone()),
-        message,
-        fix: Some(fix),
-    }
-}
-
 /// Everything `check --offline` finds in the rules.
 pub(super) fn findings(rules: &RuleSet) -> Vec<Finding> {
     let mut out = Vec::new();
@@ -244,7 +230,7 @@ pub(super) fn findings(rules: &RuleSet) -> Vec<Finding> {
                 .collect();
             if a_keys == b_keys && !both.is_empty() {
                 reported[j] = true;
-                out.push(about(
+                out.push(Finding::about(
                     b,
                     Severity::Warning,
                     Kind::Duplicate,
@@ -273,7 +259,7 @@ pub(super) fn findings(rules: &RuleSet) -> Vec<Finding> {
                     .collect();
                 if let Some(cover) = cover {
                     reported[index] = true;
-                    out.push(about(
+                    out.push(Finding::about(
                         shadowed,
                         Severity::Warning,
                         Kind::Shadowed,
@@ -310,7 +296,7 @@ fn union(a: &[Op], b: &[Op]) -> Vec<Op> {
 fn prefixes(rule: &Rule, out: &mut Vec<Finding>) {
     for template in rule.templates() {
         match literal_prefix(template) {
-            Some(prefix) if prefix.is_empty() && template.is_pattern() => out.push(about(
+            Some(prefix) if prefix.is_empty() && template.is_pattern() => out.push(Finding::about(
                 rule,
                 Severity::Error,
                 Kind::NoPrefix,
@@ -329,7 +315,7 @@ fn prefixes(rule: &Rule, out: &mut Vec<Finding>) {
             Some(_) => {}
             None => {
                 let widest = widened(template, |_| true);
-                out.push(about(
+                out.push(Finding::about(
                     rule,
                     Severity::Warning,
                     Kind::LeadingPlaceholder,

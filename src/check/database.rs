@@ -24,20 +24,6 @@ struct Column {
     toastable: bool,
 }
 
-/// A finding about `rule`.
-fn about(rule: &Rule, severity: Severity, kind: Kind, message: String, fix: String) -> Finding {
-    Finding {
-        severity,
-        kind,
-        rule: Some(rule.name.clone()),
-        file: Some(rule.file.clone()),
-        line: Some(rule.line),
-        table: Some(rule.table.clone()),
-        message,
-        fix: Some(fix),
-    }
-}
-
 /// The first column of the first row, if any.
 fn scalar(rows: setup::Rows) -> Option<String> {
     rows.into_iter().next()?.into_iter().next()?
@@ -61,7 +47,7 @@ pub(super) async fn findings(
         let Some(info) = setup::table_info(db, table).await? else {
             complete = false;
             for rule in rules.rules().iter().filter(|r| &r.table == table) {
-                out.push(about(
+                out.push(Finding::about(
                     rule,
                     Severity::Error,
                     Kind::MissingTable,
@@ -87,7 +73,7 @@ pub(super) async fn findings(
                 .collect();
             if !missing.is_empty() {
                 complete = false;
-                out.push(about(
+                out.push(Finding::about(
                     rule,
                     Severity::Error,
                     Kind::MissingColumn,
@@ -232,7 +218,7 @@ fn old_values(rule: &Rule, info: &setup::TableInfo, out: &mut Vec<Finding>) {
             changed.join(", ")
         ));
     }
-    out.push(about(
+    out.push(Finding::about(
         rule,
         Severity::Warning,
         Kind::ReplicaIdentity,
@@ -281,7 +267,7 @@ fn toast(rule: &Rule, info: &setup::TableInfo, columns: &[Column], out: &mut Vec
     } else {
         "DEFAULT"
     };
-    out.push(about(
+    out.push(Finding::about(
         rule,
         Severity::Warning,
         Kind::Toast,

@@ -61,19 +61,7 @@ pub fn make_certificates(dir: &std::path::Path) -> Vec<u8> {
             "server.ext",
         ],
     ];
-    for args in steps {
-        let out = Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .stdin(Stdio::null())
-            .output()
-            .expect("run openssl");
-        assert!(
-            out.status.success(),
-            "openssl {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    openssl(dir, &steps);
     std::fs::read(dir.join("ca.crt")).expect("read ca.crt")
 }
 
@@ -115,9 +103,14 @@ pub fn make_client_certificate(dir: &std::path::Path) {
             "client.ext",
         ],
     ];
+    openssl(dir, &steps);
+}
+
+/// Runs each of `steps` as an `openssl` command in `dir`; panics with its output on failure.
+fn openssl(dir: &std::path::Path, steps: &[&[&str]]) {
     for args in steps {
         let out = Command::new("openssl")
-            .args(args)
+            .args(*args)
             .current_dir(dir)
             .stdin(Stdio::null())
             .output()
