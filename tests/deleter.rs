@@ -649,3 +649,39 @@ async fn with_wait_replicas_a_delete_is_done_only_once_a_replica_confirmed_it() 
     delete_until_ok(&mut deleter, &set(["w:3"]), &HashSet::new()).await;
     assert!(!replica.exists("w:3"));
 }
+
+#[tokio::test]
+async fn wait_replicas_is_awaited_on_a_retry_that_finds_nothing_left_to_delete() {
+    let primary = RedisServer::start();
+    let port = primary.port().to_string();
+    let replica = RedisServer::start_with(&["--replicaof", "127.0.0.1", &port]);
+    wait_replica_in_sync(&replica);
+    let options = DeleterOptions {
+        wait_replicas: 1,
+        ..impatient()
+    };
+    let mut deleter = Deleter::connect_with(&primary.url(), options)
+        .await
+        .expect("connect");
+
+    // The first attempt deletes and is not replicated; the retry of the same batch deletes
+    // nothing (the keys are gone on the primary), but the first attempt's deletes are still
+    // only on the primary, so the retry must not count as done either.
+    replica.kill();
+    primary.set_keys(["r:1", "r:p:1"]);
+    for attempt in ["first attempt", "retry"] {
+        let err = deleter
+            .delete(&set(["r:1"]), &set(["r:p:*"]))
+            .await
+            .expect_err(attempt);
+        assert!(
+            matches!(err, DeleteError::NotReplicated { confirmed: 0, .. }),
+            "{attempt}: {}",
+            chain(&err)
+        );
+    }
+
+    replica.start_again();
+    wait_replica_in_sync(&replica);
+    delete_until_ok(&mut deleter, &set(["r:1"]), &set(["r:p:*"])).await;
+}

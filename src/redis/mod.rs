@@ -206,7 +206,12 @@ impl Deleter {
                 stats.scan_calls += walked.scan_calls;
             }
         }
-        if self.wait_replicas > 0 && stats.keys_deleted > 0 {
+        // Waited for even when this attempt deleted nothing: an earlier attempt of the same
+        // batch (its reply lost, or not replicated in time) may have deleted the keys, and
+        // those deletes may still be on the primary alone. The UNLINK or SCAN this attempt sent
+        // moves the connection's replication offset to the server's current one (Redis 7), so
+        // the `WAIT` covers the earlier attempt's deletes, on a new connection too.
+        if self.wait_replicas > 0 {
             let confirmed = handle.wait(self.wait_replicas, self.wait_timeout_ms).await;
             let confirmed = confirmed.map_err(|source| self.failed("WAIT", source))?;
             if confirmed < u64::from(self.wait_replicas) {
