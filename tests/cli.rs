@@ -662,3 +662,36 @@ fn status_prints_the_slot_or_the_outbox() {
     assert_eq!(code, 0, "{out}{err}");
     assert_eq!(out, "outbox: 0 rows waiting, oldest none\n");
 }
+
+#[test]
+fn passwords_with_slash_hash_or_at_never_reach_the_starting_line_status_or_check() {
+    let cluster = PgCluster::shared();
+    let db = unique_name("redact");
+    cluster.create_database(&db);
+    cluster.psql(&db, SCHEMA);
+    // tokio-postgres reads the user info up to the first `@`, past `/` and `#`: this URL
+    // connects (trust authentication) with the password `se/cret#x`.
+    let pg = format!(
+        "postgres://postgres:se/cret#x@127.0.0.1:{}/{db}",
+        cluster.port()
+    );
+    let setup = Config(Setup::new(&pg, "redis://:red/pw@127.0.0.1:1/0", RULES));
+    let leaks = |what: &str, text: &str| {
+        for secret in ["cret", "red/pw", "/pw"] {
+            assert!(!text.contains(secret), "{what} shows {secret:?}:\n{text}");
+        }
+    };
+
+    let (_, out, err) = invalidator(&setup, &["check"]);
+    leaks("check", &format!("{out}{err}"));
+    let (_, out, err) = invalidator(&setup, &["status"]);
+    leaks("status", &format!("{out}{err}"));
+    let sidecar = setup.spawn();
+    crate::support::wait_until(
+        std::time::Duration::from_secs(30),
+        "the starting line",
+        || sidecar.log().contains("starting"),
+    );
+    leaks("run", &sidecar.log());
+    assert!(sidecar.log().contains("postgres:***@"), "{}", sidecar.log());
+}
