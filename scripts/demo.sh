@@ -21,11 +21,13 @@ say "applying migrations/ to database exodrive"
 psql -X -q -h 127.0.0.1 -p "$pg_port" -U postgres -c 'CREATE DATABASE exodrive'
 for f in migrations/*.sql; do psql_ -f "$f"; echo "  $f"; done
 
-say "invalidator check, then invalidator run"
+say "invalidator setup, check, then run"
 export INVALIDATOR_POSTGRES_URL="postgres://postgres@127.0.0.1:$pg_port/exodrive"
 export INVALIDATOR_REDIS_URL="redis://127.0.0.1:$redis_port/0"
 export INVALIDATOR_HTTP_LISTEN="127.0.0.1:$http_port"
-"$bin" check --config invalidator.toml
+# setup creates the publication and the slot; check then finds nothing missing.
+INVALIDATOR_LOG_LEVEL=warn "$bin" setup --config invalidator.toml 2>&1 | sed 's/^/  /'
+"$bin" check --config invalidator.toml | sed 's/^/  /'
 "$bin" run --config invalidator.toml 2>"$work/invalidator.log" &
 sidecar=$!
 on_exit+=("kill $sidecar 2>/dev/null")

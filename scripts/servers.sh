@@ -27,7 +27,7 @@ trap cleanup EXIT
 mkdir -p "$work/pg"
 [ "$(id -u)" = 0 ] && chown postgres "$work" "$work/pg"
 as_pg "$bindir/initdb" -D "$work/pg" -A trust -U postgres --no-sync >/dev/null
-# synchronous_commit stays on: the walsender sends only flushed WAL (DESIGN §8).
+# synchronous_commit stays on: the walsender sends only flushed WAL (with it off, every consumer waits for the WAL writer).
 as_pg "$bindir/pg_ctl" -D "$work/pg" -l "$work/pg/log" -w start -o \
   "-p $pg_port -c listen_addresses=127.0.0.1 -c unix_socket_directories=$work/pg -c wal_level=logical -c fsync=off" >/dev/null
 redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no --daemonize yes \

@@ -671,6 +671,34 @@ fn compose_runs_postgres_with_logical_wal_redis_setup_and_the_sidecar() {
 }
 
 #[test]
+fn compose_publishes_no_port_a_developers_own_servers_use() {
+    let compose = yaml("docker-compose.yml").remove(0);
+    let services = compose["services"].as_object().expect("services");
+    let mut published = 0;
+    for (name, service) in services {
+        for port in service["ports"].as_array().into_iter().flatten() {
+            let port = port.as_str().expect("ports as strings");
+            // "127.0.0.1:${PG_PORT:-15432}:5432": the host side is a variable with a default
+            // that is not the standard port of Postgres, Redis or invalidator.
+            let host = port
+                .rsplit_once(':')
+                .map(|(host, _)| host)
+                .unwrap_or_default();
+            let default = host
+                .split_once(":-")
+                .and_then(|(_, rest)| rest.strip_suffix('}'))
+                .unwrap_or_else(|| panic!("{name}: {port} publishes a fixed host port"));
+            assert!(
+                !["5432", "6379", "9187"].contains(&default),
+                "{name}: {port} clashes with a server of the developer's own"
+            );
+            published += 1;
+        }
+    }
+    assert_eq!(published, 3, "postgres, redis and the metrics port");
+}
+
+#[test]
 fn dockerfile_builds_a_release_binary_for_a_non_root_user() {
     let dockerfile = read("Dockerfile");
     let lines: Vec<&str> = dockerfile
