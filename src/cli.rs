@@ -92,6 +92,16 @@ pub enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Write a starter invalidator.toml and rules/tables.toml (one commented example rule per
+    /// table) for an existing database; never overwrites a file.
+    Init {
+        /// The database [default: DATABASE_URL]; its password is not written to the file.
+        #[arg(long, value_name = "URL")]
+        database_url: Option<String>,
+        /// The directory to write into.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+    },
     /// Show the slot: active or not, confirmed LSN, lag in bytes (notify mode: the outbox backlog).
     Status {
         /// Configuration file [default: ./invalidator.toml].
@@ -109,6 +119,44 @@ impl Command {
             | Command::Explain { config, .. }
             | Command::Setup { config, .. }
             | Command::Status { config } => config.as_deref(),
+            Command::Init { .. } => None,
+        }
+    }
+}
+
+/// `init`, which runs before there is a configuration: the files it wrote, or why it wrote
+/// nothing (exit 1; 2 without a database URL).
+pub async fn init(database_url: Option<String>, dir: &std::path::Path) -> ExitCode {
+    let Some(url) = database_url.or_else(|| std::env::var("DATABASE_URL").ok()) else {
+        eprintln!("error: init needs the database: --database-url URL or DATABASE_URL");
+        return ExitCode::from(2);
+    };
+    // Defaults for everything else; only the URL comes from the command line.
+    let mut config = match Config::load(Some(std::path::Path::new("/dev/null"))) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    config.postgres.url = url;
+    match invalidator::init::init(dir, &config.postgres).await {
+        Ok(files) => {
+            for file in files {
+                println!("wrote {}", file.display());
+            }
+            println!(
+                "next: edit rules/tables.toml, then `invalidator check`, `invalidator setup`, \
+                 `invalidator run` (with DATABASE_URL holding the password, if there is one)"
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!(
+                "error: {}",
+                invalidator::telemetry::chain(&e as &dyn std::error::Error)
+            );
+            ExitCode::FAILURE
         }
     }
 }
@@ -165,6 +213,7 @@ pub fn load(command: &Command) -> anyhow::Result<Loaded> {
 pub async fn execute(command: Command, loaded: Loaded) -> anyhow::Result<ExitCode> {
     let Loaded { config, rules } = loaded;
     match command {
+        Command::Init { .. } => unreachable!("init runs before any configuration is loaded"),
         Command::Run { dry_run, .. } => {
             let cancel = CancellationToken::new();
             tokio::spawn(cancel_on_signal(cancel.clone()));

@@ -28,6 +28,7 @@
 //! - [`reload`]: hot reload of the rules (file changes and SIGHUP), swapped between transactions.
 //! - [`dry_run`]: `run --dry-run`: log what would be deleted, from a temporary slot.
 //! - [`check`], [`explain`]: the developer commands, on the same compiled rules as `run`.
+//! - [`init`]: a starter configuration and rules file for an existing database.
 //! - [`telemetry`]: metric names and the HTTP endpoints.
 
 pub mod change;
@@ -35,6 +36,7 @@ pub mod check;
 pub mod config;
 pub mod dry_run;
 pub mod explain;
+pub mod init;
 pub mod pgoutput;
 pub mod pipeline;
 pub mod redact;

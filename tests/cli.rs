@@ -695,3 +695,99 @@ fn passwords_with_slash_hash_or_at_never_reach_the_starting_line_status_or_check
     leaks("run", &sidecar.log());
     assert!(sidecar.log().contains("postgres:***@"), "{}", sidecar.log());
 }
+
+#[test]
+fn init_writes_a_starter_config_and_rules_for_the_database_and_never_overwrites() {
+    let cluster = PgCluster::shared();
+    let db = unique_name("init");
+    cluster.create_database(&db);
+    cluster.psql(
+        &db,
+        "CREATE TABLE orders (id int PRIMARY KEY, customer int);
+         CREATE SCHEMA sales;
+         CREATE TABLE sales.lines (order_id int, line int, PRIMARY KEY (order_id, line));
+         CREATE TABLE audit (at timestamptz);
+         CREATE TABLE events (id int, day date, PRIMARY KEY (id, day)) PARTITION BY RANGE (day);
+         CREATE TABLE events_2026 PARTITION OF events FOR VALUES FROM ('2026-01-01') TO ('2027-01-01');",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    // Trust authentication: the password is accepted and must not be written anywhere.
+    let url = format!(
+        "postgres://postgres:init-s3cret@127.0.0.1:{}/{db}",
+        cluster.port()
+    );
+    let init = |args: &[&str], env_url: Option<&str>| {
+        let mut command = Command::new(binary());
+        command
+            .arg("init")
+            .args(args)
+            .current_dir(dir.path())
+            .env_remove("DATABASE_URL");
+        if let Some(url) = env_url {
+            command.env("DATABASE_URL", url);
+        }
+        let out = command.output().expect("run init");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+
+    let (code, out) = init(&[], Some(&url));
+    assert_eq!(code, 0, "{out}");
+    let config = std::fs::read_to_string(dir.path().join("invalidator.toml")).unwrap();
+    let rules = std::fs::read_to_string(dir.path().join("rules/tables.toml")).unwrap();
+    for text in [&config, &rules, &out] {
+        assert!(
+            !text.contains("init-s3cret"),
+            "the password was written:\n{text}"
+        );
+    }
+    assert!(
+        config.contains(&format!(
+            "url = \"postgres://postgres@127.0.0.1:{}/{db}\"",
+            cluster.port()
+        )),
+        "{config}"
+    );
+    for rule in [
+        "# table = \"orders\"\n# keys = [\"orders:{id}\"]",
+        "# table = \"sales.lines\"\n# keys = [\"sales.lines:{order_id}:{line}\"]",
+        "# table = \"events\"\n# keys = [\"events:{id}:{day}\"]",
+        "# audit: no primary key; EDIT",
+    ] {
+        assert!(rules.contains(rule), "no {rule:?} in:\n{rules}");
+    }
+    assert!(
+        !rules.contains("events_2026"),
+        "a partition got its own rule:\n{rules}"
+    );
+
+    // Run again (with --database-url this time): it says what exists, exits 1, keeps the files.
+    let (code, out) = init(&["--database-url", &url], None);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("invalidator.toml already exists"), "{out}");
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("invalidator.toml")).unwrap(),
+        config
+    );
+
+    // Edited (the orders rule uncommented), the starter files pass `check` against the database.
+    let edited = rules.replace(
+        "# [[rule]]\n# name = \"orders\"\n# table = \"orders\"\n# keys = [\"orders:{id}\"]",
+        "[[rule]]\nname = \"orders\"\ntable = \"orders\"\nkeys = [\"orders:{id}\"]",
+    );
+    std::fs::write(dir.path().join("rules/tables.toml"), edited).unwrap();
+    let out = Command::new(binary())
+        .args(["check", "--offline"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+
+    // Without a database URL it says how to give one.
+    let (code, out) = init(&[], None);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("--database-url"), "{out}");
+}
