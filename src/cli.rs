@@ -202,7 +202,15 @@ pub fn load(command: &Command) -> anyhow::Result<Loaded> {
                 println!("{}", check::Report::unusable(e).to_json());
             }
         })
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        .map_err(|e| match &config.file {
+            Some(_) => anyhow::anyhow!("{e}"),
+            // The usual first mistake: a command run where there is no configuration.
+            None => anyhow::anyhow!(
+                "{e}\n(no configuration file: ./{} does not exist, so defaults and the environment \
+                 are used; pass --config, or write one with `invalidator init`)",
+                invalidator::config::DEFAULT_PATH
+            ),
+        })?;
     Ok(Loaded {
         config,
         rules: Arc::new(rules),

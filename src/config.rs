@@ -5,6 +5,7 @@
 //! as the conventional names, but the specific `INVALIDATOR_POSTGRES_URL` / `INVALIDATOR_REDIS_URL`
 //! win over them when both are set.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -68,6 +69,9 @@ pub struct Config {
     pub log: LogConfig,
     /// How to talk to Redis: cluster or not, TLS files (`[redis]` besides `url`).
     pub redis: RedisConnectConfig,
+    /// The configuration file that was read; `None` when there was none and only defaults and
+    /// the environment apply.
+    pub file: Option<PathBuf>,
 }
 
 /// The `[redis]` settings besides the URL.
@@ -314,23 +318,37 @@ impl Config {
         }
         let mut database_url = None;
         let mut redis_url = None;
+        let mut origins = Origins {
+            file: file.clone(),
+            read: text.is_some(),
+            env: HashMap::new(),
+        };
         for (name, value) in env {
             match name.as_str() {
                 "DATABASE_URL" => database_url = Some(value.clone()),
                 "REDIS_URL" => redis_url = Some(value.clone()),
                 _ if is_service_link(name) => {}
-                _ if name.starts_with("INVALIDATOR_") => apply_env(&mut raw, name, value)?,
+                _ if name.starts_with("INVALIDATOR_") => {
+                    apply_env(&mut raw, name, value)?;
+                    origins.env.insert(key_of(name), name.clone());
+                }
                 _ => {}
             }
         }
         let env_wins = |name: &str| env.iter().any(|(n, _)| n == name);
         if !env_wins("INVALIDATOR_POSTGRES_URL") && database_url.is_some() {
             raw.postgres.url = database_url;
+            origins
+                .env
+                .insert("postgres.url".to_owned(), "DATABASE_URL".to_owned());
         }
         if !env_wins("INVALIDATOR_REDIS_URL") && redis_url.is_some() {
             raw.redis.url = redis_url;
+            origins
+                .env
+                .insert("redis.url".to_owned(), "REDIS_URL".to_owned());
         }
-        validate(raw, &file)
+        validate(raw, &origins)
     }
 }
 
@@ -417,9 +435,45 @@ fn apply_env(raw: &mut RawConfig, name: &str, value: &str) -> Result<(), ConfigE
     Ok(())
 }
 
-fn validate(raw: RawConfig, file: &Path) -> Result<Config, ConfigError> {
+/// Where each setting came from, so that an error names the variable that set a bad value, or
+/// the file and key.
+struct Origins {
+    /// The configuration file (read or not).
+    file: PathBuf,
+    /// Whether it was read; if not, only defaults and the environment apply.
+    read: bool,
+    /// The variable that set each key (`postgres.slot` → `INVALIDATOR_POSTGRES_SLOT`).
+    env: HashMap<String, String>,
+}
+
+impl Origins {
+    /// Where the value of `key` came from, for an error about it.
+    fn of(&self, key: &str) -> String {
+        match self.env.get(key) {
+            Some(name) => format!("{name} (environment, [{key}])"),
+            None if self.read => format!("{} [{key}]", self.file.display()),
+            None => format!("{key} (default; {} does not exist)", self.file.display()),
+        }
+    }
+}
+
+/// The configuration key a variable sets: `INVALIDATOR_POSTGRES_SLOT` → `postgres.slot` (no
+/// section name has an underscore, so the first one ends it).
+fn key_of(variable: &str) -> String {
+    let rest = variable
+        .strip_prefix("INVALIDATOR_")
+        .unwrap_or(variable)
+        .to_ascii_lowercase();
+    match rest.split_once('_') {
+        Some((section, key)) => format!("{section}.{key}"),
+        None => rest,
+    }
+}
+
+fn validate(raw: RawConfig, origins: &Origins) -> Result<Config, ConfigError> {
+    let file = &origins.file;
     let invalid = |key: &str, message: String| ConfigError::Invalid {
-        origin: format!("{} [{key}]", file.display()),
+        origin: origins.of(key),
         message,
     };
     let mode = match raw.postgres.mode.as_deref().unwrap_or("replication") {
@@ -542,6 +596,7 @@ fn validate(raw: RawConfig, file: &Path) -> Result<Config, ConfigError> {
             level: raw.log.level.unwrap_or_else(|| "info".to_owned()),
         },
         redis,
+        file: origins.read.then(|| file.clone()),
     })
 }
 
@@ -725,6 +780,35 @@ mod tests {
             .unwrap_err();
         assert!(
             err.to_string().contains("INVALIDATOR_REDIS_WAIT_REPLICAS"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn an_error_names_the_variable_or_the_file_key_that_set_the_bad_value() {
+        let file = write("[postgres]\nslot = \"Bad-File\"\n");
+        let err = Config::load_with_env(Some(file.path()), &env(&[])).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with(&format!("{} [postgres.slot]", file.path().display())),
+            "{err}"
+        );
+        let err = Config::load_with_env(
+            Some(file.path()),
+            &env(&[("INVALIDATOR_POSTGRES_SLOT", "Bad-Env")]),
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().starts_with(
+                "INVALIDATOR_POSTGRES_SLOT (environment, [postgres.slot]): \"Bad-Env\""
+            ),
+            "{err}"
+        );
+        let err = Config::load_with_env(None, &env(&[("DATABASE_URL", "postgres://h:x/db")]))
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("DATABASE_URL (environment, [postgres.url])"),
             "{err}"
         );
     }

@@ -791,3 +791,32 @@ fn init_writes_a_starter_config_and_rules_for_the_database_and_never_overwrites(
     assert_eq!(code, 2, "{out}");
     assert!(out.contains("--database-url"), "{out}");
 }
+
+#[test]
+fn without_a_config_file_the_error_says_defaults_are_used_and_a_bad_variable_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |vars: &[(&str, &str)]| {
+        let out = Command::new(binary())
+            .args(["check", "--offline"])
+            .current_dir(dir.path())
+            .envs(vars.iter().copied())
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, err) = run(&[]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("./invalidator.toml does not exist, so defaults and the environment are used"),
+        "{err}"
+    );
+    let (code, err) = run(&[("INVALIDATOR_POSTGRES_SLOT", "Bad-Slot")]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("INVALIDATOR_POSTGRES_SLOT (environment, [postgres.slot])"),
+        "{err}"
+    );
+}
