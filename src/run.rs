@@ -268,7 +268,10 @@ pub async fn run(
                 standby: false,
             }) => {
                 metrics::counter!(telemetry::ERRORS_TOTAL, "kind" => "postgres").increment(1);
-                tracing::warn!(error = %reason, mode = ?config.postgres.mode, "postgres source interrupted; reconnecting");
+                // The server by name (its password hidden): an i/o error alone does not say
+                // which of several hosts, or which of several databases, failed.
+                tracing::warn!(error = %reason, postgres = %redact(&config.postgres.url),
+                    mode = ?config.postgres.mode, "postgres source interrupted; reconnecting");
                 health.set_source(Some(reason));
             }
         }
@@ -319,8 +322,16 @@ async fn connect_redis(
                 let error = telemetry::chain(&e);
                 tracing::warn!(%error, target, "redis unavailable; retrying");
                 match target {
-                    None => health.set_redis(Some(error)),
-                    Some(name) => health.set_target(name, Some(error)),
+                    None => {
+                        metrics::counter!(telemetry::ERRORS_TOTAL, "kind" => "redis").increment(1);
+                        health.set_redis(Some(error));
+                    }
+                    Some(name) => {
+                        metrics::counter!(telemetry::ERRORS_TOTAL, "kind" => "redis",
+                            "target" => name.to_owned())
+                        .increment(1);
+                        health.set_target(name, Some(error));
+                    }
                 }
             }
             Err(e) => return Err(e),

@@ -21,6 +21,9 @@ pub const PATTERNS_TOTAL: &str = "invalidator_patterns_total";
 pub const SCAN_CALLS_TOTAL: &str = "invalidator_scan_calls_total";
 /// Errors, labelled `kind` (`redis`, `postgres`, `decode`).
 pub const ERRORS_TOTAL: &str = "invalidator_errors_total";
+/// The `kind` labels of [`ERRORS_TOTAL`]: Postgres connections lost, Redis requests or
+/// connections failed, WAL messages that did not decode. Each series exists from the start.
+pub const ERROR_KINDS: &[&str] = &["postgres", "redis", "decode"];
 /// Times the replication slot was found lost or dropped and every rule's keys were deleted.
 pub const SLOT_RESETS_TOTAL: &str = "invalidator_slot_resets_total";
 /// Transactions whose invalidations Redis confirmed.
@@ -110,6 +113,9 @@ pub fn install_metrics() -> PrometheusHandle {
             metrics::counter!(TRANSACTIONS_TOTAL).absolute(0);
             metrics::counter!(TRANSACTION_FALLBACKS_TOTAL).absolute(0);
             metrics::counter!(SLOT_RESETS_TOTAL).absolute(0);
+            for kind in ERROR_KINDS {
+                metrics::counter!(ERRORS_TOTAL, "kind" => *kind).absolute(0);
+            }
             metrics::gauge!(CONFIRMED_LSN).set(0.0);
             metrics::gauge!(REPLICATION_LAG_BYTES).set(0.0);
             metrics::gauge!(REPLICATION_LAG_SECONDS).set(0.0);
@@ -215,7 +221,10 @@ impl Health {
     pub fn readiness(&self) -> Result<(), String> {
         let state = self.lock();
         match (&state.source, &state.redis) {
-            (Some(reason), _) => Err(reason.clone()),
+            // Both: Redis first, since at start the source waits for it ("starting" alone would
+            // hide why).
+            (Some(source), Some(redis)) => Err(format!("redis: {redis}; {source}")),
+            (Some(reason), None) => Err(reason.clone()),
             (None, Some(reason)) => Err(format!("redis: {reason}")),
             (None, None) => {
                 let down: Vec<String> = state
@@ -314,6 +323,16 @@ mod tests {
         health.set_redis(None);
         health.set_source(Some("standby".to_owned()));
         assert_eq!(health.readiness(), Err("standby".to_owned()));
+    }
+
+    #[test]
+    fn at_start_an_unreachable_redis_is_the_reason_given() {
+        let health = Health::new();
+        health.set_redis(Some("connection refused".to_owned()));
+        assert_eq!(
+            health.readiness(),
+            Err("redis: connection refused; starting".to_owned())
+        );
     }
 
     #[test]

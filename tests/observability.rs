@@ -153,3 +153,53 @@ fn a_backlog_at_start_is_logged_until_caught_up() {
         .unwrap_or_else(|| panic!("no byte count in {start}"));
     assert!(bytes >= 16 * 1024 * 1024, "{start}");
 }
+
+/// Redis unreachable at start: `/readyz` names it from the first attempt (not only "starting"),
+/// and every `invalidator_errors_total{kind}` series exists at 0 from the start, so the shipped
+/// alerts can fire on the first error.
+#[test]
+fn redis_unreachable_at_start_is_the_readiness_reason_and_error_series_start_at_zero() {
+    let f = Fixture::new(SCHEMA, RULES);
+    let port = crate::support::free_port();
+    let config = std::fs::read_to_string(f.setup.config()).unwrap();
+    let config = config.replace(&f.redis.url(), &format!("redis://127.0.0.1:{port}/0"));
+    std::fs::write(f.setup.config(), config).unwrap();
+    let sidecar = f.setup.spawn();
+    wait_until(Duration::from_secs(30), "/readyz names redis", || {
+        sidecar.assert_alive();
+        sidecar.get("/readyz").is_some_and(|(status, body)| {
+            status == 503 && body.starts_with("redis: ") && body.contains("refused")
+        })
+    });
+    let (_, metrics) = sidecar.get("/metrics").expect("metrics");
+    for kind in ["postgres", "decode"] {
+        let series = format!("invalidator_errors_total{{kind=\"{kind}\"}} 0");
+        assert!(metrics.contains(&series), "no {series} in:\n{metrics}");
+    }
+    assert!(sidecar.metric("invalidator_errors_total{kind=\"redis\"}") >= 1.0);
+}
+
+/// A Postgres that cannot be reached is named in the log (its password hidden).
+#[test]
+fn a_failed_postgres_connection_is_logged_with_its_host_and_no_password() {
+    let f = Fixture::new(SCHEMA, RULES);
+    let port = crate::support::free_port();
+    let config = std::fs::read_to_string(f.setup.config()).unwrap();
+    let url = config
+        .lines()
+        .find_map(|l| l.strip_prefix("url = \"postgres"))
+        .map(|rest| format!("postgres{}", rest.trim_end_matches('"')))
+        .expect("postgres url");
+    let dead = format!("postgres://postgres:pg-s3cret@127.0.0.1:{port}/nowhere");
+    std::fs::write(f.setup.config(), config.replace(&url, &dead)).unwrap();
+    let sidecar = f.setup.spawn();
+    let named = format!("postgres://postgres:***@127.0.0.1:{port}/nowhere");
+    wait_until(Duration::from_secs(30), "the log names the host", || {
+        sidecar.assert_alive();
+        sidecar
+            .log()
+            .lines()
+            .any(|l| l.contains("postgres source interrupted") && l.contains(&named))
+    });
+    assert!(!sidecar.log().contains("pg-s3cret"), "{}", sidecar.log());
+}
