@@ -214,15 +214,16 @@ pub async fn execute(command: Command, loaded: Loaded) -> anyhow::Result<ExitCod
                             sql: h.fix.trim_end_matches(';').to_owned(),
                         })
                         .collect();
-                    actions.extend(setup::plan(
-                        &mut db,
-                        &tables,
-                        &config.postgres.publication,
-                        &config.postgres.slot,
-                        setup::SlotLoss::Refuse,
-                    )
-                    .await?
-                    .actions,
+                    actions.extend(
+                        setup::plan(
+                            &mut db,
+                            &tables,
+                            &config.postgres.publication,
+                            &config.postgres.slot,
+                            setup::SlotLoss::Refuse,
+                        )
+                        .await?
+                        .actions,
                     );
                     // Only here, not in `run`: its role may lack CREATE on the database.
                     actions.extend(invalidate::plan(&mut db, Mode::Replication, false).await?);

@@ -468,13 +468,14 @@ async fn receive<S: WalStream>(
                 && let Ok(Message::Relation(relation)) = crate::pgoutput::decode(&data)
             {
                 let table = TableName::new(&relation.namespace, &relation.name);
-                let ancestors = ancestry
-                    .ancestors(relation.id, &table)
-                    .await
-                    .map_err(|source| SourceError::Ancestry {
-                        relation_id: relation.id,
-                        source,
-                    })?;
+                let ancestors =
+                    ancestry
+                        .ancestors(relation.id, &table)
+                        .await
+                        .map_err(|source| SourceError::Ancestry {
+                            relation_id: relation.id,
+                            source,
+                        })?;
                 if ancestors.is_empty() {
                     state.ancestors.remove(&table);
                 } else {
@@ -482,7 +483,7 @@ async fn receive<S: WalStream>(
                 }
             }
             apply(decoder, rules, state, &data).map_err(|source| {
-            metrics::counter!(telemetry::ERRORS_TOTAL, "kind" => "decode").increment(1);
+                metrics::counter!(telemetry::ERRORS_TOTAL, "kind" => "decode").increment(1);
                 SourceError::Decode {
                     lsn: wal_start,
                     source,
@@ -559,7 +560,10 @@ fn apply(
         Event::Change(change) => {
             state.counters.count(&change.table, change.op);
             if let Some(open) = state.open.as_mut() {
-                let ancestors = state.ancestors.get(&change.table).map_or(&[][..], Vec::as_slice);
+                let ancestors = state
+                    .ancestors
+                    .get(&change.table)
+                    .map_or(&[][..], Vec::as_slice);
                 open.plan(rules, &change, ancestors, state.max_transaction_keys);
             }
         }
@@ -1139,8 +1143,15 @@ mod tests {
             let source = tokio::spawn(async move {
                 let mut decoder = Decoder::default();
                 let mut ancestry = NoPartitions;
-                run_source(&mut stream, &mut decoder, &mut ancestry, &mut rules, &mut links, &settings)
-                    .await
+                run_source(
+                    &mut stream,
+                    &mut decoder,
+                    &mut ancestry,
+                    &mut rules,
+                    &mut links,
+                    &settings,
+                )
+                .await
             });
             wal_tx.send(xlog(relation())).unwrap();
             Harness {

@@ -15,12 +15,12 @@ use crate::redact::redact;
 use crate::redis::{DeleteError, Deleter, DeleterOptions};
 use crate::reload::{self, LiveRules, Reloader};
 use crate::rules::RuleSet;
-use crate::source::{connect, drift};
 use crate::source::notify::{self, NotifyError};
 use crate::source::replication::{
     ReplicationClient, ReplicationError, ReplicationMessage, ReplicationStream,
 };
 use crate::source::setup::{self, SetupError};
+use crate::source::{connect, drift};
 use crate::targets::{self, Target};
 use crate::telemetry::{self, Health};
 

@@ -65,7 +65,12 @@ fn every_operation_on(f: &Fixture) {
     deletes(
         f,
         "UPDATE events SET region = 'us' WHERE id = 1",
-        &["event:1:eu", "event:1:us", "region:eu:list", "region:us:list"],
+        &[
+            "event:1:eu",
+            "event:1:us",
+            "region:eu:list",
+            "region:us:list",
+        ],
     );
     deletes(
         f,
@@ -174,7 +179,11 @@ fn a_table_replaced_by_rename_while_running_is_republished_and_flushed() {
     f.wait_deleted(&["item:1", "items:name:one", "item:2"]);
     // Republished: its changes stream again.
     barrier(&f);
-    deletes(&f, "INSERT INTO items VALUES (3, 'three', 'x', 3)", &["item:3"]);
+    deletes(
+        &f,
+        "INSERT INTO items VALUES (3, 'three', 'x', 3)",
+        &["item:3"],
+    );
     f.assert_kept(&["plain:1"]);
     let log = sidecar.log();
     assert!(log.contains("public.items"), "{log}");
@@ -188,7 +197,9 @@ fn run_refuses_a_publication_that_hides_what_the_rules_read() {
     let tables = "events, items, plain, sentinel";
     let cases = [
         (
-            format!("CREATE PUBLICATION {publication} FOR TABLE {tables} WITH (publish = 'insert, update')"),
+            format!(
+                "CREATE PUBLICATION {publication} FOR TABLE {tables} WITH (publish = 'insert, update')"
+            ),
             "does not publish delete, truncate",
         ),
         (
@@ -198,7 +209,9 @@ fn run_refuses_a_publication_that_hides_what_the_rules_read() {
             "row filter",
         ),
         (
-            format!("CREATE PUBLICATION {publication} FOR TABLE events, items (id), plain, sentinel"),
+            format!(
+                "CREATE PUBLICATION {publication} FOR TABLE events, items (id), plain, sentinel"
+            ),
             "column list",
         ),
         (
@@ -214,7 +227,9 @@ fn run_refuses_a_publication_that_hides_what_the_rules_read() {
         f.setup.slot
     ));
     for (create, problem) in cases {
-        f.sql(&format!("DROP PUBLICATION IF EXISTS {publication}; {create}"));
+        f.sql(&format!(
+            "DROP PUBLICATION IF EXISTS {publication}; {create}"
+        ));
         let (status, out) = f.setup.command(&["run"]);
         assert_eq!(status.code(), Some(1), "{create}: {out}");
         assert!(out.contains(problem), "{create}: {out}");

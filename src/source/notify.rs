@@ -771,7 +771,11 @@ async fn ancestors_of(
     let mut names = Vec::new();
     for row in rows {
         let (schema, name) = (row.try_get::<_, &str>(1)?, row.try_get::<_, &str>(2)?);
-        if !schemas.iter().zip(&names).any(|(s, n)| *s == schema && *n == name) {
+        if !schemas
+            .iter()
+            .zip(&names)
+            .any(|(s, n)| *s == schema && *n == name)
+        {
             schemas.push(schema);
             names.push(name);
         }

@@ -322,7 +322,12 @@ pub async fn unpublished(
                 quote_literal(publication)
             ))
             .await?;
-        if rows.first().and_then(|r| r.first().cloned().flatten()).as_deref() != Some("true") {
+        if rows
+            .first()
+            .and_then(|r| r.first().cloned().flatten())
+            .as_deref()
+            != Some("true")
+        {
             out.push(table.clone());
         }
     }
@@ -400,7 +405,12 @@ pub async fn hidden(
                     quote_literal(&qualified(table))
                 ))
                 .await?;
-            if rows.first().and_then(|r| r.first().cloned().flatten()).as_deref() == Some("true") {
+            if rows
+                .first()
+                .and_then(|r| r.first().cloned().flatten())
+                .as_deref()
+                == Some("true")
+            {
                 found.push(table);
             }
         }
@@ -462,10 +472,7 @@ pub async fn hidden(
                 .as_deref()
                 .and_then(|c| serde_json::from_str::<Vec<String>>(c).ok())
                 .map_or_else(BTreeSet::new, |c| c.into_iter().collect());
-            let unseen: Vec<&str> = read
-                .difference(&published)
-                .map(String::as_str)
-                .collect();
+            let unseen: Vec<&str> = read.difference(&published).map(String::as_str).collect();
             if columns.is_some() && !unseen.is_empty() {
                 out.push(Hidden {
                     table: Some(table.clone()),
