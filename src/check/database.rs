@@ -379,7 +379,7 @@ async fn publication(
             .as_deref()
                 == Some("true");
         }
-        let names: Vec<String> = lacking.iter().map(|t| qualified(t)).collect();
+        let names: Vec<String> = lacking.iter().map(qualified).collect();
         let (message, sql, verb) = if exists {
             (
                 format!(
