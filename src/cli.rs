@@ -262,15 +262,26 @@ pub async fn execute(command: Command, loaded: Loaded) -> anyhow::Result<ExitCod
             let tables = rules.tables().cloned().collect();
             let (actions, in_place) = match config.postgres.mode {
                 Mode::Replication => {
-                    let mut actions = setup::plan(
-                        &mut db,
-                        &tables,
-                        &config.postgres.publication,
-                        &config.postgres.slot,
-                        setup::SlotLoss::Refuse,
-                    )
-                    .await?
-                    .actions;
+                    let hidden =
+                        setup::hidden(&mut db, &rules, &config.postgres.publication).await?;
+                    let mut actions: Vec<setup::Action> = hidden
+                        .into_iter()
+                        .map(|h| setup::Action {
+                            why: format!("repair: {}", h.problem),
+                            sql: h.fix.trim_end_matches(';').to_owned(),
+                        })
+                        .collect();
+                    actions.extend(
+                        setup::plan(
+                            &mut db,
+                            &tables,
+                            &config.postgres.publication,
+                            &config.postgres.slot,
+                            setup::SlotLoss::Refuse,
+                        )
+                        .await?
+                        .actions,
+                    );
                     // Only here, not in `run`: its role may lack CREATE on the database.
                     actions.extend(invalidate::plan(&mut db, Mode::Replication, false).await?);
                     (

@@ -18,6 +18,7 @@
 //! replaced by every pattern the rules of its tables can produce (each placeholder `*`), a
 //! superset that never misses; from then on its rows are no longer planned one by one.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -29,12 +30,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::change::{Change, Lsn, Op, TableName};
 use crate::config::PipelineConfig;
-use crate::pgoutput::{DecodeError, Decoder, Event};
+use crate::pgoutput::{DecodeError, Decoder, Event, Message};
 use crate::redis::DeleteStats;
 use crate::reload::LiveRules;
 use crate::rules::Invalidation;
 use crate::source::invalidate::MESSAGE_PREFIX;
 use crate::source::replication::{ReplicationError, ReplicationMessage};
+use crate::source::setup::SetupError;
 use crate::telemetry::{self, Health};
 
 /// Transactions that may wait between the source and the delete loop. Small on purpose: the WAL
@@ -55,6 +57,18 @@ pub trait WalStream: Send {
         &mut self,
         flush: Lsn,
     ) -> impl Future<Output = Result<(), ReplicationError>> + Send;
+}
+
+/// Says which tables a relation is a partition of, so that a change of a partition fires the
+/// rules of its ancestors too: Postgres publishes each partition under its own name.
+pub trait Ancestry: Send {
+    /// The partition ancestors (nearest first, itself excluded) of the relation with oid
+    /// `relation_id`, announced by a Relation message as `table`.
+    fn ancestors(
+        &mut self,
+        relation_id: u32,
+        table: &TableName,
+    ) -> impl Future<Output = Result<Vec<TableName>, SetupError>> + Send;
 }
 
 /// Where invalidations go: Redis, or a recording stand-in in unit tests.
@@ -92,6 +106,15 @@ pub enum SourceError {
     /// The replication connection failed.
     #[error(transparent)]
     Replication(#[from] ReplicationError),
+    /// The catalog could not say which tables a relation is a partition of.
+    #[error("reading the partitions of relation {relation_id}: {source}")]
+    Ancestry {
+        /// The relation's oid.
+        relation_id: u32,
+        /// Why.
+        #[source]
+        source: SetupError,
+    },
     /// A WAL message could not be decoded; the stream restarts from the last acknowledged LSN.
     #[error("undecodable WAL message at {lsn}: {source}")]
     Decode {
@@ -109,6 +132,7 @@ impl SourceError {
     pub fn is_transient(&self) -> bool {
         match self {
             SourceError::Replication(e) => e.is_transient(),
+            SourceError::Ancestry { source, .. } => source.is_transient(),
             SourceError::Decode { .. } => true,
         }
     }
@@ -213,6 +237,9 @@ struct SourceState {
     counters: ChangeCounters,
     /// Dry run: log each transaction's invalidations at its commit.
     dry_run: bool,
+    /// The partition ancestors of each partition announced on this stream, by its announced
+    /// name: its changes fire their rules too (see [`Ancestry`]).
+    ancestors: HashMap<TableName, Vec<TableName>>,
 }
 
 /// Handles on the `changes_total{table, op}` series, so counting a change costs a short search
@@ -256,14 +283,32 @@ struct Open {
 }
 
 impl Open {
-    /// Plans one change: row by row while the transaction is small, then only the fallback
-    /// patterns of each newly changed table.
-    fn plan(&mut self, live: &mut LiveRules, change: &Change, max_keys: usize) {
+    /// Plans one change of a table and of each of its partition `ancestors` (as a change of
+    /// that table): row by row while the transaction is small, then only the fallback patterns
+    /// of each newly changed table.
+    fn plan(
+        &mut self,
+        live: &mut LiveRules,
+        change: &Change,
+        ancestors: &[TableName],
+        max_keys: usize,
+    ) {
         self.changes += 1;
-        if !self.tables.contains(&change.table) {
-            if !live.rules().has_table(&change.table) {
-                return;
+        for ancestor in ancestors {
+            if live.rules().has_table(ancestor) {
+                let mut copy = change.clone();
+                copy.table.clone_from(ancestor);
+                self.plan_table(live, &copy, max_keys);
             }
+        }
+        if live.rules().has_table(&change.table) {
+            self.plan_table(live, change, max_keys);
+        }
+    }
+
+    /// Plans `change` for its table, which has rules.
+    fn plan_table(&mut self, live: &mut LiveRules, change: &Change, max_keys: usize) {
+        if !self.tables.contains(&change.table) {
             self.tables.push(change.table.clone());
             if self.fell_back_at.is_some() {
                 self.committed
@@ -339,6 +384,7 @@ pub enum SourceEnd {
 pub async fn run_source<S: WalStream>(
     stream: &mut S,
     decoder: &mut Decoder,
+    ancestry: &mut impl Ancestry,
     rules: &mut LiveRules,
     links: &mut Links,
     settings: &PipelineConfig,
@@ -349,6 +395,7 @@ pub async fn run_source<S: WalStream>(
         max_transaction_keys: settings.max_transaction_keys,
         counters: ChangeCounters::default(),
         dry_run: links.dry_run,
+        ancestors: HashMap::new(),
     };
     // A handle of our own, so a reserved permit does not hold a borrow of `links`.
     let queue = links.queue.clone();
@@ -380,7 +427,7 @@ pub async fn run_source<S: WalStream>(
             }
             message = stream.next(), if reading => {
                 let Some(message) = message? else { return Ok(SourceEnd::StreamEnded) };
-                receive(stream, decoder, rules, &mut state, links, message).await?;
+                receive(stream, decoder, ancestry, rules, &mut state, links, message).await?;
                 // Take what has already arrived before going back to `select!`: a backlog is
                 // then read in large buffered reads without a wake-up per message. Bounded, so
                 // acknowledgements and status updates are never held for long.
@@ -390,7 +437,7 @@ pub async fn run_source<S: WalStream>(
                     }
                     let Some(message) = stream.next().now_or_never() else { break };
                     let Some(message) = message? else { return Ok(SourceEnd::StreamEnded) };
-                    receive(stream, decoder, rules, &mut state, links, message).await?;
+                    receive(stream, decoder, ancestry, rules, &mut state, links, message).await?;
                 }
             }
         }
@@ -404,6 +451,7 @@ const BURST: usize = 1024;
 async fn receive<S: WalStream>(
     stream: &mut S,
     decoder: &mut Decoder,
+    ancestry: &mut impl Ancestry,
     rules: &mut LiveRules,
     state: &mut SourceState,
     links: &mut Links,
@@ -412,13 +460,36 @@ async fn receive<S: WalStream>(
     match message {
         ReplicationMessage::XLogData {
             wal_start, data, ..
-        } => apply(decoder, rules, state, &data).map_err(|source| {
-            metrics::counter!(telemetry::ERRORS_TOTAL, "kind" => "decode").increment(1);
-            SourceError::Decode {
-                lsn: wal_start,
-                source,
+        } => {
+            // A Relation message precedes the first change of a relation on a stream, and
+            // comes again after its definition changed (attached, detached, renamed): the
+            // moment to learn what it is a partition of.
+            if data.first() == Some(&b'R')
+                && let Ok(Message::Relation(relation)) = crate::pgoutput::decode(&data)
+            {
+                let table = TableName::new(&relation.namespace, &relation.name);
+                let ancestors =
+                    ancestry
+                        .ancestors(relation.id, &table)
+                        .await
+                        .map_err(|source| SourceError::Ancestry {
+                            relation_id: relation.id,
+                            source,
+                        })?;
+                if ancestors.is_empty() {
+                    state.ancestors.remove(&table);
+                } else {
+                    state.ancestors.insert(table, ancestors);
+                }
             }
-        }),
+            apply(decoder, rules, state, &data).map_err(|source| {
+                metrics::counter!(telemetry::ERRORS_TOTAL, "kind" => "decode").increment(1);
+                SourceError::Decode {
+                    lsn: wal_start,
+                    source,
+                }
+            })
+        }
         ReplicationMessage::Keepalive {
             wal_end,
             reply_requested,
@@ -489,7 +560,11 @@ fn apply(
         Event::Change(change) => {
             state.counters.count(&change.table, change.op);
             if let Some(open) = state.open.as_mut() {
-                open.plan(rules, &change, state.max_transaction_keys);
+                let ancestors = state
+                    .ancestors
+                    .get(&change.table)
+                    .map_or(&[][..], Vec::as_slice);
+                open.plan(rules, &change, ancestors, state.max_transaction_keys);
             }
         }
         Event::Commit { end_lsn, .. } => {
@@ -876,6 +951,15 @@ mod tests {
     };
     use crate::rules::RuleSet;
 
+    /// No relation is a partition of another.
+    struct NoPartitions;
+
+    impl Ancestry for NoPartitions {
+        async fn ancestors(&mut self, _: u32, _: &TableName) -> Result<Vec<TableName>, SetupError> {
+            Ok(Vec::new())
+        }
+    }
+
     /// WAL fed by the test; messages read and statuses recorded for inspection.
     struct ScriptedWal {
         incoming: mpsc::UnboundedReceiver<ReplicationMessage>,
@@ -1058,7 +1142,16 @@ mod tests {
             };
             let source = tokio::spawn(async move {
                 let mut decoder = Decoder::default();
-                run_source(&mut stream, &mut decoder, &mut rules, &mut links, &settings).await
+                let mut ancestry = NoPartitions;
+                run_source(
+                    &mut stream,
+                    &mut decoder,
+                    &mut ancestry,
+                    &mut rules,
+                    &mut links,
+                    &settings,
+                )
+                .await
             });
             wal_tx.send(xlog(relation())).unwrap();
             Harness {

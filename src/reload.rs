@@ -69,6 +69,15 @@ struct RuleCounters {
 }
 
 impl LiveRules {
+    /// Another view of the same rules, for a task beside the one that plans: it takes each
+    /// new set at its own [`LiveRules::refresh`].
+    pub fn follower(&self) -> LiveRules {
+        match &self.updates {
+            Some(updates) => LiveRules::watching(updates.clone()),
+            None => LiveRules::fixed(self.current.clone()),
+        }
+    }
+
     /// Rules that never change.
     pub fn fixed(rules: Arc<RuleSet>) -> LiveRules {
         LiveRules::build(rules, None)

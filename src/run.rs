@@ -15,12 +15,12 @@ use crate::redact::redact;
 use crate::redis::{DeleteError, Deleter, DeleterOptions};
 use crate::reload::{self, LiveRules, Reloader};
 use crate::rules::RuleSet;
-use crate::source::connect;
 use crate::source::notify::{self, NotifyError};
 use crate::source::replication::{
     ReplicationClient, ReplicationError, ReplicationMessage, ReplicationStream,
 };
 use crate::source::setup::{self, SetupError};
+use crate::source::{connect, drift};
 use crate::targets::{self, Target};
 use crate::telemetry::{self, Health};
 
@@ -373,6 +373,12 @@ impl From<ReplicationError> for Failure {
     }
 }
 
+impl From<connect::ConnectError> for Failure {
+    fn from(e: connect::ConnectError) -> Self {
+        classify(e.is_transient(), telemetry::chain(&e), None)
+    }
+}
+
 impl From<NotifyError> for Failure {
     fn from(e: NotifyError) -> Self {
         classify(e.is_transient(), telemetry::chain(&e), None)
@@ -383,7 +389,7 @@ impl From<SourceError> for Failure {
     fn from(e: SourceError) -> Self {
         let code = match &e {
             SourceError::Replication(r) => r.code(),
-            SourceError::Decode { .. } => None,
+            SourceError::Ancestry { .. } | SourceError::Decode { .. } => None,
         };
         classify(e.is_transient(), telemetry::chain(&e), code)
     }
@@ -445,6 +451,11 @@ async fn stream_once(
         wal = %system.xlog_pos,
         "connected"
     );
+    // Refused before anything is changed: only the publication's owner can repair these.
+    let hidden = setup::hidden(&mut client, live.rules(), &config.postgres.publication).await?;
+    if !hidden.is_empty() {
+        return Err(SetupError::Hidden(hidden).into());
+    }
     let tables = live.rules().tables().cloned().collect();
     let plan = setup::plan(
         &mut client,
@@ -487,7 +498,16 @@ async fn stream_once(
         });
     }
     tracing::info!(slot = %config.postgres.slot, from = %links.reported, "streaming");
-    stream_until_end(stream, config, live, links, health, streamed).await
+    stream_until_end(stream, config, live, links, health, streamed, Watch::Repair).await
+}
+
+/// Whether the publication is watched while streaming (see [`drift::watch_publication`]).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Watch {
+    /// Yes: repair what may be repaired, stop on the rest.
+    Repair,
+    /// No: a dry run changes nothing.
+    Not,
 }
 
 /// Connects a replication session as `[postgres]` says (URL, sslmode, CA).
@@ -501,8 +521,9 @@ async fn connect_replication(
     Ok(ReplicationClient::connect_with_tls(&pg, application_name, ca_file, check_host).await?)
 }
 
-/// Runs the source loop on a started stream until it ends; sets `streamed` and keeps readiness
-/// in step.
+/// Runs the source loop on a started stream until it ends, with a second, ordinary connection
+/// that learns what partitions belong to and (`watch`) watches the publication; sets
+/// `streamed` and keeps readiness in step.
 async fn stream_until_end(
     mut stream: ReplicationStream,
     config: &Config,
@@ -510,12 +531,42 @@ async fn stream_until_end(
     links: &mut Links,
     health: &Health,
     streamed: &mut bool,
+    watch: Watch,
 ) -> Result<Streamed, Failure> {
+    let catalog = connect::connect(&config.postgres).await?;
+    let recheck = tokio::sync::Notify::new();
+    let mut follower = live.follower();
+    let queue = links.queue.clone();
     *streamed = true;
     health.set_source(None);
     let mut decoder = Decoder::default();
-    let outcome =
-        pipeline::run_source(&mut stream, &mut decoder, live, links, &config.pipeline).await;
+    let mut ancestry = drift::Catalog::new(&catalog, &recheck);
+    let source = pipeline::run_source(
+        &mut stream,
+        &mut decoder,
+        &mut ancestry,
+        live,
+        links,
+        &config.pipeline,
+    );
+    let watcher = async {
+        match watch {
+            Watch::Repair => {
+                let publication = &config.postgres.publication;
+                drift::watch_publication(&catalog, &mut follower, publication, &queue, &recheck)
+                    .await
+            }
+            Watch::Not => std::future::pending().await,
+        }
+    };
+    let outcome = tokio::select! {
+        biased;
+        outcome = source => outcome,
+        error = watcher => {
+            health.set_source(Some("reconnecting to postgres".to_owned()));
+            return Err(error.into());
+        }
+    };
     health.set_source(Some("reconnecting to postgres".to_owned()));
     match outcome? {
         SourceEnd::DeleterStopped => {
@@ -573,7 +624,7 @@ async fn dry_stream_once(
          slot does not move and nothing is deleted"
     );
     let stream = client.start_replication(&slot, Lsn(0), publication).await?;
-    stream_until_end(stream, config, live, links, health, streamed).await
+    stream_until_end(stream, config, live, links, health, streamed, Watch::Not).await
 }
 
 /// Notify mode: connects an ordinary session, checks that `setup` has put the outbox, the
@@ -592,7 +643,10 @@ async fn outbox_once(
     let (mut client, mut hints) = notify::connect(&config.postgres).await?;
     // `run` applies no DDL in notify mode: what `setup` would do must already be done, or
     // changes could be missed (a trigger that records too few columns) without anyone knowing.
-    let actions = notify::plan(&mut client, live.rules()).await?;
+    let mut actions = notify::plan(&mut client, live.rules()).await?;
+    // Except the truncate triggers of partitions attached after setup: the reader adds them.
+    let repairs = notify::partition_plan(&mut client, live.rules()).await?;
+    actions.retain(|action| !repairs.iter().any(|(_, repair)| repair == action));
     if !actions.is_empty() {
         let missing: Vec<&str> = actions.iter().map(|a| a.why.as_str()).collect();
         return Err(Failure::Permanent(format!(

@@ -26,6 +26,9 @@ pub const ERRORS_TOTAL: &str = "invalidator_errors_total";
 pub const ERROR_KINDS: &[&str] = &["postgres", "redis", "decode"];
 /// Times the replication slot was found lost or dropped and every rule's keys were deleted.
 pub const SLOT_RESETS_TOTAL: &str = "invalidator_slot_resets_total";
+/// Rule tables found missing from the publication while streaming and added back (their keys
+/// flushed).
+pub const PUBLICATION_REPAIRS_TOTAL: &str = "invalidator_publication_repairs_total";
 /// Transactions whose invalidations Redis confirmed.
 pub const TRANSACTIONS_TOTAL: &str = "invalidator_transactions_total";
 /// Committed transactions that held more distinct keys than `pipeline.max_transaction_keys` and
@@ -116,6 +119,7 @@ pub fn install_metrics() -> PrometheusHandle {
             for kind in ERROR_KINDS {
                 metrics::counter!(ERRORS_TOTAL, "kind" => *kind).absolute(0);
             }
+            metrics::counter!(PUBLICATION_REPAIRS_TOTAL).absolute(0);
             metrics::gauge!(CONFIRMED_LSN).set(0.0);
             metrics::gauge!(REPLICATION_LAG_BYTES).set(0.0);
             metrics::gauge!(REPLICATION_LAG_SECONDS).set(0.0);

@@ -13,6 +13,7 @@ mod invalidate;
 mod memory;
 mod notify;
 mod observability;
+mod partitions;
 mod privilege;
 mod reload;
 mod replication;

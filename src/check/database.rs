@@ -338,39 +338,19 @@ async fn publication(
     let rows = db
         .query(&format!(
             "SELECT (pg_has_role(pubowner, 'USAGE') OR (SELECT rolsuper FROM pg_roles \
-             WHERE rolname = current_user))::text, pubinsert::text, pubupdate::text, \
-             pubdelete::text, pubtruncate::text FROM pg_publication WHERE pubname = {}",
+             WHERE rolname = current_user))::text FROM pg_publication WHERE pubname = {}",
             quote_literal(name)
         ))
         .await?;
-    let (exists, owns_publication, published_ops) = match rows.first().map(Vec::as_slice) {
-        Some([Some(owner), ops @ ..]) => {
-            let ops: Vec<Op> = Op::ALL
-                .into_iter()
-                .zip(ops)
-                .filter(|(_, on)| on.as_deref() == Some("true"))
-                .map(|(op, _)| op)
-                .collect();
-            (true, owner == "true", ops)
-        }
-        _ => (false, false, Op::ALL.to_vec()),
+    let (exists, owns_publication) = match rows.first().map(Vec::as_slice) {
+        Some([Some(owner)]) => (true, owner == "true"),
+        _ => (false, false),
     };
-    let published: BTreeSet<TableName> = if exists {
-        db.query(&format!(
-            "SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = {}",
-            quote_literal(name)
-        ))
-        .await?
-        .into_iter()
-        .filter_map(|row| match row.as_slice() {
-            [Some(schema), Some(table)] => Some(TableName::new(schema, table)),
-            _ => None,
-        })
-        .collect()
+    let lacking: Vec<TableName> = if exists {
+        setup::unpublished(db, present, name).await?
     } else {
-        BTreeSet::new()
+        present.iter().cloned().collect()
     };
-    let lacking: Vec<&TableName> = present.difference(&published).collect();
     if !lacking.is_empty() {
         // Creating or extending a publication needs ownership of each table (and of the
         // publication, or CREATE on the database to create it).
@@ -399,7 +379,7 @@ async fn publication(
             .as_deref()
                 == Some("true");
         }
-        let names: Vec<String> = lacking.iter().map(|t| qualified(t)).collect();
+        let names: Vec<String> = lacking.iter().map(qualified).collect();
         let (message, sql, verb) = if exists {
             (
                 format!(
@@ -453,25 +433,17 @@ async fn publication(
             ));
         }
     }
-    let needed: Vec<Op> = Op::ALL
-        .into_iter()
-        .filter(|op| !published_ops.contains(op))
-        .filter(|op| rules.rules().iter().any(|r| r.ops.contains(op)))
-        .collect();
-    if !needed.is_empty() {
-        let ops: Vec<&str> = needed.iter().map(|op| op.as_str()).collect();
+    // Partitions are published under their own names (publish_via_partition_root = false),
+    // so every partition of a rule's table, present or future, is streamed and fires its rules.
+    for hidden in setup::hidden(db, rules, name).await? {
         out.push(Finding::general(
             Severity::Error,
             Kind::Publication,
-            None,
+            hidden.table.as_ref(),
+            format!("{}: `invalidator run` refuses to start", hidden.problem),
             format!(
-                "publication {name} does not publish {}, on which rules fire: those changes \
-                 are never seen",
-                ops.join(", ")
-            ),
-            format!(
-                "ALTER PUBLICATION {} SET (publish = 'insert, update, delete, truncate');",
-                quote_ident(name)
+                "as the publication's owner: {} (or `invalidator setup` as the owner)",
+                hidden.fix
             ),
         ));
     }

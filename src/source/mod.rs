@@ -2,6 +2,7 @@
 //! or (notify mode) the trigger-filled outbox.
 
 pub mod connect;
+pub mod drift;
 pub mod invalidate;
 pub mod notify;
 pub mod replication;

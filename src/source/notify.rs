@@ -14,7 +14,7 @@
 //! read round is one [`Committed`] whose `end_lsn` is the round's sequence number (rounds are
 //! queued in order, so the delete loop's confirmed position says which rounds are done).
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,7 +29,7 @@ use crate::rules::{Invalidation, RuleSet};
 use crate::source::connect::ConnectError;
 use crate::source::invalidate;
 use crate::source::setup::{
-    Action, SetupError, Sql, missing_tables, qualified, quote_ident, quote_literal,
+    self, Action, SetupError, Sql, missing_tables, qualified, quote_ident, quote_literal,
 };
 use crate::telemetry;
 
@@ -318,8 +318,105 @@ pub async fn plan(db: &mut impl Sql, rules: &RuleSet) -> Result<Vec<Action>, Set
             }
         }
     }
+    actions.extend(
+        partition_plan(db, rules)
+            .await?
+            .into_iter()
+            .map(|(_, action)| action),
+    );
     actions.extend(invalidate::plan(db, Mode::Notify, true).await?);
     Ok(actions)
+}
+
+/// The TRUNCATE triggers the partitions of the rules' tables lack, each with its rule table.
+/// A row trigger on a partitioned table is cloned to every partition, present and future, but
+/// a statement-level trigger is not, and a TRUNCATE of one partition fires only that
+/// partition's: so each partition, at any depth, needs its own. `run` adds them itself, at
+/// start and for partitions attached while it runs (see [`repair_partitions`]).
+pub async fn partition_plan(
+    db: &mut impl Sql,
+    rules: &RuleSet,
+) -> Result<Vec<(TableName, Action)>, SetupError> {
+    let function = quote_literal(&format!("{}.capture()", quote_ident(SCHEMA)));
+    let mut out = Vec::new();
+    for table in rules.tables() {
+        let root = format!("to_regclass({})", quote_literal(&qualified(table)));
+        let rows = db
+            .query(&format!(
+                "SELECT n.nspname, c.relname, (SELECT CASE WHEN t.tgfoid = \
+                 coalesce(to_regprocedure({function})::oid, 0) AND t.tgenabled IN ('O', 'A') \
+                 THEN 'ok' ELSE 'bad' END FROM pg_trigger t WHERE t.tgrelid = p.relid \
+                 AND t.tgname = {}) FROM pg_partition_tree({root}) p \
+                 JOIN pg_class c ON c.oid = p.relid JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE p.relid <> {root} ORDER BY p.level, c.relname",
+                quote_literal(TRUNCATE_TRIGGER)
+            ))
+            .await?;
+        for row in rows {
+            let [Some(schema), Some(name), state] = row.as_slice() else {
+                continue;
+            };
+            let partition = TableName::new(schema, name);
+            // A partition with rules of its own gets its triggers as a rule table.
+            if rules.has_table(&partition) || state.as_deref() == Some("ok") {
+                continue;
+            }
+            let on = qualified(&partition);
+            let trigger = quote_ident(TRUNCATE_TRIGGER);
+            let create = format!(
+                "CREATE TRIGGER {trigger} AFTER TRUNCATE ON {on} FOR EACH STATEMENT \
+                 EXECUTE FUNCTION {}.capture()",
+                quote_ident(SCHEMA)
+            );
+            let action = match state {
+                None => Action {
+                    why: format!("capture truncates of {partition}, a partition of {table}"),
+                    sql: create,
+                },
+                Some(_) => Action {
+                    why: format!(
+                        "replace trigger {TRUNCATE_TRIGGER} on {partition}, a partition of \
+                         {table}, which is disabled or does not call {SCHEMA}.capture()"
+                    ),
+                    sql: format!("BEGIN; DROP TRIGGER {trigger} ON {on}; {create}; COMMIT"),
+                },
+            };
+            out.push((table.clone(), action));
+        }
+    }
+    Ok(out)
+}
+
+/// Adds the TRUNCATE triggers [`partition_plan`] finds missing, then queues a delete of every
+/// key the rules of their tables can produce: a TRUNCATE of such a partition before its
+/// trigger existed was missed. Logged at error.
+pub async fn repair_partitions(
+    client: &tokio_postgres::Client,
+    rules: &RuleSet,
+    queue: &mpsc::Sender<Committed>,
+) -> Result<(), SetupError> {
+    let mut db = client;
+    let repairs = partition_plan(&mut db, rules).await?;
+    if repairs.is_empty() {
+        return Ok(());
+    }
+    let mut flush = Invalidation::default();
+    for (table, action) in &repairs {
+        setup::apply(&mut db, std::slice::from_ref(action)).await?;
+        tracing::error!(table = %table, action = %action.why,
+            "a partition lacked the truncate trigger (attached after setup): added it; a \
+             truncate of it until now was missed, so every key of the table's rules is deleted");
+        flush.merge(rules.everything_for(table));
+    }
+    // Acknowledges nothing by itself (round numbers start at 1); queued behind what was read.
+    let _ = queue
+        .send(Committed {
+            end_lsn: Lsn(0),
+            commit_time_us: crate::pipeline::unix_micros(),
+            inv: flush,
+        })
+        .await;
+    Ok(())
 }
 
 /// Outbox rows waiting and the age in seconds of the oldest (`None` when empty).
@@ -560,6 +657,9 @@ pub async fn stream(
     let queue = links.queue.clone();
     let mut poll = tokio::time::interval(POLL);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Partitions attached after setup, found at start (the first tick) and while running.
+    let mut partitions = tokio::time::interval(crate::source::drift::CHECK_EVERY);
+    partitions.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut read_now = true;
     loop {
         let reading = progress.pending.is_none()
@@ -598,6 +698,10 @@ pub async fn stream(
                 // The depth is measured here, not per round: count(*) on a long outbox costs.
                 measure(client).await;
                 read_now |= reading;
+            }
+            _ = partitions.tick() => {
+                rules.refresh();
+                repair_partitions(client, rules.rules(), &queue).await?;
             }
         }
     }
@@ -641,7 +745,8 @@ async fn read_round(
         return Ok(false);
     }
     let full = rows.len() as i64 >= ROUND_ROWS;
-    let (ids, first_time, inv) = plan_rows(rules, rows)?;
+    let ancestors = ancestors_of(client, &rows).await?;
+    let (ids, first_time, inv) = plan_rows(rules, rows, &ancestors)?;
     progress.last_round += 1;
     let round = Lsn(progress.last_round);
     progress.in_flight.push_back((round, ids));
@@ -654,11 +759,54 @@ async fn read_round(
     Ok(full)
 }
 
+/// The partition ancestors of each table the outbox `rows` name (tables that are no partition
+/// are left out): the row trigger of a partitioned table is cloned to its partitions, and a
+/// trigger records the partition it fired on, so a change of a partition fires the rules of
+/// each ancestor too. Read from today's catalog, once per round.
+async fn ancestors_of(
+    client: &tokio_postgres::Client,
+    rows: &[tokio_postgres::Row],
+) -> Result<HashMap<TableName, Vec<TableName>>, NotifyError> {
+    let mut schemas = Vec::new();
+    let mut names = Vec::new();
+    for row in rows {
+        let (schema, name) = (row.try_get::<_, &str>(1)?, row.try_get::<_, &str>(2)?);
+        if !schemas
+            .iter()
+            .zip(&names)
+            .any(|(s, n)| *s == schema && *n == name)
+        {
+            schemas.push(schema);
+            names.push(name);
+        }
+    }
+    let found = client
+        .query(
+            "SELECT t.s, t.n, an.nspname::text, ac.relname::text \
+             FROM unnest($1::text[], $2::text[]) AS t(s, n) \
+             CROSS JOIN LATERAL (SELECT to_regclass(quote_ident(t.s) || '.' || quote_ident(t.n)) \
+             AS oid) r CROSS JOIN LATERAL pg_partition_ancestors(r.oid) a \
+             JOIN pg_class ac ON ac.oid = a.relid JOIN pg_namespace an ON an.oid = ac.relnamespace \
+             WHERE a.relid <> r.oid",
+            &[&schemas, &names],
+        )
+        .await?;
+    let mut out: HashMap<TableName, Vec<TableName>> = HashMap::new();
+    for row in found {
+        let table = TableName::new(row.try_get::<_, String>(0)?, row.try_get::<_, String>(1)?);
+        let ancestor = TableName::new(row.try_get::<_, String>(2)?, row.try_get::<_, String>(3)?);
+        out.entry(table).or_default().push(ancestor);
+    }
+    Ok(out)
+}
+
 /// Plans one round of outbox rows with the rules in effect (taking newer ones first: a round is
-/// the transaction boundary here); returns their ids, the oldest row's time and what to delete.
+/// the transaction boundary here), each change for its table and for the table's partition
+/// `ancestors`; returns their ids, the oldest row's time and what to delete.
 fn plan_rows(
     rules: &mut LiveRules,
     rows: Vec<tokio_postgres::Row>,
+    ancestors: &HashMap<TableName, Vec<TableName>>,
 ) -> Result<(Vec<i64>, i64, Invalidation), NotifyError> {
     rules.refresh();
     let mut inv = Invalidation::default();
@@ -696,12 +844,20 @@ fn plan_rows(
                 )
                 .increment(1);
                 rules.plan(&change, &mut inv);
+                for ancestor in ancestors.get(&change.table).into_iter().flatten() {
+                    let mut copy = change.clone();
+                    copy.table.clone_from(ancestor);
+                    rules.plan(&copy, &mut inv);
+                }
             }
             Err(e) => {
                 // Never skip: whatever the row was, every key its table's rules make goes.
                 tracing::warn!(id = outbox.id, table = %outbox.table, error = %e,
                     "unreadable outbox row; invalidating every pattern of its table's rules");
                 inv.merge(rules.rules().everything_for(&outbox.table));
+                for ancestor in ancestors.get(&outbox.table).into_iter().flatten() {
+                    inv.merge(rules.rules().everything_for(ancestor));
+                }
             }
         }
     }
@@ -753,7 +909,8 @@ pub async fn dry_stream(
                     let (schema, name) = (row.try_get::<_, &str>(1)?, row.try_get::<_, &str>(2)?);
                     tables.insert(TableName::new(schema, name).to_string());
                 }
-                let (ids, _, inv) = plan_rows(rules, rows)?;
+                let ancestors = ancestors_of(client, &rows).await?;
+                let (ids, _, inv) = plan_rows(rules, rows, &ancestors)?;
                 let first = ids.first().copied().unwrap_or(seen);
                 seen = ids.last().copied().unwrap_or(seen);
                 if !inv.is_empty() {

@@ -7,7 +7,8 @@
 use std::collections::BTreeSet;
 use std::future::Future;
 
-use crate::change::{Lsn, TableName};
+use crate::change::{Lsn, Op, TableName};
+use crate::rules::RuleSet;
 use crate::source::replication::{ReplicationClient, ReplicationError};
 
 /// Rows of text values, as the simple query protocol returns them.
@@ -26,6 +27,14 @@ impl Sql for ReplicationClient {
 }
 
 impl Sql for tokio_postgres::Client {
+    async fn query(&mut self, sql: &str) -> Result<Rows, SetupError> {
+        let mut shared: &tokio_postgres::Client = self;
+        Sql::query(&mut shared, sql).await
+    }
+}
+
+/// A shared client, for two tasks that query one connection.
+impl Sql for &tokio_postgres::Client {
     async fn query(&mut self, sql: &str) -> Result<Rows, SetupError> {
         let messages = self.simple_query(sql).await?;
         Ok(messages
@@ -57,6 +66,13 @@ pub enum SetupError {
     /// Columns the rules read do not exist in their tables.
     #[error("columns named in the rules do not exist: {}", columns(.0))]
     MissingColumns(Vec<(TableName, Vec<String>)>),
+    /// The publication hides changes the rules need, and only its owner can repair that.
+    #[error(
+        "{}; run `invalidator setup` as the publication's owner, or this SQL: {}",
+        .0.iter().map(|h| h.problem.as_str()).collect::<Vec<_>>().join("; "),
+        .0.iter().map(|h| h.fix.as_str()).collect::<Vec<_>>().join(" ")
+    )]
+    Hidden(Vec<Hidden>),
     /// The slot cannot be used as it is.
     #[error("replication slot {slot:?} {problem}")]
     BadSlot {
@@ -81,6 +97,7 @@ impl SetupError {
             }),
             SetupError::MissingTables(_)
             | SetupError::MissingColumns(_)
+            | SetupError::Hidden(_)
             | SetupError::BadSlot { .. } => false,
             SetupError::Unexpected(_) => true,
         }
@@ -221,8 +238,11 @@ pub async fn plan(
 }
 
 /// What the publication needs so that it holds every one of `tables`: created when it does not
-/// exist, else the tables it lacks added (tables it has beyond them stay). Returns whether it
-/// existed, and the statement, if one is needed.
+/// exist, else the tables it does not publish added (see [`unpublished`]; tables it has beyond
+/// them stay). Returns whether it existed, and the statement, if one is needed. A partitioned
+/// table is added itself, with `publish_via_partition_root` left false: every partition,
+/// present and future, is then published under its own name, and a TRUNCATE of one partition
+/// too (which Postgres does not publish when it publishes partitions as their root).
 pub async fn publication_action(
     db: &mut impl Sql,
     tables: &BTreeSet<TableName>,
@@ -251,19 +271,8 @@ pub async fn publication_action(
             }),
         ));
     }
-    let published: BTreeSet<TableName> = db
-        .query(&format!(
-            "SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = {}",
-            quote_literal(publication)
-        ))
-        .await?
-        .into_iter()
-        .filter_map(|row| match row.as_slice() {
-            [Some(schema), Some(name)] => Some(TableName::new(schema, name)),
-            _ => None,
-        })
-        .collect();
-    let gained: Vec<String> = tables.difference(&published).map(qualified).collect();
+    let unpublished = unpublished(db, tables, publication).await?;
+    let gained: Vec<String> = unpublished.iter().map(qualified).collect();
     if gained.is_empty() {
         return Ok((true, None));
     }
@@ -283,6 +292,203 @@ pub async fn publication_action(
     ))
 }
 
+/// The ones of `tables` (which must exist) that the existing `publication` does not publish, by
+/// their current oid: a table is published when the publication is `FOR ALL TABLES`, or names
+/// it or one of its partition ancestors, or (PostgreSQL 15) the schema of one of those.
+/// `pg_publication_tables` cannot say this: it lists the partitions of a partitioned table
+/// instead of the table.
+pub async fn unpublished(
+    db: &mut impl Sql,
+    tables: &BTreeSet<TableName>,
+    publication: &str,
+) -> Result<Vec<TableName>, SetupError> {
+    let schemas = if crate::source::invalidate::server_version(db).await? >= 150_000 {
+        " OR EXISTS (SELECT 1 FROM pg_publication_namespace s JOIN pg_class a \
+         ON a.relnamespace = s.pnnspid WHERE s.pnpubid = p.oid AND a.oid IN (SELECT t.oid \
+         UNION SELECT relid FROM pg_partition_ancestors(t.oid)))"
+    } else {
+        ""
+    };
+    let mut out = Vec::new();
+    for table in tables {
+        let rows = db
+            .query(&format!(
+                "SELECT (p.puballtables OR EXISTS (SELECT 1 FROM pg_publication_rel r \
+                 WHERE r.prpubid = p.oid AND r.prrelid IN (SELECT t.oid UNION SELECT relid \
+                 FROM pg_partition_ancestors(t.oid))){schemas})::text \
+                 FROM pg_publication p, (SELECT to_regclass({})::oid AS oid) t \
+                 WHERE p.pubname = {}",
+                quote_literal(&qualified(table)),
+                quote_literal(publication)
+            ))
+            .await?;
+        if rows
+            .first()
+            .and_then(|r| r.first().cloned().flatten())
+            .as_deref()
+            != Some("true")
+        {
+            out.push(table.clone());
+        }
+    }
+    Ok(out)
+}
+
+/// Something about the publication that makes rules miss changes and that `run` does not
+/// repair itself: it refuses to start (and stops) while it holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hidden {
+    /// The rule table concerned, when it is one table.
+    pub table: Option<TableName>,
+    /// What is wrong, in a sentence.
+    pub problem: String,
+    /// The SQL that repairs it, to run as the publication's owner.
+    pub fix: String,
+}
+
+/// What the existing `publication` hides from the rules: an operation they fire on that it
+/// does not publish; partitions published as their root (`publish_via_partition_root`), which
+/// drops a TRUNCATE of one partition; and (PostgreSQL 15) a row filter, or a column list
+/// without every column the rules read, on a rule table, an ancestor or a partition of one.
+/// Empty when the publication does not exist.
+pub async fn hidden(
+    db: &mut impl Sql,
+    rules: &RuleSet,
+    publication: &str,
+) -> Result<Vec<Hidden>, SetupError> {
+    let version = crate::source::invalidate::server_version(db).await?;
+    let via_root = if version >= 130_000 {
+        "pubviaroot"
+    } else {
+        "false"
+    };
+    let rows = db
+        .query(&format!(
+            "SELECT pubinsert::text, pubupdate::text, pubdelete::text, pubtruncate::text, \
+             {via_root}::text FROM pg_publication WHERE pubname = {}",
+            quote_literal(publication)
+        ))
+        .await?;
+    let Some([ops @ .., via_root]) = rows.first().map(Vec::as_slice) else {
+        return Ok(Vec::new());
+    };
+    let name = quote_ident(publication);
+    let mut out = Vec::new();
+    let lacking: Vec<&str> = Op::ALL
+        .into_iter()
+        .zip(ops)
+        .filter(|(op, on)| {
+            on.as_deref() != Some("true") && rules.rules().iter().any(|r| r.ops.contains(op))
+        })
+        .map(|(op, _)| op.as_str())
+        .collect();
+    if !lacking.is_empty() {
+        out.push(Hidden {
+            table: None,
+            problem: format!(
+                "publication {publication} does not publish {}, on which rules fire: those \
+                 changes are never seen",
+                lacking.join(", ")
+            ),
+            fix: format!(
+                "ALTER PUBLICATION {name} SET (publish = 'insert, update, delete, truncate');"
+            ),
+        });
+    }
+    let partitioned: Vec<&TableName> = {
+        let mut found = Vec::new();
+        for table in rules.tables() {
+            let rows = db
+                .query(&format!(
+                    "SELECT (relkind = 'p' OR relispartition)::text FROM pg_class \
+                     WHERE oid = to_regclass({})",
+                    quote_literal(&qualified(table))
+                ))
+                .await?;
+            if rows
+                .first()
+                .and_then(|r| r.first().cloned().flatten())
+                .as_deref()
+                == Some("true")
+            {
+                found.push(table);
+            }
+        }
+        found
+    };
+    if via_root.as_deref() == Some("true") && !partitioned.is_empty() {
+        out.push(Hidden {
+            table: None,
+            problem: format!(
+                "publication {publication} has publish_via_partition_root = true, so Postgres \
+                 does not publish a TRUNCATE of one partition of {}",
+                partitioned
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            fix: format!("ALTER PUBLICATION {name} SET (publish_via_partition_root = false);"),
+        });
+    }
+    if version < 150_000 {
+        return Ok(out);
+    }
+    for table in rules.tables() {
+        let oid = format!("to_regclass({})", quote_literal(&qualified(table)));
+        let rows = db
+            .query(&format!(
+                "SELECT r.prrelid::regclass::text, (r.prqual IS NOT NULL)::text, \
+                 (SELECT json_agg(attname)::text FROM pg_attribute WHERE attrelid = r.prrelid \
+                 AND attnum = ANY(r.prattrs::int2[])) \
+                 FROM pg_publication_rel r JOIN pg_publication p ON p.oid = r.prpubid \
+                 WHERE p.pubname = {} AND (r.prqual IS NOT NULL OR r.prattrs IS NOT NULL) \
+                 AND r.prrelid IN (SELECT {oid}::oid UNION SELECT relid FROM \
+                 pg_partition_ancestors({oid}) UNION SELECT relid FROM pg_partition_tree({oid}))",
+                quote_literal(publication)
+            ))
+            .await?;
+        let read = rules.columns_for(table);
+        for row in rows {
+            let [Some(entry), Some(filtered), columns] = row.as_slice() else {
+                continue;
+            };
+            let fix = format!(
+                "BEGIN; ALTER PUBLICATION {name} DROP TABLE {entry}; \
+                 ALTER PUBLICATION {name} ADD TABLE {entry}; COMMIT;"
+            );
+            if filtered == "true" {
+                out.push(Hidden {
+                    table: Some(table.clone()),
+                    problem: format!(
+                        "publication {publication} publishes {entry} with a row filter: \
+                         changes of the rows it leaves out are never seen by the rules of \
+                         {table}"
+                    ),
+                    fix: fix.clone(),
+                });
+            }
+            let published: BTreeSet<String> = columns
+                .as_deref()
+                .and_then(|c| serde_json::from_str::<Vec<String>>(c).ok())
+                .map_or_else(BTreeSet::new, |c| c.into_iter().collect());
+            let unseen: Vec<&str> = read.difference(&published).map(String::as_str).collect();
+            if columns.is_some() && !unseen.is_empty() {
+                out.push(Hidden {
+                    table: Some(table.clone()),
+                    problem: format!(
+                        "publication {publication} publishes {entry} with a column list \
+                         without {}, which the rules of {table} read",
+                        unseen.join(", ")
+                    ),
+                    fix,
+                });
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Runs the actions in order.
 pub async fn apply(db: &mut impl Sql, actions: &[Action]) -> Result<(), SetupError> {
     for action in actions {
@@ -293,7 +499,7 @@ pub async fn apply(db: &mut impl Sql, actions: &[Action]) -> Result<(), SetupErr
 }
 
 /// The tables that do not exist (or are not ordinary or partitioned tables).
-pub(crate) async fn missing_tables(
+pub async fn missing_tables(
     db: &mut impl Sql,
     tables: &BTreeSet<TableName>,
 ) -> Result<Vec<TableName>, SetupError> {

@@ -1,0 +1,164 @@
+//! What can change in the catalog under a running replication stream, on a second, ordinary
+//! connection: which rule tables a partition belongs to (partitions attached while running
+//! included), and whether the publication still publishes every rule table, by its current
+//! oid, without hiding what the rules read.
+//!
+//! A table replaced by rename (create the new one, rename the old away, rename the new in)
+//! keeps the old table's place in the publication: the new one's changes are never sent, and
+//! the stream cannot say so, since a table outside the publication sends nothing. So the
+//! publication is checked every [`CHECK_EVERY`], and at once when a relation the stream
+//! announced before comes again under another name (what the renamed-away table does on its
+//! next change). A rule table found unpublished is added back, and every key its rules can
+//! produce is deleted, queued after everything read before: the changes it missed committed
+//! before the repair, so that delete comes after them.
+
+use std::collections::{BTreeSet, HashMap};
+use std::time::Duration;
+
+use tokio::sync::{Notify, mpsc};
+
+use crate::change::{Lsn, TableName};
+use crate::pipeline::{self, Ancestry, Committed};
+use crate::reload::LiveRules;
+use crate::rules::Invalidation;
+use crate::source::setup::{self, SetupError, Sql};
+use crate::telemetry;
+
+/// How often the publication is checked while streaming.
+pub const CHECK_EVERY: Duration = Duration::from_secs(5);
+
+/// Answers [`Ancestry`] from the catalog, and asks for a publication check when a relation
+/// comes back under a new name.
+pub struct Catalog<'a> {
+    /// The ordinary connection.
+    client: &'a tokio_postgres::Client,
+    /// The name each relation was last announced under, by oid.
+    announced: HashMap<u32, TableName>,
+    /// Wakes [`watch_publication`].
+    recheck: &'a Notify,
+}
+
+impl<'a> Catalog<'a> {
+    /// Reads the catalog on `client`; a rename wakes whoever waits on `recheck`.
+    pub fn new(client: &'a tokio_postgres::Client, recheck: &'a Notify) -> Catalog<'a> {
+        Catalog {
+            client,
+            announced: HashMap::new(),
+            recheck,
+        }
+    }
+}
+
+impl Ancestry for Catalog<'_> {
+    /// From today's catalog: for a backlog read after a partition was detached, its older
+    /// changes then count as the detached table's only.
+    async fn ancestors(
+        &mut self,
+        relation_id: u32,
+        table: &TableName,
+    ) -> Result<Vec<TableName>, SetupError> {
+        if let Some(before) = self.announced.insert(relation_id, table.clone())
+            && before != *table
+        {
+            tracing::info!(relation_id, from = %before, to = %table,
+                "a streamed table was renamed; checking the publication");
+            self.recheck.notify_one();
+        }
+        let mut db = self.client;
+        let rows = Sql::query(
+            &mut db,
+            &format!(
+                "SELECT n.nspname, c.relname FROM pg_partition_ancestors({relation_id}::oid::regclass) a \
+                 JOIN pg_class c ON c.oid = a.relid JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE a.relid <> {relation_id}::oid"
+            ),
+        )
+        .await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|row| match row.as_slice() {
+                [Some(schema), Some(name)] => Some(TableName::new(schema, name)),
+                _ => None,
+            })
+            .collect())
+    }
+}
+
+/// Checks the publication every [`CHECK_EVERY`] and whenever `recheck` fires; returns only
+/// with an error. A rule table it does not publish is added back and its keys flushed through
+/// `queue` (logged at error, counted in [`telemetry::PUBLICATION_REPAIRS_TOTAL`]); what it
+/// hides otherwise ([`setup::hidden`]) is returned as [`SetupError::Hidden`], which stops `run`.
+pub async fn watch_publication(
+    client: &tokio_postgres::Client,
+    rules: &mut LiveRules,
+    publication: &str,
+    queue: &mpsc::Sender<Committed>,
+    recheck: &Notify,
+) -> SetupError {
+    let mut tick = tokio::time::interval(CHECK_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The first tick is now, and the connect just checked.
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = recheck.notified() => {}
+        }
+        rules.refresh();
+        if let Err(e) = check(client, rules, publication, queue).await {
+            return e;
+        }
+    }
+}
+
+/// One check of [`watch_publication`].
+async fn check(
+    client: &tokio_postgres::Client,
+    rules: &LiveRules,
+    publication: &str,
+    queue: &mpsc::Sender<Committed>,
+) -> Result<(), SetupError> {
+    let rules = rules.rules();
+    let mut db = client;
+    let hidden = setup::hidden(&mut db, rules, publication).await?;
+    if !hidden.is_empty() {
+        return Err(SetupError::Hidden(hidden));
+    }
+    let tables: BTreeSet<TableName> = rules.tables().cloned().collect();
+    // A rule table dropped has no changes to miss; once created again, it is unpublished.
+    let missing = setup::missing_tables(&mut db, &tables).await?;
+    let present: BTreeSet<TableName> = tables
+        .into_iter()
+        .filter(|t| !missing.contains(t))
+        .collect();
+    let unpublished = setup::unpublished(&mut db, &present, publication).await?;
+    if unpublished.is_empty() {
+        return Ok(());
+    }
+    let (_, action) = setup::publication_action(&mut db, &present, publication).await?;
+    setup::apply(&mut db, action.as_slice()).await?;
+    let mut flush = Invalidation::default();
+    for table in &unpublished {
+        flush.merge(rules.everything_for(table));
+    }
+    let names = unpublished
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
+    tracing::error!(publication, tables = %names, keys = flush.keys.len(),
+        patterns = flush.patterns.len(),
+        "publication did not publish these tables of the rules (replaced by rename, or removed \
+         from it): added them back; their changes until now were missed, so every key their \
+         rules can produce is deleted");
+    metrics::counter!(telemetry::PUBLICATION_REPAIRS_TOTAL).increment(unpublished.len() as u64);
+    let flush = Committed {
+        // Acknowledges nothing by itself; what is read after it is acknowledged after it.
+        end_lsn: Lsn(0),
+        commit_time_us: pipeline::unix_micros(),
+        inv: flush,
+    };
+    // The queue closes only when the delete loop has stopped, and then nothing is acknowledged.
+    let _ = queue.send(flush).await;
+    Ok(())
+}

@@ -1,0 +1,240 @@
+//! Rules on partitioned tables, and the publication drifting while `run` streams: every
+//! partition (present, attached later, or below a sub-partition) is covered for every
+//! operation, and a publication that hides what the rules read is refused.
+
+use std::time::Duration;
+
+use crate::e2e::barrier;
+use crate::sidecar::{Fixture, Mode, in_both_modes};
+use crate::support::wait_until;
+
+const SCHEMA: &str = "
+CREATE TABLE events (id int, region text, name text, PRIMARY KEY (id, region))
+  PARTITION BY LIST (region);
+CREATE TABLE events_eu PARTITION OF events FOR VALUES IN ('eu');
+CREATE TABLE events_us PARTITION OF events FOR VALUES IN ('us');
+CREATE TABLE events_ap PARTITION OF events FOR VALUES IN ('ap') PARTITION BY RANGE (id);
+CREATE TABLE events_ap_low PARTITION OF events_ap FOR VALUES FROM (MINVALUE) TO (100);
+CREATE TABLE events_ap_high PARTITION OF events_ap FOR VALUES FROM (100) TO (MAXVALUE);
+CREATE TABLE items (id int PRIMARY KEY, name text, category text, price int);
+CREATE TABLE plain (id int PRIMARY KEY, owner text);
+CREATE TABLE sentinel (id serial PRIMARY KEY);
+";
+
+const RULES: &str = r#"
+[[rule]]
+name = "event"
+table = "events"
+keys = ["event:{id}:{region}", "region:{region}:*"]
+
+[[rule]]
+name = "item"
+table = "items"
+keys = ["item:{id}", "items:name:{name}"]
+
+[[rule]]
+name = "plain"
+table = "plain"
+keys = ["plain:{id}"]
+
+[[rule]]
+name = "sentinel"
+table = "sentinel"
+keys = ["sentinel:{id}"]
+"#;
+
+fn fixture(mode: Mode) -> Fixture {
+    Fixture::with_mode(SCHEMA, RULES, mode)
+}
+
+/// Caches `keys`, runs `sql`, and waits until they are gone.
+fn deletes(f: &Fixture, sql: &str, keys: &[&str]) {
+    f.cache(keys);
+    f.sql(sql);
+    f.wait_deleted(keys);
+}
+
+/// Insert, an update that moves the row to another partition, delete, a truncate of the parent
+/// and of one partition: each deletes the keys of the parent's rules.
+fn every_operation_on(f: &Fixture) {
+    deletes(
+        f,
+        "INSERT INTO events VALUES (1, 'eu', 'a')",
+        &["event:1:eu", "region:eu:list"],
+    );
+    deletes(
+        f,
+        "UPDATE events SET region = 'us' WHERE id = 1",
+        &[
+            "event:1:eu",
+            "event:1:us",
+            "region:eu:list",
+            "region:us:list",
+        ],
+    );
+    deletes(
+        f,
+        "DELETE FROM events WHERE id = 1",
+        &["event:1:us", "region:us:list"],
+    );
+    f.sql("INSERT INTO events VALUES (2, 'eu', 'b'), (3, 'us', 'c')");
+    barrier(f);
+    deletes(f, "TRUNCATE events", &["event:2:eu", "region:eu:list"]);
+    f.sql("INSERT INTO events VALUES (4, 'us', 'd')");
+    barrier(f);
+    deletes(f, "TRUNCATE events_us", &["event:4:us", "region:us:list"]);
+}
+
+in_both_modes! {
+    fn a_rule_on_a_partitioned_table_covers_every_partition_and_operation(mode: Mode) {
+        let f = fixture(mode);
+        let mut sidecar = f.setup.start();
+        every_operation_on(&f);
+        // A second start finds the publication (or the triggers) as the first left them.
+        assert!(sidecar.terminate().success(), "{}", sidecar.log());
+        let _sidecar = f.setup.start();
+        every_operation_on(&f);
+    }
+
+    fn a_partition_attached_while_running_is_covered(mode: Mode) {
+        let f = fixture(mode);
+        let _sidecar = f.setup.start();
+        barrier(&f);
+        f.sql("CREATE TABLE events_sa PARTITION OF events FOR VALUES IN ('sa')");
+        f.sql(
+            "CREATE TABLE events_af (LIKE events INCLUDING ALL); \
+             ALTER TABLE events ATTACH PARTITION events_af FOR VALUES IN ('af')",
+        );
+        deletes(&f, "INSERT INTO events VALUES (5, 'sa', 'e')", &["event:5:sa"]);
+        deletes(&f, "INSERT INTO events VALUES (6, 'af', 'f')", &["event:6:af"]);
+        if mode == Mode::Notify {
+            // A truncate trigger is not cloned to a new partition: `run` adds it.
+            wait_until(Duration::from_secs(30), "the new partitions capture truncates", || {
+                f.sql(
+                    "SELECT count(*) FROM pg_trigger WHERE tgname = 'invalidator_capture_truncate' \
+                     AND tgrelid IN ('events_sa'::regclass, 'events_af'::regclass)",
+                )
+                .trim()
+                    == "2"
+            });
+        }
+        f.sql("INSERT INTO events VALUES (7, 'sa', 'g'), (8, 'af', 'h')");
+        barrier(&f);
+        deletes(&f, "TRUNCATE events_sa", &["event:7:sa", "region:sa:x"]);
+        deletes(&f, "TRUNCATE events_af", &["event:8:af", "region:af:x"]);
+    }
+
+    fn a_sub_partitioned_table_is_covered(mode: Mode) {
+        let f = fixture(mode);
+        let _sidecar = f.setup.start();
+        deletes(&f, "INSERT INTO events VALUES (10, 'ap', 'a')", &["event:10:ap"]);
+        deletes(
+            &f,
+            "UPDATE events SET id = 150 WHERE id = 10",
+            &["event:10:ap", "event:150:ap"],
+        );
+        f.sql("INSERT INTO events VALUES (20, 'ap', 'b')");
+        barrier(&f);
+        deletes(&f, "TRUNCATE events_ap_low", &["event:20:ap", "region:ap:x"]);
+        deletes(&f, "TRUNCATE events_ap", &["event:150:ap", "region:ap:y"]);
+        f.sql("INSERT INTO events VALUES (30, 'ap', 'c')");
+        barrier(&f);
+        deletes(&f, "DELETE FROM events_ap_low WHERE id = 30", &["event:30:ap"]);
+    }
+}
+
+#[test]
+fn a_rule_on_a_partitioned_table_works_with_a_for_all_tables_publication() {
+    let f = fixture(Mode::Replication);
+    f.sql(&format!(
+        "CREATE PUBLICATION \"{0}\" FOR ALL TABLES; \
+         SELECT pg_create_logical_replication_slot('{0}', 'pgoutput')",
+        f.setup.slot
+    ));
+    let (status, out) = f.setup.command(&["setup"]);
+    assert!(status.success(), "{out}");
+    let mut sidecar = f.setup.start();
+    every_operation_on(&f);
+    assert!(sidecar.terminate().success(), "{}", sidecar.log());
+    let _sidecar = f.setup.start();
+    every_operation_on(&f);
+}
+
+#[test]
+fn a_table_replaced_by_rename_while_running_is_republished_and_flushed() {
+    let f = fixture(Mode::Replication);
+    let sidecar = f.setup.start();
+    f.sql("INSERT INTO items VALUES (1, 'one', 'x', 1)");
+    barrier(&f);
+    f.cache(&["item:1", "items:name:one", "item:2", "plain:1"]);
+    f.sql(
+        "CREATE TABLE items_new (LIKE items INCLUDING ALL); \
+         INSERT INTO items_new SELECT * FROM items; \
+         BEGIN; ALTER TABLE items RENAME TO items_old; ALTER TABLE items_new RENAME TO items; \
+         COMMIT; \
+         UPDATE items SET name = 'uno' WHERE id = 1",
+    );
+    // That update was made while the new table was not published: only a flush of the table's
+    // patterns can cover it.
+    f.wait_deleted(&["item:1", "items:name:one", "item:2"]);
+    // Republished: its changes stream again.
+    barrier(&f);
+    deletes(
+        &f,
+        "INSERT INTO items VALUES (3, 'three', 'x', 3)",
+        &["item:3"],
+    );
+    f.assert_kept(&["plain:1"]);
+    let log = sidecar.log();
+    assert!(log.contains("public.items"), "{log}");
+    assert_eq!(sidecar.metric("invalidator_publication_repairs_total"), 1.0);
+}
+
+#[test]
+fn run_refuses_a_publication_that_hides_what_the_rules_read() {
+    let f = fixture(Mode::Replication);
+    let publication = format!("\"{}\"", f.setup.slot);
+    let tables = "events, items, plain, sentinel";
+    let cases = [
+        (
+            format!(
+                "CREATE PUBLICATION {publication} FOR TABLE {tables} WITH (publish = 'insert, update')"
+            ),
+            "does not publish delete, truncate",
+        ),
+        (
+            format!(
+                "CREATE PUBLICATION {publication} FOR TABLE events, items WHERE (id > 100), plain, sentinel"
+            ),
+            "row filter",
+        ),
+        (
+            format!(
+                "CREATE PUBLICATION {publication} FOR TABLE events, items (id), plain, sentinel"
+            ),
+            "column list",
+        ),
+        (
+            format!(
+                "CREATE PUBLICATION {publication} FOR TABLE {tables} \
+                 WITH (publish_via_partition_root = true)"
+            ),
+            "publish_via_partition_root",
+        ),
+    ];
+    f.sql(&format!(
+        "SELECT pg_create_logical_replication_slot('{}', 'pgoutput')",
+        f.setup.slot
+    ));
+    for (create, problem) in cases {
+        f.sql(&format!(
+            "DROP PUBLICATION IF EXISTS {publication}; {create}"
+        ));
+        let (status, out) = f.setup.command(&["run"]);
+        assert_eq!(status.code(), Some(1), "{create}: {out}");
+        assert!(out.contains(problem), "{create}: {out}");
+        let (status, out) = f.setup.command(&["check"]);
+        assert_eq!(status.code(), Some(1), "{create}: {out}");
+        assert!(out.contains(problem), "check, {create}: {out}");
+    }
+}
