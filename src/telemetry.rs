@@ -21,7 +21,9 @@ pub const PATTERNS_TOTAL: &str = "invalidator_patterns_total";
 pub const SCAN_CALLS_TOTAL: &str = "invalidator_scan_calls_total";
 /// Errors, labelled `kind` (`redis`, `postgres`, `decode`).
 pub const ERRORS_TOTAL: &str = "invalidator_errors_total";
-/// Times the replication slot was found lost or dropped and every rule's keys were deleted.
+/// Times the replication slot was replaced and every rule's keys were deleted, labelled `reason`
+/// (`slot_dropped`, `slot_lost`, or a new history: `other_system`, `other_timeline`,
+/// `wal_behind`, `slot_ahead`).
 pub const SLOT_RESETS_TOTAL: &str = "invalidator_slot_resets_total";
 /// Transactions whose invalidations Redis confirmed.
 pub const TRANSACTIONS_TOTAL: &str = "invalidator_transactions_total";
@@ -109,7 +111,9 @@ pub fn install_metrics() -> PrometheusHandle {
             metrics::counter!(SCAN_CALLS_TOTAL).absolute(0);
             metrics::counter!(TRANSACTIONS_TOTAL).absolute(0);
             metrics::counter!(TRANSACTION_FALLBACKS_TOTAL).absolute(0);
-            metrics::counter!(SLOT_RESETS_TOTAL).absolute(0);
+            for reset in crate::source::setup::SlotReset::ALL {
+                metrics::counter!(SLOT_RESETS_TOTAL, "reason" => reset.label()).absolute(0);
+            }
             metrics::gauge!(CONFIRMED_LSN).set(0.0);
             metrics::gauge!(REPLICATION_LAG_BYTES).set(0.0);
             metrics::gauge!(REPLICATION_LAG_SECONDS).set(0.0);

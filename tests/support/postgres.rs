@@ -248,7 +248,9 @@ impl PgCluster {
     /// the same port: a restore from a base backup, whose WAL ends where the backup ended.
     pub fn restore(&self, backup: &Path) {
         self.stop(StopMode::Fast);
-        let replaced = self.dir.join(format!("replaced-{}", super::unique_name("d")));
+        let replaced = self
+            .dir
+            .join(format!("replaced-{}", super::unique_name("d")));
         std::fs::rename(&self.data, &replaced).expect("move the data directory aside");
         std::fs::rename(backup, &self.data).expect("put the backup in its place");
         self.start_again();
