@@ -278,6 +278,7 @@ pub async fn execute(command: Command, loaded: Loaded) -> anyhow::Result<ExitCod
                             &config.postgres.publication,
                             &config.postgres.slot,
                             setup::SlotLoss::Refuse,
+                            None,
                         )
                         .await?
                         .actions,

@@ -20,10 +20,11 @@ use crate::rules::Invalidation;
 /// How many keys, and separately patterns, one log line shows; the rest is counted.
 pub const SHOWN: usize = 20;
 
-/// The temporary slot's name: the configured slot, cut so that the whole stays within Postgres's
-/// 63 bytes, then `_dry_run_<pid>` (two dry runs at once do not collide).
-pub fn temporary_slot_name(slot: &str, pid: u32) -> String {
-    let suffix = format!("_dry_run_{pid}");
+/// A temporary slot's name: the configured slot, cut so that the whole stays within Postgres's
+/// 63 bytes, then `_<purpose>_<pid>` (`dry_run` here, `reset` for the replacement of a lost
+/// slot; two processes at once do not collide).
+pub fn temporary_slot_name(slot: &str, purpose: &str, pid: u32) -> String {
+    let suffix = format!("_{purpose}_{pid}");
     let keep = 63usize.saturating_sub(suffix.len()).min(slot.len());
     // Slot names are ASCII (validated), so any cut is on a character boundary.
     format!("{}{suffix}", &slot[..keep])
@@ -86,11 +87,11 @@ mod tests {
     #[test]
     fn the_temporary_slot_name_fits_postgres() {
         assert_eq!(
-            temporary_slot_name("invalidator", 42),
+            temporary_slot_name("invalidator", "dry_run", 42),
             "invalidator_dry_run_42"
         );
         let long = "s".repeat(63);
-        let name = temporary_slot_name(&long, 4_194_304);
+        let name = temporary_slot_name(&long, "dry_run", 4_194_304);
         assert_eq!(name.len(), 63);
         assert!(name.ends_with("_dry_run_4194304"), "{name}");
     }

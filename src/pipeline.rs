@@ -5,7 +5,7 @@
 //! ```text
 //!  source loop: WAL ─▶ Decoder ─▶ RuleSet::plan ─▶ Committed{end_lsn, keys, patterns} ─┐ bounded
 //!       ▲                                                                               ▼ queue
-//!       └── standby status (flush = confirmed) ◀── watch<Lsn> ◀── delete loop: merge, UNLINK/SCAN
+//!       └── standby status (flush = confirmed) ◀── watch<Position> ◀── delete loop: merge, UNLINK/SCAN
 //! ```
 //!
 //! The flush LSN is owned by the delete loop: it moves only after Redis confirmed every delete of
@@ -89,15 +89,39 @@ pub trait Sink: Send + 'static {
     fn is_transient(error: &Self::Error) -> bool;
 }
 
+/// A confirmed position in one history of the server. `history` counts the times the sidecar
+/// started over (a lost slot, a restore, a failover): an LSN of an earlier history says nothing
+/// about the current server, whose WAL may not even reach it. Ordered by history, then LSN, so
+/// "only forwards" and "the minimum of several targets" keep their meaning across a new history.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Position {
+    /// The history the LSN belongs to.
+    pub history: u64,
+    /// The end LSN of the last transaction confirmed in it.
+    pub lsn: Lsn,
+}
+
 /// The invalidations of one committed transaction, waiting for Redis.
 #[derive(Debug)]
 pub struct Committed {
+    /// The history it was read in (see [`Position`]).
+    pub history: u64,
     /// End LSN of the transaction: the flush position once its deletes are confirmed.
     pub end_lsn: Lsn,
     /// Commit time, microseconds since the Unix epoch.
     pub commit_time_us: i64,
     /// What to delete.
     pub inv: Invalidation,
+}
+
+impl Committed {
+    /// Where the confirmed position stands once its deletes are confirmed.
+    pub fn position(&self) -> Position {
+        Position {
+            history: self.history,
+            lsn: self.end_lsn,
+        }
+    }
 }
 
 /// Why the source loop stopped.
@@ -142,8 +166,8 @@ impl SourceError {
 pub struct Links {
     /// Where committed transactions go.
     pub queue: mpsc::Sender<Committed>,
-    /// The confirmed flush LSN, advanced by the delete loop; closed when that loop stops.
-    pub confirmed: watch::Receiver<Lsn>,
+    /// The confirmed position, advanced by the delete loop; closed when that loop stops.
+    pub confirmed: watch::Receiver<Position>,
     /// Fires on shutdown: stop reading WAL.
     pub cancel: CancellationToken,
     /// End LSN of the last transaction handed to the queue; kept across reconnects because the
@@ -152,10 +176,38 @@ pub struct Links {
     /// Highest flush position reported to Postgres, so reports never go backwards; start it at
     /// the slot's `confirmed_flush_lsn`.
     pub reported: Lsn,
+    /// The history being read (see [`Position`]); transactions are queued in it.
+    pub history: u64,
+    /// The furthest WAL position this server has shown (its WAL end at connect, then what the
+    /// stream sent): no report goes beyond it, whatever a bug elsewhere might compute.
+    pub server_end: Lsn,
     /// Dry run: log what each transaction would delete (the delete loop deletes nothing).
     pub dry_run: bool,
     /// A backlog found at connect, reported in the log as it shrinks; see [`CatchUp`].
     pub catch_up: Option<CatchUp>,
+}
+
+impl Links {
+    /// The confirmed LSN of the current history; `Lsn(0)` while only transactions of an earlier
+    /// one are confirmed.
+    pub fn confirmed_lsn(&self) -> Lsn {
+        let confirmed = *self.confirmed.borrow();
+        if confirmed.history == self.history {
+            confirmed.lsn
+        } else {
+            Lsn(0)
+        }
+    }
+
+    /// Starts a new history on a server whose WAL ends at `server_end`: the positions of the old
+    /// one are forgotten, and what is still queued from it no longer moves the acknowledgement.
+    pub fn new_history(&mut self, server_end: Lsn) {
+        self.history += 1;
+        self.reported = Lsn(0);
+        self.last_queued = Lsn(0);
+        self.server_end = server_end;
+        self.catch_up = None;
+    }
 }
 
 /// Backlogs smaller than this drain in well under a second and are not reported.
@@ -240,6 +292,8 @@ struct SourceState {
     /// The partition ancestors of each partition announced on this stream, by its announced
     /// name: its changes fire their rules too (see [`Ancestry`]).
     ancestors: HashMap<TableName, Vec<TableName>>,
+    /// The history transactions are queued in.
+    history: u64,
 }
 
 /// Handles on the `changes_total{table, op}` series, so counting a change costs a short search
@@ -396,6 +450,7 @@ pub async fn run_source<S: WalStream>(
         counters: ChangeCounters::default(),
         dry_run: links.dry_run,
         ancestors: HashMap::new(),
+        history: links.history,
     };
     // A handle of our own, so a reserved permit does not hold a borrow of `links`.
     let queue = links.queue.clone();
@@ -407,7 +462,7 @@ pub async fn run_source<S: WalStream>(
             biased;
             // Acknowledge first: it frees WAL on the server and is what the product promises.
             changed = links.confirmed.changed() => {
-                let confirmed = *links.confirmed.borrow();
+                let confirmed = links.confirmed_lsn();
                 report(stream, links, confirmed).await?;
                 if changed.is_err() {
                     // The delete loop has stopped (shutdown): that was the last ack.
@@ -415,7 +470,7 @@ pub async fn run_source<S: WalStream>(
                 }
             }
             _ = tick.tick() => {
-                let confirmed = *links.confirmed.borrow();
+                let confirmed = links.confirmed_lsn();
                 report(stream, links, confirmed).await?;
             }
             permit = queue.reserve(), if state.pending.is_some() => {
@@ -459,8 +514,12 @@ async fn receive<S: WalStream>(
 ) -> Result<(), SourceError> {
     match message {
         ReplicationMessage::XLogData {
-            wal_start, data, ..
+            wal_start,
+            wal_end,
+            data,
+            ..
         } => {
+            links.server_end = links.server_end.max(wal_start).max(wal_end);
             // A Relation message precedes the first change of a relation on a stream, and
             // comes again after its definition changed (attached, detached, renamed): the
             // moment to learn what it is a partition of.
@@ -495,7 +554,8 @@ async fn receive<S: WalStream>(
             reply_requested,
             ..
         } => {
-            let confirmed = *links.confirmed.borrow();
+            links.server_end = links.server_end.max(wal_end);
+            let confirmed = links.confirmed_lsn();
             let flush = idle_flush(state, links, confirmed, wal_end);
             metrics::gauge!(telemetry::REPLICATION_LAG_BYTES)
                 .set(wal_end.0.saturating_sub(flush.0) as f64);
@@ -519,12 +579,16 @@ fn idle_flush(state: &SourceState, links: &Links, confirmed: Lsn, server: Lsn) -
     }
 }
 
+/// Sends `flush` (never less than reported before, never more than this server has shown: a
+/// position it has not written would make its slot skip the changes up to there).
 async fn report<S: WalStream>(
     stream: &mut S,
     links: &mut Links,
     flush: Lsn,
 ) -> Result<(), ReplicationError> {
-    let flush = flush.max(links.reported);
+    // A commit queued from this server's stream is something it wrote.
+    let written = links.server_end.max(links.last_queued);
+    let flush = flush.max(links.reported).min(written);
     stream.send_status(flush).await?;
     links.reported = flush;
     metrics::gauge!(telemetry::CONFIRMED_LSN).set(flush.0 as f64);
@@ -547,6 +611,7 @@ fn apply(
             rules.refresh();
             state.open = Some(Open {
                 committed: Committed {
+                    history: state.history,
                     end_lsn: Lsn(0),
                     commit_time_us,
                     inv: Invalidation::default(),
@@ -600,10 +665,12 @@ fn apply(
 /// the bytes could name, and more), with a warning.
 fn given(state: &mut SourceState, content: &[u8], transactional: bool, lsn: Lsn) {
     let open = state.open.as_mut().filter(|_| transactional);
+    let history = state.history;
     let inv = match open {
         Some(open) => &mut open.given,
         None => {
             let committed = state.pending.get_or_insert_with(|| Committed {
+                history,
                 end_lsn: lsn,
                 commit_time_us: unix_micros(),
                 inv: Invalidation::default(),
@@ -637,7 +704,7 @@ fn given(state: &mut SourceState, content: &[u8], transactional: bool, lsn: Lsn)
 pub async fn run_deleter<K: Sink>(
     sink: K,
     queue: mpsc::Receiver<Committed>,
-    confirmed: watch::Sender<Lsn>,
+    confirmed: watch::Sender<Position>,
     health: Arc<Health>,
     max_batch_keys: usize,
     cancel: CancellationToken,
@@ -797,7 +864,7 @@ impl Reporting {
 pub async fn deliver<K: Sink, T: Queued>(
     mut sink: K,
     mut queue: mpsc::Receiver<T>,
-    confirmed: watch::Sender<Lsn>,
+    confirmed: watch::Sender<Position>,
     report: &Reporting,
     max_batch_keys: usize,
     cancel: CancellationToken,
@@ -825,14 +892,14 @@ pub async fn deliver<K: Sink, T: Queued>(
         let head = first.committed();
         report.set_oldest_unconfirmed(Some(head.commit_time_us));
         // Latency first: the batch is what is already waiting, never a wait for more.
-        let mut end_lsn = head.end_lsn;
+        let mut end = head.position();
         let mut commits = vec![(head.end_lsn, head.commit_time_us)];
         let mut batch = Batch::One(first);
         while batch.inv().len() < max_batch_keys {
             match queue.try_recv() {
                 Ok(next) => {
                     let c = next.committed();
-                    end_lsn = end_lsn.max(c.end_lsn);
+                    end = end.max(c.position());
                     commits.push((c.end_lsn, c.commit_time_us));
                     batch.add(next);
                 }
@@ -851,9 +918,9 @@ pub async fn deliver<K: Sink, T: Queued>(
             report.set_oldest_unconfirmed(None);
         }
         confirmed.send_if_modified(|c| {
-            let advance = end_lsn > *c;
+            let advance = end > *c;
             if advance {
-                *c = end_lsn;
+                *c = end;
             }
             advance
         });
@@ -1121,7 +1188,7 @@ mod tests {
                 statuses: statuses.clone(),
             };
             let (queue_tx, queue_rx) = mpsc::channel(QUEUE_DEPTH);
-            let (confirmed_tx, confirmed_rx) = watch::channel(Lsn(0));
+            let (confirmed_tx, confirmed_rx) = watch::channel(Position::default());
             let cancel = CancellationToken::new();
             let mut links = Links {
                 queue: queue_tx,
@@ -1129,6 +1196,8 @@ mod tests {
                 cancel: cancel.clone(),
                 last_queued: Lsn(0),
                 reported: Lsn(0),
+                history: 0,
+                server_end: Lsn(0),
                 dry_run: false,
                 catch_up: None,
             };

@@ -15,11 +15,12 @@ use crate::redact::redact;
 use crate::redis::{DeleteError, Deleter, DeleterOptions};
 use crate::reload::{self, LiveRules, Reloader};
 use crate::rules::RuleSet;
+use crate::source::history::{self, Seen};
 use crate::source::notify::{self, NotifyError};
 use crate::source::replication::{
     ReplicationClient, ReplicationError, ReplicationMessage, ReplicationStream,
 };
-use crate::source::setup::{self, SetupError};
+use crate::source::setup::{self, SetupError, SlotReset};
 use crate::source::{connect, drift};
 use crate::targets::{self, Target};
 use crate::telemetry::{self, Health};
@@ -125,7 +126,7 @@ pub async fn run(
     );
 
     let (queue_tx, queue_rx) = mpsc::channel(pipeline::QUEUE_DEPTH);
-    let (confirmed_tx, confirmed_rx) = watch::channel(Lsn(0));
+    let (confirmed_tx, confirmed_rx) = watch::channel(pipeline::Position::default());
     let deleter_done = CancellationToken::new();
     let delete_loop = {
         let (health, cancel, done) = (health.clone(), cancel.clone(), deleter_done.clone());
@@ -189,6 +190,8 @@ pub async fn run(
         cancel: cancel.clone(),
         last_queued: Lsn(0),
         reported: Lsn(0),
+        history: 0,
+        server_end: Lsn(0),
         dry_run,
         catch_up: None,
     };
@@ -208,6 +211,8 @@ pub async fn run(
     let mut progress = notify::Progress::default();
     // Whether the last attempt found another instance active, so waiting is logged once.
     let mut standby = false;
+    // Replication mode: the server last streamed from, to tell a new history at a reconnect.
+    let mut seen = None;
     let source_result = loop {
         if deleter_done.is_cancelled() {
             break Ok(());
@@ -215,7 +220,15 @@ pub async fn run(
         let mut streamed = false;
         let attempt = match (config.postgres.mode, dry_run) {
             (Mode::Replication, false) => {
-                stream_once(&config, &mut live, &mut links, &health, &mut streamed).await
+                stream_once(
+                    &config,
+                    &mut live,
+                    &mut links,
+                    &mut seen,
+                    &health,
+                    &mut streamed,
+                )
+                .await
             }
             (Mode::Replication, true) => {
                 dry_stream_once(&config, &mut live, &mut links, &health, &mut streamed).await
@@ -408,42 +421,111 @@ fn classify(transient: bool, reason: String, code: Option<&str>) -> Failure {
     }
 }
 
-/// The safety action after a lost or dropped slot: changes were missed and nobody knows which,
-/// so every key and pattern the rules can produce is deleted. It is queued after the new slot
-/// exists and before anything is read from it, so whatever the old slot missed is covered and
-/// whatever the new one reads is invalidated after it.
-async fn flush_everything(rules: &RuleSet, links: &Links, slot: &str) {
-    let everything = rules.everything();
-    tracing::error!(
-        slot,
-        keys = everything.keys.len(),
-        patterns = everything.patterns.len(),
-        "replication slot was lost or dropped: changes were missed; deleting every key the rules \
-         can produce"
-    );
+/// The safety action after a lost or dropped slot, or a server on a new history: changes were
+/// missed and nobody knows which, so every key and pattern the rules can produce is deleted.
+/// It is the first transaction of the new history, queued once the temporary slot that will
+/// become the new one exists, so whatever the old slot missed is covered and whatever the new
+/// one reads is invalidated after it.
+async fn flush_everything(rules: &RuleSet, links: &Links) {
     let flush = pipeline::Committed {
+        history: links.history,
         // Acknowledges nothing by itself; the new slot's transactions queue behind it.
         end_lsn: Lsn(0),
         commit_time_us: pipeline::unix_micros(),
-        inv: everything,
+        inv: rules.everything(),
     };
     // The queue closes only when the delete loop has stopped, and then nothing is acknowledged.
     let _ = links.queue.send(flush).await;
 }
 
-/// Connects, repairs the publication and slot, and streams until the connection ends; sets
-/// `streamed` once streaming has started.
+/// Replaces the slot after `reset`, so that the flush it calls for survives a crash at any
+/// instant: the new slot is made as a temporary one (it vanishes with this session), the flush
+/// is queued and confirmed by Redis, and only then is the temporary slot copied into the
+/// permanent one (`pg_copy_logical_replication_slot`: same position). Until the copy, the slot
+/// is missing, so the next start flushes again. `Ok(false)` on shutdown.
+async fn reset_slot(
+    client: &mut ReplicationClient,
+    config: &Config,
+    live: &mut LiveRules,
+    links: &mut Links,
+    health: &Health,
+    server_end: Lsn,
+    reset: SlotReset,
+) -> Result<bool, Failure> {
+    let slot = &config.postgres.slot;
+    metrics::counter!(telemetry::SLOT_RESETS_TOTAL, "reason" => reset.label()).increment(1);
+    links.new_history(server_end);
+    let everything = live.rules().everything();
+    let flush = config.postgres.flush_on_slot_loss;
+    let reason = format!("replication slot {slot} {}", reset.describe());
+    match reset {
+        SlotReset::NewHistory(_) => tracing::error!(slot = %slot, reason = reset.label(),
+            keys = everything.keys.len(), patterns = everything.patterns.len(), flush,
+            "{reason}: the server is on a new history, so changes were missed; forgetting \
+             the old positions, replacing the slot and deleting every key the rules can \
+             produce (unless postgres.flush_on_slot_loss = false)"),
+        SlotReset::Dropped | SlotReset::Lost => tracing::error!(slot = %slot,
+            reason = reset.label(), keys = everything.keys.len(),
+            patterns = everything.patterns.len(), flush,
+            "{reason}: replication slot was lost or dropped, so changes were missed; \
+             replacing it and deleting every key the rules can produce (unless \
+             postgres.flush_on_slot_loss = false)"),
+    }
+    let temporary = dry_run::temporary_slot_name(slot, "reset", std::process::id());
+    client
+        .simple_query(&format!(
+            "CREATE_REPLICATION_SLOT {} TEMPORARY LOGICAL pgoutput NOEXPORT_SNAPSHOT",
+            setup::quote_ident(&temporary)
+        ))
+        .await?;
+    if flush {
+        flush_everything(live.rules(), links).await;
+        health.set_source(Some(format!(
+            "replacing replication slot {slot}: waiting for Redis to confirm the flush"
+        )));
+        // The flush is the first transaction of the new history: confirmed once the
+        // confirmed position has reached that history.
+        while links.confirmed.borrow().history < links.history {
+            tokio::select! {
+                biased;
+                _ = links.cancel.cancelled() => return Ok(false),
+                changed = links.confirmed.changed() => if changed.is_err() { return Ok(false) },
+            }
+        }
+    } else {
+        tracing::error!(slot = %slot, "the missed changes are NOT invalidated \
+            (postgres.flush_on_slot_loss = false)");
+    }
+    client
+        .simple_query(&format!(
+            "SELECT 1 FROM pg_copy_logical_replication_slot({}, {}, false)",
+            setup::quote_literal(&temporary),
+            setup::quote_literal(slot)
+        ))
+        .await?;
+    client
+        .simple_query(&format!(
+            "SELECT pg_drop_replication_slot({})",
+            setup::quote_literal(&temporary)
+        ))
+        .await?;
+    tracing::info!(slot = %slot, "replication slot replaced; the flush is confirmed");
+    Ok(true)
+}
+
+/// Connects, checks that the server is on the history of our positions, repairs the publication
+/// and slot, and streams until the connection ends; sets `streamed` once streaming has started.
 async fn stream_once(
     config: &Config,
     live: &mut LiveRules,
     links: &mut Links,
+    seen: &mut Option<Seen>,
     health: &Health,
     streamed: &mut bool,
 ) -> Result<Streamed, Failure> {
     // Between connections is between transactions.
     live.refresh();
     let mut client = connect_replication(config, "invalidator").await?;
-    // Which server this is, for the log: after a failover the system id or timeline changes.
     let system = client.identify_system().await?;
     tracing::info!(
         system_id = %system.system_id,
@@ -456,37 +538,55 @@ async fn stream_once(
     if !hidden.is_empty() {
         return Err(SetupError::Hidden(hidden).into());
     }
+    let slot_name = &config.postgres.slot;
+    let before = setup::slot_info(&mut client, slot_name).await?;
+    let diverged = history::compare(
+        &mut client,
+        seen.as_ref(),
+        links.reported,
+        &system,
+        before.and_then(|info| info.confirmed_flush),
+    )
+    .await?;
     let tables = live.rules().tables().cloned().collect();
     let plan = setup::plan(
         &mut client,
         &tables,
         &config.postgres.publication,
-        &config.postgres.slot,
+        slot_name,
         setup::SlotLoss::Recreate,
+        diverged,
     )
     .await?;
     setup::apply(&mut client, &plan.actions).await?;
-    if plan.slot_reset {
-        metrics::counter!(telemetry::SLOT_RESETS_TOTAL).increment(1);
-        if config.postgres.flush_on_slot_loss {
-            flush_everything(live.rules(), links, &config.postgres.slot).await;
-        } else {
-            tracing::error!(
-                slot = %config.postgres.slot,
-                "replication slot was lost or dropped: changes were missed and are NOT \
-                 invalidated (postgres.flush_on_slot_loss = false)"
-            );
+    *seen = Some(Seen::of(&system));
+    links.server_end = system.xlog_pos;
+    if let Some(reset) = plan.reset {
+        let replaced = reset_slot(
+            &mut client,
+            config,
+            live,
+            links,
+            health,
+            system.xlog_pos,
+            reset,
+        )
+        .await?;
+        if !replaced {
+            return Ok(Streamed::Finished);
         }
     }
     // Never report less than the slot already has: an older position would be ignored at
-    // best, and it could move the slot backwards on servers that do not guard against it.
-    let slot = setup::slot_info(&mut client, &config.postgres.slot).await?;
+    // best, and it could move the slot backwards on servers that do not guard against it. The
+    // slot's position is one this server has written: one beyond its WAL was replaced above.
+    let slot = setup::slot_info(&mut client, slot_name).await?;
     if let Some(flush) = slot.and_then(|info| info.confirmed_flush) {
         links.reported = links.reported.max(flush);
+        links.server_end = links.server_end.max(flush);
     }
     links.catch_up = CatchUp::start(links.reported, system.xlog_pos);
     let stream = client
-        .start_replication(&config.postgres.slot, Lsn(0), &config.postgres.publication)
+        .start_replication(slot_name, Lsn(0), &config.postgres.publication)
         .await?;
     if !stream.messages() {
         static WARNED: std::sync::Once = std::sync::Once::new();
@@ -497,7 +597,7 @@ async fn stream_once(
             );
         });
     }
-    tracing::info!(slot = %config.postgres.slot, from = %links.reported, "streaming");
+    tracing::info!(slot = %slot_name, from = %links.reported, "streaming");
     stream_until_end(stream, config, live, links, health, streamed, Watch::Repair).await
 }
 
@@ -603,7 +703,7 @@ async fn dry_stream_once(
             "dry run: the publication lacks tables of the rules; their changes are not shown \
              until `invalidator setup` adds them");
     }
-    let slot = dry_run::temporary_slot_name(&config.postgres.slot, std::process::id());
+    let slot = dry_run::temporary_slot_name(&config.postgres.slot, "dry_run", std::process::id());
     let command = format!(
         "CREATE_REPLICATION_SLOT {} TEMPORARY LOGICAL pgoutput NOEXPORT_SNAPSHOT",
         setup::quote_ident(&slot)
@@ -615,6 +715,7 @@ async fn dry_stream_once(
         .and_then(|lsn| lsn.parse::<Lsn>().ok())
         .unwrap_or(Lsn(0));
     links.reported = links.reported.max(start);
+    links.server_end = links.server_end.max(start);
     tracing::info!(
         slot = %slot,
         real_slot = %config.postgres.slot,

@@ -26,8 +26,7 @@ use futures_util::future::select_all;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::change::Lsn;
-use crate::pipeline::{self, Committed, Reporting, Sink};
+use crate::pipeline::{self, Committed, Position, Reporting, Sink};
 use crate::telemetry::Health;
 
 /// Connects a target's sink, retrying transient failures; `Ok(None)` on shutdown.
@@ -50,7 +49,7 @@ pub struct Target<K: Sink> {
 pub async fn run_targets<K: Sink>(
     targets: Vec<Target<K>>,
     queue: mpsc::Receiver<Committed>,
-    confirmed: watch::Sender<Lsn>,
+    confirmed: watch::Sender<Position>,
     health: Arc<Health>,
     max_batch_keys: usize,
     cancel: CancellationToken,
@@ -62,7 +61,7 @@ pub async fn run_targets<K: Sink>(
     let mut loops = Vec::with_capacity(targets.len());
     for target in targets {
         let (tx, rx) = mpsc::channel::<Arc<Committed>>(pipeline::QUEUE_DEPTH);
-        let (position_tx, position_rx) = watch::channel(Lsn(0));
+        let (position_tx, position_rx) = watch::channel(Position::default());
         senders.push(tx);
         positions.push(position_rx);
         let reporting = Reporting::target(health.clone(), &target.name);
@@ -135,10 +134,14 @@ async fn fan_out(
 
 /// Publishes on `confirmed` the minimum of the targets' positions whenever one moves (only
 /// forwards); returns, closing `confirmed`, once every target's loop has stopped.
-async fn acknowledge_minimum(targets: Vec<watch::Receiver<Lsn>>, confirmed: watch::Sender<Lsn>) {
-    let mut latest: Vec<Lsn> = targets.iter().map(|t| *t.borrow()).collect();
+async fn acknowledge_minimum(
+    targets: Vec<watch::Receiver<Position>>,
+    confirmed: watch::Sender<Position>,
+) {
+    let mut latest: Vec<Position> = targets.iter().map(|t| *t.borrow()).collect();
     // (index into `latest`, receiver) of the loops still running.
-    let mut open: Vec<(usize, watch::Receiver<Lsn>)> = targets.into_iter().enumerate().collect();
+    let mut open: Vec<(usize, watch::Receiver<Position>)> =
+        targets.into_iter().enumerate().collect();
     while !open.is_empty() {
         let (changed, i, rest) =
             select_all(open.iter_mut().map(|(_, rx)| Box::pin(rx.changed()))).await;
@@ -148,7 +151,7 @@ async fn acknowledge_minimum(targets: Vec<watch::Receiver<Lsn>>, confirmed: watc
         if changed.is_err() {
             open.remove(i);
         }
-        let minimum = latest.iter().copied().min().unwrap_or(Lsn(0));
+        let minimum = latest.iter().copied().min().unwrap_or_default();
         confirmed.send_if_modified(|c| {
             let advance = minimum > *c;
             if advance {
@@ -162,6 +165,7 @@ async fn acknowledge_minimum(targets: Vec<watch::Receiver<Lsn>>, confirmed: watc
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::change::Lsn;
     use crate::redis::DeleteStats;
     use crate::rules::Invalidation;
     use std::collections::HashSet;
@@ -225,6 +229,7 @@ mod tests {
         let mut inv = Invalidation::default();
         inv.keys.insert(key.to_owned());
         Committed {
+            history: 0,
             end_lsn: Lsn(end),
             commit_time_us: 1,
             inv,
@@ -246,7 +251,7 @@ mod tests {
         let (main, eu) = (Fake::default(), Fake::default());
         eu.down.store(true, Ordering::SeqCst);
         let (queue_tx, queue_rx) = mpsc::channel(pipeline::QUEUE_DEPTH);
-        let (confirmed_tx, confirmed_rx) = watch::channel(Lsn(0));
+        let (confirmed_tx, confirmed_rx) = watch::channel(Position::default());
         let health = Health::new();
         health.set_source(None);
         let cancel = CancellationToken::new();
@@ -276,11 +281,11 @@ mod tests {
         })
         .await;
         // ...and nothing is acknowledged, since eu confirmed nothing.
-        assert_eq!(*confirmed_rx.borrow(), Lsn(0));
+        assert_eq!(confirmed_rx.borrow().lsn, Lsn(0));
         assert!(eu.deleted.lock().unwrap().is_empty());
         eu.down.store(false, Ordering::SeqCst);
         wait("everything acknowledged", || {
-            *confirmed_rx.borrow() == Lsn(100)
+            confirmed_rx.borrow().lsn == Lsn(100)
         })
         .await;
         assert_eq!(eu.deleted.lock().unwrap().len(), 10);
@@ -298,7 +303,7 @@ mod tests {
         let (main, eu) = (Fake::default(), Fake::default());
         eu.down.store(true, Ordering::SeqCst);
         let (queue_tx, queue_rx) = mpsc::channel(pipeline::QUEUE_DEPTH);
-        let (confirmed_tx, confirmed_rx) = watch::channel(Lsn(0));
+        let (confirmed_tx, confirmed_rx) = watch::channel(Position::default());
         let cancel = CancellationToken::new();
         let run = tokio::spawn(run_targets(
             vec![target("default", &main), target("eu", &eu)],
@@ -330,10 +335,10 @@ mod tests {
             sent <= 3 * pipeline::QUEUE_DEPTH as u64 + 2,
             "{sent} queued"
         );
-        assert_eq!(*confirmed_rx.borrow(), Lsn(0));
+        assert_eq!(confirmed_rx.borrow().lsn, Lsn(0));
         eu.down.store(false, Ordering::SeqCst);
         wait("everything acknowledged", || {
-            *confirmed_rx.borrow() == Lsn(sent)
+            confirmed_rx.borrow().lsn == Lsn(sent)
         })
         .await;
         assert_eq!(eu.deleted.lock().unwrap().len() as u64, sent);
@@ -350,7 +355,7 @@ mod tests {
             ..Fake::default()
         };
         let (queue_tx, queue_rx) = mpsc::channel(pipeline::QUEUE_DEPTH);
-        let (confirmed_tx, confirmed_rx) = watch::channel(Lsn(0));
+        let (confirmed_tx, confirmed_rx) = watch::channel(Position::default());
         let run = tokio::spawn(run_targets(
             vec![target("default", &main), target("eu", &eu)],
             queue_rx,
@@ -362,6 +367,6 @@ mod tests {
         queue_tx.send(committed("k", 10)).await.unwrap();
         let err = run.await.unwrap().unwrap_err();
         assert!(err.permanent);
-        assert_eq!(*confirmed_rx.borrow(), Lsn(0));
+        assert_eq!(confirmed_rx.borrow().lsn, Lsn(0));
     }
 }

@@ -24,7 +24,9 @@ pub const ERRORS_TOTAL: &str = "invalidator_errors_total";
 /// The `kind` labels of [`ERRORS_TOTAL`]: Postgres connections lost, Redis requests or
 /// connections failed, WAL messages that did not decode. Each series exists from the start.
 pub const ERROR_KINDS: &[&str] = &["postgres", "redis", "decode"];
-/// Times the replication slot was found lost or dropped and every rule's keys were deleted.
+/// Times the replication slot was replaced and every rule's keys were deleted, labelled `reason`
+/// (`slot_dropped`, `slot_lost`, or a new history: `other_system`, `other_timeline`,
+/// `wal_behind`, `slot_ahead`).
 pub const SLOT_RESETS_TOTAL: &str = "invalidator_slot_resets_total";
 /// Rule tables found missing from the publication while streaming and added back (their keys
 /// flushed).
@@ -115,7 +117,9 @@ pub fn install_metrics() -> PrometheusHandle {
             metrics::counter!(SCAN_CALLS_TOTAL).absolute(0);
             metrics::counter!(TRANSACTIONS_TOTAL).absolute(0);
             metrics::counter!(TRANSACTION_FALLBACKS_TOTAL).absolute(0);
-            metrics::counter!(SLOT_RESETS_TOTAL).absolute(0);
+            for reset in crate::source::setup::SlotReset::ALL {
+                metrics::counter!(SLOT_RESETS_TOTAL, "reason" => reset.label()).absolute(0);
+            }
             for kind in ERROR_KINDS {
                 metrics::counter!(ERRORS_TOTAL, "kind" => *kind).absolute(0);
             }

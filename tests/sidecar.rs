@@ -146,6 +146,21 @@ impl Sidecar {
             .unwrap_or(0.0)
     }
 
+    /// The sum of every series of a counter or gauge in `/metrics`, whatever its labels.
+    pub fn metric_sum(&self, name: &str) -> f64 {
+        let (_, body) = self.get("/metrics").expect("metrics answer");
+        body.lines()
+            .filter_map(|l| {
+                let rest = l.strip_prefix(name)?;
+                let value = match rest.strip_prefix('{') {
+                    Some(labelled) => labelled.split_once("} ")?.1,
+                    None => rest.strip_prefix(' ')?,
+                };
+                value.trim().parse::<f64>().ok()
+            })
+            .sum()
+    }
+
     /// The process id, while it runs.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)

@@ -153,7 +153,9 @@ async fn check(
          rules can produce is deleted");
     metrics::counter!(telemetry::PUBLICATION_REPAIRS_TOTAL).increment(unpublished.len() as u64);
     let flush = Committed {
-        // Acknowledges nothing by itself; what is read after it is acknowledged after it.
+        // Acknowledges nothing by itself (the lowest position of all); what is read after it
+        // is acknowledged after it.
+        history: 0,
         end_lsn: Lsn(0),
         commit_time_us: pipeline::unix_micros(),
         inv: flush,

@@ -1,8 +1,10 @@
 //! Where changes come from: the logical replication client and the publication/slot setup,
-//! or (notify mode) the trigger-filled outbox.
+//! whether a reconnected server still holds our history, or (notify mode) the trigger-filled
+//! outbox.
 
 pub mod connect;
 pub mod drift;
+pub mod history;
 pub mod invalidate;
 pub mod notify;
 pub mod replication;

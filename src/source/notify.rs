@@ -5,7 +5,7 @@
 //! ```text
 //!  INSERT/UPDATE/DELETE/TRUNCATE ─trigger─▶ invalidator.outbox ─(NOTIFY is a hint; poll 1 s)─┐
 //!                                                                                          ▼
-//!   DELETE ... WHERE id = ANY(confirmed ids) ◀── watch<Lsn> ◀── delete loop ◀── Committed{round}
+//!   DELETE ... WHERE id = ANY(confirmed ids) ◀── watch<Position> ◀── delete loop ◀── Committed{round}
 //! ```
 //!
 //! The outbox is the truth: a row stays until its deletes are confirmed, so a crash re-reads it
@@ -411,6 +411,7 @@ pub async fn repair_partitions(
     // Acknowledges nothing by itself (round numbers start at 1); queued behind what was read.
     let _ = queue
         .send(Committed {
+            history: 0,
             end_lsn: Lsn(0),
             commit_time_us: crate::pipeline::unix_micros(),
             inv: flush,
@@ -652,7 +653,7 @@ pub async fn stream(
     progress: &mut Progress,
 ) -> Result<SourceEnd, NotifyError> {
     // Confirmations that arrived while disconnected.
-    progress.confirm(*links.confirmed.borrow());
+    progress.confirm(links.confirmed_lsn());
     acknowledge(client, progress).await?;
     let queue = links.queue.clone();
     let mut poll = tokio::time::interval(POLL);
@@ -669,7 +670,7 @@ pub async fn stream(
             biased;
             // Acknowledge first: it is what keeps the outbox short.
             changed = links.confirmed.changed() => {
-                progress.confirm(*links.confirmed.borrow());
+                progress.confirm(links.confirmed_lsn());
                 acknowledge(client, progress).await?;
                 if changed.is_err() {
                     // The delete loop has stopped (shutdown): that was the last confirmation.
@@ -752,6 +753,8 @@ async fn read_round(
     progress.in_flight.push_back((round, ids));
     // Even a round with nothing to delete is queued: its confirmation acknowledges its rows.
     progress.pending = Some(Committed {
+        // Notify mode never starts a new history: the outbox is the truth.
+        history: 0,
         end_lsn: round,
         commit_time_us: first_time,
         inv,

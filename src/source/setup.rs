@@ -9,6 +9,7 @@ use std::future::Future;
 
 use crate::change::{Lsn, Op, TableName};
 use crate::rules::RuleSet;
+use crate::source::history::NewHistory;
 use crate::source::replication::{ReplicationClient, ReplicationError};
 
 /// Rows of text values, as the simple query protocol returns them.
@@ -153,28 +154,82 @@ pub struct Action {
 pub struct Plan {
     /// The statements to run, in order.
     pub actions: Vec<Action>,
-    /// The slot is being recreated after it was lost or dropped while the publication existed:
-    /// changes were missed and nobody knows which, so every key the rules can produce must go.
-    pub slot_reset: bool,
+    /// The slot must be recreated because changes were missed and nobody knows which: every key
+    /// the rules can produce must go. `actions` then do not create it: `run` does, through a
+    /// temporary slot, once Redis has confirmed that flush (see `run`'s `reset_slot`).
+    pub reset: Option<SlotReset>,
+}
+
+/// Why the slot is recreated and the cache flushed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlotReset {
+    /// The slot does not exist although it did (the publication carries no "not created yet"
+    /// mark): it was dropped.
+    Dropped,
+    /// Postgres invalidated it (`wal_status = lost`).
+    Lost,
+    /// The server is not on the history our positions belong to (a restore, a failover).
+    NewHistory(NewHistory),
+}
+
+impl SlotReset {
+    /// Every reason, so the metric has a series for each from the start.
+    pub const ALL: [SlotReset; 6] = [
+        SlotReset::Dropped,
+        SlotReset::Lost,
+        SlotReset::NewHistory(NewHistory::OtherSystem),
+        SlotReset::NewHistory(NewHistory::OtherTimeline),
+        SlotReset::NewHistory(NewHistory::WalBehind),
+        SlotReset::NewHistory(NewHistory::SlotAhead),
+    ];
+
+    /// The `reason` label of `invalidator_slot_resets_total`.
+    pub fn label(self) -> &'static str {
+        match self {
+            SlotReset::Dropped => "slot_dropped",
+            SlotReset::Lost => "slot_lost",
+            SlotReset::NewHistory(history) => history.label(),
+        }
+    }
+
+    /// What happened, for the error log and `setup`'s refusal.
+    pub fn describe(self) -> &'static str {
+        match self {
+            SlotReset::Dropped => "does not exist although the publication does: it was dropped",
+            SlotReset::Lost => "has lost WAL it needed (wal_status = lost)",
+            SlotReset::NewHistory(history) => history.describe(),
+        }
+    }
 }
 
 /// Whether setup may recreate a slot that was lost or dropped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SlotLoss {
-    /// Recreate it and report [`Plan::slot_reset`] (`run`, which then flushes the cache).
+    /// Recreate it and report [`Plan::reset`] (`run`, which then flushes the cache).
     Recreate,
     /// Refuse with an error (`setup`, which cannot flush the cache).
     Refuse,
 }
 
+/// The comment a publication that invalidator created carries until the slot exists, written
+/// in the transaction that creates it: a slot missing beside it was never created, which is no
+/// loss (a first install that failed halfway). Only the publication's owner can write it.
+fn not_created_yet(slot: &str) -> String {
+    format!("invalidator: replication slot {slot} not created yet")
+}
+
 /// Works out what is missing: tables are checked, then the publication, then the slot (the
-/// publication must exist before the slot, or pgoutput fails on WAL older than it).
+/// publication must exist before the slot, or pgoutput fails on WAL older than it). `history`
+/// says the server is not on the history of our positions (`run` only): its slot is replaced.
+/// Nothing is planned that cannot complete: a slot that must be created is checked first
+/// against `wal_level` and the free `max_replication_slots`.
 pub async fn plan(
     db: &mut impl Sql,
     tables: &BTreeSet<TableName>,
     publication: &str,
     slot: &str,
     loss: SlotLoss,
+    history: Option<NewHistory>,
 ) -> Result<Plan, SetupError> {
     let missing = missing_tables(db, tables).await?;
     if !missing.is_empty() {
@@ -182,27 +237,47 @@ pub async fn plan(
     }
     let mut plan = Plan::default();
     let (publication_existed, action) = publication_action(db, tables, publication).await?;
-    plan.actions.extend(action);
-    let create = Action {
-        why: format!("create logical replication slot {slot} (pgoutput)"),
+    let marked = if publication_existed {
+        marked_not_created(db, publication, slot).await?
+    } else {
+        true
+    };
+    if let Some(mut action) = action {
+        if !publication_existed {
+            // One simple query is one transaction: the publication never exists unmarked.
+            action.sql = format!(
+                "{}; COMMENT ON PUBLICATION {} IS {}",
+                action.sql,
+                quote_ident(publication),
+                quote_literal(&not_created_yet(slot))
+            );
+        }
+        plan.actions.push(action);
+    }
+    let unmark = Action {
+        why: format!("clear the \"slot not created yet\" mark of publication {publication}"),
         sql: format!(
-            "SELECT lsn FROM pg_create_logical_replication_slot({}, 'pgoutput')",
-            quote_literal(slot)
+            "COMMENT ON PUBLICATION {} IS NULL",
+            quote_ident(publication)
         ),
     };
-    let lost = match slot_info(db, slot).await? {
-        // A new publication means a new installation: nothing was ever acknowledged.
-        None if !publication_existed => {
-            plan.actions.push(create);
-            return Ok(plan);
-        }
-        None => "does not exist although publication exists: it was dropped",
+    let drop = |why: &str| Action {
+        why: format!("drop replication slot {slot}, which {why}"),
+        sql: format!("SELECT pg_drop_replication_slot({})", quote_literal(slot)),
+    };
+    let info = slot_info(db, slot).await?;
+    let reset = match &info {
+        None => match history {
+            Some(history) => Some(SlotReset::NewHistory(history)),
+            None if marked => None,
+            None => Some(SlotReset::Dropped),
+        },
         Some(info) if info.plugin.as_deref() != Some("pgoutput") => {
             return Err(SetupError::BadSlot {
                 slot: slot.to_owned(),
                 problem: format!(
                     "uses plugin {:?}, not pgoutput; drop it or choose another slot name",
-                    info.plugin.unwrap_or_default()
+                    info.plugin.clone().unwrap_or_default()
                 ),
             });
         }
@@ -213,28 +288,117 @@ pub async fn plan(
             });
         }
         Some(info) if info.wal_status.as_deref() == Some("lost") => {
-            plan.actions.push(Action {
-                why: format!("drop replication slot {slot}, which lost WAL it needed"),
-                sql: format!("SELECT pg_drop_replication_slot({})", quote_literal(slot)),
-            });
-            "has lost WAL it needed (wal_status = lost)"
+            plan.actions.push(drop("lost WAL it needed"));
+            Some(SlotReset::Lost)
         }
-        Some(_) => return Ok(plan),
+        Some(_) => match history {
+            Some(history) => {
+                plan.actions
+                    .push(drop("holds a position of another history of the server"));
+                Some(SlotReset::NewHistory(history))
+            }
+            None => {
+                if marked {
+                    // A start that stopped between creating the slot and clearing the mark.
+                    plan.actions.push(unmark);
+                }
+                return Ok(plan);
+            }
+        },
+    };
+    let Some(reset) = reset else {
+        slot_can_be_created(db, slot, 1).await?;
+        plan.actions.push(Action {
+            why: format!("create logical replication slot {slot} (pgoutput)"),
+            sql: format!(
+                "SELECT lsn FROM pg_create_logical_replication_slot({}, 'pgoutput')",
+                quote_literal(slot)
+            ),
+        });
+        plan.actions.push(unmark);
+        return Ok(plan);
     };
     match loss {
         SlotLoss::Recreate => {
-            plan.actions.push(create);
-            plan.slot_reset = true;
+            // The replacement is made from a temporary slot: two at once, less the one dropped.
+            slot_can_be_created(db, slot, if info.is_some() { 1 } else { 2 }).await?;
+            plan.reset = Some(reset);
             Ok(plan)
         }
         SlotLoss::Refuse => Err(SetupError::BadSlot {
             slot: slot.to_owned(),
             problem: format!(
-                "{lost}; changes were missed, so `invalidator run` must recreate it: it \
-                 deletes every key the rules can produce first"
+                "{}; changes were missed, so `invalidator run` must recreate it: it \
+                 deletes every key the rules can produce first",
+                reset.describe()
             ),
         }),
     }
+}
+
+/// Whether `publication` carries the "slot not created yet" mark for `slot`, and this role
+/// could clear it once the slot exists. A mark it cannot clear would stay after the slot is
+/// created, and a later loss would pass for a first install: it counts as no mark.
+async fn marked_not_created(
+    db: &mut impl Sql,
+    publication: &str,
+    slot: &str,
+) -> Result<bool, SetupError> {
+    let rows = db
+        .query(&format!(
+            "SELECT coalesce(obj_description(oid, 'pg_publication') = {}, false) \
+             AND pg_has_role(pubowner, 'USAGE') FROM pg_publication WHERE pubname = {}",
+            quote_literal(&not_created_yet(slot)),
+            quote_literal(publication)
+        ))
+        .await?;
+    Ok(rows
+        .first()
+        .and_then(|r| r.first().cloned().flatten())
+        .as_deref()
+        == Some("t"))
+}
+
+/// Fails, before anything is created, when `needed` slots cannot be created: `wal_level` is
+/// not `logical`, or `max_replication_slots` leaves too few free.
+async fn slot_can_be_created(db: &mut impl Sql, slot: &str, needed: i64) -> Result<(), SetupError> {
+    let rows = db
+        .query(
+            "SELECT current_setting('wal_level'), current_setting('max_replication_slots'), \
+             (SELECT count(*) FROM pg_replication_slots)::text",
+        )
+        .await?;
+    let unexpected = || SetupError::Unexpected("the query of wal_level and slots".to_owned());
+    let [Some(wal_level), Some(max), Some(used)] = rows
+        .into_iter()
+        .next()
+        .and_then(|row| <[Option<String>; 3]>::try_from(row).ok())
+        .ok_or_else(unexpected)?
+    else {
+        return Err(unexpected());
+    };
+    let problem = if wal_level != "logical" {
+        format!(
+            "cannot be created: logical decoding needs wal_level = logical and the server has \
+             wal_level = {wal_level}; set it and restart Postgres (nothing was created)"
+        )
+    } else {
+        let (max, used) = (
+            max.parse::<i64>().map_err(|_| unexpected())?,
+            used.parse::<i64>().map_err(|_| unexpected())?,
+        );
+        if max - used >= needed {
+            return Ok(());
+        }
+        format!(
+            "cannot be created: max_replication_slots = {max} and {used} slots exist, {needed} \
+             more needed; raise it or drop unused slots (nothing was created)"
+        )
+    };
+    Err(SetupError::BadSlot {
+        slot: slot.to_owned(),
+        problem,
+    })
 }
 
 /// What the publication needs so that it holds every one of `tables`: created when it does not

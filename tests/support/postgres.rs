@@ -226,6 +226,36 @@ impl PgCluster {
         self.start_again();
     }
 
+    /// Takes a base backup of the running server (`pg_basebackup`, WAL included) into a
+    /// directory of this cluster and returns it, for [`PgCluster::restore`]. Like every base
+    /// backup it holds no replication slots.
+    pub fn base_backup(&self) -> PathBuf {
+        let backup = self.dir.join(format!("backup-{}", super::unique_name("b")));
+        run_checked(
+            Command::new("runuser")
+                .args(["-u", "postgres", "--"])
+                .arg(self.bindir.join("pg_basebackup"))
+                .arg("-h")
+                .arg(&self.dir)
+                .args(["-p", &self.port.to_string(), "-U", "postgres", "-D"])
+                .arg(&backup)
+                .args(["-X", "stream", "--no-sync", "-c", "fast"]),
+        );
+        backup
+    }
+
+    /// Stops the server and starts `backup` (from [`PgCluster::base_backup`]) in its place, on
+    /// the same port: a restore from a base backup, whose WAL ends where the backup ended.
+    pub fn restore(&self, backup: &Path) {
+        self.stop(StopMode::Fast);
+        let replaced = self
+            .dir
+            .join(format!("replaced-{}", super::unique_name("d")));
+        std::fs::rename(&self.data, &replaced).expect("move the data directory aside");
+        std::fs::rename(backup, &self.data).expect("put the backup in its place");
+        self.start_again();
+    }
+
     /// Whether the server is running (`pg_ctl status`).
     pub fn is_running(&self) -> bool {
         self.pg_ctl(&["status"]).status.success()

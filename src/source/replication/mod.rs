@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! ReplicationClient::connect   startup with replication=database, auth (trust, password, md5, SCRAM)
-//!   .simple_query / .identify_system / .create_slot
+//!   .simple_query / .identify_system / .timeline_history / .create_slot
 //!   .start_replication ──▶ ReplicationStream
 //!                            .next()        XLogData (one pgoutput message) or Keepalive; cancel-safe
 //!                            .send_status() standby status update: how far we have flushed
@@ -211,6 +211,18 @@ impl ReplicationClient {
             xlog_pos: parse_lsn("IDENTIFY_SYSTEM", xlog_pos)?,
             dbname: dbname.clone(),
         })
+    }
+
+    /// The history file of `timeline` (`TIMELINE_HISTORY`): one line per earlier timeline with
+    /// the position where it ended. Timeline 1 has none; the server answers with an error.
+    pub async fn timeline_history(&mut self, timeline: u32) -> Result<String, ReplicationError> {
+        let rows = self
+            .simple_query(&format!("TIMELINE_HISTORY {timeline}"))
+            .await?;
+        let Some(Some(content)) = rows.first().and_then(|row| row.get(1)) else {
+            return Err(bad_answer("TIMELINE_HISTORY", "a content column"));
+        };
+        Ok(content.clone())
     }
 
     /// Creates a logical slot for pgoutput without exporting a snapshot, and returns its
