@@ -601,8 +601,8 @@ fn wait_replica_in_sync(replica: &RedisServer) {
     });
 }
 
-#[tokio::test]
-async fn with_wait_replicas_a_delete_is_done_only_once_a_replica_confirmed_it() {
+/// A primary with one replica in sync, and a deleter with `wait_replicas = 1` on the primary.
+async fn primary_with_replica_waited_for() -> (RedisServer, RedisServer, Deleter) {
     let primary = RedisServer::start();
     let port = primary.port().to_string();
     let replica = RedisServer::start_with(&["--replicaof", "127.0.0.1", &port]);
@@ -611,9 +611,15 @@ async fn with_wait_replicas_a_delete_is_done_only_once_a_replica_confirmed_it() 
         wait_replicas: 1,
         ..impatient()
     };
-    let mut deleter = Deleter::connect_with(&primary.url(), options)
+    let deleter = Deleter::connect_with(&primary.url(), options)
         .await
         .expect("connect");
+    (primary, replica, deleter)
+}
+
+#[tokio::test]
+async fn with_wait_replicas_a_delete_is_done_only_once_a_replica_confirmed_it() {
+    let (primary, replica, mut deleter) = primary_with_replica_waited_for().await;
 
     primary.set_keys(["w:1"]);
     deleter
@@ -652,17 +658,7 @@ async fn with_wait_replicas_a_delete_is_done_only_once_a_replica_confirmed_it() 
 
 #[tokio::test]
 async fn wait_replicas_is_awaited_on_a_retry_that_finds_nothing_left_to_delete() {
-    let primary = RedisServer::start();
-    let port = primary.port().to_string();
-    let replica = RedisServer::start_with(&["--replicaof", "127.0.0.1", &port]);
-    wait_replica_in_sync(&replica);
-    let options = DeleterOptions {
-        wait_replicas: 1,
-        ..impatient()
-    };
-    let mut deleter = Deleter::connect_with(&primary.url(), options)
-        .await
-        .expect("connect");
+    let (primary, replica, mut deleter) = primary_with_replica_waited_for().await;
 
     // The first attempt deletes and is not replicated; the retry of the same batch deletes
     // nothing (the keys are gone on the primary), but the first attempt's deletes are still
