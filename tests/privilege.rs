@@ -46,3 +46,44 @@ fn runs_as_a_role_with_only_replication_and_select() {
         "the password reached the log"
     );
 }
+
+/// The README's least-privilege install by hand: the owner creates the publication, the
+/// sidecar's role creates the slot before its first `run`. That first run is not a lost slot:
+/// nothing is flushed, and the stream starts at once.
+#[test]
+fn a_publication_made_by_hand_with_its_slot_made_first_flushes_nothing_on_day_one() {
+    let f = Fixture::new(SCHEMA, RULES);
+    let role = unique_name("role");
+    let password = "s3cret-never-logged";
+    let slot = &f.setup.slot;
+    f.sql(&format!(
+        "CREATE ROLE {role} WITH LOGIN REPLICATION PASSWORD '{password}';
+         GRANT SELECT ON items, plain, shop.orders, sentinel TO {role};
+         GRANT USAGE ON SCHEMA shop TO {role};
+         CREATE PUBLICATION {slot} FOR TABLE items, plain, shop.orders, sentinel;"
+    ));
+    let url = PgCluster::shared().url_as(&role, password, &f.db);
+    let out = std::process::Command::new("psql")
+        .args([url.as_str(), "-v", "ON_ERROR_STOP=1", "-c"])
+        .arg(format!(
+            "SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput')"
+        ))
+        .output()
+        .expect("psql runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let limited = Setup::new(&url, &f.redis.url(), RULES);
+    let config = std::fs::read_to_string(limited.config()).unwrap();
+    std::fs::write(limited.config(), config.replace(&limited.slot, slot)).unwrap();
+    // Cached before the first run and never written: only a flush would delete it.
+    f.cache(&["item:99", "item:1"]);
+    let sidecar = limited.start();
+    f.sql("INSERT INTO items VALUES (1, 'a', 'b', 0)");
+    f.wait_deleted(&["item:1"]);
+    assert!(f.redis.exists("item:99"), "the first run flushed the cache");
+    assert_eq!(sidecar.metric_sum("invalidator_slot_resets_total"), 0.0);
+}
