@@ -766,6 +766,7 @@ async fn outbox_once(
         .batch_execute(&format!("LISTEN {}", setup::quote_ident(notify::CHANNEL)))
         .await
         .map_err(NotifyError::from)?;
+    notify::prove_listen(&config.postgres, &mut hints).await?;
     *streamed = true;
     health.set_source(None);
     tracing::info!(channel = notify::CHANNEL, "reading the outbox");

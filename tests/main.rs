@@ -14,6 +14,7 @@ mod memory;
 mod notify;
 mod observability;
 mod partitions;
+mod pooler;
 mod privilege;
 mod reload;
 mod replication;

@@ -66,7 +66,7 @@ fn fixture_without_setup() -> Fixture {
 }
 
 /// Sets `postgres.mode = "notify"` in a configuration.
-fn notify_config(setup: &Setup) {
+pub(crate) fn notify_config(setup: &Setup) {
     let path = setup.config();
     let config = std::fs::read_to_string(&path).expect("read the config");
     let config = config.replacen("[postgres]\n", "[postgres]\nmode = \"notify\"\n", 1);

@@ -189,8 +189,14 @@ impl Sidecar {
     /// SIGTERM, then waits up to `deadline` for the exit status; `None` if the process is still
     /// running then (it is killed with SIGKILL, so nothing outlives the test).
     pub fn terminate_within(&mut self, deadline: Duration) -> Option<ExitStatus> {
+        signal(self.child.as_ref().expect("running").id(), "TERM");
+        self.exit_within(deadline)
+    }
+
+    /// Waits up to `deadline` for the process to exit by itself; `None` if it is still running
+    /// then (it is killed with SIGKILL, so nothing outlives the test).
+    pub fn exit_within(&mut self, deadline: Duration) -> Option<ExitStatus> {
         let mut child = self.child.take().expect("running");
-        signal(child.id(), "TERM");
         let start = std::time::Instant::now();
         loop {
             if let Some(status) = child.try_wait().expect("wait") {

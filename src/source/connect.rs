@@ -67,6 +67,9 @@ pub enum ConnectError {
         #[source]
         source: tokio_postgres::Error,
     },
+    /// A connection pooler answers instead of Postgres.
+    #[error(transparent)]
+    Pooler(#[from] PoolerError),
 }
 
 impl ConnectError {
@@ -74,7 +77,7 @@ impl ConnectError {
     /// errors outside the connection, shutdown and too-many-connections classes.
     pub fn is_transient(&self) -> bool {
         match self {
-            ConnectError::Url { .. } => false,
+            ConnectError::Url { .. } | ConnectError::Pooler(_) => false,
             ConnectError::Tls(e) => e.is_transient(),
             ConnectError::Postgres { source, .. } => source.as_db_error().is_none_or(|db| {
                 let code = db.code().code();
@@ -82,6 +85,62 @@ impl ConnectError {
             }),
         }
     }
+}
+
+/// A connection pooler (PgBouncer, Supavisor) stands where Postgres should: replication
+/// connections cannot go through one, and LISTEN and the notify reader's session lock do not
+/// survive one in transaction mode. Permanent: only another URL helps.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{host} is a connection pooler, not PostgreSQL ({evidence}): {needs}; point postgres.url at \
+     PostgreSQL itself (on Supabase: the direct connection, db.<project>.supabase.co port 5432, \
+     not the pooler)"
+)]
+pub struct PoolerError {
+    /// The host the URL names.
+    host: String,
+    /// How we know.
+    evidence: String,
+    /// What the connection was for, and why a pooler breaks it.
+    needs: &'static str,
+}
+
+/// What each kind of connection needs that a pooler takes away.
+fn needs(replication: bool) -> &'static str {
+    if replication {
+        "logical replication needs a direct connection"
+    } else {
+        "notify mode needs LISTEN and a session lock, which a pooler in transaction mode does \
+         not keep"
+    }
+}
+
+/// Supabase's pooler (Supavisor), known by its host name, before any connection is tried: it
+/// cannot carry replication, and on port 6543 it pools transactions.
+pub fn supabase_pooler(config: &tokio_postgres::Config, replication: bool) -> Option<PoolerError> {
+    let host = first_host(config);
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    (host.ends_with(".pooler.supabase.com") && (replication || port == 6543)).then(|| PoolerError {
+        host,
+        evidence: format!("Supabase's pooler, port {port}"),
+        needs: needs(replication),
+    })
+}
+
+/// A pooler known by how it refused the connection: Postgres accepts every startup parameter
+/// we send, PgBouncer refuses those it does not know (`unsupported startup parameter: ...`).
+pub fn pooler_refusal(
+    config: &tokio_postgres::Config,
+    message: &str,
+    replication: bool,
+) -> Option<PoolerError> {
+    message
+        .starts_with("unsupported startup parameter")
+        .then(|| PoolerError {
+            host: first_host(config),
+            evidence: format!("it refused the connection: {message}"),
+            needs: needs(replication),
+        })
 }
 
 /// A TLS failure; it names the server but never a password.
@@ -435,6 +494,12 @@ pub async fn open(
     }
     let tls = MakeRustls::with_host_check(&config, postgres.ca_file.as_deref(), check_host)?;
     config.connect(tls).await.map_err(|source| {
+        if let Some(pooler) = source
+            .as_db_error()
+            .and_then(|db| pooler_refusal(&config, db.message(), false))
+        {
+            return pooler.into();
+        }
         // Our own TLS error is inside tokio-postgres's; surface it so it is classified right.
         let cause = source.source();
         match cause.and_then(|e| e.downcast_ref::<TlsError>()) {
@@ -611,6 +676,37 @@ impl<S: AsyncRead + AsyncWrite + Unpin> tokio_postgres::tls::TlsStream for Rustl
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn supabases_pooler_is_known_by_name_for_replication_and_for_transaction_mode() {
+        let url = |port: u16| {
+            parse_url(&format!(
+                "postgres://postgres.ref@aws-0-eu-central-1.pooler.supabase.com:{port}/postgres"
+            ))
+            .unwrap()
+            .0
+        };
+        assert!(supabase_pooler(&url(5432), true).is_some());
+        assert!(supabase_pooler(&url(6543), true).is_some());
+        assert!(supabase_pooler(&url(6543), false).is_some());
+        // Session mode keeps LISTEN and session locks.
+        assert!(supabase_pooler(&url(5432), false).is_none());
+        let direct = parse_url("postgres://postgres@db.ref.supabase.co:5432/postgres").unwrap();
+        assert!(supabase_pooler(&direct.0, true).is_none());
+    }
+
+    #[test]
+    fn a_refused_startup_parameter_is_a_pooler_and_other_errors_are_not() {
+        let config = parse_url("postgres://u@10.0.0.5:6432/db").unwrap().0;
+        let pooler =
+            pooler_refusal(&config, "unsupported startup parameter: replication", true).unwrap();
+        assert!(
+            pooler
+                .to_string()
+                .starts_with("10.0.0.5 is a connection pooler")
+        );
+        assert!(pooler_refusal(&config, "password authentication failed", true).is_none());
+    }
 
     #[test]
     fn a_missing_or_empty_ca_file_is_refused_with_its_path() {

@@ -542,6 +542,14 @@ pub enum NotifyError {
     /// The connection could not be opened (URL, TLS, server).
     #[error(transparent)]
     Connect(#[from] ConnectError),
+    /// A notification sent over a second session never reached the listening one.
+    #[error(
+        "LISTEN does not work on this connection: a NOTIFY sent over a second session did not \
+         arrive within {0:?}. A connection pooler in transaction mode (PgBouncer, Supavisor on \
+         port 6543) does this, and it breaks the reader's session lock too; point postgres.url \
+         at PostgreSQL itself, or at a pooler in session mode"
+    )]
+    Deaf(Duration),
 }
 
 impl NotifyError {
@@ -551,6 +559,7 @@ impl NotifyError {
             NotifyError::Postgres(e) => e.is_transient(),
             NotifyError::Closed => true,
             NotifyError::Connect(e) => e.is_transient(),
+            NotifyError::Deaf(_) => false,
         }
     }
 }
@@ -613,6 +622,12 @@ impl Progress {
 pub async fn connect(
     postgres: &PostgresConfig,
 ) -> Result<(tokio_postgres::Client, mpsc::UnboundedReceiver<()>), NotifyError> {
+    // A URL that does not parse fails in `open`, with its own message.
+    if let Ok((config, _)) = crate::source::connect::parse_url(&postgres.url)
+        && let Some(pooler) = crate::source::connect::supabase_pooler(&config, false)
+    {
+        return Err(ConnectError::from(pooler).into());
+    }
     let (client, mut connection) = crate::source::connect::open(postgres).await?;
     let (hint_tx, hint_rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
@@ -631,6 +646,28 @@ pub async fn connect(
         }
     });
     Ok((client, hint_rx))
+}
+
+/// How long [`prove_listen`] waits for its notification.
+const PROBE_WAIT: Duration = Duration::from_secs(5);
+
+/// Proves that the session behind `hints` receives notifications, once it listens on
+/// [`CHANNEL`]: a second session sends one. Postgres delivers it in milliseconds; a pooler in
+/// transaction mode hands the listening server session to others between transactions, and the
+/// notification goes to whoever holds it then, or nowhere. The extra hint only wakes the reader.
+pub async fn prove_listen(
+    postgres: &PostgresConfig,
+    hints: &mut mpsc::UnboundedReceiver<()>,
+) -> Result<(), NotifyError> {
+    let sender = crate::source::connect::connect(postgres).await?;
+    sender
+        .execute("SELECT pg_notify($1, 'probe')", &[&CHANNEL])
+        .await?;
+    match tokio::time::timeout(PROBE_WAIT, hints.recv()).await {
+        Ok(Some(())) => Ok(()),
+        Ok(None) => Err(NotifyError::Closed),
+        Err(_) => Err(NotifyError::Deaf(PROBE_WAIT)),
+    }
 }
 
 /// Tries to take the reader lock on the session of `client`: `false` when another instance

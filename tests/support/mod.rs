@@ -9,6 +9,7 @@
 // Each test module uses a different part of this toolkit; what one binary leaves unused is not dead.
 #![allow(dead_code, unused_imports)]
 
+mod pgbouncer;
 mod ports;
 mod postgres;
 mod proxy;
@@ -17,6 +18,7 @@ mod tls;
 mod wait;
 mod watchdog;
 
+pub use self::pgbouncer::PgBouncer;
 pub use self::ports::free_port;
 pub use self::postgres::{PgCluster, StopMode};
 pub use self::proxy::{CutMode, TcpProxy};

@@ -37,6 +37,9 @@ pub enum ReplicationError {
     /// name.
     #[error("invalid replication setting: {0}")]
     Invalid(String),
+    /// A connection pooler answers instead of Postgres.
+    #[error(transparent)]
+    Pooler(#[from] crate::source::connect::PoolerError),
     /// The server closed the connection without an error message.
     #[error("the server closed the replication connection")]
     Closed,
@@ -71,7 +74,8 @@ impl ReplicationError {
             ReplicationError::Server { code, .. } => is_transient_code(code),
             ReplicationError::Protocol(_)
             | ReplicationError::Auth(_)
-            | ReplicationError::Invalid(_) => false,
+            | ReplicationError::Invalid(_)
+            | ReplicationError::Pooler(_) => false,
         }
     }
 }

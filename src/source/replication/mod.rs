@@ -39,7 +39,7 @@ use tokio_postgres::config::{ChannelBinding, Host, SslMode, SslNegotiation};
 
 use crate::change::Lsn;
 use crate::source::connect::{
-    DEFAULT_CONNECT_TIMEOUT, TlsError, client_config, handshake, verifies,
+    self, DEFAULT_CONNECT_TIMEOUT, TlsError, client_config, handshake, verifies,
 };
 use conn::{Backend, Connection, Socket, log_notice, server_error, unexpected};
 pub use error::ReplicationError;
@@ -135,15 +135,26 @@ impl ReplicationClient {
             .get_connect_timeout()
             .copied()
             .unwrap_or(DEFAULT_CONNECT_TIMEOUT);
+        if let Some(pooler) = connect::supabase_pooler(config, true) {
+            return Err(pooler.into());
+        }
         let tls = (ca_file, check_host);
-        tokio::time::timeout(limit, connect(config, application_name, tls))
+        let connected = tokio::time::timeout(limit, connect(config, application_name, tls))
             .await
             .map_err(|_| {
                 ReplicationError::Io(std::io::Error::new(
                     std::io::ErrorKind::TimedOut,
                     format!("connecting to postgres timed out after {limit:?}"),
                 ))
-            })?
+            })?;
+        match connected {
+            Err(ReplicationError::Server { message, .. })
+                if let Some(pooler) = connect::pooler_refusal(config, &message, true) =>
+            {
+                Err(pooler.into())
+            }
+            other => other,
+        }
     }
 
     /// A server parameter reported at startup or since, e.g. `server_version`.
