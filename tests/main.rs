@@ -19,6 +19,7 @@ mod reload;
 mod replication;
 mod sidecar;
 mod slots;
+mod standby;
 mod support;
 mod targets;
 mod tls;

@@ -732,6 +732,26 @@ pub async fn slot_info(db: &mut impl Sql, slot: &str) -> Result<Option<SlotInfo>
     }))
 }
 
+/// The process id of the walsender streaming from `slot`, or `None` when the slot is free or
+/// does not exist: how a standby waits, and how `teardown` refuses, without asking for the slot
+/// itself (each refused `START_REPLICATION` is an ERROR in the server's log).
+pub async fn slot_holder(db: &mut impl Sql, slot: &str) -> Result<Option<String>, SetupError> {
+    let rows = db
+        .query(&format!(
+            "SELECT coalesce(active_pid::text, '') FROM pg_replication_slots \
+             WHERE slot_name = {} AND active",
+            quote_literal(slot)
+        ))
+        .await?;
+    Ok(rows.into_iter().next().map(|row| {
+        row.into_iter()
+            .next()
+            .flatten()
+            .filter(|pid| !pid.is_empty())
+            .unwrap_or_else(|| "unknown".to_owned())
+    }))
+}
+
 /// Facts about one table that decide what a rule can rely on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TableInfo {
