@@ -22,4 +22,5 @@ mod slots;
 mod standby;
 mod support;
 mod targets;
+mod teardown;
 mod tls;

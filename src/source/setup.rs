@@ -218,6 +218,18 @@ fn not_created_yet(slot: &str) -> String {
     format!("invalidator: replication slot {slot} not created yet")
 }
 
+/// The comment that replaces [`not_created_yet`] once the slot exists: the publication stays
+/// marked as invalidator's, so `teardown` drops it and leaves anyone else's alone.
+fn created_for(slot: &str) -> String {
+    format!("invalidator: created for replication slot {slot}")
+}
+
+/// Whether `comment`, a publication's, is one of the marks invalidator writes on a publication
+/// it created for `slot`.
+pub(crate) fn created_by_invalidator(comment: Option<&str>, slot: &str) -> bool {
+    comment.is_some_and(|c| c == not_created_yet(slot) || c == created_for(slot))
+}
+
 /// Works out what is missing: tables are checked, then the publication, then the slot (the
 /// publication must exist before the slot, or pgoutput fails on WAL older than it). `history`
 /// says the server is not on the history of our positions (`run` only): its slot is replaced.
@@ -257,8 +269,9 @@ pub async fn plan(
     let unmark = Action {
         why: format!("clear the \"slot not created yet\" mark of publication {publication}"),
         sql: format!(
-            "COMMENT ON PUBLICATION {} IS NULL",
-            quote_ident(publication)
+            "COMMENT ON PUBLICATION {} IS {}",
+            quote_ident(publication),
+            quote_literal(&created_for(slot))
         ),
     };
     let drop = |why: &str| Action {
