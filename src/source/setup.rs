@@ -267,7 +267,7 @@ pub async fn plan(
         plan.actions.push(action);
     }
     let unmark = Action {
-        why: format!("clear the \"slot not created yet\" mark of publication {publication}"),
+        why: format!("mark publication {publication} as created by invalidator, its slot now made"),
         sql: format!(
             "COMMENT ON PUBLICATION {} IS {}",
             quote_ident(publication),
