@@ -391,7 +391,23 @@ fn host_of(url: &str) -> &str {
 
 #[cfg(test)]
 mod tests {
-    use super::host_of;
+    use super::{host_of, library_name};
+    use ::redis::Value;
+
+    #[test]
+    fn a_function_list_entry_names_its_library_in_resp2_and_resp3() {
+        let name = |s: &str| Value::BulkString(s.as_bytes().to_vec());
+        let resp2 = Value::Array(vec![
+            name("library_name"),
+            name("invalidator"),
+            name("engine"),
+            name("LUA"),
+        ]);
+        assert_eq!(library_name(&resp2), Some("invalidator"));
+        let resp3 = Value::Map(vec![(name("library_name"), name("other"))]);
+        assert_eq!(library_name(&resp3), Some("other"));
+        assert_eq!(library_name(&Value::Nil), None);
+    }
 
     #[test]
     fn host_of_skips_credentials_port_and_path() {

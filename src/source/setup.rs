@@ -844,6 +844,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_publication_is_invalidators_only_with_a_mark_for_its_slot() {
+        let slot = "invalidator";
+        assert!(created_by_invalidator(Some(&not_created_yet(slot)), slot));
+        assert!(created_by_invalidator(Some(&created_for(slot)), slot));
+        assert!(!created_by_invalidator(Some(&created_for("other")), slot));
+        assert!(!created_by_invalidator(Some("ours, by hand"), slot));
+        assert!(!created_by_invalidator(None, slot));
+    }
+
+    #[test]
     fn quoting_doubles_the_quote_character() {
         assert_eq!(quote_ident("we\"ird"), "\"we\"\"ird\"");
         assert_eq!(quote_literal("o'clock"), "'o''clock'");
