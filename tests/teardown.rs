@@ -225,3 +225,19 @@ fn teardown_keeps_a_publication_invalidator_did_not_create() {
     let (_, out) = f.setup.command(&["teardown"]);
     assert_nothing_to_remove(&out);
 }
+
+#[test]
+fn teardown_reports_an_unreachable_redis_and_removes_the_rest() {
+    let f = installed(Mode::Replication);
+    let config = std::fs::read_to_string(f.setup.config()).expect("read the config");
+    let config = config.replace(&f.redis.url(), "redis://127.0.0.1:1/0");
+    std::fs::write(f.setup.config(), config).expect("write the config");
+    let (status, out) = f.setup.command(&["teardown"]);
+    assert!(status.success(), "{out}");
+    assert!(
+        out.contains("not checked: redis redis://127.0.0.1:1/0"),
+        "{out}"
+    );
+    let [slot, publication, schema, ..] = left(&f);
+    assert!(!slot && !publication && !schema, "{out}");
+}
