@@ -11,7 +11,7 @@ use invalidator::change::Op;
 use invalidator::check;
 use invalidator::config::{Config, LogFormat, Mode};
 use invalidator::rules::RuleSet;
-use invalidator::source::{invalidate, notify, setup};
+use invalidator::source::{invalidate, notify, setup, teardown};
 use invalidator::{explain, run};
 use tokio_util::sync::CancellationToken;
 
@@ -92,6 +92,17 @@ pub enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Remove what `setup` and `run` created: the slot, the publication (when invalidator
+    /// created it), schema invalidator (outbox, functions), the capture triggers and any
+    /// invalidator library in Redis; refuses while an instance runs.
+    Teardown {
+        /// Configuration file [default: ./invalidator.toml].
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Print the SQL and Redis commands instead of running them.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Write a starter invalidator.toml and rules/tables.toml (one commented example rule per
     /// table) for an existing database; never overwrites a file.
     Init {
@@ -118,6 +129,7 @@ impl Command {
             | Command::Check { config, .. }
             | Command::Explain { config, .. }
             | Command::Setup { config, .. }
+            | Command::Teardown { config, .. }
             | Command::Status { config } => config.as_deref(),
             Command::Init { .. } => None,
         }
@@ -174,8 +186,8 @@ pub enum Format {
 pub struct Loaded {
     /// The validated configuration.
     pub config: Config,
-    /// The compiled rules.
-    pub rules: Arc<RuleSet>,
+    /// The compiled rules; `None` for `teardown`, the one command that needs none.
+    pub rules: Option<Arc<RuleSet>>,
 }
 
 /// Loads the configuration and compiles the rules.
@@ -196,6 +208,13 @@ pub fn load(command: &Command) -> anyhow::Result<Loaded> {
             );
         }
     })?;
+    // `teardown` finds what to remove in the catalog, not in the rules, which may be gone.
+    if matches!(command, Command::Teardown { .. }) {
+        return Ok(Loaded {
+            config,
+            rules: None,
+        });
+    }
     let rules = RuleSet::load(&config.rules_path)
         .inspect_err(|e| {
             if json {
@@ -213,13 +232,21 @@ pub fn load(command: &Command) -> anyhow::Result<Loaded> {
         })?;
     Ok(Loaded {
         config,
-        rules: Arc::new(rules),
+        rules: Some(Arc::new(rules)),
     })
 }
 
 /// Runs a subcommand whose configuration and rules loaded.
 pub async fn execute(command: Command, loaded: Loaded) -> anyhow::Result<ExitCode> {
     let Loaded { config, rules } = loaded;
+    if let Command::Teardown { dry_run, .. } = command {
+        let report = teardown::teardown(&config, dry_run).await?;
+        println!("{}", report.human());
+        return Ok(ExitCode::SUCCESS);
+    }
+    let Some(rules) = rules else {
+        anyhow::bail!("the rules were not loaded");
+    };
     match command {
         Command::Init { .. } => unreachable!("init runs before any configuration is loaded"),
         Command::Run { dry_run, .. } => {
@@ -309,6 +336,7 @@ pub async fn execute(command: Command, loaded: Loaded) -> anyhow::Result<ExitCod
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Teardown { .. } => unreachable!("teardown runs above, without rules"),
         Command::Status { .. } if config.postgres.mode == Mode::Notify => {
             let db = connect(&config).await?;
             let (waiting, oldest) = notify::depth(&db)

@@ -19,12 +19,13 @@
 //! - [`rules`]: load and compile `rules/*.toml`, plan a change into keys and patterns; no I/O.
 //! - [`source`]: the replication client and the setup of publication and slot; in notify mode,
 //!   the trigger-filled outbox and its setup; in both, the SQL function
-//!   `invalidator.invalidate()` (`source::invalidate`).
+//!   `invalidator.invalidate()` (`source::invalidate`), and `source::teardown`, which removes
+//!   all of it again.
 //! - [`redact`]: hides passwords in URLs before they reach a log line or an error.
 //! - [`redis`]: the deleter: pipelined `UNLINK`, `SCAN` for patterns, never `KEYS`.
 //! - [`pipeline`]: the only place that wires source, rules, Redis and acknowledgement.
 //! - [`targets`]: several Redis targets: one delete loop each, acknowledged at their minimum.
-//! - [`run`]: the sidecar: HTTP, delete loop, reconnect loop.
+//! - [`run`]: the sidecar: HTTP, delete loop, reconnect loop, and the standby's wait.
 //! - [`reload`]: hot reload of the rules (file changes and SIGHUP), swapped between transactions.
 //! - [`dry_run`]: `run --dry-run`: log what would be deleted, from a temporary slot.
 //! - [`check`], [`explain`]: the developer commands, on the same compiled rules as `run`.

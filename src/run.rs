@@ -25,8 +25,10 @@ use crate::source::{connect, drift};
 use crate::targets::{self, Target};
 use crate::telemetry::{self, Health};
 
-/// How often a standby tries to take the slot.
-const STANDBY_POLL: std::time::Duration = std::time::Duration::from_secs(1);
+/// How often a standby asks the server, over an ordinary session, whether the slot (notify mode:
+/// the reader lock) is free: a catalog read, so often enough that a takeover follows within
+/// about a second, and quiet in both logs.
+const STANDBY_POLL: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// Why `run` stopped with a failure.
 #[derive(Debug, thiserror::Error)]
@@ -209,8 +211,6 @@ pub async fn run(
     let mut delays = pipeline::backoff();
     // Notify mode: what the outbox source keeps across reconnects.
     let mut progress = notify::Progress::default();
-    // Whether the last attempt found another instance active, so waiting is logged once.
-    let mut standby = false;
     // Replication mode: the server last streamed from, to tell a new history at a reconnect.
     let mut seen = None;
     let source_result = loop {
@@ -252,7 +252,8 @@ pub async fn run(
             // The connection worked: the next interruption starts from the shortest delay.
             delays = pipeline::backoff();
         }
-        let was_standby = std::mem::take(&mut standby);
+        // Whether another instance is active: the next attempt waits for it.
+        let mut standby = false;
         match attempt {
             Ok(Streamed::Finished) => break Ok(()),
             Ok(Streamed::Ended) => {
@@ -263,16 +264,6 @@ pub async fn run(
                 reason,
                 standby: true,
             }) => {
-                if !was_standby {
-                    match config.postgres.mode {
-                        Mode::Replication => tracing::info!(slot = %config.postgres.slot,
-                            "slot is active elsewhere; waiting as a standby"),
-                        Mode::Notify => tracing::info!(
-                            lock = notify::READER_LOCK,
-                            "another instance reads the outbox; waiting as a standby"
-                        ),
-                    }
-                }
                 health.set_source(Some(format!("standby: {reason}")));
                 standby = true;
             }
@@ -288,13 +279,27 @@ pub async fn run(
                 health.set_source(Some(reason));
             }
         }
-        // A standby polls the slot at a steady pace, so a takeover waits about a second rather
-        // than a grown backoff; other failures back off.
-        let delay = if standby {
-            STANDBY_POLL
-        } else {
-            delays.next().unwrap_or(std::time::Duration::from_secs(10))
-        };
+        // A standby waits until the holder is gone, then tries at once: a takeover follows
+        // within a poll rather than a grown backoff. Other failures back off.
+        if standby {
+            tokio::select! {
+                biased;
+                _ = deleter_done.cancelled() => break Ok(()),
+                waited = wait_as_standby(&config, &health) => match waited {
+                    Ok(()) => continue,
+                    Err(Failure::Permanent(message)) => break Err(RunError::Postgres(message)),
+                    Err(Failure::Transient { reason, .. }) => {
+                        metrics::counter!(telemetry::ERRORS_TOTAL, "kind" => "postgres")
+                            .increment(1);
+                        tracing::warn!(error = %reason, postgres = %redact(&config.postgres.url),
+                            "standby: cannot ask postgres whether the holder is gone; \
+                             reconnecting");
+                        health.set_source(Some(reason));
+                    }
+                },
+            }
+        }
+        let delay = delays.next().unwrap_or(std::time::Duration::from_secs(10));
         tokio::select! {
             biased;
             _ = deleter_done.cancelled() => break Ok(()),
@@ -316,6 +321,45 @@ pub async fn run(
     deleted?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Waits, as a standby, until no other instance holds the slot (notify mode: the reader lock),
+/// asking the server every [`STANDBY_POLL`] over one ordinary session. Logs the holder once,
+/// again only when it changes, and once when it is gone.
+async fn wait_as_standby(config: &Config, health: &Health) -> Result<(), Failure> {
+    let mut db = connect::connect(&config.postgres).await?;
+    let slot = &config.postgres.slot;
+    let mut logged: Option<String> = None;
+    loop {
+        let holder = match config.postgres.mode {
+            Mode::Replication => setup::slot_holder(&mut db, slot).await?,
+            Mode::Notify => notify::reader_lock_holder(&mut db).await?,
+        };
+        let Some(pid) = holder else {
+            match config.postgres.mode {
+                Mode::Replication => tracing::info!(slot = %slot, "slot free, taking over"),
+                Mode::Notify => tracing::info!("outbox reader lock free, taking over"),
+            }
+            return Ok(());
+        };
+        if logged.as_deref() != Some(pid.as_str()) {
+            let reason = match config.postgres.mode {
+                Mode::Replication => {
+                    tracing::info!(slot = %slot, pid = %pid,
+                        "standby: slot held by pid {pid}; waiting as a standby");
+                    format!("replication slot {slot} is held by pid {pid}")
+                }
+                Mode::Notify => {
+                    tracing::info!(lock = notify::READER_LOCK, pid = %pid,
+                        "standby: outbox reader lock held by pid {pid}; waiting as a standby");
+                    format!("the outbox reader lock is held by pid {pid}")
+                }
+            };
+            health.set_source(Some(format!("standby: {reason}")));
+            logged = Some(pid);
+        }
+        tokio::time::sleep(STANDBY_POLL).await;
+    }
 }
 
 /// Connects to Redis (the target named `target`, when there are several), retrying transient
@@ -526,6 +570,17 @@ async fn stream_once(
     // Between connections is between transactions.
     live.refresh();
     let mut client = connect_replication(config, "invalidator").await?;
+    // Asked before anything else: a standby would otherwise log and be refused at
+    // START_REPLICATION, an ERROR in the server's log, on every attempt.
+    if let Some(pid) = setup::slot_holder(&mut client, &config.postgres.slot).await? {
+        return Err(Failure::Transient {
+            reason: format!(
+                "replication slot {} is held by pid {pid}",
+                config.postgres.slot
+            ),
+            standby: true,
+        });
+    }
     let system = client.identify_system().await?;
     tracing::info!(
         system_id = %system.system_id,

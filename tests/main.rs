@@ -20,6 +20,8 @@ mod reload;
 mod replication;
 mod sidecar;
 mod slots;
+mod standby;
 mod support;
 mod targets;
+mod teardown;
 mod tls;

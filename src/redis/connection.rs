@@ -341,6 +341,21 @@ impl Handle {
         }
     }
 
+    /// Runs `command` on the server, or on every primary of a cluster with their array replies
+    /// combined: for commands about the server itself, such as `FUNCTION`.
+    pub(super) async fn on_primaries(&mut self, command: Cmd) -> RedisResult<Value> {
+        match self {
+            Handle::Single(manager) => command.query_async(manager).await,
+            Handle::Cluster(connection) => {
+                let routing = RoutingInfo::MultiNode((
+                    MultipleNodeRoutingInfo::AllMasters,
+                    Some(ResponsePolicy::CombineArrays),
+                ));
+                connection.route_command(command, routing).await
+            }
+        }
+    }
+
     /// Deletes `keys` with UNLINK and returns how many existed.
     pub(super) async fn unlink<K: ToRedisArgs + Sync>(&mut self, keys: &[K]) -> RedisResult<u64> {
         let mut deleted = 0;

@@ -9,3 +9,4 @@ pub mod invalidate;
 pub mod notify;
 pub mod replication;
 pub mod setup;
+pub mod teardown;

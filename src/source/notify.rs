@@ -679,6 +679,26 @@ pub async fn take_reader_lock(client: &tokio_postgres::Client) -> Result<bool, N
     Ok(row.try_get(0)?)
 }
 
+/// The process id of the session holding the reader lock in this database, or `None` when
+/// nobody does: a standby polls this instead of opening a session per attempt, and `teardown`
+/// refuses while it is held.
+pub async fn reader_lock_holder(db: &mut impl Sql) -> Result<Option<String>, SetupError> {
+    let key = READER_LOCK as u64;
+    let rows = db
+        .query(&format!(
+            "SELECT pid::text FROM pg_locks WHERE locktype = 'advisory' AND granted \
+             AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+             AND classid = {} AND objid = {} AND objsubid = 1",
+            key >> 32,
+            key & 0xffff_ffff
+        ))
+        .await?;
+    Ok(rows
+        .into_iter()
+        .next()
+        .and_then(|row| row.into_iter().next().flatten()))
+}
+
 /// Reads the outbox, queues each round and deletes confirmed rows from it, until the delete loop
 /// stops (shutdown: the last confirmed rows are deleted first) or the connection fails. `LISTEN`
 /// must have been issued on `client`.

@@ -218,6 +218,18 @@ fn not_created_yet(slot: &str) -> String {
     format!("invalidator: replication slot {slot} not created yet")
 }
 
+/// The comment that replaces [`not_created_yet`] once the slot exists: the publication stays
+/// marked as invalidator's, so `teardown` drops it and leaves anyone else's alone.
+fn created_for(slot: &str) -> String {
+    format!("invalidator: created for replication slot {slot}")
+}
+
+/// Whether `comment`, a publication's, is one of the marks invalidator writes on a publication
+/// it created for `slot`.
+pub(crate) fn created_by_invalidator(comment: Option<&str>, slot: &str) -> bool {
+    comment.is_some_and(|c| c == not_created_yet(slot) || c == created_for(slot))
+}
+
 /// Works out what is missing: tables are checked, then the publication, then the slot (the
 /// publication must exist before the slot, or pgoutput fails on WAL older than it). `history`
 /// says the server is not on the history of our positions (`run` only): its slot is replaced.
@@ -255,10 +267,11 @@ pub async fn plan(
         plan.actions.push(action);
     }
     let unmark = Action {
-        why: format!("clear the \"slot not created yet\" mark of publication {publication}"),
+        why: format!("mark publication {publication} as created by invalidator, its slot now made"),
         sql: format!(
-            "COMMENT ON PUBLICATION {} IS NULL",
-            quote_ident(publication)
+            "COMMENT ON PUBLICATION {} IS {}",
+            quote_ident(publication),
+            quote_literal(&created_for(slot))
         ),
     };
     let drop = |why: &str| Action {
@@ -732,6 +745,26 @@ pub async fn slot_info(db: &mut impl Sql, slot: &str) -> Result<Option<SlotInfo>
     }))
 }
 
+/// The process id of the walsender streaming from `slot`, or `None` when the slot is free or
+/// does not exist: how a standby waits, and how `teardown` refuses, without asking for the slot
+/// itself (each refused `START_REPLICATION` is an ERROR in the server's log).
+pub async fn slot_holder(db: &mut impl Sql, slot: &str) -> Result<Option<String>, SetupError> {
+    let rows = db
+        .query(&format!(
+            "SELECT coalesce(active_pid::text, '') FROM pg_replication_slots \
+             WHERE slot_name = {} AND active",
+            quote_literal(slot)
+        ))
+        .await?;
+    Ok(rows.into_iter().next().map(|row| {
+        row.into_iter()
+            .next()
+            .flatten()
+            .filter(|pid| !pid.is_empty())
+            .unwrap_or_else(|| "unknown".to_owned())
+    }))
+}
+
 /// Facts about one table that decide what a rule can rely on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TableInfo {
@@ -809,6 +842,16 @@ fn first_column(rows: Rows) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_publication_is_invalidators_only_with_a_mark_for_its_slot() {
+        let slot = "invalidator";
+        assert!(created_by_invalidator(Some(&not_created_yet(slot)), slot));
+        assert!(created_by_invalidator(Some(&created_for(slot)), slot));
+        assert!(!created_by_invalidator(Some(&created_for("other")), slot));
+        assert!(!created_by_invalidator(Some("ours, by hand"), slot));
+        assert!(!created_by_invalidator(None, slot));
+    }
 
     #[test]
     fn quoting_doubles_the_quote_character() {

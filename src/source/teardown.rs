@@ -1,0 +1,415 @@
+//! `invalidator teardown`: removes what `setup` and `run` created, in either mode, and nothing
+//! else. Idempotent: once everything is gone the plan is empty.
+//!
+//! ```text
+//!  refuse while held: the slot (pg_replication_slots.active) or the outbox reader lock
+//!  DROP TRIGGER ... (every trigger calling invalidator.capture())
+//!  pg_drop_replication_slot(slot)          only a pgoutput slot of this database
+//!  DROP PUBLICATION publication            only one marked as created by invalidator
+//!  DROP EXTENSION hstore                   only in schema invalidator and used by nothing else
+//!  DROP SCHEMA invalidator CASCADE         the outbox, capture(), invalidate()
+//!  FUNCTION DELETE invalidator             on each Redis where that library is loaded
+//! ```
+//!
+//! What looks like ours but may not be is kept and said so ([`Plan::kept`]): a publication
+//! without invalidator's mark (created by someone else, or by a version that did not mark it)
+//! may publish tables for other subscribers, and which of its tables `setup` added cannot be
+//! told, so it is left whole.
+
+use crate::config::{Config, PostgresConfig};
+use crate::redis::{DeleteError, Deleter, DeleterOptions};
+use crate::source::invalidate::{SCHEMA, server_version};
+use crate::source::notify::{self, TRUNCATE_TRIGGER};
+use crate::source::setup::{
+    self, Action, SetupError, Sql, created_by_invalidator, quote_ident, quote_literal,
+};
+
+/// The name of the Redis Functions library invalidator would load. None is loaded today;
+/// teardown removes one of that name wherever it finds it, so a version that loads one is
+/// retired by the same command.
+pub const REDIS_LIBRARY: &str = "invalidator";
+
+/// Teardown cannot go ahead.
+#[derive(Debug, thiserror::Error)]
+pub enum TeardownError {
+    /// An instance streams from the slot.
+    #[error(
+        "replication slot {slot} is in use by pid {pid} (an `invalidator run`?): stop it first; \
+         nothing was removed"
+    )]
+    SlotInUse {
+        /// The slot name.
+        slot: String,
+        /// The walsender's process id.
+        pid: String,
+    },
+    /// An instance reads the outbox.
+    #[error(
+        "the outbox reader lock is held by pid {pid} (an `invalidator run` in notify mode): \
+         stop it first; nothing was removed"
+    )]
+    ReaderRunning {
+        /// The holding session's process id.
+        pid: String,
+    },
+    /// Reading the catalog or removing an object failed.
+    #[error(transparent)]
+    Setup(#[from] SetupError),
+    /// A Redis server failed.
+    #[error(transparent)]
+    Redis(#[from] DeleteError),
+    /// The database cannot be reached.
+    #[error(transparent)]
+    Connect(#[from] crate::source::connect::ConnectError),
+}
+
+/// What teardown found in Postgres and will do.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// The statements to run, in order.
+    pub actions: Vec<Action>,
+    /// What was found and is left in place, each with why.
+    pub kept: Vec<String>,
+}
+
+/// Works out what to remove from the database, after refusing while an instance holds the slot
+/// or the reader lock (in either mode: a configuration switched between modes can leave both).
+pub async fn plan(db: &mut impl Sql, postgres: &PostgresConfig) -> Result<Plan, TeardownError> {
+    let slot = &postgres.slot;
+    if let Some(pid) = setup::slot_holder(db, slot).await? {
+        return Err(TeardownError::SlotInUse {
+            slot: slot.clone(),
+            pid,
+        });
+    }
+    if let Some(pid) = notify::reader_lock_holder(db).await? {
+        return Err(TeardownError::ReaderRunning { pid });
+    }
+    let mut plan = Plan::default();
+    plan.actions.extend(triggers(db).await?);
+    if let Some(info) = setup::slot_info(db, slot).await? {
+        if info.plugin.as_deref() == Some("pgoutput") && info.same_database {
+            plan.actions.push(Action {
+                why: format!("drop replication slot {slot}"),
+                sql: format!("SELECT pg_drop_replication_slot({})", quote_literal(slot)),
+            });
+        } else {
+            plan.kept.push(format!(
+                "replication slot {slot}: not a pgoutput slot of this database, so not \
+                 invalidator's"
+            ));
+        }
+    }
+    let publication = &postgres.publication;
+    let comment = db
+        .query(&format!(
+            "SELECT obj_description(oid, 'pg_publication') FROM pg_publication \
+             WHERE pubname = {}",
+            quote_literal(publication)
+        ))
+        .await?;
+    if let Some(row) = comment.first() {
+        let comment = row.first().cloned().flatten();
+        if created_by_invalidator(comment.as_deref(), slot) {
+            plan.actions.push(Action {
+                why: format!("drop publication {publication}"),
+                sql: format!("DROP PUBLICATION {}", quote_ident(publication)),
+            });
+        } else {
+            plan.kept.push(format!(
+                "publication {publication}: not marked as created by invalidator (its comment \
+                 says so when it is), so it may serve others; if nothing else uses it: DROP \
+                 PUBLICATION {};",
+                quote_ident(publication)
+            ));
+        }
+    }
+    plan.actions.extend(schema(db, &mut plan.kept).await?);
+    Ok(plan)
+}
+
+/// Drops every trigger that calls `invalidator.capture()`: those on the rules' tables and on
+/// their partitions, and those left on tables the rules no longer name. A row trigger cloned
+/// onto a partition goes with its parent's and cannot be dropped by itself.
+async fn triggers(db: &mut impl Sql) -> Result<Vec<Action>, SetupError> {
+    let clones = if server_version(db).await? >= 130_000 {
+        " AND t.tgparentid = 0"
+    } else {
+        ""
+    };
+    let rows = db
+        .query(&format!(
+            "SELECT t.tgname, n.nspname, c.relname FROM pg_trigger t \
+             JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE t.tgfoid = coalesce(to_regprocedure({})::oid, 0) AND NOT t.tgisinternal{clones} \
+             ORDER BY n.nspname, c.relname, t.tgname",
+            quote_literal(&format!("{}.capture()", quote_ident(SCHEMA)))
+        ))
+        .await?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|row| match row.as_slice() {
+            [Some(trigger), Some(schema), Some(table)] => Some(Action {
+                why: format!(
+                    "drop trigger {trigger} on {schema}.{table} (captures {})",
+                    if trigger == TRUNCATE_TRIGGER {
+                        "truncates"
+                    } else {
+                        "row changes"
+                    }
+                ),
+                sql: format!(
+                    "DROP TRIGGER IF EXISTS {} ON {}.{}",
+                    quote_ident(trigger),
+                    quote_ident(schema),
+                    quote_ident(table)
+                ),
+            }),
+            _ => None,
+        })
+        .collect())
+}
+
+/// Drops schema `invalidator` with what is in it. hstore, which `setup` installs there when the
+/// database lacks it, goes first, unless objects outside it use it (a column of type hstore):
+/// then it and the schema stay, and only invalidator's own objects in it go. "Use" is a
+/// column, view, function, type, default or constraint that depends on one of its members; the
+/// operator classes inside the extension do not count.
+async fn schema(db: &mut impl Sql, kept: &mut Vec<String>) -> Result<Vec<Action>, SetupError> {
+    if !crate::source::invalidate::has_schema(db).await? {
+        return Ok(Vec::new());
+    }
+    let schema = quote_ident(SCHEMA);
+    let hstore = db
+        .query(&format!(
+            "SELECT (SELECT count(*) FROM pg_depend d WHERE d.deptype = 'n' \
+             AND d.classid IN ('pg_class'::regclass, 'pg_rewrite'::regclass, \
+             'pg_proc'::regclass, 'pg_type'::regclass, 'pg_attrdef'::regclass, \
+             'pg_constraint'::regclass) \
+             AND (d.refclassid, d.refobjid) IN (SELECT m.classid, m.objid FROM pg_depend m \
+             WHERE m.refclassid = 'pg_extension'::regclass AND m.refobjid = e.oid \
+             AND m.deptype = 'e') \
+             AND NOT EXISTS (SELECT 1 FROM pg_depend x WHERE x.classid = d.classid \
+             AND x.objid = d.objid AND x.deptype = 'e'))::text \
+             FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace \
+             WHERE e.extname = 'hstore' AND n.nspname = {}",
+            quote_literal(SCHEMA)
+        ))
+        .await?;
+    let mut actions = Vec::new();
+    match hstore.first().and_then(|r| r.first().cloned().flatten()) {
+        Some(users) if users != "0" => {
+            kept.push(format!(
+                "extension hstore and schema {SCHEMA}: {users} objects outside the extension \
+                 use hstore (a column of type hstore?); dropping invalidator's objects only"
+            ));
+            for (what, sql) in [
+                (
+                    format!("drop the outbox table {SCHEMA}.outbox"),
+                    format!("DROP TABLE IF EXISTS {schema}.outbox"),
+                ),
+                (
+                    format!("drop the trigger function {SCHEMA}.capture()"),
+                    format!("DROP FUNCTION IF EXISTS {schema}.capture()"),
+                ),
+                (
+                    format!("drop the function {SCHEMA}.invalidate(text)"),
+                    format!("DROP FUNCTION IF EXISTS {schema}.invalidate(text)"),
+                ),
+            ] {
+                actions.push(Action { why: what, sql });
+            }
+            return retain_existing(db, actions).await;
+        }
+        Some(_) => actions.push(Action {
+            why: format!("drop extension hstore, which setup installed in schema {SCHEMA}"),
+            sql: "DROP EXTENSION hstore".to_owned(),
+        }),
+        None => {}
+    }
+    actions.push(Action {
+        why: format!(
+            "drop schema {SCHEMA} and what is in it (the outbox, capture(), invalidate())"
+        ),
+        sql: format!("DROP SCHEMA {schema} CASCADE"),
+    });
+    Ok(actions)
+}
+
+/// The ones of the `DROP ... IF EXISTS` actions of [`schema`] whose object exists, so a
+/// second teardown that keeps the schema has nothing to do.
+async fn retain_existing(
+    db: &mut impl Sql,
+    actions: Vec<Action>,
+) -> Result<Vec<Action>, SetupError> {
+    let schema = quote_ident(SCHEMA);
+    let exists = [
+        format!(
+            "to_regclass({})",
+            quote_literal(&format!("{schema}.outbox"))
+        ),
+        format!(
+            "to_regprocedure({})",
+            quote_literal(&format!("{schema}.capture()"))
+        ),
+        format!(
+            "to_regprocedure({})",
+            quote_literal(&format!("{schema}.invalidate(text)"))
+        ),
+    ];
+    let mut out = Vec::new();
+    for (action, test) in actions.into_iter().zip(exists) {
+        let rows = db
+            .query(&format!("SELECT ({test} IS NOT NULL)::text"))
+            .await?;
+        if rows
+            .first()
+            .and_then(|r| r.first().cloned().flatten())
+            .as_deref()
+            == Some("true")
+        {
+            out.push(action);
+        }
+    }
+    Ok(out)
+}
+
+/// What teardown found in one Redis.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedisFinding {
+    /// The library [`REDIS_LIBRARY`] is loaded there.
+    Library,
+    /// Nothing of invalidator's.
+    Nothing,
+    /// It could not be reached, so nothing was checked there: a retired cache may already be
+    /// gone, which is no reason to keep the database's objects.
+    Unreachable(String),
+}
+
+/// One Redis, what teardown found there, and the connection to act on it.
+#[derive(Debug)]
+pub struct RedisTarget {
+    /// Its URL, password hidden.
+    pub target: String,
+    /// What is there.
+    pub finding: RedisFinding,
+    /// The connection, when it could be reached.
+    deleter: Option<Deleter>,
+}
+
+impl RedisTarget {
+    /// Connects to `url` and asks whether [`REDIS_LIBRARY`] is loaded.
+    pub async fn inspect(url: &str, options: &DeleterOptions) -> Result<RedisTarget, DeleteError> {
+        let target = crate::redact::redact(url);
+        let unreachable = |e: DeleteError| RedisTarget {
+            target: target.clone(),
+            finding: RedisFinding::Unreachable(crate::telemetry::chain(&e)),
+            deleter: None,
+        };
+        let mut deleter = match Deleter::connect_with(url, options.clone()).await {
+            Ok(deleter) => deleter,
+            Err(e) if e.is_transient() => return Ok(unreachable(e)),
+            Err(e) => return Err(e),
+        };
+        let finding = match deleter.has_library(REDIS_LIBRARY).await {
+            Ok(true) => RedisFinding::Library,
+            Ok(false) => RedisFinding::Nothing,
+            Err(e) if e.is_transient() => return Ok(unreachable(e)),
+            Err(e) => return Err(e),
+        };
+        Ok(RedisTarget {
+            target,
+            finding,
+            deleter: Some(deleter),
+        })
+    }
+
+    /// The command that removes what was found, if anything was.
+    pub fn command(&self) -> Option<String> {
+        (self.finding == RedisFinding::Library).then(|| format!("FUNCTION DELETE {REDIS_LIBRARY}"))
+    }
+
+    /// Removes what was found.
+    pub async fn remove(&mut self) -> Result<(), DeleteError> {
+        match (&self.finding, self.deleter.as_mut()) {
+            (RedisFinding::Library, Some(deleter)) => deleter.delete_library(REDIS_LIBRARY).await,
+            _ => Ok(()),
+        }
+    }
+}
+
+/// What teardown did (or, in a dry run, would do), for printing.
+#[derive(Debug)]
+pub struct Report {
+    /// The database's part.
+    pub plan: Plan,
+    /// Each Redis, the default first.
+    pub redis: Vec<RedisTarget>,
+    /// Whether nothing was changed.
+    pub dry_run: bool,
+}
+
+impl Report {
+    /// For people: the SQL and Redis commands (dry run) or what was done, then what was kept;
+    /// "nothing to remove" when there was nothing.
+    pub fn human(&self) -> String {
+        let mut lines = Vec::new();
+        let commands: Vec<(&str, String)> = self
+            .redis
+            .iter()
+            .filter_map(|r| r.command().map(|c| (r.target.as_str(), c)))
+            .collect();
+        if self.plan.actions.is_empty() && commands.is_empty() {
+            lines.push("nothing to remove".to_owned());
+        }
+        for action in &self.plan.actions {
+            lines.push(if self.dry_run {
+                format!("-- {}\n{};", action.why, action.sql)
+            } else {
+                format!("done: {}", action.why)
+            });
+        }
+        for (target, command) in commands {
+            let why = format!("delete the Redis Functions library {REDIS_LIBRARY} from {target}");
+            lines.push(if self.dry_run {
+                format!("-- redis: {why}\n{command}")
+            } else {
+                format!("done: {why}")
+            });
+        }
+        for kept in &self.plan.kept {
+            lines.push(format!("kept: {kept}"));
+        }
+        for redis in &self.redis {
+            if let RedisFinding::Unreachable(reason) = &redis.finding {
+                lines.push(format!("not checked: redis {}: {reason}", redis.target));
+            }
+        }
+        lines.join("\n")
+    }
+}
+
+/// `invalidator teardown`: refuses while an instance runs, then removes (with `dry_run`, only
+/// reports) what [`plan`] finds in the database and the Redis library from every configured
+/// Redis.
+pub async fn teardown(config: &Config, dry_run: bool) -> Result<Report, TeardownError> {
+    let mut db = crate::source::connect::connect(&config.postgres).await?;
+    let plan = plan(&mut db, &config.postgres).await?;
+    let options = DeleterOptions::from_config(&config.redis)?;
+    let mut redis = Vec::new();
+    for url in std::iter::once(&config.redis_url).chain(config.redis_targets.iter().map(|t| &t.url))
+    {
+        redis.push(RedisTarget::inspect(url, &options).await?);
+    }
+    if !dry_run {
+        setup::apply(&mut db, &plan.actions).await?;
+        for target in &mut redis {
+            target.remove().await?;
+        }
+    }
+    Ok(Report {
+        plan,
+        redis,
+        dry_run,
+    })
+}
