@@ -158,26 +158,44 @@ impl Finding {
     }
 }
 
+impl Finding {
+    /// The finding on one line, without its severity and fix: where (file, line, rule, table)
+    /// and what, for an error message or a log line.
+    pub fn summary(&self) -> String {
+        Summary(self).to_string()
+    }
+}
+
+/// [`Finding::summary`]'s text.
+struct Summary<'a>(&'a Finding);
+
+impl fmt::Display for Summary<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let finding = self.0;
+        if let Some(file) = &finding.file {
+            write!(f, "{file}:")?;
+            if let Some(line) = finding.line {
+                write!(f, "{line}:")?;
+            }
+            f.write_str(" ")?;
+        }
+        match (&finding.rule, &finding.table) {
+            (Some(rule), Some(table)) => write!(f, "rule {rule:?} on {table}: ")?,
+            (Some(rule), None) => write!(f, "rule {rule:?}: ")?,
+            (None, Some(table)) => write!(f, "{table}: ")?,
+            (None, None) => {}
+        }
+        f.write_str(&finding.message)
+    }
+}
+
 impl fmt::Display for Finding {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self.severity {
             Severity::Error => "error: ",
             Severity::Warning => "warning: ",
         })?;
-        if let Some(file) = &self.file {
-            write!(f, "{file}:")?;
-            if let Some(line) = self.line {
-                write!(f, "{line}:")?;
-            }
-            f.write_str(" ")?;
-        }
-        match (&self.rule, &self.table) {
-            (Some(rule), Some(table)) => write!(f, "rule {rule:?} on {table}: ")?,
-            (Some(rule), None) => write!(f, "rule {rule:?}: ")?,
-            (None, Some(table)) => write!(f, "{table}: ")?,
-            (None, None) => {}
-        }
-        f.write_str(&self.message)?;
+        Summary(self).fmt(f)?;
         if let Some(fix) = &self.fix {
             write!(f, "\n  fix: {fix}")?;
         }
@@ -319,6 +337,14 @@ pub async fn check(
     let mut findings = analysis::findings(rules);
     findings.extend(database::findings(db, rules, postgres).await?);
     Ok(Report::new(findings))
+}
+
+/// The rules' tables that do not exist, and the rules naming a column (in a placeholder or in
+/// `changed`) that their table lacks, sorted by file and line: what `run` refuses at start
+/// and a reload refuses, since such a placeholder never has a value, so every key it is in
+/// would become a pattern matching the whole namespace.
+pub async fn unknown_names(db: &mut impl Sql, rules: &RuleSet) -> Result<Vec<Finding>, SetupError> {
+    Ok(Report::new(database::unknown_names(db, rules).await?).findings)
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::change::Lsn;
+use crate::check;
 use crate::config::{Config, Mode, PRIMARY_TARGET};
 use crate::dry_run::{self, NoDeletes};
 use crate::pgoutput::Decoder;
@@ -46,6 +47,9 @@ pub enum RunError {
     /// A permanent Redis problem (credentials).
     #[error(transparent)]
     Redis(#[from] DeleteError),
+    /// Rules name tables or columns the database lacks.
+    #[error("{0}")]
+    UnknownNames(String),
 }
 
 impl WalStream for ReplicationStream {
@@ -259,6 +263,7 @@ pub async fn run(
                 health.set_source(Some("the server ended the replication stream".to_owned()));
             }
             Err(Failure::Permanent(message)) => break Err(RunError::Postgres(message)),
+            Err(Failure::UnknownNames(message)) => break Err(RunError::UnknownNames(message)),
             Err(Failure::Transient {
                 reason,
                 standby: true,
@@ -372,6 +377,8 @@ enum Failure {
     Transient { reason: String, standby: bool },
     /// Not worth retrying.
     Permanent(String),
+    /// The rules name tables or columns the database lacks: not worth retrying either.
+    UnknownNames(String),
 }
 
 impl From<SetupError> for Failure {
@@ -406,6 +413,23 @@ impl From<SourceError> for Failure {
         };
         classify(e.is_transient(), telemetry::chain(&e), code)
     }
+}
+
+/// Refuses rules that name a table or a column the database lacks, before anything is set up or
+/// streamed: a placeholder whose column does not exist never has a value, so every key it is in
+/// would become a pattern deleting its whole namespace on every change. Checked on every
+/// connection (a start, a reconnect, a standby's takeover): the schema may have changed since.
+async fn check_names(db: &mut impl setup::Sql, rules: &RuleSet) -> Result<(), Failure> {
+    let unknown = check::unknown_names(db, rules).await?;
+    if unknown.is_empty() {
+        return Ok(());
+    }
+    let lines: Vec<String> = unknown.iter().map(check::Finding::summary).collect();
+    Err(Failure::UnknownNames(format!(
+        "the rules name what the database lacks (fix the rules, or the schema, then start \
+         again):\n  {}",
+        lines.join("\n  ")
+    )))
 }
 
 /// The one place that turns an error into "retry" or "give up".
@@ -533,6 +557,7 @@ async fn stream_once(
         wal = %system.xlog_pos,
         "connected"
     );
+    check_names(&mut client, live.rules()).await?;
     // Refused before anything is changed: only the publication's owner can repair these.
     let hidden = setup::hidden(&mut client, live.rules(), &config.postgres.publication).await?;
     if !hidden.is_empty() {
@@ -689,6 +714,7 @@ async fn dry_stream_once(
 ) -> Result<Streamed, Failure> {
     live.refresh();
     let mut client = connect_replication(config, "invalidator-dry-run").await?;
+    check_names(&mut client, live.rules()).await?;
     let publication = &config.postgres.publication;
     let tables = live.rules().tables().cloned().collect();
     let (existed, action) = setup::publication_action(&mut client, &tables, publication).await?;
@@ -742,6 +768,7 @@ async fn outbox_once(
 ) -> Result<Streamed, Failure> {
     live.refresh();
     let (mut client, mut hints) = notify::connect(&config.postgres).await?;
+    check_names(&mut client, live.rules()).await?;
     // `run` applies no DDL in notify mode: what `setup` would do must already be done, or
     // changes could be missed (a trigger that records too few columns) without anyone knowing.
     let mut actions = notify::plan(&mut client, live.rules()).await?;
@@ -789,6 +816,7 @@ async fn dry_outbox_once(
 ) -> Result<Streamed, Failure> {
     live.refresh();
     let (mut client, mut hints) = notify::connect(&config.postgres).await?;
+    check_names(&mut client, live.rules()).await?;
     let actions = notify::plan(&mut client, live.rules()).await?;
     if !actions.is_empty() {
         let missing: Vec<&str> = actions.iter().map(|a| a.why.as_str()).collect();

@@ -22,3 +22,4 @@ mod slots;
 mod support;
 mod targets;
 mod tls;
+mod unknown_names;
