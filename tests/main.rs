@@ -21,5 +21,6 @@ mod sidecar;
 mod slots;
 mod support;
 mod targets;
+mod text_form;
 mod tls;
 mod unknown_names;

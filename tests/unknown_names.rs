@@ -22,7 +22,7 @@ pub fn with_rule(table: &str, column: &str) -> (String, usize) {
 
 /// Runs `invalidator run` until it exits, for at most 30 s (then it is killed): the status, if
 /// it exited, and its output.
-fn run_to_exit(f: &Fixture) -> (Option<ExitStatus>, String) {
+pub fn run_to_exit(f: &Fixture) -> (Option<ExitStatus>, String) {
     let log = f.setup.dir.path().join("run.log");
     let mut child = Command::new(binary())
         .arg("run")
