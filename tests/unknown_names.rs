@@ -3,11 +3,12 @@
 //! placeholder never has a value, so its key would become a pattern deleting the whole
 //! namespace on every change.
 
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::e2e::{RULES, SCHEMA};
-use crate::sidecar::{Fixture, binary, in_both_modes};
+use crate::sidecar::{Fixture, binary, http_get, in_both_modes};
+use crate::support::wait_until;
 
 /// The rules with one more rule on `table` keyed on `{column}`, and the line of its `[[rule]]`.
 pub fn with_rule(table: &str, column: &str) -> (String, usize) {
@@ -20,11 +21,19 @@ pub fn with_rule(table: &str, column: &str) -> (String, usize) {
     (text, line)
 }
 
-/// Runs `invalidator run` until it exits, for at most 30 s (then it is killed): the status, if
-/// it exited, and its output.
-pub fn run_to_exit(f: &Fixture) -> (Option<ExitStatus>, String) {
-    let log = f.setup.dir.path().join("run.log");
-    let mut child = Command::new(binary())
+/// A running `invalidator run`, killed if the test ends before it exits.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `invalidator run` with its output in `run.log` of the configuration directory.
+fn spawn_run(f: &Fixture) -> Running {
+    let child = Command::new(binary())
         .arg("run")
         .arg("--config")
         .arg(f.setup.config())
@@ -32,22 +41,33 @@ pub fn run_to_exit(f: &Fixture) -> (Option<ExitStatus>, String) {
         .env_remove("REDIS_URL")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).expect("log file"))
+        .stderr(std::fs::File::create(f.setup.dir.path().join("run.log")).expect("log file"))
         .spawn()
         .expect("spawn invalidator run");
+    Running(child)
+}
+
+/// Waits at most 30 s for `child` to exit (then kills it): its status, if it exited, and its
+/// output.
+fn wait_exit(f: &Fixture, mut run: Running) -> (Option<ExitStatus>, String) {
     let start = Instant::now();
     let status = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
+        if let Some(status) = run.0.try_wait().expect("wait") {
             break Some(status);
         }
         if start.elapsed() > Duration::from_secs(30) {
-            let _ = child.kill();
-            let _ = child.wait();
             break None;
         }
         std::thread::sleep(Duration::from_millis(50));
     };
-    (status, std::fs::read_to_string(&log).unwrap_or_default())
+    let log = std::fs::read_to_string(f.setup.dir.path().join("run.log")).unwrap_or_default();
+    (status, log)
+}
+
+/// Runs `invalidator run` until it exits, for at most 30 s (then it is killed): the status, if
+/// it exited, and its output.
+pub fn run_to_exit(f: &Fixture) -> (Option<ExitStatus>, String) {
+    wait_exit(f, spawn_run(f))
 }
 
 /// Replaces the fixture's rules (after notify mode's `setup` ran with the good ones).
@@ -85,6 +105,32 @@ in_both_modes! {
         let path = f.setup.dir.path().join("rules/rules.toml").display().to_string();
         let expected = format!(
             "{path}:{line}: rule \"typo\" on public.nosuch: table public.nosuch does not exist"
+        );
+        assert!(log.contains(&expected), "{expected:?} not in:\n{log}");
+    }
+
+    /// The names are checked on every connection, not only at start: a column renamed while
+    /// running stops `run` at its next reconnect, naming the rule's file and line.
+    fn a_reconnect_after_a_column_is_renamed_stops_naming_file_and_line(mode: Mode) {
+        let f = Fixture::with_mode(SCHEMA, RULES, mode);
+        let child = spawn_run(&f);
+        wait_until(Duration::from_secs(30), "the sidecar is ready", || {
+            http_get(f.setup.http, "/readyz").is_some_and(|(status, _)| status == 200)
+        });
+        f.sql(
+            "ALTER TABLE plain RENAME COLUMN owner TO holder;
+             SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE datname = current_database() AND pid <> pg_backend_pid();",
+        );
+        let (status, log) = wait_exit(&f, child);
+        assert_eq!(status.and_then(|s| s.code()), Some(1), "{log}");
+        let line = RULES[..RULES.find("name = \"plain\"").expect("the rule")]
+            .lines()
+            .count();
+        let path = f.setup.dir.path().join("rules/rules.toml").display().to_string();
+        let expected = format!(
+            "{path}:{line}: rule \"plain\" on public.plain: public.plain has no column owner \
+             (it has id, holder)"
         );
         assert!(log.contains(&expected), "{expected:?} not in:\n{log}");
     }
