@@ -383,6 +383,18 @@ mod tests {
     }
 
     #[test]
+    fn a_summary_is_one_line_with_where_and_what() {
+        assert_eq!(
+            finding(Severity::Error, Some("ghost")).summary(),
+            "rules/a.toml:3: rule \"ghost\" on public.items: public.items has no column nope"
+        );
+        assert_eq!(
+            finding(Severity::Warning, None).summary(),
+            "public.items: public.items has no column nope"
+        );
+    }
+
+    #[test]
     fn human_output_names_file_line_rule_and_fix() {
         let rules = RuleSet::compile(&[(
             "rules/a.toml".to_owned(),

@@ -7,8 +7,8 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::e2e::{RULES, SCHEMA};
-use crate::sidecar::{Fixture, binary, http_get, in_both_modes};
-use crate::support::wait_until;
+use crate::sidecar::{Fixture, Mode, Setup, binary, http_get, in_both_modes};
+use crate::support::{PgCluster, wait_until};
 
 /// The rules with one more rule on `table` keyed on `{column}`, and the line of its `[[rule]]`.
 pub fn with_rule(table: &str, column: &str) -> (String, usize) {
@@ -32,16 +32,16 @@ impl Drop for Running {
 }
 
 /// Starts `invalidator run` with its output in `run.log` of the configuration directory.
-fn spawn_run(f: &Fixture) -> Running {
+fn spawn_run(setup: &Setup) -> Running {
     let child = Command::new(binary())
         .arg("run")
         .arg("--config")
-        .arg(f.setup.config())
+        .arg(setup.config())
         .env_remove("DATABASE_URL")
         .env_remove("REDIS_URL")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(std::fs::File::create(f.setup.dir.path().join("run.log")).expect("log file"))
+        .stderr(std::fs::File::create(setup.dir.path().join("run.log")).expect("log file"))
         .spawn()
         .expect("spawn invalidator run");
     Running(child)
@@ -49,7 +49,7 @@ fn spawn_run(f: &Fixture) -> Running {
 
 /// Waits at most 30 s for `child` to exit (then kills it): its status, if it exited, and its
 /// output.
-fn wait_exit(f: &Fixture, mut run: Running) -> (Option<ExitStatus>, String) {
+fn wait_exit(setup: &Setup, mut run: Running) -> (Option<ExitStatus>, String) {
     let start = Instant::now();
     let status = loop {
         if let Some(status) = run.0.try_wait().expect("wait") {
@@ -60,14 +60,14 @@ fn wait_exit(f: &Fixture, mut run: Running) -> (Option<ExitStatus>, String) {
         }
         std::thread::sleep(Duration::from_millis(50));
     };
-    let log = std::fs::read_to_string(f.setup.dir.path().join("run.log")).unwrap_or_default();
+    let log = std::fs::read_to_string(setup.dir.path().join("run.log")).unwrap_or_default();
     (status, log)
 }
 
 /// Runs `invalidator run` until it exits, for at most 30 s (then it is killed): the status, if
 /// it exited, and its output.
 pub fn run_to_exit(f: &Fixture) -> (Option<ExitStatus>, String) {
-    wait_exit(f, spawn_run(f))
+    wait_exit(&f.setup, spawn_run(&f.setup))
 }
 
 /// Replaces the fixture's rules (after notify mode's `setup` ran with the good ones).
@@ -113,7 +113,7 @@ in_both_modes! {
     /// running stops `run` at its next reconnect, naming the rule's file and line.
     fn a_reconnect_after_a_column_is_renamed_stops_naming_file_and_line(mode: Mode) {
         let f = Fixture::with_mode(SCHEMA, RULES, mode);
-        let child = spawn_run(&f);
+        let child = spawn_run(&f.setup);
         wait_until(Duration::from_secs(30), "the sidecar is ready", || {
             http_get(f.setup.http, "/readyz").is_some_and(|(status, _)| status == 200)
         });
@@ -122,7 +122,7 @@ in_both_modes! {
              SELECT pg_terminate_backend(pid) FROM pg_stat_activity
              WHERE datname = current_database() AND pid <> pg_backend_pid();",
         );
-        let (status, log) = wait_exit(&f, child);
+        let (status, log) = wait_exit(&f.setup, child);
         assert_eq!(status.and_then(|s| s.code()), Some(1), "{log}");
         let line = RULES[..RULES.find("name = \"plain\"").expect("the rule")]
             .lines()
@@ -133,5 +133,33 @@ in_both_modes! {
              (it has id, holder)"
         );
         assert!(log.contains(&expected), "{expected:?} not in:\n{log}");
+    }
+
+    /// A second instance whose rules name a missing column does not wait as a standby to take
+    /// over with them: it stops at once, naming the rule's file and line, while the first
+    /// instance keeps invalidating.
+    fn a_standby_naming_a_missing_column_stops_instead_of_waiting(mode: Mode) {
+        let f = Fixture::with_mode(SCHEMA, RULES, mode);
+        let _first = f.setup.start();
+        let (rules, line) = with_rule("plain", "ownr");
+        let url = PgCluster::shared().url(&f.db);
+        let second = Setup::with_slot(&url, &f.redis.url(), &rules, &f.setup.slot);
+        if mode == Mode::Notify {
+            let path = second.config();
+            let config = std::fs::read_to_string(&path).expect("read the config");
+            let config = config.replacen("[postgres]\n", "[postgres]\nmode = \"notify\"\n", 1);
+            std::fs::write(&path, config).expect("write the config");
+        }
+        let (status, log) = wait_exit(&second, spawn_run(&second));
+        assert_eq!(status.and_then(|s| s.code()), Some(1), "{log}");
+        let path = second.dir.path().join("rules/rules.toml").display().to_string();
+        let expected = format!(
+            "{path}:{line}: rule \"typo\" on public.plain: public.plain has no column ownr \
+             (it has id, owner)"
+        );
+        assert!(log.contains(&expected), "{expected:?} not in:\n{log}");
+        f.cache(&["plain:3"]);
+        f.sql("INSERT INTO plain VALUES (3, 'al')");
+        f.wait_deleted(&["plain:3"]);
     }
 }
