@@ -68,8 +68,9 @@ const fn fnv1a(bytes: &[u8]) -> i64 {
 
 /// The trigger function's body. It records, of the old and the new row, only the columns named
 /// by the trigger's arguments (the columns the table's rules read), in Postgres text form
-/// (`hstore(record)` uses each type's output function), SQL NULL as JSON null; `ext` is
-/// hstore's schema, quoted.
+/// (`hstore(record)` uses each type's output function, under the function's pinned
+/// [`TEXT_FORM`] rather than the writer's settings), SQL NULL as JSON null; `ext` is hstore's
+/// schema, quoted.
 fn function_body(ext: &str) -> String {
     format!(
         "\nDECLARE\n\
