@@ -347,6 +347,15 @@ pub async fn unknown_names(db: &mut impl Sql, rules: &RuleSet) -> Result<Vec<Fin
     Ok(Report::new(database::unknown_names(db, rules).await?).findings)
 }
 
+/// Rules naming what the database lacks, as the error that stops `run` and `setup`: one line per
+/// finding of [`unknown_names`], with its file and line.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the rules name what the database lacks (fix the rules, or the schema):{}",
+    .0.iter().map(|f| format!("\n  {}", f.summary())).collect::<String>()
+)]
+pub struct UnknownNames(pub Vec<Finding>);
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -48,8 +48,8 @@ pub enum RunError {
     #[error(transparent)]
     Redis(#[from] DeleteError),
     /// Rules name tables or columns the database lacks.
-    #[error("{0}")]
-    UnknownNames(String),
+    #[error(transparent)]
+    UnknownNames(#[from] check::UnknownNames),
 }
 
 impl WalStream for ReplicationStream {
@@ -263,7 +263,7 @@ pub async fn run(
                 health.set_source(Some("the server ended the replication stream".to_owned()));
             }
             Err(Failure::Permanent(message)) => break Err(RunError::Postgres(message)),
-            Err(Failure::UnknownNames(message)) => break Err(RunError::UnknownNames(message)),
+            Err(Failure::UnknownNames(unknown)) => break Err(unknown.into()),
             Err(Failure::Transient {
                 reason,
                 standby: true,
@@ -378,7 +378,7 @@ enum Failure {
     /// Not worth retrying.
     Permanent(String),
     /// The rules name tables or columns the database lacks: not worth retrying either.
-    UnknownNames(String),
+    UnknownNames(check::UnknownNames),
 }
 
 impl From<SetupError> for Failure {
@@ -424,12 +424,7 @@ async fn check_names(db: &mut impl setup::Sql, rules: &RuleSet) -> Result<(), Fa
     if unknown.is_empty() {
         return Ok(());
     }
-    let lines: Vec<String> = unknown.iter().map(check::Finding::summary).collect();
-    Err(Failure::UnknownNames(format!(
-        "the rules name what the database lacks (fix the rules, or the schema, then start \
-         again):\n  {}",
-        lines.join("\n  ")
-    )))
+    Err(Failure::UnknownNames(check::UnknownNames(unknown)))
 }
 
 /// The one place that turns an error into "retry" or "give up".

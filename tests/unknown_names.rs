@@ -162,4 +162,20 @@ in_both_modes! {
         f.sql("INSERT INTO plain VALUES (3, 'al')");
         f.wait_deleted(&["plain:3"]);
     }
+
+    /// `setup` refuses such rules too, with the same error, and changes nothing: setting up for
+    /// rules `run` refuses would only defer the error.
+    fn setup_refuses_a_rule_naming_a_column_the_table_lacks(mode: Mode) {
+        let f = Fixture::with_mode(SCHEMA, RULES, mode);
+        let (rules, line) = with_rule("plain", "ownr");
+        write_rules(&f, &rules);
+        let (status, out) = f.setup.command(&["setup"]);
+        assert_eq!(status.code(), Some(1), "{out}");
+        let path = f.setup.dir.path().join("rules/rules.toml").display().to_string();
+        let expected = format!(
+            "{path}:{line}: rule \"typo\" on public.plain: public.plain has no column ownr \
+             (it has id, owner)"
+        );
+        assert!(out.contains(&expected), "{expected:?} not in:\n{out}");
+    }
 }
