@@ -340,9 +340,9 @@ pub async fn check(
 }
 
 /// The rules' tables that do not exist, and the rules naming a column (in a placeholder or in
-/// `changed`) that their table lacks, sorted by file and line: what `run` refuses at start
-/// and a reload refuses, since such a placeholder never has a value, so every key it is in
-/// would become a pattern matching the whole namespace.
+/// `changed`) that their table lacks, sorted by file and line: what `run` (on every
+/// connection), `setup` and a reload refuse, since such a placeholder never has a value, so
+/// every key it is in would become a pattern matching the whole namespace.
 pub async fn unknown_names(db: &mut impl Sql, rules: &RuleSet) -> Result<Vec<Finding>, SetupError> {
     Ok(Report::new(database::unknown_names(db, rules).await?).findings)
 }
