@@ -158,26 +158,44 @@ impl Finding {
     }
 }
 
+impl Finding {
+    /// The finding on one line, without its severity and fix: where (file, line, rule, table)
+    /// and what, for an error message or a log line.
+    pub fn summary(&self) -> String {
+        Summary(self).to_string()
+    }
+}
+
+/// [`Finding::summary`]'s text.
+struct Summary<'a>(&'a Finding);
+
+impl fmt::Display for Summary<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let finding = self.0;
+        if let Some(file) = &finding.file {
+            write!(f, "{file}:")?;
+            if let Some(line) = finding.line {
+                write!(f, "{line}:")?;
+            }
+            f.write_str(" ")?;
+        }
+        match (&finding.rule, &finding.table) {
+            (Some(rule), Some(table)) => write!(f, "rule {rule:?} on {table}: ")?,
+            (Some(rule), None) => write!(f, "rule {rule:?}: ")?,
+            (None, Some(table)) => write!(f, "{table}: ")?,
+            (None, None) => {}
+        }
+        f.write_str(&finding.message)
+    }
+}
+
 impl fmt::Display for Finding {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self.severity {
             Severity::Error => "error: ",
             Severity::Warning => "warning: ",
         })?;
-        if let Some(file) = &self.file {
-            write!(f, "{file}:")?;
-            if let Some(line) = self.line {
-                write!(f, "{line}:")?;
-            }
-            f.write_str(" ")?;
-        }
-        match (&self.rule, &self.table) {
-            (Some(rule), Some(table)) => write!(f, "rule {rule:?} on {table}: ")?,
-            (Some(rule), None) => write!(f, "rule {rule:?}: ")?,
-            (None, Some(table)) => write!(f, "{table}: ")?,
-            (None, None) => {}
-        }
-        f.write_str(&self.message)?;
+        Summary(self).fmt(f)?;
         if let Some(fix) = &self.fix {
             write!(f, "\n  fix: {fix}")?;
         }
@@ -321,6 +339,23 @@ pub async fn check(
     Ok(Report::new(findings))
 }
 
+/// The rules' tables that do not exist, and the rules naming a column (in a placeholder or in
+/// `changed`) that their table lacks, sorted by file and line: what `run` (on every
+/// connection), `setup` and a reload refuse, since such a placeholder never has a value, so
+/// every key it is in would become a pattern matching the whole namespace.
+pub async fn unknown_names(db: &mut impl Sql, rules: &RuleSet) -> Result<Vec<Finding>, SetupError> {
+    Ok(Report::new(database::unknown_names(db, rules).await?).findings)
+}
+
+/// Rules naming what the database lacks, as the error that stops `run` and `setup`: one line per
+/// finding of [`unknown_names`], with its file and line.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the rules name what the database lacks (fix the rules, or the schema):{}",
+    .0.iter().map(|f| format!("\n  {}", f.summary())).collect::<String>()
+)]
+pub struct UnknownNames(pub Vec<Finding>);
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -354,6 +389,18 @@ mod tests {
         );
         assert_eq!(doc["warnings"][0]["rule"], serde_json::Value::Null);
         assert_eq!(doc["warnings"][0]["table"], "public.items");
+    }
+
+    #[test]
+    fn a_summary_is_one_line_with_where_and_what() {
+        assert_eq!(
+            finding(Severity::Error, Some("ghost")).summary(),
+            "rules/a.toml:3: rule \"ghost\" on public.items: public.items has no column nope"
+        );
+        assert_eq!(
+            finding(Severity::Warning, None).summary(),
+            "public.items: public.items has no column nope"
+        );
     }
 
     #[test]

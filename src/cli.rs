@@ -286,6 +286,11 @@ pub async fn execute(command: Command, loaded: Loaded) -> anyhow::Result<ExitCod
         } => explain_command(&config, &rules, &table, op, old, new, filter, format).await,
         Command::Setup { dry_run, .. } => {
             let mut db = connect(&config).await?;
+            // Setting up for rules that `run` refuses would only defer the error.
+            let unknown = check::unknown_names(&mut db, &rules).await?;
+            if !unknown.is_empty() {
+                return Err(check::UnknownNames(unknown).into());
+            }
             let tables = rules.tables().cloned().collect();
             let (actions, in_place) = match config.postgres.mode {
                 Mode::Replication => {

@@ -136,8 +136,10 @@ pub const WHERE_TIMEOUT: Duration = Duration::from_secs(10);
 /// ONLY transaction with a statement timeout, as one statement (the extended protocol takes no
 /// second one). Each value is its type's output function's text (`format('%s', ...)`), which is
 /// what pgoutput and the notify triggers send; `::text` differs for some types (`boolean` gives
-/// `true` rather than `t`). In replication mode, generated columns are left out (pgoutput does
-/// not send them), and so are the old-row columns the REPLICA IDENTITY does not send.
+/// `true` rather than `t`), and the settings that shape it are pinned as theirs are
+/// ([`crate::source::TEXT_FORM`]). In replication mode, generated columns are left out
+/// (pgoutput does not send them), and so are the old-row columns the REPLICA IDENTITY does not
+/// send.
 pub async fn rows_from_database(
     client: &mut tokio_postgres::Client,
     table: &TableName,
@@ -192,8 +194,13 @@ pub async fn rows_from_database(
         .start()
         .await
         .map_err(WhereError::Query)?;
+    // Values as the sources write them (see TEXT_FORM), whatever this role's settings are.
+    let text_form: String = crate::source::TEXT_FORM
+        .iter()
+        .map(|(name, value)| format!("; SET LOCAL {name} = {}", quote_literal(value)))
+        .collect();
     tx.batch_execute(&format!(
-        "SET LOCAL statement_timeout = {}",
+        "SET LOCAL statement_timeout = {}{text_form}",
         WHERE_TIMEOUT.as_millis()
     ))
     .await

@@ -23,9 +23,11 @@
 //!   placeholder becomes `*` (over-invalidation, never a miss). A restart, or a reconnect to
 //!   Postgres, stops with an error until `setup` has run, as a start always does; the outbox
 //!   keeps every change meanwhile, so nothing is lost.
-//! - rules naming a table (or, in notify mode, a column) that does not exist are rejected like
-//!   broken rules; so is a reload that needs the database while it cannot be reached (SIGHUP,
-//!   or the next edit, tries again).
+//! - rules naming a table or a column that does not exist are rejected like broken rules, in
+//!   both modes (a placeholder without a column would turn its keys into patterns deleting their
+//!   whole namespace): each is logged with its file and line, and the columns the table has; so
+//!   is a reload that needs the database while it cannot be reached (SIGHUP, or the next edit,
+//!   tries again).
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -36,6 +38,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::change::{Change, TableName};
+use crate::check::{self, Finding};
 use crate::config::{Mode, PostgresConfig};
 use crate::rules::{Invalidation, RuleSet, RuleTally};
 use crate::source::setup::{self, SetupError};
@@ -255,6 +258,10 @@ enum Rejected {
     /// No connection for the check.
     #[error(transparent)]
     Connect(#[from] connect::ConnectError),
+    /// The new rules name tables or columns the database lacks (each finding says which, with
+    /// its file and line).
+    #[error("the new rules name what the database lacks")]
+    UnknownNames(Vec<Finding>),
 }
 
 impl Reloader {
@@ -283,6 +290,14 @@ impl Reloader {
                     "rules reloaded; they apply from the next transaction"
                 );
             }
+            Err(Rejected::UnknownNames(unknown)) => {
+                metrics::counter!(telemetry::RULES_RELOAD_ERRORS_TOTAL).increment(1);
+                // Each on its own line, with its file and line, as for rules that do not load.
+                for finding in unknown {
+                    tracing::error!(error = %finding.summary(),
+                        "rules reload rejected; the running rules stay in effect");
+                }
+            }
             Err(e) => {
                 // The union may be in effect: the old rules come back.
                 self.updates.send_replace(old);
@@ -306,12 +321,19 @@ impl Reloader {
         let columns_changed = new
             .tables()
             .any(|t| new.columns_for(t) != old.columns_for(t));
+        // The names the running rules read were checked when they took effect.
+        if gained.is_empty() && !columns_changed {
+            return Ok(());
+        }
+        let mut db = connect::connect(&self.postgres).await?;
+        let unknown = check::unknown_names(&mut db, new).await?;
+        if !unknown.is_empty() {
+            return Err(Rejected::UnknownNames(unknown));
+        }
         match self.postgres.mode {
             Mode::Replication if gained.is_empty() => Ok(()),
-            Mode::Replication => self.extend_publication(old, new, &gained).await,
-            Mode::Notify if gained.is_empty() && !columns_changed => Ok(()),
+            Mode::Replication => self.extend_publication(&mut db, old, new, &gained).await,
             Mode::Notify => {
-                let mut db = connect::connect(&self.postgres).await?;
                 let actions = notify::plan(&mut db, new).await?;
                 if !actions.is_empty() {
                     let missing: Vec<&str> = actions.iter().map(|a| a.why.as_str()).collect();
@@ -333,18 +355,19 @@ impl Reloader {
     /// union of old and new rules in effect meanwhile.
     async fn extend_publication(
         &self,
+        db: &mut tokio_postgres::Client,
         old: &Arc<RuleSet>,
         new: &Arc<RuleSet>,
         gained: &BTreeSet<TableName>,
     ) -> Result<(), Rejected> {
-        let mut db = connect::connect(&self.postgres).await?;
-        let missing = setup::missing_tables(&mut db, gained).await?;
+        // A view or a sequence has a catalog entry but cannot be published.
+        let missing = setup::missing_tables(db, gained).await?;
         if !missing.is_empty() {
             return Err(SetupError::MissingTables(missing).into());
         }
         let publication = &self.postgres.publication;
         let all: BTreeSet<TableName> = new.tables().cloned().collect();
-        let (_, action) = setup::publication_action(&mut db, &all, publication).await?;
+        let (_, action) = setup::publication_action(db, &all, publication).await?;
         let Some(action) = action else {
             return Ok(());
         };
@@ -360,7 +383,7 @@ impl Reloader {
         // Until the ALTER is done, and a moment after (the stream may already carry the new
         // table's changes before this task learns the ALTER committed), plan with both.
         self.updates.send_replace(Arc::new(old.union(new)));
-        setup::apply(&mut db, std::slice::from_ref(&action)).await?;
+        setup::apply(db, std::slice::from_ref(&action)).await?;
         tracing::info!(
             publication = %publication,
             tables = %list(gained),

@@ -7,6 +7,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::change::Lsn;
+use crate::check;
 use crate::config::{Config, Mode, PRIMARY_TARGET};
 use crate::dry_run::{self, NoDeletes};
 use crate::pgoutput::Decoder;
@@ -48,6 +49,9 @@ pub enum RunError {
     /// A permanent Redis problem (credentials).
     #[error(transparent)]
     Redis(#[from] DeleteError),
+    /// Rules name tables or columns the database lacks.
+    #[error(transparent)]
+    UnknownNames(#[from] check::UnknownNames),
 }
 
 impl WalStream for ReplicationStream {
@@ -260,6 +264,7 @@ pub async fn run(
                 health.set_source(Some("the server ended the replication stream".to_owned()));
             }
             Err(Failure::Permanent(message)) => break Err(RunError::Postgres(message)),
+            Err(Failure::UnknownNames(unknown)) => break Err(unknown.into()),
             Err(Failure::Transient {
                 reason,
                 standby: true,
@@ -288,6 +293,7 @@ pub async fn run(
                 waited = wait_as_standby(&config, &health) => match waited {
                     Ok(()) => continue,
                     Err(Failure::Permanent(message)) => break Err(RunError::Postgres(message)),
+                    Err(Failure::UnknownNames(unknown)) => break Err(unknown.into()),
                     Err(Failure::Transient { reason, .. }) => {
                         metrics::counter!(telemetry::ERRORS_TOTAL, "kind" => "postgres")
                             .increment(1);
@@ -416,6 +422,8 @@ enum Failure {
     Transient { reason: String, standby: bool },
     /// Not worth retrying.
     Permanent(String),
+    /// The rules name tables or columns the database lacks: not worth retrying either.
+    UnknownNames(check::UnknownNames),
 }
 
 impl From<SetupError> for Failure {
@@ -450,6 +458,18 @@ impl From<SourceError> for Failure {
         };
         classify(e.is_transient(), telemetry::chain(&e), code)
     }
+}
+
+/// Refuses rules that name a table or a column the database lacks, before anything is set up or
+/// streamed: a placeholder whose column does not exist never has a value, so every key it is in
+/// would become a pattern deleting its whole namespace on every change. Checked on every
+/// connection (a start, a reconnect, a standby's takeover): the schema may have changed since.
+async fn check_names(db: &mut impl setup::Sql, rules: &RuleSet) -> Result<(), Failure> {
+    let unknown = check::unknown_names(db, rules).await?;
+    if unknown.is_empty() {
+        return Ok(());
+    }
+    Err(Failure::UnknownNames(check::UnknownNames(unknown)))
 }
 
 /// The one place that turns an error into "retry" or "give up".
@@ -570,7 +590,8 @@ async fn stream_once(
     // Between connections is between transactions.
     live.refresh();
     let mut client = connect_replication(config, "invalidator").await?;
-    // Asked before anything else: a standby would otherwise log and be refused at
+    check_names(&mut client, live.rules()).await?;
+    // Asked before anything else is done: a standby would otherwise log and be refused at
     // START_REPLICATION, an ERROR in the server's log, on every attempt.
     if let Some(pid) = setup::slot_holder(&mut client, &config.postgres.slot).await? {
         return Err(Failure::Transient {
@@ -744,6 +765,7 @@ async fn dry_stream_once(
 ) -> Result<Streamed, Failure> {
     live.refresh();
     let mut client = connect_replication(config, "invalidator-dry-run").await?;
+    check_names(&mut client, live.rules()).await?;
     let publication = &config.postgres.publication;
     let tables = live.rules().tables().cloned().collect();
     let (existed, action) = setup::publication_action(&mut client, &tables, publication).await?;
@@ -797,6 +819,7 @@ async fn outbox_once(
 ) -> Result<Streamed, Failure> {
     live.refresh();
     let (mut client, mut hints) = notify::connect(&config.postgres).await?;
+    check_names(&mut client, live.rules()).await?;
     // `run` applies no DDL in notify mode: what `setup` would do must already be done, or
     // changes could be missed (a trigger that records too few columns) without anyone knowing.
     let mut actions = notify::plan(&mut client, live.rules()).await?;
@@ -845,6 +868,7 @@ async fn dry_outbox_once(
 ) -> Result<Streamed, Failure> {
     live.refresh();
     let (mut client, mut hints) = notify::connect(&config.postgres).await?;
+    check_names(&mut client, live.rules()).await?;
     let actions = notify::plan(&mut client, live.rules()).await?;
     if !actions.is_empty() {
         let missing: Vec<&str> = actions.iter().map(|a| a.why.as_str()).collect();

@@ -24,4 +24,6 @@ mod standby;
 mod support;
 mod targets;
 mod teardown;
+mod text_form;
 mod tls;
+mod unknown_names;

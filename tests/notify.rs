@@ -8,6 +8,7 @@ use std::time::Duration;
 use crate::e2e::{RULES, SCHEMA, barrier, insert_then_update_invalidate};
 use crate::sidecar::{Fixture, Mode, Setup};
 use crate::support::{PgCluster, wait_until};
+use crate::unknown_names::run_to_exit;
 
 /// A fixture in notify mode, set up with `invalidator setup` as a user would.
 fn fixture() -> Fixture {
@@ -311,7 +312,10 @@ fn notify_mode_setup_refuses_columns_the_table_lacks() {
     for args in [&["setup"][..], &["run"]] {
         let (status, out) = f.setup.command(args);
         assert_eq!(status.code(), Some(1), "{out}");
-        assert!(out.contains("public.plain (nope)"), "{out}");
+        assert!(
+            out.contains("public.plain has no column nope (it has id, owner)"),
+            "{out}"
+        );
     }
 }
 
@@ -349,4 +353,43 @@ fn notify_mode_a_second_instance_waits_as_standby_and_takes_over() {
         second.metric("invalidator_transactions_total") > 0.0,
         "the standby never took over"
     );
+}
+
+/// A trigger function installed before the text form of values was pinned (without its `SET`
+/// clauses) writes values in the writer's settings: `check` reports it and `run` refuses to
+/// start until `setup` has replaced it.
+#[test]
+fn an_old_capture_function_is_out_of_date_until_setup_pins_the_text_form() {
+    let f = fixture();
+    f.sql(
+        "ALTER FUNCTION invalidator.capture() RESET ALL;
+         ALTER FUNCTION invalidator.capture() SET search_path = pg_catalog, pg_temp;",
+    );
+    let (status, out) = f.setup.command(&["check"]);
+    assert_eq!(status.code(), Some(1), "{out}");
+    assert!(
+        out.contains("replace the trigger function invalidator.capture(), which writes values"),
+        "{out}"
+    );
+    let (status, log) = run_to_exit(&f);
+    assert_eq!(status.and_then(|s| s.code()), Some(1), "{log}");
+    assert!(
+        log.contains("notify mode is not set up or out of date"),
+        "{log}"
+    );
+
+    let (status, out) = f.setup.command(&["setup"]);
+    assert!(status.success(), "{out}");
+    let config = f.sql(
+        "SELECT array_to_string(proconfig, ';') FROM pg_proc \
+         WHERE oid = 'invalidator.capture()'::regprocedure",
+    );
+    assert!(
+        config.contains("TimeZone=UTC;DateStyle=ISO, MDY"),
+        "{config}"
+    );
+    let (status, out) = f.setup.command(&["check"]);
+    assert_eq!(status.code(), Some(0), "{out}");
+    let _sidecar = f.setup.start();
+    insert_then_update_invalidate(&f);
 }

@@ -7,9 +7,10 @@ use std::time::Duration;
 
 use invalidator::rules::RuleSet;
 
-use crate::e2e::{RULES, SCHEMA};
+use crate::e2e::{RULES, SCHEMA, barrier};
 use crate::sidecar::{Fixture, Mode, Setup, Sidecar, in_both_modes, signal};
 use crate::support::{PgCluster, unique_name, wait_until};
+use crate::unknown_names::with_rule;
 
 const RELOADS: &str = "invalidator_rules_reloads_total";
 const RELOAD_ERRORS: &str = "invalidator_rules_reload_errors_total";
@@ -75,6 +76,56 @@ in_both_modes! {
         f.cache(&["plain:5", "owner:bob"]);
         f.sql("INSERT INTO plain VALUES (5, 'bob')");
         f.wait_deleted(&["plain:5", "owner:bob"]);
+    }
+
+    /// An edit whose placeholder names a column the table lacks is rejected: the log names the
+    /// rule's file and line and the columns the table has, the error is counted, and the old
+    /// rules stay in effect (the misspelt key, a pattern for every change, deletes nothing).
+    fn a_reload_naming_a_missing_column_is_rejected_and_the_old_rules_kept(mode: Mode) {
+        let f = Fixture::with_mode(SCHEMA, RULES, mode);
+        let sidecar = f.setup.start();
+        let (rules, line) = with_rule("plain", "ownr");
+        edit(&f, &rules);
+        wait_metric(&sidecar, RELOAD_ERRORS, 1.0);
+        let expected = format!(
+            "{}:{line}: rule \"typo\" on public.plain: public.plain has no column ownr \
+             (it has id, owner)",
+            rules_file(&f).display()
+        );
+        let log = sidecar.log();
+        assert!(
+            log.lines().any(|l| l.contains("ERROR") && l.contains(&expected)),
+            "the log does not name {expected:?}:\n{log}"
+        );
+        assert_eq!(sidecar.metric(RELOADS), 0.0);
+        f.cache(&["typo:zed", "plain:5", "owner:bob"]);
+        f.sql("INSERT INTO plain VALUES (5, 'bob')");
+        f.wait_deleted(&["plain:5", "owner:bob"]);
+        barrier(&f);
+        f.assert_kept(&["typo:zed"]);
+    }
+
+    /// An edit adding a rule on a table that does not exist is rejected, naming the rule's file
+    /// and line; the old rules stay in effect.
+    fn a_reload_naming_a_missing_table_is_rejected_naming_file_and_line(mode: Mode) {
+        let f = Fixture::with_mode(SCHEMA, RULES, mode);
+        let sidecar = f.setup.start();
+        let (rules, line) = with_rule("nosuch", "id");
+        edit(&f, &rules);
+        wait_metric(&sidecar, RELOAD_ERRORS, 1.0);
+        let expected = format!(
+            "{}:{line}: rule \"typo\" on public.nosuch: table public.nosuch does not exist",
+            rules_file(&f).display()
+        );
+        let log = sidecar.log();
+        assert!(
+            log.lines().any(|l| l.contains("ERROR") && l.contains(&expected)),
+            "the log does not name {expected:?}:\n{log}"
+        );
+        assert_eq!(sidecar.metric(RELOADS), 0.0);
+        f.cache(&["plain:8"]);
+        f.sql("INSERT INTO plain VALUES (8, 'cy')");
+        f.wait_deleted(&["plain:8"]);
     }
 }
 

@@ -46,16 +46,13 @@ pub(super) async fn findings(
     for table in rules.tables() {
         let Some(info) = setup::table_info(db, table).await? else {
             complete = false;
-            for rule in rules.rules().iter().filter(|r| &r.table == table) {
-                out.push(Finding::about(
-                    rule,
-                    Severity::Error,
-                    Kind::MissingTable,
-                    format!("table {table} does not exist"),
-                    "name an existing table: `schema.table`, or a bare name for public.<name>"
-                        .to_owned(),
-                ));
-            }
+            out.extend(
+                rules
+                    .rules()
+                    .iter()
+                    .filter(|r| &r.table == table)
+                    .map(missing_table),
+            );
             continue;
         };
         present.insert(table.clone());
@@ -65,25 +62,9 @@ pub(super) async fn findings(
             identity(table, &info, &mut out);
         }
         for rule in rules.rules().iter().filter(|r| &r.table == table) {
-            let missing: Vec<&str> = rule
-                .columns()
-                .iter()
-                .map(String::as_str)
-                .filter(|c| !info.columns.iter().any(|have| have == c))
-                .collect();
-            if !missing.is_empty() {
+            if let Some(finding) = missing_columns(rule, &info) {
                 complete = false;
-                out.push(Finding::about(
-                    rule,
-                    Severity::Error,
-                    Kind::MissingColumn,
-                    format!(
-                        "{table} has no column {} (it has {})",
-                        missing.join(", "),
-                        info.columns.join(", ")
-                    ),
-                    "correct the column names in the rule's keys and `changed`".to_owned(),
-                ));
+                out.push(finding);
                 continue;
             }
             // In notify mode the trigger records whole old and new rows.
@@ -103,6 +84,59 @@ pub(super) async fn findings(
         Mode::Notify => {}
     }
     Ok(out)
+}
+
+/// The rules' tables that do not exist and the rules naming columns their table lacks.
+pub(super) async fn unknown_names(
+    db: &mut impl Sql,
+    rules: &RuleSet,
+) -> Result<Vec<Finding>, SetupError> {
+    let mut out = Vec::new();
+    for table in rules.tables() {
+        let info = setup::table_info(db, table).await?;
+        for rule in rules.rules().iter().filter(|r| &r.table == table) {
+            match &info {
+                None => out.push(missing_table(rule)),
+                Some(info) => out.extend(missing_columns(rule, info)),
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// `rule`'s table does not exist.
+fn missing_table(rule: &Rule) -> Finding {
+    Finding::about(
+        rule,
+        Severity::Error,
+        Kind::MissingTable,
+        format!("table {} does not exist", rule.table),
+        "name an existing table: `schema.table`, or a bare name for public.<name>".to_owned(),
+    )
+}
+
+/// The columns `rule` reads that its table lacks, if any, with the columns it has.
+fn missing_columns(rule: &Rule, info: &setup::TableInfo) -> Option<Finding> {
+    let missing: Vec<&str> = rule
+        .columns()
+        .iter()
+        .map(String::as_str)
+        .filter(|c| !info.columns.iter().any(|have| have == c))
+        .collect();
+    (!missing.is_empty()).then(|| {
+        Finding::about(
+            rule,
+            Severity::Error,
+            Kind::MissingColumn,
+            format!(
+                "{} has no column {} (it has {})",
+                rule.table,
+                missing.join(", "),
+                info.columns.join(", ")
+            ),
+            "correct the column names in the rule's keys and `changed`".to_owned(),
+        )
+    })
 }
 
 /// The columns of `table` with their types and whether they can be TOASTed.

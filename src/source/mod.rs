@@ -10,3 +10,55 @@ pub mod notify;
 pub mod replication;
 pub mod setup;
 pub mod teardown;
+
+/// The settings that decide how Postgres writes a value as text, pinned wherever keys are
+/// rendered from values: the walsender's session (replication mode), the trigger function
+/// (notify mode, whatever the writing session or its role set) and `explain --where`. The same
+/// row then renders the same keys in both modes: a `timestamptz` in UTC as
+/// `2024-01-02 03:04:05+00`, a `date` as `2024-01-02`, an `interval` as `1 day 02:00:00`, a
+/// float in its shortest exact form, a `bytea` as `\x0102`, `money` in the C locale. The
+/// names are as Postgres spells them in `pg_proc.proconfig`.
+pub const TEXT_FORM: &[(&str, &str)] = &[
+    ("TimeZone", "UTC"),
+    ("DateStyle", "ISO, MDY"),
+    ("IntervalStyle", "postgres"),
+    ("extra_float_digits", "1"),
+    ("bytea_output", "hex"),
+    ("lc_monetary", "C"),
+];
+
+/// [`TEXT_FORM`] as `-c name=value` switches for the startup packet's `options`, where a space
+/// or a backslash in a value is escaped with a backslash.
+pub fn text_form_options() -> String {
+    TEXT_FORM
+        .iter()
+        .map(|(name, value)| {
+            let value = value.replace('\\', "\\\\").replace(' ', "\\ ");
+            format!("-c {name}={value}")
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// [`TEXT_FORM`] as the `SET name = 'value'` clauses of a `CREATE FUNCTION`, each preceded by a
+/// space.
+pub fn text_form_clauses() -> String {
+    TEXT_FORM
+        .iter()
+        .map(|(name, value)| format!(" SET {name} = {}", setup::quote_literal(value)))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_text_form_escapes_spaces_in_startup_options() {
+        let options = text_form_options();
+        assert!(options.starts_with("-c TimeZone=UTC -c DateStyle=ISO,\\ MDY "));
+        assert!(
+            text_form_clauses().starts_with(" SET TimeZone = 'UTC' SET DateStyle = 'ISO, MDY'")
+        );
+    }
+}

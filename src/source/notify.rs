@@ -27,10 +27,10 @@ use crate::pipeline::{Committed, Links, SourceEnd};
 use crate::reload::LiveRules;
 use crate::rules::{Invalidation, RuleSet};
 use crate::source::connect::ConnectError;
-use crate::source::invalidate;
 use crate::source::setup::{
     self, Action, SetupError, Sql, missing_tables, qualified, quote_ident, quote_literal,
 };
+use crate::source::{TEXT_FORM, invalidate, text_form_clauses};
 use crate::telemetry;
 
 /// The schema that holds the outbox and the trigger function.
@@ -68,8 +68,9 @@ const fn fnv1a(bytes: &[u8]) -> i64 {
 
 /// The trigger function's body. It records, of the old and the new row, only the columns named
 /// by the trigger's arguments (the columns the table's rules read), in Postgres text form
-/// (`hstore(record)` uses each type's output function), SQL NULL as JSON null; `ext` is
-/// hstore's schema, quoted.
+/// (`hstore(record)` uses each type's output function, under the function's pinned
+/// [`TEXT_FORM`] rather than the writer's settings), SQL NULL as JSON null; `ext` is hstore's
+/// schema, quoted.
 fn function_body(ext: &str) -> String {
     format!(
         "\nDECLARE\n\
@@ -92,6 +93,22 @@ fn function_body(ext: &str) -> String {
          \x20 RETURN NULL;\n\
          END\n"
     )
+}
+
+/// The trigger function's `search_path`: nothing a writer creates can shadow what it calls.
+const CAPTURE_SEARCH_PATH: &str = "SET search_path = pg_catalog, pg_temp";
+
+/// The trigger function's settings as `pg_proc.proconfig` lists them, one a line: its
+/// `search_path`, then the text form of values ([`TEXT_FORM`]).
+fn capture_config() -> String {
+    std::iter::once("search_path=pg_catalog, pg_temp".to_owned())
+        .chain(
+            TEXT_FORM
+                .iter()
+                .map(|(name, value)| format!("{name}={value}")),
+        )
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// The row trigger's arguments for a table: the columns its rules read, each a SQL literal.
@@ -235,17 +252,33 @@ pub async fn plan(db: &mut impl Sql, rules: &RuleSet) -> Result<Vec<Action>, Set
     let function = format!("{schema}.capture()");
     let current = db
         .query(&format!(
-            "SELECT prosrc FROM pg_proc WHERE oid = to_regprocedure({})",
+            "SELECT prosrc, array_to_string(proconfig, chr(10)) FROM pg_proc \
+             WHERE oid = to_regprocedure({})",
             quote_literal(&function)
         ))
         .await?;
-    if current.first().and_then(|r| r.first().cloned().flatten()) != Some(body.clone()) {
+    let why = match current.first().map(Vec::as_slice) {
+        None => Some(format!("create the trigger function {SCHEMA}.capture()")),
+        Some([Some(source), _]) if *source != body => Some(format!(
+            "replace the trigger function {SCHEMA}.capture(), whose body is out of date"
+        )),
+        Some([_, config]) if config.as_deref() != Some(capture_config().as_str()) => Some(format!(
+            "replace the trigger function {SCHEMA}.capture(), which writes values in the \
+                 writing session's settings (time zone, date style, ...), so their keys \
+                 depend on who writes"
+        )),
+        Some(_) => None,
+    };
+    if let Some(why) = why {
         actions.push(Action {
-            why: format!("create the trigger function {SCHEMA}.capture()"),
-            // SECURITY DEFINER: writers need no privileges on the outbox.
+            why,
+            // SECURITY DEFINER: writers need no privileges on the outbox. The SET clauses pin
+            // the text form of values for the function's run, whatever the writer's session
+            // or role set.
             sql: format!(
                 "CREATE OR REPLACE FUNCTION {function} RETURNS trigger LANGUAGE plpgsql \
-                 SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS {}",
+                 SECURITY DEFINER {CAPTURE_SEARCH_PATH}{} AS {}",
+                text_form_clauses(),
                 quote_literal(&body)
             ),
         });

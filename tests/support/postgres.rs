@@ -165,6 +165,20 @@ impl PgCluster {
 
     /// Like [`PgCluster::psql`], but returns psql's error output instead of panicking.
     pub fn try_psql(&self, db: &str, sql: &str) -> Result<String, String> {
+        self.try_psql_as("postgres", db, sql)
+    }
+
+    /// Like [`PgCluster::psql`], as role `user` (over the Unix socket, where every role is
+    /// trusted unless `set_hba` said otherwise): its `ALTER ROLE ... SET` settings apply.
+    pub fn psql_as(&self, user: &str, db: &str, sql: &str) -> String {
+        match self.try_psql_as(user, db, sql) {
+            Ok(out) => out,
+            Err(err) => panic!("psql as {user} in {db} failed: {err}\nsql: {sql}"),
+        }
+    }
+
+    /// Like [`PgCluster::try_psql`], as role `user`.
+    pub fn try_psql_as(&self, user: &str, db: &str, sql: &str) -> Result<String, String> {
         // The Unix socket is used because `set_hba` always keeps it open for `postgres`.
         let mut child = Command::new(self.bindir.join("psql"))
             .args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1"])
@@ -174,7 +188,7 @@ impl PgCluster {
                 "-p",
                 &self.port.to_string(),
                 "-U",
-                "postgres",
+                user,
                 "-d",
                 db,
                 "-f",

@@ -344,9 +344,14 @@ async fn connect(
     if let Some(dbname) = config.get_dbname() {
         params.push(("database", dbname));
     }
-    if let Some(options) = config.get_options() {
-        params.push(("options", options));
-    }
+    // The text form of values is pinned after the user's options, so it wins over them, over
+    // the role's and the database's settings and over the server's defaults: pgoutput writes
+    // values with this session's settings, and keys must not depend on them.
+    let options = match config.get_options() {
+        Some(theirs) => format!("{theirs} {}", super::text_form_options()),
+        None => super::text_form_options(),
+    };
+    params.push(("options", &options));
     conn.encode(|buf| frontend::startup_message(params.iter().copied(), buf))?;
     conn.flush().await?;
     authenticate(&mut conn, user, config.get_password()).await?;
