@@ -1,4 +1,4 @@
-//! The subcommands of DESIGN §2. Each arm loads what it needs and calls one library function;
+//! The subcommands (see the README's Commands). Each arm loads what it needs and calls one library function;
 //! `main.rs` turns the outcome into an exit code.
 
 use std::path::PathBuf;

@@ -1,4 +1,4 @@
-//! Fault injection against real servers (issue 3, DESIGN §5): Redis cut off or killed, Postgres
+//! Fault injection against real servers (the README's Delivery): Redis cut off or killed, Postgres
 //! restarted or its walsender terminated, the sidecar killed at random instants or stopped in the
 //! middle of a burst, and a standby that takes over.
 //!

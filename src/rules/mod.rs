@@ -12,7 +12,7 @@
 //!   with Redis's exact glob semantics plus escaping, so that tests can prove values never widen a
 //!   deletion.
 //!
-//! Planning follows DESIGN.md section 4 in its order of importance: never miss (render from the new
+//! Planning follows the rules' semantics in their order of importance: never miss (render from the new
 //! and the old row; an unknown value becomes `*`), values are data (escaped in patterns), NULL
 //! renders nothing, `changed` filters updates, TRUNCATE deletes everything a rule could name, and a
 //! table without rules costs one hash lookup.

@@ -2,7 +2,7 @@
 //!
 //! A template is literal text with placeholders, `booking:{id}` or `day:{starts_at|date}`;
 //! `{{` and `}}` stand for literal braces so that Redis Cluster hash tags can be written
-//! (`{{user:{id}}}:profile` renders `{user:42}:profile`). Rendering follows DESIGN.md section 4:
+//! (`{{user:{id}}}:profile` renders `{user:42}:profile`). Rendering follows the README's rules:
 //! a NULL renders nothing, an unknown value becomes `*`, and whenever the result is a pattern every
 //! substituted value is glob-escaped so that data can never widen a deletion.
 
