@@ -332,7 +332,7 @@ mod tests {
             rule: rule.map(str::to_owned),
             file: rule.map(|_| "rules/a.toml".to_owned()),
             line: rule.map(|_| 3),
-            table: Some(TableName::parse("items")),
+            table: Some(TableName::parse("items").unwrap()),
             message: "public.items has no column nope".to_owned(),
             fix: Some("fix it".to_owned()),
         }

@@ -60,7 +60,8 @@ pub enum Command {
         /// Configuration file [default: ./invalidator.toml].
         #[arg(long)]
         config: Option<PathBuf>,
-        /// The table, `schema.table` or a bare name in `public`.
+        /// The table, `schema.table` or a bare name in `public`; quote a part as in the rules
+        /// (`"my.schema"."Order Items"`).
         #[arg(long)]
         table: String,
         /// insert, update, delete or truncate.
@@ -361,7 +362,10 @@ async fn explain_command(
         eprintln!("error: {message}");
         Ok(ExitCode::from(2))
     };
-    let name = invalidator::change::TableName::parse(table);
+    let name = match invalidator::change::TableName::parse(table) {
+        Ok(name) => name,
+        Err(e) => return usage(format!("--table {table:?}: {e}")),
+    };
     if !rules.has_table(&name) {
         let watched: Vec<String> = rules.tables().map(ToString::to_string).collect();
         return usage(format!(
@@ -370,7 +374,7 @@ async fn explain_command(
         ));
     }
     let explained = match filter {
-        None => match explain::change(table, op, old.as_deref(), new.as_deref()) {
+        None => match explain::change(&name, op, old.as_deref(), new.as_deref()) {
             Ok(change) => explain::explain_changes(rules, &name, op, &[change]),
             Err(e) => return usage(e.to_string()),
         },

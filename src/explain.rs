@@ -16,7 +16,7 @@ use serde_json::{Map, Value as Json, json};
 
 use crate::change::{Change, Lsn, Op, Row, TableName, Value};
 use crate::config::Mode;
-use crate::rules::{Invalidation, Rule, RuleSet};
+use crate::rules::{Invalidation, Rule, RuleSet, write_column};
 use crate::source::setup::{self, SetupError, qualified, quote_literal};
 
 /// The JSON given for a row is not usable.
@@ -72,7 +72,7 @@ fn make(table: &TableName, op: Op, old: Option<Row>, new: Option<Row>) -> Change
 /// Builds the change `explain` plans. An update without `--old` has an old row whose values
 /// are all unknown, which is what the rules see when Postgres does not send the old row.
 pub fn change(
-    table: &str,
+    table: &TableName,
     op: Op,
     old: Option<&str>,
     new: Option<&str>,
@@ -88,7 +88,7 @@ pub fn change(
         Op::Delete => (Some(old.or(new).unwrap_or_else(empty)), None),
         Op::Truncate => (None, None),
     };
-    Ok(make(&TableName::parse(table), op, old, new))
+    Ok(make(table, op, old, new))
 }
 
 /// Rows read from the live database for `explain --where`.
@@ -352,7 +352,8 @@ fn alone(rule: &Rule) -> Option<RuleSet> {
     let ops: Vec<toml::Value> = rule.ops.iter().map(|op| op.as_str().into()).collect();
     table.insert("on".into(), ops.into());
     if !rule.changed.is_empty() {
-        table.insert("changed".into(), rule.changed.clone().into());
+        let changed: Vec<String> = rule.changed.iter().map(|c| write_column(c)).collect();
+        table.insert("changed".into(), changed.into());
     }
     table.insert("keys".into(), rule.keys.clone().into());
     let mut doc = toml::Table::new();
@@ -531,6 +532,10 @@ mod tests {
         );
     }
 
+    fn bookings() -> TableName {
+        TableName::new("public", "bookings")
+    }
+
     fn exodrive() -> RuleSet {
         RuleSet::load(std::path::Path::new(concat!(
             env!("CARGO_MANIFEST_DIR"),
@@ -563,12 +568,12 @@ mod tests {
             (Op::Delete, Some(old), None),
             (Op::Truncate, None, None),
         ] {
-            let change = change("bookings", op, old, new).unwrap();
+            let change = change(&bookings(), op, old, new).unwrap();
             let e = explain_changes(&rules, &change.table, op, std::slice::from_ref(&change));
             assert_attribution_is_complete(&e);
         }
-        let change = change("bookings", Op::Update, Some(old), Some(moved)).unwrap();
-        let e = explain_changes(&rules, &TableName::parse("bookings"), Op::Update, &[change]);
+        let change = change(&bookings(), Op::Update, Some(old), Some(moved)).unwrap();
+        let e = explain_changes(&rules, &bookings(), Op::Update, &[change]);
         let availability = e
             .rules
             .iter()
@@ -583,8 +588,8 @@ mod tests {
     fn a_rule_that_does_not_fire_says_why() {
         let rules = exodrive();
         let row = r#"{"id":"b1","car_id":"c1","customer_id":"u1","start_date":"2026-12-01","end_date":"2026-12-03","overall_status":"confirmed","deleted_at":null,"notes":"a"}"#;
-        let change = change("bookings", Op::Update, Some(row), Some(row)).unwrap();
-        let e = explain_changes(&rules, &TableName::parse("bookings"), Op::Update, &[change]);
+        let change = change(&bookings(), Op::Update, Some(row), Some(row)).unwrap();
+        let e = explain_changes(&rules, &bookings(), Op::Update, &[change]);
         let availability = e
             .rules
             .iter()
@@ -627,7 +632,7 @@ mod tests {
             rows: vec![row],
             identity: Some(vec!["id".to_owned()]),
         };
-        let table = TableName::parse("t");
+        let table = TableName::new("public", "t");
         let overlay = row_from_json("new", r#"{"car": "b"}"#).unwrap();
         let changes = changes_from_rows(&table, Op::Update, &fetched, Some(&overlay));
         let change = &changes[0];
