@@ -60,6 +60,8 @@ pub enum Kind {
     WalLevel,
     /// The role lacks what the mode needs (the REPLICATION attribute).
     Privilege,
+    /// `output_plugin_libraries` does not let pgoutput load (replication mode).
+    OutputPlugin,
     /// The publication lacks a table or an operation, or does not exist (replication mode).
     Publication,
     /// Notify mode's outbox, trigger function or triggers are missing or out of date.
@@ -82,6 +84,7 @@ impl Kind {
             Kind::Shadowed => "shadowed",
             Kind::WalLevel => "wal_level",
             Kind::Privilege => "privilege",
+            Kind::OutputPlugin => "output_plugin",
             Kind::Publication => "publication",
             Kind::NotifySetup => "notify_setup",
         }

@@ -684,6 +684,79 @@ pub async fn missing_tables(
     Ok(missing)
 }
 
+/// The server's `output_plugin_libraries`: newer minor releases of PostgreSQL let a replication
+/// connection load only the output plugins it lists (older ones have no such setting and load
+/// any).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PluginAllowlist {
+    /// The setting as `pg_settings` shows it, e.g. `pgoutput, test_decoding`.
+    pub setting: String,
+    /// Its `pg_settings.context`: `postmaster` takes effect at a restart, the others at a
+    /// reload.
+    pub context: String,
+}
+
+/// Why the server will not load pgoutput, and what to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PluginRefusal {
+    /// What is wrong, naming the setting and its value.
+    pub problem: String,
+    /// The SQL that allows pgoutput, and how to make it take effect.
+    pub fix: String,
+}
+
+impl PluginAllowlist {
+    /// Why pgoutput cannot load, or `None` when the list holds it (by name, or as a path or
+    /// file name ending in `pgoutput`).
+    pub fn refusal(&self) -> Option<PluginRefusal> {
+        let allowed = self.setting.split(',').any(|entry| {
+            let entry = entry.trim().trim_matches('"');
+            let file = entry.rsplit('/').next().unwrap_or(entry);
+            file.strip_suffix(".so").unwrap_or(file) == "pgoutput"
+        });
+        if allowed {
+            return None;
+        }
+        let wanted = match self.setting.trim() {
+            "" => "pgoutput".to_owned(),
+            current => format!("{current}, pgoutput"),
+        };
+        let then = if self.context == "postmaster" {
+            "then restart PostgreSQL"
+        } else {
+            "then SELECT pg_reload_conf();"
+        };
+        Some(PluginRefusal {
+            problem: format!(
+                "output_plugin_libraries = {} does not list pgoutput, so this server refuses to \
+                 load it for logical replication (error 42501): `run` cannot create its slot or \
+                 stream",
+                quote_literal(&self.setting)
+            ),
+            fix: format!(
+                "as a superuser: ALTER SYSTEM SET output_plugin_libraries = {}; {then}",
+                quote_literal(&wanted)
+            ),
+        })
+    }
+}
+
+/// Reads `output_plugin_libraries`; `None` where the server has no such setting.
+pub async fn plugin_allowlist(db: &mut impl Sql) -> Result<Option<PluginAllowlist>, SetupError> {
+    let rows = db
+        .query(
+            "SELECT setting, context FROM pg_settings WHERE name = 'output_plugin_libraries'",
+        )
+        .await?;
+    Ok(match rows.first().map(Vec::as_slice) {
+        Some([setting, Some(context)]) => Some(PluginAllowlist {
+            setting: setting.clone().unwrap_or_default(),
+            context: context.clone(),
+        }),
+        _ => None,
+    })
+}
+
 /// What the server says about a replication slot.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SlotInfo {
@@ -809,6 +882,46 @@ fn first_column(rows: Rows) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn allowlist(setting: &str, context: &str) -> PluginAllowlist {
+        PluginAllowlist {
+            setting: setting.to_owned(),
+            context: context.to_owned(),
+        }
+    }
+
+    #[test]
+    fn an_allowlist_without_pgoutput_is_refused_with_the_fix() {
+        for allowed in [
+            "pgoutput, test_decoding",
+            "test_decoding,pgoutput",
+            "\"pgoutput\"",
+            "$libdir/pgoutput",
+            "/usr/lib/postgresql/18/lib/pgoutput.so",
+        ] {
+            assert_eq!(allowlist(allowed, "sighup").refusal(), None, "{allowed}");
+        }
+        let refusal = allowlist("test_decoding, wal2json", "sighup").refusal().unwrap();
+        assert_eq!(
+            refusal.problem,
+            "output_plugin_libraries = 'test_decoding, wal2json' does not list pgoutput, so \
+             this server refuses to load it for logical replication (error 42501): `run` \
+             cannot create its slot or stream"
+        );
+        assert_eq!(
+            refusal.fix,
+            "as a superuser: ALTER SYSTEM SET output_plugin_libraries = \
+             'test_decoding, wal2json, pgoutput'; then SELECT pg_reload_conf();"
+        );
+        let empty = allowlist("", "postmaster").refusal().unwrap();
+        assert_eq!(
+            empty.fix,
+            "as a superuser: ALTER SYSTEM SET output_plugin_libraries = 'pgoutput'; then \
+             restart PostgreSQL"
+        );
+        // A name that merely contains pgoutput is another library.
+        assert!(allowlist("pgoutput_ext", "sighup").refusal().is_some());
+    }
 
     #[test]
     fn quoting_doubles_the_quote_character() {
