@@ -744,9 +744,7 @@ impl PluginAllowlist {
 /// Reads `output_plugin_libraries`; `None` where the server has no such setting.
 pub async fn plugin_allowlist(db: &mut impl Sql) -> Result<Option<PluginAllowlist>, SetupError> {
     let rows = db
-        .query(
-            "SELECT setting, context FROM pg_settings WHERE name = 'output_plugin_libraries'",
-        )
+        .query("SELECT setting, context FROM pg_settings WHERE name = 'output_plugin_libraries'")
         .await?;
     Ok(match rows.first().map(Vec::as_slice) {
         Some([setting, Some(context)]) => Some(PluginAllowlist {
@@ -901,7 +899,9 @@ mod tests {
         ] {
             assert_eq!(allowlist(allowed, "sighup").refusal(), None, "{allowed}");
         }
-        let refusal = allowlist("test_decoding, wal2json", "sighup").refusal().unwrap();
+        let refusal = allowlist("test_decoding, wal2json", "sighup")
+            .refusal()
+            .unwrap();
         assert_eq!(
             refusal.problem,
             "output_plugin_libraries = 'test_decoding, wal2json' does not list pgoutput, so \
