@@ -392,6 +392,7 @@ async fn explain_command(
         ));
     }
     let explained = match filter {
+        // Neither has an old row, so what the server sends of one does not matter.
         None if matches!(op, Op::Insert | Op::Truncate) => {
             match explain::change(
                 &name,
@@ -417,6 +418,11 @@ async fn explain_command(
         }
         Some(_) if op == Op::Truncate => {
             return usage("--where has no meaning for a truncate".to_owned());
+        }
+        Some(_) if offline => {
+            return usage(
+                "--offline and --where do not go together: --where reads the database".to_owned(),
+            );
         }
         Some(_) if old.is_some() => {
             return usage(
