@@ -853,18 +853,24 @@ mod tests {
         let allowed = setup::PluginAllowlist {
             setting: "pgoutput, test_decoding".to_owned(),
             context: "sighup".to_owned(),
+            source: "configuration file".to_owned(),
+            database: "d".to_owned(),
+            role: "r".to_owned(),
         };
         assert_eq!(with_refusal(bare.clone(), Some(&allowed)), bare);
         let refused = setup::PluginAllowlist {
             setting: "test_decoding".to_owned(),
             context: "sighup".to_owned(),
+            source: "configuration file".to_owned(),
+            database: "d".to_owned(),
+            role: "r".to_owned(),
         };
         assert_eq!(
             with_refusal(bare.clone(), Some(&refused)),
             "output_plugin_libraries = 'test_decoding' does not list pgoutput, so this server \
              refuses to load it for logical replication (error 42501): `run` cannot create its \
              slot or stream; fix: as a superuser: ALTER SYSTEM SET output_plugin_libraries = \
-             'test_decoding, pgoutput'; then SELECT pg_reload_conf(); (the server said: postgres \
+             'test_decoding', 'pgoutput'; then SELECT pg_reload_conf(); (the server said: postgres \
              error 42501: permission denied)"
         );
     }

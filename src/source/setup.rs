@@ -694,6 +694,13 @@ pub struct PluginAllowlist {
     /// Its `pg_settings.context`: `postmaster` takes effect at a restart, the others at a
     /// reload.
     pub context: String,
+    /// Where the value comes from (`pg_settings.source`): `database` and `user` values
+    /// (`ALTER DATABASE/ROLE ... SET`) override the server's, so the fix goes there.
+    pub source: String,
+    /// The connected database, for an `ALTER DATABASE` fix.
+    pub database: String,
+    /// The connected role, for an `ALTER ROLE` fix.
+    pub role: String,
 }
 
 /// Why the server will not load pgoutput, and what to do.
@@ -709,22 +716,37 @@ impl PluginAllowlist {
     /// Why pgoutput cannot load, or `None` when the list holds it (by name, or as a path or
     /// file name ending in `pgoutput`).
     pub fn refusal(&self) -> Option<PluginRefusal> {
-        let allowed = self.setting.split(',').any(|entry| {
-            let entry = entry.trim().trim_matches('"');
+        let libraries = list_elements(&self.setting);
+        let allowed = libraries.iter().any(|entry| {
             let file = entry.rsplit('/').next().unwrap_or(entry);
             file.strip_suffix(".so").unwrap_or(file) == "pgoutput"
         });
         if allowed {
             return None;
         }
-        let wanted = match self.setting.trim() {
-            "" => "pgoutput".to_owned(),
-            current => format!("{current}, pgoutput"),
-        };
-        let then = if self.context == "postmaster" {
-            "then restart PostgreSQL"
-        } else {
-            "then SELECT pg_reload_conf();"
+        // One literal per element: a single 'a, b' would be one element named "a, b".
+        let value = libraries
+            .iter()
+            .map(String::as_str)
+            .chain(["pgoutput"])
+            .map(quote_literal)
+            .collect::<Vec<_>>()
+            .join(", ");
+        let fix = match self.source.as_str() {
+            "database" => format!(
+                "ALTER DATABASE {} SET output_plugin_libraries = {value}; (new sessions use it)",
+                quote_ident(&self.database)
+            ),
+            "user" => format!(
+                "ALTER ROLE {} SET output_plugin_libraries = {value}; (new sessions use it)",
+                quote_ident(&self.role)
+            ),
+            _ if self.context == "postmaster" => format!(
+                "ALTER SYSTEM SET output_plugin_libraries = {value}; then restart PostgreSQL"
+            ),
+            _ => format!(
+                "ALTER SYSTEM SET output_plugin_libraries = {value}; then SELECT pg_reload_conf();"
+            ),
         };
         Some(PluginRefusal {
             problem: format!(
@@ -733,23 +755,61 @@ impl PluginAllowlist {
                  stream",
                 quote_literal(&self.setting)
             ),
-            fix: format!(
-                "as a superuser: ALTER SYSTEM SET output_plugin_libraries = {}; {then}",
-                quote_literal(&wanted)
-            ),
+            fix: format!("as a superuser: {fix}"),
         })
     }
+}
+
+/// The elements of a list setting as the server splits it: at commas, each element trimmed,
+/// or in double quotes (keeping commas and spaces, `""` for a quote).
+fn list_elements(setting: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = setting.trim_start();
+    while !rest.is_empty() {
+        let element = match crate::change::unquote(rest) {
+            Some((name, after)) => {
+                rest = after;
+                name
+            }
+            None => {
+                let end = rest.find(',').unwrap_or(rest.len());
+                let name = rest[..end].trim().to_owned();
+                rest = &rest[end..];
+                name
+            }
+        };
+        if !element.is_empty() {
+            out.push(element);
+        }
+        rest = rest.trim_start();
+        rest = rest.strip_prefix(',').unwrap_or(rest).trim_start();
+    }
+    out
 }
 
 /// Reads `output_plugin_libraries`; `None` where the server has no such setting.
 pub async fn plugin_allowlist(db: &mut impl Sql) -> Result<Option<PluginAllowlist>, SetupError> {
     let rows = db
-        .query("SELECT setting, context FROM pg_settings WHERE name = 'output_plugin_libraries'")
+        .query(
+            "SELECT setting, context, source, current_database()::text, current_user::text \
+             FROM pg_settings WHERE name = 'output_plugin_libraries'",
+        )
         .await?;
     Ok(match rows.first().map(Vec::as_slice) {
-        Some([setting, Some(context)]) => Some(PluginAllowlist {
+        Some(
+            [
+                setting,
+                Some(context),
+                Some(source),
+                Some(database),
+                Some(role),
+            ],
+        ) => Some(PluginAllowlist {
             setting: setting.clone().unwrap_or_default(),
             context: context.clone(),
+            source: source.clone(),
+            database: database.clone(),
+            role: role.clone(),
         }),
         _ => None,
     })
@@ -885,6 +945,9 @@ mod tests {
         PluginAllowlist {
             setting: setting.to_owned(),
             context: context.to_owned(),
+            source: "configuration file".to_owned(),
+            database: "shop".to_owned(),
+            role: "app".to_owned(),
         }
     }
 
@@ -911,13 +974,43 @@ mod tests {
         assert_eq!(
             refusal.fix,
             "as a superuser: ALTER SYSTEM SET output_plugin_libraries = \
-             'test_decoding, wal2json, pgoutput'; then SELECT pg_reload_conf();"
+             'test_decoding', 'wal2json', 'pgoutput'; then SELECT pg_reload_conf();"
         );
         let empty = allowlist("", "postmaster").refusal().unwrap();
         assert_eq!(
             empty.fix,
             "as a superuser: ALTER SYSTEM SET output_plugin_libraries = 'pgoutput'; then \
              restart PostgreSQL"
+        );
+        // A value set for the database or the role is fixed there: it overrides the server's.
+        let database = PluginAllowlist {
+            source: "database".to_owned(),
+            ..allowlist("test_decoding", "superuser")
+        };
+        assert_eq!(
+            database.refusal().unwrap().fix,
+            "as a superuser: ALTER DATABASE \"shop\" SET output_plugin_libraries = \
+             'test_decoding', 'pgoutput'; (new sessions use it)"
+        );
+        let role = PluginAllowlist {
+            source: "user".to_owned(),
+            ..allowlist("test_decoding", "superuser")
+        };
+        assert!(
+            role.refusal()
+                .unwrap()
+                .fix
+                .starts_with("as a superuser: ALTER ROLE \"app\" SET"),
+        );
+        // A quoted element keeps its comma: "pgoutput, x" is one library, not pgoutput.
+        assert!(
+            allowlist("\"pgoutput, x\"", "superuser")
+                .refusal()
+                .is_some()
+        );
+        assert_eq!(
+            list_elements(" a ,\"b, c\", \"d\"\"e\" ,, f"),
+            ["a", "b, c", "d\"e", "f"]
         );
         // A name that merely contains pgoutput is another library.
         assert!(allowlist("pgoutput_ext", "sighup").refusal().is_some());
