@@ -3,6 +3,7 @@
 //! Nothing here does I/O. The decoder produces these types, the rules engine reads them and the
 //! pipeline moves them; keeping them dumb keeps each stage testable on its own.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -53,17 +54,140 @@ impl TableName {
     }
 
     /// Parses `schema.table`, or a bare `table` meaning `public.table`.
-    pub fn parse(s: &str) -> Self {
-        match s.split_once('.') {
-            Some((schema, name)) => TableName::new(schema, name),
-            None => TableName::new("public", s),
+    ///
+    /// Either part may be quoted as in SQL, `"my.schema"."Order Items"`, with `""` standing for
+    /// a quote inside; a quoted part is taken exactly, and so is an unquoted one (no case
+    /// folding: both are compared byte for byte with the names Postgres stores). A name that
+    /// holds a dot or a quote, or begins or ends with a space, must be quoted.
+    pub fn parse(s: &str) -> Result<Self, TableNameError> {
+        let (first, rest) = identifier_part(s, 0)?;
+        if rest == s.len() {
+            return Ok(TableName::new("public", first));
+        }
+        // `rest` is at the dot that ends the first part.
+        let (second, end) = identifier_part(s, rest + 1)?;
+        if end != s.len() {
+            return Err(TableNameError::TooManyParts);
+        }
+        Ok(TableName::new(first, second))
+    }
+}
+
+/// Why a table name could not be parsed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TableNameError {
+    /// An empty schema or table name (``, `.t`, `s.`, `""`).
+    #[error("a name is empty")]
+    Empty,
+    /// An unquoted name that begins or ends with whitespace.
+    #[error("spaces around a name (quote it to keep them)")]
+    Spaces,
+    /// A quote that no closing quote ends.
+    #[error(
+        "the quote at column {column} is never closed (write \"\" for a quote inside a quoted name)"
+    )]
+    Unterminated {
+        /// The 1-based character position of the opening quote.
+        column: usize,
+    },
+    /// A quote in the middle of an unquoted name.
+    #[error(
+        "a quote at column {column} in the middle of a name (quote the whole name, and double a quote inside it)"
+    )]
+    StrayQuote {
+        /// The 1-based character position of the quote.
+        column: usize,
+    },
+    /// Text right after the closing quote of a quoted name, where a dot or the end belongs.
+    #[error("text after the closing quote at column {column} (a quoted name ends at its quote)")]
+    AfterQuote {
+        /// The 1-based character position of the text.
+        column: usize,
+    },
+    /// More than two dot-separated parts.
+    #[error(
+        "more than schema and table (quote a name that holds a dot: \"my.schema\".\"my.table\")"
+    )]
+    TooManyParts,
+}
+
+/// Reads the part of the table name `whole` that starts at byte `from`: a quoted identifier,
+/// or unquoted text up to the next dot. Returns the name and the byte where it ends (a dot, or
+/// the end of `whole`).
+fn identifier_part(whole: &str, from: usize) -> Result<(String, usize), TableNameError> {
+    let column = |at: usize| whole[..at].chars().count() + 1;
+    let text = &whole[from..];
+    if text.starts_with('"') {
+        let (name, rest) = unquote(text).ok_or(TableNameError::Unterminated {
+            column: column(from),
+        })?;
+        let end = whole.len() - rest.len();
+        if !rest.is_empty() && !rest.starts_with('.') {
+            return Err(TableNameError::AfterQuote {
+                column: column(end),
+            });
+        }
+        if name.is_empty() {
+            return Err(TableNameError::Empty);
+        }
+        return Ok((name, end));
+    }
+    let name = &text[..text.find('.').unwrap_or(text.len())];
+    if let Some(at) = name.find('"') {
+        return Err(TableNameError::StrayQuote {
+            column: column(from + at),
+        });
+    }
+    if name.is_empty() {
+        return Err(TableNameError::Empty);
+    }
+    if name.trim() != name {
+        return Err(TableNameError::Spaces);
+    }
+    Ok((name.to_owned(), from + name.len()))
+}
+
+/// Reads the quoted identifier at the start of `text` (which begins with `"`), where `""`
+/// stands for one quote: the name and the text after its closing quote, or `None` when no
+/// quote closes it.
+pub(crate) fn unquote(text: &str) -> Option<(String, &str)> {
+    let mut name = String::new();
+    let mut rest = text.strip_prefix('"')?;
+    loop {
+        let at = rest.find('"')?;
+        name.push_str(&rest[..at]);
+        rest = &rest[at + 1..];
+        match rest.strip_prefix('"') {
+            Some(after) => {
+                name.push('"');
+                rest = after;
+            }
+            None => return Some((name, rest)),
         }
     }
 }
 
+/// `name` quoted as SQL quotes an identifier: in quotes, with a quote inside doubled.
+pub(crate) fn quoted(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// One part of a table name as a rule writes it: as it is when [`TableName::parse`] reads it
+/// back unchanged, quoted when it holds a dot or a quote, is empty, or begins or ends with
+/// whitespace.
+fn table_part(name: &str) -> Cow<'_, str> {
+    if name.is_empty() || name.contains(['.', '"']) || name.trim() != name {
+        Cow::Owned(quoted(name))
+    } else {
+        Cow::Borrowed(name)
+    }
+}
+
+/// `schema.table`, each part quoted where a rule would have to quote it, so that the text
+/// names the table unambiguously and parses back to it.
 impl fmt::Display for TableName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}.{}", self.schema, self.name)
+        write!(f, "{}.{}", table_part(&self.schema), table_part(&self.name))
     }
 }
 
@@ -173,4 +297,101 @@ pub struct Change {
     pub commit_lsn: Lsn,
     /// Commit time, in microseconds since the Unix epoch.
     pub commit_time_us: i64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn table(schema: &str, name: &str) -> Result<TableName, TableNameError> {
+        Ok(TableName::new(schema, name))
+    }
+
+    #[test]
+    fn a_table_name_is_schema_dot_table_or_a_bare_name_in_public() {
+        assert_eq!(TableName::parse("bookings"), table("public", "bookings"));
+        assert_eq!(
+            TableName::parse("billing.payments"),
+            table("billing", "payments")
+        );
+        // Unquoted names are taken as written, without SQL's case folding.
+        assert_eq!(
+            TableName::parse("Billing.Order Items"),
+            table("Billing", "Order Items")
+        );
+    }
+
+    #[test]
+    fn quoted_parts_hold_any_character_and_doubled_quotes() {
+        let cases = [
+            (r#""my.schema"."Order Items""#, ("my.schema", "Order Items")),
+            (r#""a.b""#, ("public", "a.b")),
+            (r#"s."t.u""#, ("s", "t.u")),
+            (r#""s".t"#, ("s", "t")),
+            (r#""say ""hi""".t"#, ("say \"hi\"", "t")),
+            (r#""""""#, ("public", "\"")),
+            (
+                r#""a|b{c}"." lead and trail ""#,
+                ("a|b{c}", " lead and trail "),
+            ),
+            (r#""Zoë 🚗"."x,y;z'""#, ("Zoë 🚗", "x,y;z'")),
+        ];
+        for (text, (schema, name)) in cases {
+            assert_eq!(TableName::parse(text), table(schema, name), "{text}");
+        }
+    }
+
+    #[test]
+    fn a_malformed_table_name_says_what_is_wrong() {
+        let cases = [
+            ("", TableNameError::Empty),
+            ("s.", TableNameError::Empty),
+            (".t", TableNameError::Empty),
+            (r#""""#, TableNameError::Empty),
+            (r#"s."""#, TableNameError::Empty),
+            ("s. t", TableNameError::Spaces),
+            (" t", TableNameError::Spaces),
+            ("a.b.c", TableNameError::TooManyParts),
+            (r#""a"."b".c"#, TableNameError::TooManyParts),
+            (r#""my.schema"#, TableNameError::Unterminated { column: 1 }),
+            (r#"s."t"""#, TableNameError::Unterminated { column: 3 }),
+            (r#"é."t"#, TableNameError::Unterminated { column: 3 }),
+            (r#"a"b"#, TableNameError::StrayQuote { column: 2 }),
+            (r#""a"b"#, TableNameError::AfterQuote { column: 4 }),
+            (r#""a" .t"#, TableNameError::AfterQuote { column: 4 }),
+        ];
+        for (text, expected) in cases {
+            assert_eq!(TableName::parse(text), Err(expected), "{text:?}");
+        }
+        assert_eq!(
+            TableName::parse(r#""my.schema"#).unwrap_err().to_string(),
+            "the quote at column 1 is never closed (write \"\" for a quote inside a quoted name)"
+        );
+    }
+
+    #[test]
+    fn display_quotes_only_what_needs_quoting() {
+        assert_eq!(
+            TableName::new("public", "bookings").to_string(),
+            "public.bookings"
+        );
+        assert_eq!(
+            TableName::new("s", "Order Items").to_string(),
+            "s.Order Items"
+        );
+        assert_eq!(
+            TableName::new("my.schema", "say \"hi\"").to_string(),
+            r#""my.schema"."say ""hi""""#
+        );
+        assert_eq!(TableName::new(" x", "").to_string(), r#"" x"."""#);
+    }
+
+    proptest! {
+        #[test]
+        fn display_parses_back_to_the_same_name(schema in "\\PC{1,8}", name in "\\PC{1,8}") {
+            let table = TableName::new(schema, name);
+            prop_assert_eq!(TableName::parse(&table.to_string()), Ok(table));
+        }
+    }
 }

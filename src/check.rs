@@ -60,6 +60,8 @@ pub enum Kind {
     WalLevel,
     /// The role lacks what the mode needs (the REPLICATION attribute).
     Privilege,
+    /// `output_plugin_libraries` does not let pgoutput load (replication mode).
+    OutputPlugin,
     /// The publication lacks a table or an operation, or does not exist (replication mode).
     Publication,
     /// Notify mode's outbox, trigger function or triggers are missing or out of date.
@@ -82,6 +84,7 @@ impl Kind {
             Kind::Shadowed => "shadowed",
             Kind::WalLevel => "wal_level",
             Kind::Privilege => "privilege",
+            Kind::OutputPlugin => "output_plugin",
             Kind::Publication => "publication",
             Kind::NotifySetup => "notify_setup",
         }
@@ -211,8 +214,10 @@ pub struct Report {
 }
 
 impl Report {
-    /// Sorts `findings` into a report.
-    pub fn new(mut findings: Vec<Finding>) -> Report {
+    /// Sorts `findings` into a report, warnings about several rules with the same fix grouped
+    /// into one (see [`group_warnings`]).
+    pub fn new(findings: Vec<Finding>) -> Report {
+        let mut findings = group_warnings(findings);
         findings.sort_by(|a, b| {
             (&a.file, a.line, &a.table, a.kind).cmp(&(&b.file, b.line, &b.table, b.kind))
         });
@@ -318,6 +323,92 @@ impl Report {
     }
 }
 
+/// Warnings of one kind about several rules of one table with the same fix become one finding
+/// that lists the rules, each with what is particular to it: the fix is to apply once, and the
+/// report stays short for a table with many rules. Errors stay one per rule.
+fn group_warnings(findings: Vec<Finding>) -> Vec<Finding> {
+    type Group = (Kind, Option<TableName>, Option<String>);
+    let mut out = Vec::new();
+    let mut groups: Vec<(Group, Vec<Finding>)> = Vec::new();
+    for finding in findings {
+        if finding.severity != Severity::Warning || finding.rule.is_none() {
+            out.push(finding);
+            continue;
+        }
+        let group = (finding.kind, finding.table.clone(), finding.fix.clone());
+        match groups.iter_mut().find(|(g, _)| *g == group) {
+            Some((_, members)) => members.push(finding),
+            None => groups.push((group, vec![finding])),
+        }
+    }
+    for ((kind, table, fix), mut members) in groups {
+        if members.len() == 1 {
+            out.extend(members.pop());
+            continue;
+        }
+        let messages: Vec<&str> = members.iter().map(|f| f.message.as_str()).collect();
+        let head = common_clause(&messages);
+        let mut message = if head.is_empty() {
+            format!("{} rules:", members.len())
+        } else {
+            format!("{head}, for {} rules:", members.len())
+        };
+        for member in &members {
+            let rest = member.message[head.len()..].trim_start_matches([',', ';', ':', ' ']);
+            message.push_str(&format!(
+                "\n    rule {:?} ({}:{})",
+                member.rule.as_deref().unwrap_or_default(),
+                member.file.as_deref().unwrap_or_default(),
+                member.line.unwrap_or_default()
+            ));
+            if !rest.is_empty() {
+                message.push_str(&format!(": {rest}"));
+            }
+        }
+        out.push(Finding {
+            severity: Severity::Warning,
+            kind,
+            rule: None,
+            file: None,
+            line: None,
+            table,
+            message,
+            fix,
+        });
+    }
+    out
+}
+
+/// The longest start that every message shares and that ends a clause: before `, `, `; ` or
+/// `: `, or at the end of every message; empty when there is none.
+fn common_clause<'a>(messages: &[&'a str]) -> &'a str {
+    let Some((first, others)) = messages.split_first() else {
+        return "";
+    };
+    let mut shared = first.len();
+    for other in others {
+        shared = first
+            .char_indices()
+            .zip(other.chars())
+            .find(|((_, a), b)| a != b)
+            .map_or(shared.min(other.len()).min(first.len()), |((at, _), _)| at)
+            .min(shared);
+    }
+    let ends_clause = |at: usize| {
+        messages.iter().all(|m| {
+            m.len() == at
+                || [", ", "; ", ": "]
+                    .iter()
+                    .any(|sep| m[at..].starts_with(sep))
+        })
+    };
+    (1..=shared)
+        .rev()
+        .filter(|&at| first.is_char_boundary(at))
+        .find(|&at| ends_clause(at))
+        .map_or("", |at| &first[..at])
+}
+
 fn plural(n: usize) -> &'static str {
     if n == 1 { "" } else { "s" }
 }
@@ -367,10 +458,95 @@ mod tests {
             rule: rule.map(str::to_owned),
             file: rule.map(|_| "rules/a.toml".to_owned()),
             line: rule.map(|_| 3),
-            table: Some(TableName::parse("items")),
+            table: Some(TableName::parse("items").unwrap()),
             message: "public.items has no column nope".to_owned(),
             fix: Some("fix it".to_owned()),
         }
+    }
+
+    fn warning(kind: Kind, rule: &str, line: usize, message: &str, fix: &str) -> Finding {
+        Finding {
+            severity: Severity::Warning,
+            kind,
+            rule: Some(rule.to_owned()),
+            file: Some("rules/b.toml".to_owned()),
+            line: Some(line),
+            table: Some(TableName::new("public", "bookings")),
+            message: message.to_owned(),
+            fix: Some(fix.to_owned()),
+        }
+    }
+
+    #[test]
+    fn warnings_with_the_same_fix_are_one_finding_listing_the_rules() {
+        const FULL: &str = "ALTER TABLE \"public\".\"bookings\" REPLICA IDENTITY FULL;";
+        let sends = "REPLICA IDENTITY DEFAULT of public.bookings sends only id in the old row";
+        let report = Report::new(vec![
+            warning(
+                Kind::ReplicaIdentity,
+                "a",
+                3,
+                &format!("{sends}, so the keys broaden: `c:{{car}}` becomes `c:*`"),
+                FULL,
+            ),
+            finding(Severity::Error, Some("ghost")),
+            warning(
+                Kind::ReplicaIdentity,
+                "b",
+                9,
+                &format!("{sends}; `changed` cannot compare car"),
+                FULL,
+            ),
+            warning(Kind::Toast, "c", 12, "body can be stored out of line", FULL),
+            warning(Kind::NoPrefix, "d", 20, "no prefix", "add one"),
+            warning(Kind::NoPrefix, "e", 30, "no prefix", "add one"),
+        ]);
+        let grouped: Vec<&Finding> = report
+            .findings
+            .iter()
+            .filter(|f| f.severity == Severity::Warning && f.rule.is_none())
+            .collect();
+        assert_eq!(grouped.len(), 2, "{report:#?}");
+        let identity = grouped
+            .iter()
+            .find(|f| f.kind == Kind::ReplicaIdentity)
+            .unwrap();
+        assert_eq!(
+            identity.to_string(),
+            format!(
+                "warning: public.bookings: {sends}, for 2 rules:\n    rule \"a\" (rules/b.toml:3): \
+                 so the keys broaden: `c:{{car}}` becomes `c:*`\n    rule \"b\" (rules/b.toml:9): \
+                 `changed` cannot compare car\n  fix: {FULL}"
+            )
+        );
+        let prefix = grouped.iter().find(|f| f.kind == Kind::NoPrefix).unwrap();
+        assert_eq!(
+            prefix.message,
+            "no prefix, for 2 rules:\n    rule \"d\" (rules/b.toml:20)\n    rule \"e\" (rules/b.toml:30)"
+        );
+        // A warning alone, another kind with the same fix, and errors stay as they are.
+        assert_eq!(report.count(Severity::Warning), 3);
+        assert!(
+            report
+                .findings
+                .iter()
+                .any(|f| f.rule.as_deref() == Some("c"))
+        );
+        assert!(
+            report
+                .findings
+                .iter()
+                .any(|f| f.rule.as_deref() == Some("ghost"))
+        );
+    }
+
+    #[test]
+    fn the_shared_clause_ends_at_a_clause_boundary() {
+        assert_eq!(common_clause(&["a b, c", "a b, d"]), "a b");
+        assert_eq!(common_clause(&["a b; c: d", "a b; c: e"]), "a b; c");
+        assert_eq!(common_clause(&["same", "same"]), "same");
+        assert_eq!(common_clause(&["abc", "abd"]), "");
+        assert_eq!(common_clause(&["é, x", "é, y"]), "é");
     }
 
     #[test]

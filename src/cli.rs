@@ -7,9 +7,10 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use invalidator::change::Op;
+use invalidator::change::{Op, TableName};
 use invalidator::check;
 use invalidator::config::{Config, LogFormat, Mode};
+use invalidator::explain::OldRow;
 use invalidator::rules::RuleSet;
 use invalidator::source::{invalidate, notify, setup, teardown};
 use invalidator::{explain, run};
@@ -60,7 +61,8 @@ pub enum Command {
         /// Configuration file [default: ./invalidator.toml].
         #[arg(long)]
         config: Option<PathBuf>,
-        /// The table, `schema.table` or a bare name in `public`.
+        /// The table, `schema.table` or a bare name in `public`; quote a part as in the rules
+        /// (`"my.schema"."Order Items"`).
         #[arg(long)]
         table: String,
         /// insert, update, delete or truncate.
@@ -78,6 +80,11 @@ pub enum Command {
         /// an insert. At most 1000 rows, planned together.
         #[arg(long = "where", value_name = "CONDITION")]
         filter: Option<String>,
+        /// Do not read the table's REPLICA IDENTITY from the database: take --old as given
+        /// (the output says so). Without it, an update or delete of JSON rows in replication
+        /// mode asks the database which old values Postgres sends.
+        #[arg(long)]
+        offline: bool,
         /// Output: json (default; `keys`, `patterns` and each rule's share) or human.
         #[arg(long, value_enum, default_value_t = Format::Json)]
         format: Format,
@@ -281,9 +288,18 @@ pub async fn execute(command: Command, loaded: Loaded) -> anyhow::Result<ExitCod
             old,
             new,
             filter,
+            offline,
             format,
             ..
-        } => explain_command(&config, &rules, &table, op, old, new, filter, format).await,
+        } => {
+            let rows = Rows {
+                old,
+                new,
+                filter,
+                offline,
+            };
+            explain_command(&config, &rules, &table, op, rows, format).await
+        }
         Command::Setup { dry_run, .. } => {
             let mut db = connect(&config).await?;
             // Setting up for rules that `run` refuses would only defer the error.
@@ -379,22 +395,28 @@ pub async fn execute(command: Command, loaded: Loaded) -> anyhow::Result<ExitCod
 
 /// `explain`: usage problems (bad JSON, a table no rule watches, flags that do not go
 /// together) exit 2 like unusable rules; a database that cannot answer exits 1.
-#[allow(clippy::too_many_arguments)]
 async fn explain_command(
     config: &Config,
     rules: &RuleSet,
     table: &str,
     op: Op,
-    old: Option<String>,
-    new: Option<String>,
-    filter: Option<String>,
+    rows: Rows,
     format: Format,
 ) -> anyhow::Result<ExitCode> {
+    let Rows {
+        old,
+        new,
+        filter,
+        offline,
+    } = rows;
     let usage = |message: String| {
         eprintln!("error: {message}");
         Ok(ExitCode::from(2))
     };
-    let name = invalidator::change::TableName::parse(table);
+    let name = match TableName::parse(table) {
+        Ok(name) => name,
+        Err(e) => return usage(format!("--table {table:?}: {e}")),
+    };
     if !rules.has_table(&name) {
         let watched: Vec<String> = rules.tables().map(ToString::to_string).collect();
         return usage(format!(
@@ -403,12 +425,37 @@ async fn explain_command(
         ));
     }
     let explained = match filter {
-        None => match explain::change(table, op, old.as_deref(), new.as_deref()) {
-            Ok(change) => explain::explain_changes(rules, &name, op, &[change]),
-            Err(e) => return usage(e.to_string()),
-        },
+        // Neither has an old row, so what the server sends of one does not matter.
+        None if matches!(op, Op::Insert | Op::Truncate) => {
+            match explain::change(
+                &name,
+                op,
+                None,
+                new.as_deref(),
+                &OldRow::Whole { notify: false },
+            ) {
+                Ok(change) => explain::explain_changes(rules, &name, op, &[change]),
+                Err(e) => return usage(e.to_string()),
+            }
+        }
+        None => {
+            let sent = old_row_sent(config, &name, offline).await;
+            match explain::change(&name, op, old.as_deref(), new.as_deref(), &sent) {
+                Ok(change) => {
+                    let mut explained = explain::explain_changes(rules, &name, op, &[change]);
+                    explained.old_row = Some(sent.describe(&name));
+                    explained
+                }
+                Err(e) => return usage(e.to_string()),
+            }
+        }
         Some(_) if op == Op::Truncate => {
             return usage("--where has no meaning for a truncate".to_owned());
+        }
+        Some(_) if offline => {
+            return usage(
+                "--offline and --where do not go together: --where reads the database".to_owned(),
+            );
         }
         Some(_) if old.is_some() => {
             return usage(
@@ -428,7 +475,11 @@ async fn explain_command(
             let fetched =
                 explain::rows_from_database(&mut db, &name, &filter, config.postgres.mode).await?;
             let changes = explain::changes_from_rows(&name, op, &fetched, overlay.as_ref());
-            explain::explain_changes(rules, &name, op, &changes)
+            let mut explained = explain::explain_changes(rules, &name, op, &changes);
+            if op != Op::Insert {
+                explained.old_row = Some(fetched.old_row.describe(&name));
+            }
+            explained
         }
     };
     match format {
@@ -436,6 +487,43 @@ async fn explain_command(
         Format::Json => println!("{}", explained.to_json()),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Where `explain` takes its rows from, as the flags give it.
+struct Rows {
+    /// `--old`.
+    old: Option<String>,
+    /// `--new`.
+    new: Option<String>,
+    /// `--where`.
+    filter: Option<String>,
+    /// `--offline`.
+    offline: bool,
+}
+
+/// What the server sends of `table`'s old rows, for `explain` of JSON rows: notify mode's
+/// triggers send them whole; in replication mode the table's REPLICA IDENTITY decides, read
+/// from the database unless `offline`. A database that cannot answer makes it an assumption,
+/// which the output states, rather than an error: the rules can still be explained.
+async fn old_row_sent(config: &Config, table: &TableName, offline: bool) -> OldRow {
+    if config.postgres.mode == Mode::Notify {
+        return OldRow::Whole { notify: true };
+    }
+    if offline {
+        return OldRow::Assumed("--offline".to_owned());
+    }
+    let mut db = match connect(config).await {
+        Ok(db) => db,
+        Err(e) => {
+            eprintln!("warning: explaining without the database: {e}");
+            return OldRow::Assumed(format!("the database could not be reached: {e}"));
+        }
+    };
+    match setup::table_info(&mut db, table).await {
+        Ok(Some(info)) => OldRow::of(config.postgres.mode, &info),
+        Ok(None) => OldRow::Assumed(format!("{table} does not exist in the database")),
+        Err(e) => OldRow::Assumed(format!("its catalog could not be read: {e}")),
+    }
 }
 
 /// An ordinary (non-replication) connection for setup, check and status.

@@ -16,7 +16,7 @@ use serde_json::{Map, Value as Json, json};
 
 use crate::change::{Change, Lsn, Op, Row, TableName, Value};
 use crate::config::Mode;
-use crate::rules::{Invalidation, Rule, RuleSet};
+use crate::rules::{Invalidation, Rule, RuleSet, write_column};
 use crate::source::setup::{self, SetupError, qualified, quote_literal};
 
 /// The JSON given for a row is not usable.
@@ -69,26 +69,132 @@ fn make(table: &TableName, op: Op, old: Option<Row>, new: Option<Row>) -> Change
     }
 }
 
-/// Builds the change `explain` plans. An update without `--old` has an old row whose values
-/// are all unknown, which is what the rules see when Postgres does not send the old row.
+/// What Postgres sends of the old row of an update or delete, which decides the keys a real
+/// run renders from it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OldRow {
+    /// The whole old row: REPLICA IDENTITY FULL, or notify mode's triggers (`notify` true).
+    Whole {
+        /// Whether it is notify mode's triggers rather than REPLICA IDENTITY FULL.
+        notify: bool,
+    },
+    /// Only the identity's columns: a delete sends them, an update only when one of them
+    /// changed (the decoder then takes them from the new row). No columns: nothing is sent.
+    Key {
+        /// `relreplident`: `d` (the primary key), `i` (an index) or `n` (nothing).
+        identity: char,
+        /// The columns sent.
+        columns: Vec<String>,
+    },
+    /// Not read from the database (why is given): the old row is taken as given.
+    Assumed(String),
+}
+
+impl OldRow {
+    /// What replication mode's server sends for `info` (notify mode: always the whole row).
+    pub fn of(mode: Mode, info: &setup::TableInfo) -> OldRow {
+        match (mode, info.replica_identity) {
+            (Mode::Notify, _) => OldRow::Whole { notify: true },
+            (Mode::Replication, 'f') => OldRow::Whole { notify: false },
+            (Mode::Replication, identity) => OldRow::Key {
+                identity,
+                columns: info.identity_columns.clone(),
+            },
+        }
+    }
+
+    /// The old row a real run sees for `op`, from the rows given (`old` may be absent).
+    fn apply(&self, op: Op, old: Option<Row>, new: &Row) -> Row {
+        let given = match op {
+            Op::Delete => old.unwrap_or_else(|| new.clone()),
+            _ => old.unwrap_or_else(empty),
+        };
+        let OldRow::Key { columns, .. } = self else {
+            return given;
+        };
+        let known = |v: &Value| !matches!(v, Value::Unknown);
+        // An update sends the old key only when it changed; otherwise the decoder takes the
+        // key from the new row.
+        let key_changed = op == Op::Update
+            && columns.iter().any(|c| {
+                let (was, is) = (given.get(c), new.get(c));
+                known(was) && known(is) && was != is
+            });
+        let values = columns
+            .iter()
+            .map(|c| match (op, key_changed, new.get(c)) {
+                (Op::Update, false, value) if known(value) => value.clone(),
+                _ => given.get(c).clone(),
+            })
+            .collect();
+        Row::new(Arc::from(columns.clone()), values)
+    }
+
+    /// One sentence for the output: what the old row is, and where that was learnt.
+    pub fn describe(&self, table: &TableName) -> String {
+        match self {
+            OldRow::Whole { notify: true } => "notify mode: the triggers record the whole old \
+                row, taken as --old gives it (a column it lacks is unknown)"
+                .to_owned(),
+            OldRow::Whole { notify: false } => format!(
+                "REPLICA IDENTITY FULL of {table}: the whole old row is sent, taken as --old \
+                 gives it (a column it lacks is unknown)"
+            ),
+            OldRow::Key { identity, columns } if columns.is_empty() => format!(
+                "REPLICA IDENTITY {} of {table} sends no old row (and once the table is \
+                 published, Postgres refuses its UPDATEs and DELETEs): every old value is unknown",
+                identity_name(*identity)
+            ),
+            OldRow::Key { identity, columns } => format!(
+                "REPLICA IDENTITY {} of {table}: the old row holds only {}, sent by a delete, and \
+                 by an update only when it changes (else it is the new row's); every other old \
+                 value is unknown",
+                identity_name(*identity),
+                columns.join(", ")
+            ),
+            OldRow::Assumed(why) => format!(
+                "assumed, not read from the database ({why}): the old row is --old as given, a \
+                 column it lacks unknown, as under REPLICA IDENTITY FULL; under DEFAULT a real \
+                 run knows only the primary key of the old row, so keys from its other columns \
+                 become patterns"
+            ),
+        }
+    }
+}
+
+/// How `ALTER TABLE ... REPLICA IDENTITY` names a `relreplident`.
+fn identity_name(identity: char) -> &'static str {
+    match identity {
+        'd' => "DEFAULT",
+        'i' => "USING INDEX",
+        'f' => "FULL",
+        _ => "NOTHING",
+    }
+}
+
+/// Builds the change `explain` plans from JSON rows, with the old row cut down to what the
+/// server sends (`sent`). A delete given only `--new` takes it as the old row; an update
+/// without `--old` has an old row of unknown values, but for the key that `sent` says the
+/// decoder takes from the new row.
 pub fn change(
-    table: &str,
+    table: &TableName,
     op: Op,
     old: Option<&str>,
     new: Option<&str>,
+    sent: &OldRow,
 ) -> Result<Change, ExplainError> {
     let old = old.map(|t| row_from_json("old", t)).transpose()?;
     let new = new.map(|t| row_from_json("new", t)).transpose()?;
     let (old, new) = match op {
         Op::Insert => (None, Some(new.unwrap_or_else(empty))),
-        Op::Update => (
-            Some(old.unwrap_or_else(empty)),
-            Some(new.unwrap_or_else(empty)),
-        ),
-        Op::Delete => (Some(old.or(new).unwrap_or_else(empty)), None),
+        Op::Update => {
+            let new = new.unwrap_or_else(empty);
+            (Some(sent.apply(op, old, &new)), Some(new))
+        }
+        Op::Delete => (Some(sent.apply(op, old, &new.unwrap_or_else(empty))), None),
         Op::Truncate => (None, None),
     };
-    Ok(make(&TableName::parse(table), op, old, new))
+    Ok(make(table, op, old, new))
 }
 
 /// Rows read from the live database for `explain --where`.
@@ -96,9 +202,8 @@ pub fn change(
 pub struct Fetched {
     /// The matching rows, every column in Postgres text form.
     pub rows: Vec<Row>,
-    /// The columns an old row carries when REPLICA IDENTITY is not FULL (replication mode);
-    /// `None` when old rows are whole (FULL, or notify mode's triggers).
-    pub identity: Option<Vec<String>>,
+    /// What the server sends of an old row.
+    pub old_row: OldRow,
 }
 
 /// `explain --where` could not read its rows.
@@ -149,6 +254,7 @@ pub async fn rows_from_database(
     let Some(info) = setup::table_info(client, table).await? else {
         return Err(WhereError::NoTable(table.clone()));
     };
+    let old_row = OldRow::of(mode, &info);
     let generated: BTreeSet<String> = if mode == Mode::Replication {
         setup::Sql::query(
             client,
@@ -228,9 +334,7 @@ pub async fn rows_from_database(
             .map_err(WhereError::Query)?;
         rows.push(Row::new(names.clone(), values));
     }
-    let identity = (mode == Mode::Replication && info.replica_identity != 'f')
-        .then_some(info.identity_columns);
-    Ok(Fetched { rows, identity })
+    Ok(Fetched { rows, old_row })
 }
 
 /// The changes `explain --where` plans: one per row read, as `op` would change it. The row is
@@ -243,9 +347,11 @@ pub fn changes_from_rows(
     fetched: &Fetched,
     overlay: Option<&Row>,
 ) -> Vec<Change> {
-    let old_of = |row: &Row| match &fetched.identity {
-        None => row.clone(),
-        Some(identity) => {
+    let old_of = |row: &Row| match &fetched.old_row {
+        OldRow::Whole { .. } | OldRow::Assumed(_) => row.clone(),
+        OldRow::Key {
+            columns: identity, ..
+        } => {
             let (columns, values): (Vec<String>, Vec<Value>) = row
                 .columns
                 .iter()
@@ -319,6 +425,8 @@ pub struct Explanation {
     pub patterns: BTreeSet<String>,
     /// Every rule of the table, in file order.
     pub rules: Vec<RuleOutcome>,
+    /// What the old row was taken to be (updates and deletes), and where that was learnt.
+    pub old_row: Option<String>,
 }
 
 /// Why `rule` does not fire on `change`, if it does not.
@@ -359,7 +467,8 @@ fn alone(rule: &Rule) -> Option<RuleSet> {
     let ops: Vec<toml::Value> = rule.ops.iter().map(|op| op.as_str().into()).collect();
     table.insert("on".into(), ops.into());
     if !rule.changed.is_empty() {
-        table.insert("changed".into(), rule.changed.clone().into());
+        let changed: Vec<String> = rule.changed.iter().map(|c| write_column(c)).collect();
+        table.insert("changed".into(), changed.into());
     }
     table.insert("keys".into(), rule.keys.clone().into());
     let mut doc = toml::Table::new();
@@ -426,6 +535,7 @@ pub fn explain_changes(
         keys: all.keys.into_iter().collect(),
         patterns: all.patterns.into_iter().collect(),
         rules: outcomes,
+        old_row: None,
     }
 }
 
@@ -457,6 +567,7 @@ impl Explanation {
             "keys": self.keys,
             "patterns": self.patterns,
             "rules": rules,
+            "old_row": self.old_row,
         });
         serde_json::to_string_pretty(&doc).unwrap_or_default()
     }
@@ -478,6 +589,9 @@ impl Explanation {
             self.patterns.len(),
             if self.patterns.len() == 1 { "" } else { "s" },
         );
+        if let Some(old_row) = &self.old_row {
+            let _ = writeln!(out, "  old row: {old_row}");
+        }
         if self.rules.is_empty() {
             let _ = writeln!(out, "  no rule watches {}", self.table);
         }
@@ -538,6 +652,10 @@ mod tests {
         );
     }
 
+    fn bookings() -> TableName {
+        TableName::new("public", "bookings")
+    }
+
     fn exodrive() -> RuleSet {
         RuleSet::load(std::path::Path::new(concat!(
             env!("CARGO_MANIFEST_DIR"),
@@ -570,12 +688,12 @@ mod tests {
             (Op::Delete, Some(old), None),
             (Op::Truncate, None, None),
         ] {
-            let change = change("bookings", op, old, new).unwrap();
+            let change = change(&bookings(), op, old, new, &FULL).unwrap();
             let e = explain_changes(&rules, &change.table, op, std::slice::from_ref(&change));
             assert_attribution_is_complete(&e);
         }
-        let change = change("bookings", Op::Update, Some(old), Some(moved)).unwrap();
-        let e = explain_changes(&rules, &TableName::parse("bookings"), Op::Update, &[change]);
+        let change = change(&bookings(), Op::Update, Some(old), Some(moved), &FULL).unwrap();
+        let e = explain_changes(&rules, &bookings(), Op::Update, &[change]);
         let availability = e
             .rules
             .iter()
@@ -590,8 +708,8 @@ mod tests {
     fn a_rule_that_does_not_fire_says_why() {
         let rules = exodrive();
         let row = r#"{"id":"b1","car_id":"c1","customer_id":"u1","start_date":"2026-12-01","end_date":"2026-12-03","overall_status":"confirmed","deleted_at":null,"notes":"a"}"#;
-        let change = change("bookings", Op::Update, Some(row), Some(row)).unwrap();
-        let e = explain_changes(&rules, &TableName::parse("bookings"), Op::Update, &[change]);
+        let change = change(&bookings(), Op::Update, Some(row), Some(row), &FULL).unwrap();
+        let e = explain_changes(&rules, &bookings(), Op::Update, &[change]);
         let availability = e
             .rules
             .iter()
@@ -623,6 +741,112 @@ mod tests {
         );
     }
 
+    const FULL: OldRow = OldRow::Whole { notify: false };
+
+    fn default_identity() -> OldRow {
+        OldRow::Key {
+            identity: 'd',
+            columns: vec!["id".to_owned()],
+        }
+    }
+
+    /// The old row `explain` plans with, as `(column, value)` pairs of what is known.
+    fn old_row(
+        sent: &OldRow,
+        op: Op,
+        old: Option<&str>,
+        new: Option<&str>,
+    ) -> Vec<(String, Value)> {
+        let change = change(&bookings(), op, old, new, sent).unwrap();
+        let old = change.old.unwrap();
+        ["id", "car_id"]
+            .iter()
+            .map(|c| (c.to_string(), old.get(c).clone()))
+            .filter(|(_, v)| v != &Value::Unknown)
+            .collect()
+    }
+
+    #[test]
+    fn under_default_identity_the_old_row_is_the_key_the_server_sends() {
+        let text = |s: &str| Value::Text(s.to_owned());
+        let whole = r#"{"id": "b1", "car_id": "c1"}"#;
+        let moved = r#"{"id": "b1", "car_id": "c2"}"#;
+        let rekeyed = r#"{"id": "b2", "car_id": "c2"}"#;
+        let key = default_identity();
+        // A delete sends the key of the old row, whether given as --old or --new.
+        assert_eq!(
+            old_row(&key, Op::Delete, Some(whole), None),
+            [("id".into(), text("b1"))]
+        );
+        assert_eq!(
+            old_row(&key, Op::Delete, None, Some(r#"{"id": "b1"}"#)),
+            [("id".into(), text("b1"))]
+        );
+        // An update that keeps the key sends no old row: the decoder takes the new row's key.
+        assert_eq!(
+            old_row(&key, Op::Update, None, Some(moved)),
+            [("id".into(), text("b1"))]
+        );
+        assert_eq!(
+            old_row(&key, Op::Update, Some(whole), Some(moved)),
+            [("id".into(), text("b1"))]
+        );
+        // An update that changes the key sends the old key.
+        assert_eq!(
+            old_row(&key, Op::Update, Some(whole), Some(rekeyed)),
+            [("id".into(), text("b1"))]
+        );
+        // FULL sends the whole old row; NOTHING sends none.
+        assert_eq!(
+            old_row(&FULL, Op::Delete, Some(whole), None),
+            [("id".into(), text("b1")), ("car_id".into(), text("c1"))]
+        );
+        let nothing = OldRow::Key {
+            identity: 'n',
+            columns: Vec::new(),
+        };
+        assert_eq!(old_row(&nothing, Op::Delete, Some(whole), None), []);
+        assert_eq!(old_row(&nothing, Op::Update, Some(whole), Some(moved)), []);
+        // Offline, --old is taken as given, and an update without it knows nothing.
+        let assumed = OldRow::Assumed("--offline".into());
+        assert_eq!(old_row(&assumed, Op::Update, None, Some(moved)), []);
+        assert_eq!(old_row(&assumed, Op::Delete, Some(whole), None).len(), 2);
+    }
+
+    #[test]
+    fn the_old_row_says_what_was_assumed_or_read() {
+        let table = bookings();
+        let offline = OldRow::Assumed("--offline".into()).describe(&table);
+        assert!(
+            offline.starts_with(
+                "assumed, not read from the database (--offline): the old row is --old as given"
+            ),
+            "{offline}"
+        );
+        assert!(
+            offline.contains("under DEFAULT a real run knows only the primary key"),
+            "{offline}"
+        );
+        let key = default_identity().describe(&table);
+        assert!(
+            key.starts_with(
+                "REPLICA IDENTITY DEFAULT of public.bookings: the old row holds only id"
+            ),
+            "{key}"
+        );
+        let rules = exodrive();
+        let change = change(&table, Op::Delete, Some("{}"), None, &FULL).unwrap();
+        let mut e = explain_changes(&rules, &table, Op::Delete, &[change]);
+        e.old_row = Some(offline.clone());
+        assert!(
+            e.human().contains(&format!("\n  old row: {offline}\n")),
+            "{}",
+            e.human()
+        );
+        let doc: Json = serde_json::from_str(&e.to_json()).unwrap();
+        assert_eq!(doc["old_row"], Json::String(offline));
+    }
+
     #[test]
     fn rows_from_the_database_become_changes_as_the_wal_carries_them() {
         let columns: Arc<[String]> = Arc::from(vec!["id".to_owned(), "car".to_owned()]);
@@ -632,9 +856,12 @@ mod tests {
         );
         let fetched = Fetched {
             rows: vec![row],
-            identity: Some(vec!["id".to_owned()]),
+            old_row: OldRow::Key {
+                identity: 'd',
+                columns: vec!["id".to_owned()],
+            },
         };
-        let table = TableName::parse("t");
+        let table = TableName::new("public", "t");
         let overlay = row_from_json("new", r#"{"car": "b"}"#).unwrap();
         let changes = changes_from_rows(&table, Op::Update, &fetched, Some(&overlay));
         let change = &changes[0];

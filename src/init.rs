@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 
 use tokio_postgres::config::{Host, SslMode};
 
+use crate::change::TableName;
 use crate::config::PostgresConfig;
+use crate::rules::write_column;
 use crate::source::connect::{self, ConnectError};
 
 /// Schemas that hold no application tables: Postgres's own, ours, and those Supabase manages.
@@ -220,13 +222,17 @@ fn config_text(pg: &tokio_postgres::Config, verify_host: bool) -> String {
     )
 }
 
-/// Whether a rules file can name `text` as a table or column today: no dots, quotes, spaces,
-/// braces or `|`, which the rules' syntax gives other meanings.
-fn nameable(text: &str) -> bool {
-    !text.is_empty()
-        && !text.contains(|c: char| {
-            matches!(c, '.' | '"' | '{' | '}' | '|' | '\\') || c.is_whitespace()
+/// `text` as the literal text of a key template: braces doubled, and glob characters (which
+/// would make the example key a pattern) replaced, since the example is to be edited anyway.
+fn key_text(text: &str) -> String {
+    text.chars()
+        .map(|c| match c {
+            '{' => "{{".to_owned(),
+            '}' => "}}".to_owned(),
+            '*' | '?' | '[' | '\\' => "_".to_owned(),
+            c => c.to_string(),
         })
+        .collect()
 }
 
 /// The starter rules: one commented-out example per table, keyed by its primary key.
@@ -239,40 +245,36 @@ pub fn rules_text(tables: &[FoundTable]) -> String {
          # `invalidator check`, `invalidator setup` and `invalidator run`.\n",
     );
     for table in tables {
-        let shown = if table.schema == "public" {
-            table.name.clone()
-        } else {
-            format!("{}.{}", table.schema, table.name)
+        let name = TableName::new(table.schema.as_str(), table.name.as_str());
+        // The rule's `table`, quoted where it must be; a bare name for public.
+        let written = name.to_string();
+        let shown = match written.strip_prefix("public.") {
+            Some(bare) if TableName::parse(bare).as_ref() == Ok(&name) => bare.to_owned(),
+            _ => written,
         };
+        let prefix = key_text(&match table.schema.as_str() {
+            "public" => table.name.clone(),
+            schema => format!("{schema}.{}", table.name),
+        });
         out.push('\n');
-        if !nameable(&table.schema) || !nameable(&table.name) {
-            let _ = writeln!(
-                out,
-                "# {}.{}: its name cannot be written in a rule yet (a dot, quote, space, brace or |).",
-                table.schema, table.name
-            );
-            continue;
-        }
         let key = if table.key.is_empty() {
             let _ = writeln!(
                 out,
                 "# {shown}: no primary key; EDIT: name the columns that identify a row."
             );
-            format!("{shown}:{{id}}")
-        } else if table.key.iter().all(|c| nameable(c)) {
+            format!("{prefix}:{{id}}")
+        } else {
             let _ = writeln!(
                 out,
                 "# {shown}: primary key ({}). EDIT: the keys your application caches for a row.",
                 table.key.join(", ")
             );
-            let placeholders: Vec<String> = table.key.iter().map(|c| format!("{{{c}}}")).collect();
-            format!("{shown}:{}", placeholders.join(":"))
-        } else {
-            let _ = writeln!(
-                out,
-                "# {shown}: its primary key has a column a rule cannot name yet; EDIT: name the columns."
-            );
-            format!("{shown}:{{id}}")
+            let placeholders: Vec<String> = table
+                .key
+                .iter()
+                .map(|c| format!("{{{}}}", write_column(c)))
+                .collect();
+            format!("{prefix}:{}", placeholders.join(":"))
         };
         let _ = writeln!(out, "# [[rule]]");
         let _ = writeln!(out, "# name = {}", toml_string(&shown));
@@ -310,6 +312,36 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("# log: no primary key; EDIT"), "{text}");
+        // Odd names are quoted as the rules quote them, and the rules compile.
+        let odd = rules_text(&[
+            table("my.schema", "Order Items", &["first name", "id"]),
+            table("public", "a.b", &["x{y}"]),
+        ]);
+        for line in [
+            r#"# table = '"my.schema".Order Items'"#,
+            r#"# keys = ['my.schema.Order Items:{"first name"}:{id}']"#,
+            r#"# table = '"a.b"'"#,
+            r#"# keys = ['a.b:{"x{y}"}']"#,
+        ] {
+            assert!(odd.lines().any(|l| l == line), "{line}: {odd}");
+        }
+        let uncommented: String = odd
+            .lines()
+            .filter(|l| {
+                l.starts_with("# [[rule]]")
+                    || l.starts_with("# name")
+                    || l.starts_with("# table")
+                    || l.starts_with("# keys")
+            })
+            .map(|l| format!("{}\n", &l[2..]))
+            .collect();
+        let rules = crate::rules::RuleSet::compile(&[("t.toml".to_owned(), uncommented)]).unwrap();
+        assert_eq!(
+            rules.rules()[0].table,
+            TableName::new("my.schema", "Order Items")
+        );
+        assert_eq!(rules.rules()[0].columns(), ["first name", "id"]);
+        assert_eq!(rules.rules()[1].table, TableName::new("public", "a.b"));
         // Nothing is active until a developer uncomments it.
         assert!(
             text.lines().all(|l| l.is_empty() || l.starts_with('#')),

@@ -413,7 +413,7 @@ mod tests {
 
     fn insert(table: &str, id: &str) -> Change {
         Change {
-            table: TableName::parse(table),
+            table: TableName::parse(table).unwrap(),
             op: Op::Insert,
             old: None,
             new: Some(Row::new(

@@ -263,7 +263,9 @@ pub async fn run(
             Ok(Streamed::Ended) => {
                 health.set_source(Some("the server ended the replication stream".to_owned()));
             }
-            Err(Failure::Permanent(message)) => break Err(RunError::Postgres(message)),
+            Err(Failure::Permanent(message)) => {
+                break Err(RunError::Postgres(explain_refusal(&config, message).await));
+            }
             Err(Failure::UnknownNames(unknown)) => break Err(unknown.into()),
             Err(Failure::Transient {
                 reason,
@@ -470,6 +472,34 @@ async fn check_names(db: &mut impl setup::Sql, rules: &RuleSet) -> Result<(), Fa
         return Ok(());
     }
     Err(Failure::UnknownNames(check::UnknownNames(unknown)))
+}
+
+/// A permanent failure in replication mode, said in terms of its cause when the server's
+/// `output_plugin_libraries` does not allow pgoutput: the server's own answer is a bare
+/// "permission denied" (42501) on slot creation or START_REPLICATION. Asked only once the run
+/// gives up, over an ordinary connection; when that cannot answer, `message` stands as it is.
+async fn explain_refusal(config: &Config, message: String) -> String {
+    if config.postgres.mode != Mode::Replication {
+        return message;
+    }
+    let Ok(mut client) = connect::connect(&config.postgres).await else {
+        return message;
+    };
+    match setup::plugin_allowlist(&mut client).await {
+        Ok(list) => with_refusal(message, list.as_ref()),
+        Err(_) => message,
+    }
+}
+
+/// `message` led by the refusal of `list` when there is one (see [`explain_refusal`]).
+fn with_refusal(message: String, list: Option<&setup::PluginAllowlist>) -> String {
+    match list.and_then(setup::PluginAllowlist::refusal) {
+        Some(refusal) => format!(
+            "{}; fix: {} (the server said: {message})",
+            refusal.problem, refusal.fix
+        ),
+        None => message,
+    }
 }
 
 /// The one place that turns an error into "retry" or "give up".
@@ -888,5 +918,40 @@ async fn dry_outbox_once(
         // The delete loop deletes nothing here; wait for it so the last line is "stopped".
         SourceEnd::DeleterStopped => Ok(Streamed::Finished),
         SourceEnd::StreamEnded => Ok(Streamed::Ended),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refused_pgoutput_is_named_instead_of_a_bare_permission_error() {
+        let bare = "postgres error 42501: permission denied".to_owned();
+        // No such setting (PostgreSQL releases before it), or pgoutput listed: unchanged.
+        assert_eq!(with_refusal(bare.clone(), None), bare);
+        let allowed = setup::PluginAllowlist {
+            setting: "pgoutput, test_decoding".to_owned(),
+            context: "sighup".to_owned(),
+            source: "configuration file".to_owned(),
+            database: "d".to_owned(),
+            role: "r".to_owned(),
+        };
+        assert_eq!(with_refusal(bare.clone(), Some(&allowed)), bare);
+        let refused = setup::PluginAllowlist {
+            setting: "test_decoding".to_owned(),
+            context: "sighup".to_owned(),
+            source: "configuration file".to_owned(),
+            database: "d".to_owned(),
+            role: "r".to_owned(),
+        };
+        assert_eq!(
+            with_refusal(bare.clone(), Some(&refused)),
+            "output_plugin_libraries = 'test_decoding' does not list pgoutput, so this server \
+             refuses to load it for logical replication (error 42501): `run` cannot create its \
+             slot or stream; fix: as a superuser: ALTER SYSTEM SET output_plugin_libraries = \
+             'test_decoding', 'pgoutput'; then SELECT pg_reload_conf(); (the server said: postgres \
+             error 42501: permission denied)"
+        );
     }
 }

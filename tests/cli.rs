@@ -820,3 +820,85 @@ fn without_a_config_file_the_error_says_defaults_are_used_and_a_bad_variable_is_
         "{err}"
     );
 }
+
+#[test]
+fn explain_under_default_identity_keeps_literal_keys_on_the_primary_key_and_says_what_it_assumed() {
+    let (_db, setup) = setup(
+        "[[rule]]\nname = \"plain\"\ntable = \"plain\"\nkeys = [\"plain:{id}\", \"owner:{owner}\"]\n",
+    );
+    let explain = |args: &[&str]| {
+        let mut all = vec!["explain", "--table", "plain"];
+        all.extend(args);
+        let (code, out, err) = invalidator(&setup, &all);
+        assert_eq!(code, 0, "{out}{err}");
+        serde_json::from_str::<Json>(&out).unwrap()
+    };
+    // An update that keeps the key: Postgres sends no old row, and a real run takes the old
+    // key from the new row, so `plain:7` stays a literal key; the old owner is unknown.
+    let doc = explain(&["--op", "update", "--new", r#"{"id": 7, "owner": 71}"#]);
+    assert_eq!(
+        doc["keys"],
+        serde_json::json!(["owner:71", "plain:7"]),
+        "{doc}"
+    );
+    assert_eq!(doc["patterns"], serde_json::json!(["owner:*"]), "{doc}");
+    let said = doc["old_row"].as_str().unwrap();
+    assert!(
+        said.starts_with("REPLICA IDENTITY DEFAULT of public.plain: the old row holds only id"),
+        "{said}"
+    );
+    // A delete sends only the old key, however much of the row is given.
+    for row in [r#"{"id": 7}"#, r#"{"id": 7, "owner": 70}"#] {
+        for flag in ["--old", "--new"] {
+            let doc = explain(&["--op", "delete", flag, row]);
+            assert_eq!(
+                doc["keys"],
+                serde_json::json!(["plain:7"]),
+                "{flag} {row}: {doc}"
+            );
+            assert_eq!(
+                doc["patterns"],
+                serde_json::json!(["owner:*"]),
+                "{flag} {row}: {doc}"
+            );
+        }
+    }
+    // Offline, the rows are taken as given, and the output says so.
+    let doc = explain(&[
+        "--op",
+        "delete",
+        "--old",
+        r#"{"id": 7, "owner": 70}"#,
+        "--offline",
+    ]);
+    assert_eq!(
+        doc["keys"],
+        serde_json::json!(["owner:70", "plain:7"]),
+        "{doc}"
+    );
+    let said = doc["old_row"].as_str().unwrap();
+    assert!(
+        said.starts_with("assumed, not read from the database (--offline)"),
+        "{said}"
+    );
+    let (code, out, _) = invalidator(
+        &setup,
+        &[
+            "explain",
+            "--format",
+            "human",
+            "--table",
+            "plain",
+            "--op",
+            "update",
+            "--new",
+            r#"{"id": 7}"#,
+            "--offline",
+        ],
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("\n  old row: assumed, not read from the database (--offline)"),
+        "{out}"
+    );
+}

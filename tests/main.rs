@@ -9,6 +9,7 @@ mod dry_run;
 mod e2e;
 mod exodrive;
 mod faults;
+mod identifiers;
 mod invalidate;
 mod memory;
 mod notify;

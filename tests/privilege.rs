@@ -1,8 +1,10 @@
 //! Least privilege: the sidecar runs as a role with REPLICATION and SELECT, not a superuser.
 
+use std::time::Duration;
+
 use crate::e2e::{RULES, SCHEMA};
 use crate::sidecar::{Fixture, Setup};
-use crate::support::{PgCluster, unique_name};
+use crate::support::{PgCluster, unique_name, wait_until};
 
 #[test]
 fn runs_as_a_role_with_only_replication_and_select() {
@@ -86,4 +88,64 @@ fn a_publication_made_by_hand_with_its_slot_made_first_flushes_nothing_on_day_on
     f.wait_deleted(&["item:1"]);
     assert!(f.redis.exists("item:99"), "the first run flushed the cache");
     assert_eq!(sidecar.metric_sum("invalidator_slot_resets_total"), 0.0);
+}
+
+/// Where `output_plugin_libraries` exists (newer minor releases; set here for the test's own
+/// database, which the walsender honours too) and lacks pgoutput, the server refuses the slot
+/// with a bare 42501: `check` names the setting with the fix, and `run` stops saying so.
+#[test]
+fn an_output_plugin_allowlist_without_pgoutput_is_named_by_check_and_run() {
+    let f = Fixture::new(
+        "CREATE TABLE items (id int PRIMARY KEY);",
+        "[[rule]]\ntable = \"items\"\nkeys = [\"item:{id}\"]\n",
+    );
+    let exists = f.sql("SELECT count(*) FROM pg_settings WHERE name = 'output_plugin_libraries'");
+    if exists.trim() != "1" {
+        eprintln!("skipped: this PostgreSQL has no output_plugin_libraries");
+        return;
+    }
+    f.sql(&format!(
+        "ALTER DATABASE \"{}\" SET output_plugin_libraries = 'test_decoding'",
+        f.db
+    ));
+    let (status, out) = f.setup.command(&["check"]);
+    assert_eq!(status.code(), Some(1), "{out}");
+    assert!(
+        out.contains(
+            "output_plugin_libraries = 'test_decoding' does not list pgoutput, so this server \
+             refuses to load it"
+        ),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!(
+            "fix: as a superuser: ALTER DATABASE \"{}\" SET output_plugin_libraries = \
+             'test_decoding', 'pgoutput'; (new sessions use it)",
+            f.db
+        )),
+        "{out}"
+    );
+
+    let mut sidecar = f.setup.spawn();
+    wait_until(
+        Duration::from_secs(30),
+        "run stops naming the setting",
+        || sidecar.log().contains("does not list pgoutput"),
+    );
+    let status = sidecar.terminate_within(Duration::from_secs(10));
+    assert!(status.is_some_and(|s| !s.success()), "{}", sidecar.log());
+    assert!(
+        sidecar.log().contains("(the server said: "),
+        "{}",
+        sidecar.log()
+    );
+
+    // With pgoutput listed, the same database streams.
+    f.sql(&format!(
+        "ALTER DATABASE \"{}\" SET output_plugin_libraries = 'pgoutput', 'test_decoding'",
+        f.db
+    ));
+    let (status, out) = f.setup.command(&["check"]);
+    assert!(status.success(), "{out}");
+    let _sidecar = f.setup.start();
 }

@@ -7,7 +7,7 @@
 //! matching only the same variable. Both rules render from the same row, so a match holds for
 //! every row; when it cannot be shown, nothing is reported.
 
-use crate::change::Op;
+use crate::change::{Op, unquote};
 use crate::rules::{Rule, RuleSet, Template};
 
 use super::{Finding, Kind, Severity};
@@ -31,22 +31,36 @@ pub(super) enum Piece {
 pub(super) fn pieces(source: &str) -> Vec<Piece> {
     let mut out = Vec::new();
     let mut text = String::new();
-    let mut chars = source.chars().peekable();
-    while let Some(c) = chars.next() {
+    let mut rest = source;
+    while let Some(c) = rest.chars().next() {
+        let after = &rest[c.len_utf8()..];
         match c {
-            '{' | '}' if chars.peek() == Some(&c) => {
-                chars.next();
+            '{' | '}' if after.starts_with(c) => {
                 text.push(c);
+                rest = &after[1..];
             }
             '{' => {
-                let inner: String = chars.by_ref().take_while(|&c| c != '}').collect();
                 if !text.is_empty() {
                     out.push(Piece::Text(std::mem::take(&mut text)));
                 }
-                let column = inner.split('|').next().unwrap_or_default().to_owned();
+                // A quoted column name may hold `|` and `}`: the placeholder ends at the first
+                // `}` after it.
+                let (column, tail) = match unquote(after) {
+                    Some((column, tail)) => (column, tail),
+                    None => {
+                        let end = after.find(['|', '}']).unwrap_or(after.len());
+                        (after[..end].to_owned(), &after[end..])
+                    }
+                };
+                let end = tail.find('}').unwrap_or(tail.len());
+                let inner = after[..after.len() - tail.len() + end].to_owned();
                 out.push(Piece::Value { column, inner });
+                rest = tail.get(end + 1..).unwrap_or_default();
             }
-            c => text.push(c),
+            c => {
+                text.push(c);
+                rest = after;
+            }
         }
     }
     if !text.is_empty() {
@@ -368,6 +382,21 @@ mod tests {
                     inner: "id|lower".into()
                 },
                 Piece::Text("}:p".into()),
+            ]
+        );
+        assert_eq!(
+            pieces(r#"a:{"x|}"""|lower}:{y}"#),
+            [
+                Piece::Text("a:".into()),
+                Piece::Value {
+                    column: "x|}\"".into(),
+                    inner: r#""x|}"""|lower"#.into()
+                },
+                Piece::Text(":".into()),
+                Piece::Value {
+                    column: "y".into(),
+                    inner: "y".into()
+                },
             ]
         );
     }

@@ -336,6 +336,18 @@ async fn server(db: &mut impl Sql, out: &mut Vec<Finding>) -> Result<(), SetupEr
                 .to_owned(),
         ));
     }
+    if let Some(refusal) = setup::plugin_allowlist(db)
+        .await?
+        .and_then(|list| list.refusal())
+    {
+        out.push(Finding::general(
+            Severity::Error,
+            Kind::OutputPlugin,
+            None,
+            refusal.problem,
+            refusal.fix,
+        ));
+    }
     let role = db
         .query("SELECT current_user::text, (rolreplication OR rolsuper)::text FROM pg_roles WHERE rolname = current_user")
         .await?;

@@ -15,7 +15,7 @@ use toml::de::{DeTable, DeValue, ValueDeserializer};
 
 use crate::change::{Op, TableName};
 use crate::rules::error::{RuleError, RuleErrorKind, RuleErrors};
-use crate::rules::template::{Template, is_valid_column};
+use crate::rules::template::{Template, parse_column};
 use crate::rules::{Rule, RuleSet};
 
 /// One `[[rule]]` table as written, before validation.
@@ -245,14 +245,17 @@ fn compile_rule(
         report(given.span(), RuleErrorKind::EmptyName);
     }
 
-    let table = TableName::parse(raw.table.get_ref());
-    let well_formed = |part: &str| !part.is_empty() && part.trim() == part;
-    if !well_formed(&table.schema) || !well_formed(&table.name) {
-        let kind = RuleErrorKind::InvalidTable {
-            table: raw.table.get_ref().clone(),
-        };
-        report(raw.table.span(), kind);
-    }
+    let table = match TableName::parse(raw.table.get_ref()) {
+        Ok(table) => Some(table),
+        Err(reason) => {
+            let kind = RuleErrorKind::InvalidTable {
+                table: raw.table.get_ref().clone(),
+                reason,
+            };
+            report(raw.table.span(), kind);
+            None
+        }
+    };
 
     let mut ops = Vec::new();
     let mut ops_complete = true;
@@ -288,8 +291,8 @@ fn compile_rule(
             report(list.span(), RuleErrorKind::ChangedWithoutUpdate);
         }
         for entry in list.get_ref() {
-            if is_valid_column(entry.get_ref()) {
-                changed.push(entry.get_ref().clone());
+            if let Some(column) = parse_column(entry.get_ref()) {
+                changed.push(column);
             } else {
                 let column = entry.get_ref().clone();
                 report(entry.span(), RuleErrorKind::InvalidChangedColumn { column });
@@ -308,7 +311,9 @@ fn compile_rule(
         }
     }
 
-    if errors.len() == errors_before {
+    if let Some(table) = table
+        && errors.len() == errors_before
+    {
         rules.push(Rule::new(
             name,
             cx.file.to_owned(),
@@ -497,11 +502,11 @@ keys = ["booking:{id}}"]
             ),
             (
                 "[[rule]]\ntable = \"\"\nkeys = [\"k\"]\n",
-                "a.toml:2: rule \"a#1\": invalid table name \"\" (expected \"schema.table\" or \"table\")",
+                "a.toml:2: rule \"a#1\": invalid table name \"\": a name is empty (expected \"schema.table\" or \"table\", each part quoted where it needs to be, as in \"my.schema\".\"Order Items\")",
             ),
             (
                 "[[rule]]\ntable = \"s. t\"\nkeys = [\"k\"]\n",
-                "a.toml:2: rule \"a#1\": invalid table name \"s. t\" (expected \"schema.table\" or \"table\")",
+                "a.toml:2: rule \"a#1\": invalid table name \"s. t\": spaces around a name (quote it to keep them) (expected \"schema.table\" or \"table\", each part quoted where it needs to be, as in \"my.schema\".\"Order Items\")",
             ),
             (
                 "[[rule]]\ntable = \"t\"\non = []\nkeys = [\"k\"]\n",
@@ -513,7 +518,7 @@ keys = ["booking:{id}}"]
             ),
             (
                 "[[rule]]\ntable = \"t\"\nchanged = [\"a b\"]\nkeys = [\"k\"]\n",
-                "a.toml:3: rule \"a#1\": invalid column name \"a b\" in changed (column names have no spaces, braces or \"|\")",
+                "a.toml:3: rule \"a#1\": invalid column name \"a b\" in changed (quote a column name with spaces, braces, \"|\" or quotes, doubling a quote inside: \"first name\")",
             ),
             (
                 "[[rule]]\ntable = \"t\"\nkeys = [\"\"]\n",
@@ -527,6 +532,35 @@ keys = ["booking:{id}}"]
                 "{text}"
             );
         }
+    }
+
+    #[test]
+    fn quoted_identifiers_name_any_schema_table_and_column() {
+        let text = r#"[[rule]]
+table = '"my.schema"."Order Items"'
+changed = ['"first name"', "qty"]
+keys = ['item:{"first name"}:{"a|b{c}"|lower}', "all:{qty}"]
+"#;
+        let set = compile(&[("rules/a.toml", text)]).unwrap();
+        let rule = &set.rules()[0];
+        assert_eq!(rule.table, TableName::new("my.schema", "Order Items"));
+        assert_eq!(rule.table.to_string(), r#""my.schema".Order Items"#);
+        assert_eq!(rule.changed, ["first name", "qty"]);
+        assert_eq!(rule.columns(), ["a|b{c}", "first name", "qty"]);
+    }
+
+    #[test]
+    fn a_broken_quote_is_an_error_with_its_file_and_line() {
+        let text = "[[rule]]\ntable = '\"my.schema.t'\nkeys = ['k']\n\n[[rule]]\ntable = 't'\n\
+                    changed = ['\"open']\nkeys = ['k:{\"first name}']\n";
+        assert_eq!(
+            errors(&[("rules/a.toml", text)]),
+            [
+                "rules/a.toml:2: rule \"a#1\": invalid table name \"\\\"my.schema.t\": the quote at column 1 is never closed (write \"\" for a quote inside a quoted name) (expected \"schema.table\" or \"table\", each part quoted where it needs to be, as in \"my.schema\".\"Order Items\")",
+                "rules/a.toml:7: rule \"a#2\": invalid column name \"\\\"open\" in changed (quote a column name with spaces, braces, \"|\" or quotes, doubling a quote inside: \"first name\")",
+                "rules/a.toml:8: rule \"a#2\": unclosed quote at column 4 in key \"k:{\\\"first name}\" (a quoted column name ends with \"; write \"\" for a quote inside it)",
+            ]
+        );
     }
 
     #[test]

@@ -3,7 +3,8 @@
 use std::fmt;
 use std::io;
 
-use crate::rules::template::TemplateError;
+use crate::change::TableNameError;
+use crate::rules::template::{QUOTE_HINT, TemplateError};
 
 /// Every problem found while loading rules, sorted by file then line.
 #[derive(Debug)]
@@ -124,10 +125,14 @@ pub enum RuleErrorKind {
         first: String,
     },
     /// The `table` value is not `schema.table` or `table`.
-    #[error("invalid table name {table:?} (expected \"schema.table\" or \"table\")")]
+    #[error(
+        "invalid table name {table:?}: {reason} (expected \"schema.table\" or \"table\", each part quoted where it needs to be, as in \"my.schema\".\"Order Items\")"
+    )]
     InvalidTable {
         /// The table as written.
         table: String,
+        /// What is wrong with it.
+        reason: TableNameError,
     },
     /// An `on` entry that is not an operation.
     #[error("unknown operation {op:?} in on (operations: insert, update, delete, truncate)")]
@@ -145,9 +150,7 @@ pub enum RuleErrorKind {
     #[error("changed is empty: remove it to fire on every update")]
     EmptyChanged,
     /// A `changed` entry that cannot be a column name.
-    #[error(
-        "invalid column name {column:?} in changed (column names have no spaces, braces or \"|\")"
-    )]
+    #[error("invalid column name {column:?} in changed ({QUOTE_HINT})")]
     InvalidChangedColumn {
         /// The entry as written.
         column: String,

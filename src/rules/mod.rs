@@ -30,6 +30,7 @@ mod template;
 
 pub use error::{RuleError, RuleErrorKind, RuleErrors};
 use template::Values;
+pub(crate) use template::write_column;
 pub use template::{Template, TemplateError};
 
 /// The keys and patterns to delete for one change or a batch of them, de-duplicated.
@@ -420,7 +421,7 @@ mod tests {
 
     fn change(table: &str, op: Op, old: Option<Row>, new: Option<Row>) -> Change {
         Change {
-            table: TableName::parse(table),
+            table: TableName::parse(table).unwrap(),
             op,
             old,
             new,
@@ -550,7 +551,9 @@ keys = ["fleet:all"]
 "#,
         );
         let columns = |t: &str| -> Vec<String> {
-            set.columns_for(&TableName::parse(t)).into_iter().collect()
+            set.columns_for(&TableName::parse(t).unwrap())
+                .into_iter()
+                .collect()
         };
         assert_eq!(
             columns("bookings"),
@@ -882,7 +885,7 @@ keys = ["{{b:{id}}}:x", 'b\{id}']
         ));
         // Every rule of the table, whatever its `on` and `changed`.
         assert_eq!(
-            sorted(set.everything_for(&TableName::parse("bookings"))),
+            sorted(set.everything_for(&TableName::parse("bookings").unwrap())),
             (
                 vec![],
                 vec![
@@ -895,15 +898,15 @@ keys = ["{{b:{id}}}:x", 'b\{id}']
             )
         );
         assert_eq!(
-            sorted(set.everything_for(&TableName::parse("public.cars"))),
+            sorted(set.everything_for(&TableName::parse("public.cars").unwrap())),
             (vec!["fleet:all".into()], vec!["car:*".into()])
         );
         assert!(
-            set.everything_for(&TableName::parse("audit.cars"))
+            set.everything_for(&TableName::parse("audit.cars").unwrap())
                 .is_empty()
         );
-        assert!(set.has_table(&TableName::parse("cars")));
-        assert!(!set.has_table(&TableName::parse("audit.cars")));
+        assert!(set.has_table(&TableName::parse("cars").unwrap()));
+        assert!(!set.has_table(&TableName::parse("audit.cars").unwrap()));
 
         // Together, the tables give what `everything` gives.
         let mut all = Invalidation::default();
@@ -916,7 +919,7 @@ keys = ["{{b:{id}}}:x", 'b\{id}']
     #[test]
     fn everything_for_a_table_matches_every_key_its_changes_render() {
         let set = rules(BOOKINGS);
-        let fallback = set.everything_for(&TableName::parse("bookings"));
+        let fallback = set.everything_for(&TableName::parse("bookings").unwrap());
         let mut planned = Invalidation::default();
         for (id, car, customer) in [
             ("7", "A", "c1"),

@@ -9,7 +9,7 @@
 use std::borrow::Cow;
 use std::fmt;
 
-use crate::change::{Row, Value};
+use crate::change::{Row, Value, quoted, unquote};
 use crate::rules::glob;
 
 /// A key template, parsed and classified.
@@ -145,10 +145,28 @@ pub enum TemplateError {
         /// The filter name as written.
         filter: String,
     },
-    /// A placeholder's column name holds whitespace, a control character or a brace.
+    /// A quoted column name that no quote closes.
     #[error(
-        "invalid column name {name:?} in key {template:?} (column names have no spaces, braces or \"|\")"
+        "unclosed quote at column {column} in key {template:?} (a quoted column name ends with \"; write \"\" for a quote inside it)"
     )]
+    UnclosedQuote {
+        /// The template as written.
+        template: String,
+        /// The 1-based character position of the opening quote.
+        column: usize,
+    },
+    /// Text between a quoted column name and the `|` or `}` that must follow it.
+    #[error(
+        "unexpected text after the quoted column name at column {column} in key {template:?} (expected \"|\" or \"}}\")"
+    )]
+    AfterQuote {
+        /// The template as written.
+        template: String,
+        /// The 1-based character position of the text.
+        column: usize,
+    },
+    /// An unquoted column name holds whitespace, a control character, a brace or a quote.
+    #[error("invalid column name {name:?} in key {template:?} ({QUOTE_HINT})")]
     InvalidColumn {
         /// The template as written.
         template: String,
@@ -157,15 +175,42 @@ pub enum TemplateError {
     },
 }
 
-/// Whether `name` can be a column name in a template or a `changed` list.
+/// What to do with a column name that cannot be written as it is.
+pub(crate) const QUOTE_HINT: &str = "quote a column name with spaces, braces, \"|\" or quotes, \
+     doubling a quote inside: \"first name\"";
+
+/// Whether `name` can be written unquoted as a column name in a template or a `changed` list.
 ///
-/// Postgres allows nearly anything in a quoted identifier; whitespace and braces are refused because
-/// in a template they are almost always a typo (`{ id }`) and a placeholder cannot hold a brace.
+/// Whitespace and braces are refused because unquoted they are almost always a typo (`{ id }`);
+/// `|` separates filters, and a leading quote starts a quoted name. Any other name is written
+/// quoted, as SQL writes it.
 pub(crate) fn is_valid_column(name: &str) -> bool {
     !name.is_empty()
         && name
             .chars()
-            .all(|c| !c.is_whitespace() && !c.is_control() && !matches!(c, '{' | '}' | '|'))
+            .all(|c| !c.is_whitespace() && !c.is_control() && !matches!(c, '{' | '}' | '|' | '"'))
+}
+
+/// Reads a `changed` entry: a column name as it is, or quoted (`"first name"`, with `""` for
+/// a quote inside); `None` when it is neither.
+pub(crate) fn parse_column(entry: &str) -> Option<String> {
+    if entry.starts_with('"') {
+        match unquote(entry) {
+            Some((name, "")) if !name.is_empty() => Some(name),
+            _ => None,
+        }
+    } else {
+        is_valid_column(entry).then(|| entry.to_owned())
+    }
+}
+
+/// `name` as a `changed` entry or placeholder writes it: as it is when it can be, else quoted.
+pub(crate) fn write_column(name: &str) -> String {
+    if is_valid_column(name) {
+        name.to_owned()
+    } else {
+        quoted(name)
+    }
 }
 
 /// Where a template takes its values from.
@@ -214,17 +259,12 @@ impl Template {
                     column: column_at(offset),
                 });
             } else {
-                let Some(end) = after.find('}') else {
-                    return Err(TemplateError::Unclosed {
-                        template: source.to_owned(),
-                        column: column_at(offset),
-                    });
-                };
                 if !literal.is_empty() {
                     segments.push(Segment::Literal(std::mem::take(&mut literal)));
                 }
-                segments.push(parse_placeholder(source, &after[..end], column_at(offset))?);
-                rest = &after[end + 1..];
+                let (placeholder, after) = parse_placeholder(source, offset)?;
+                segments.push(placeholder);
+                rest = after;
             }
         }
         literal.push_str(rest);
@@ -315,34 +355,79 @@ impl fmt::Display for Template {
     }
 }
 
-/// Parses the inside of a placeholder, `column` or `column|filter|filter`.
-fn parse_placeholder(template: &str, inner: &str, column: usize) -> Result<Segment, TemplateError> {
-    let mut parts = inner.split('|');
-    let name = parts.next().unwrap_or_default();
-    if name.is_empty() {
-        return Err(TemplateError::EmptyPlaceholder {
+/// Parses the placeholder whose `{` is at byte `open` of `template`: `{column}`,
+/// `{column|filter|filter}`, or the same with a quoted column name (`{"first name"|lower}`,
+/// where `""` stands for a quote). Returns it and the text after its `}`.
+fn parse_placeholder(template: &str, open: usize) -> Result<(Segment, &str), TemplateError> {
+    let column_at = |byte: usize| template[..byte].chars().count() + 1;
+    let column = column_at(open);
+    let inner = &template[open + 1..];
+    let unclosed = || TemplateError::Unclosed {
+        template: template.to_owned(),
+        column,
+    };
+    let (name, rest) = if inner.starts_with('"') {
+        let (name, rest) = unquote(inner).ok_or_else(|| TemplateError::UnclosedQuote {
             template: template.to_owned(),
-            column,
-        });
-    }
-    if !is_valid_column(name) {
-        return Err(TemplateError::InvalidColumn {
-            template: template.to_owned(),
-            name: name.to_owned(),
-        });
-    }
-    let filters = parts
-        .map(|filter| {
-            Filter::from_name(filter).ok_or_else(|| TemplateError::UnknownFilter {
+            column: column + 1,
+        })?;
+        if !rest.starts_with(['|', '}']) {
+            let at = template.len() - rest.len();
+            return Err(if rest.is_empty() {
+                unclosed()
+            } else {
+                TemplateError::AfterQuote {
+                    template: template.to_owned(),
+                    column: column_at(at),
+                }
+            });
+        }
+        if name.is_empty() {
+            return Err(TemplateError::EmptyPlaceholder {
                 template: template.to_owned(),
-                filter: filter.to_owned(),
+                column,
+            });
+        }
+        (name, rest)
+    } else {
+        let end = inner.find(['|', '}']).ok_or_else(unclosed)?;
+        let name = &inner[..end];
+        if name.is_empty() {
+            return Err(TemplateError::EmptyPlaceholder {
+                template: template.to_owned(),
+                column,
+            });
+        }
+        if !is_valid_column(name) {
+            return Err(TemplateError::InvalidColumn {
+                template: template.to_owned(),
+                name: name.to_owned(),
+            });
+        }
+        (name.to_owned(), &inner[end..])
+    };
+    let close = rest.find('}').ok_or_else(unclosed)?;
+    let filters = match &rest[..close] {
+        "" => Vec::new(),
+        list => list
+            .strip_prefix('|')
+            .unwrap_or(list)
+            .split('|')
+            .map(|filter| {
+                Filter::from_name(filter).ok_or_else(|| TemplateError::UnknownFilter {
+                    template: template.to_owned(),
+                    filter: filter.to_owned(),
+                })
             })
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(Segment::Placeholder {
-        column: name.to_owned(),
-        filters,
-    })
+            .collect::<Result<Vec<_>, _>>()?,
+    };
+    Ok((
+        Segment::Placeholder {
+            column: name,
+            filters,
+        },
+        &rest[close + 1..],
+    ))
 }
 
 #[cfg(test)]
@@ -475,6 +560,127 @@ mod tests {
         ];
         for (source, expected) in cases {
             assert_eq!(Template::parse(source), Err(expected), "{source:?}");
+        }
+    }
+
+    #[test]
+    fn quoted_column_names_hold_every_odd_character() {
+        let r = row(&[
+            ("first name", text("Ada")),
+            ("a|b{c}", text("X")),
+            ("say \"hi\"", text("q")),
+            ("}", text("brace")),
+            ("{{", text("two")),
+            ("x.y", text("dot")),
+            ("", text("never")),
+        ]);
+        assert_eq!(render(r#"u:{"first name"}"#, &r), key("u:Ada"));
+        assert_eq!(render(r#"u:{"a|b{c}"|lower}"#, &r), key("u:x"));
+        assert_eq!(render(r#"u:{"say ""hi"""}"#, &r), key("u:q"));
+        assert_eq!(render(r#"{"}"}:{"{{"}"#, &r), key("brace:two"));
+        assert_eq!(render(r#"{{{"x.y"}}}"#, &r), key("{dot}"));
+        assert_eq!(
+            render(r#"{"first name"|upper|lower}:*"#, &r),
+            pattern("ada:*")
+        );
+        // A quoted name that is a plain name is that name.
+        let t = Template::parse(r#"{"id"}:{"first name"}"#).unwrap();
+        assert_eq!(t.columns().collect::<Vec<_>>(), ["id", "first name"]);
+        // Matching is exact: no case folding, no trimming.
+        let upper = row(&[("Name", text("N"))]);
+        assert_eq!(render(r#"{"Name"}"#, &upper), key("N"));
+        assert_eq!(render(r#"{"name"}"#, &upper), pattern("*"));
+        assert_eq!(render(r#"{" Name"}"#, &upper), pattern("*"));
+    }
+
+    #[test]
+    fn a_broken_quoted_column_name_is_a_clear_error() {
+        let cases = [
+            (
+                r#"a:{"first name}"#,
+                TemplateError::UnclosedQuote {
+                    template: r#"a:{"first name}"#.into(),
+                    column: 4,
+                },
+            ),
+            (
+                r#"a:{"x""}"#,
+                TemplateError::UnclosedQuote {
+                    template: r#"a:{"x""}"#.into(),
+                    column: 4,
+                },
+            ),
+            (
+                r#"a:{"x"y}"#,
+                TemplateError::AfterQuote {
+                    template: r#"a:{"x"y}"#.into(),
+                    column: 7,
+                },
+            ),
+            (
+                r#"a:{"x""#,
+                TemplateError::Unclosed {
+                    template: r#"a:{"x""#.into(),
+                    column: 3,
+                },
+            ),
+            (
+                r#"a:{"x"|lower"#,
+                TemplateError::Unclosed {
+                    template: r#"a:{"x"|lower"#.into(),
+                    column: 3,
+                },
+            ),
+            (
+                r#"a:{""}"#,
+                TemplateError::EmptyPlaceholder {
+                    template: r#"a:{""}"#.into(),
+                    column: 3,
+                },
+            ),
+            (
+                r#"a:{"x"|lowr}"#,
+                TemplateError::UnknownFilter {
+                    template: r#"a:{"x"|lowr}"#.into(),
+                    filter: "lowr".into(),
+                },
+            ),
+            (
+                r#"a:{x"y}"#,
+                TemplateError::InvalidColumn {
+                    template: r#"a:{x"y}"#.into(),
+                    name: "x\"y".into(),
+                },
+            ),
+        ];
+        for (source, expected) in cases {
+            assert_eq!(Template::parse(source), Err(expected), "{source:?}");
+        }
+        assert_eq!(
+            Template::parse(r#"a:{"first name}"#)
+                .unwrap_err()
+                .to_string(),
+            r#"unclosed quote at column 4 in key "a:{\"first name}" (a quoted column name ends with "; write "" for a quote inside it)"#
+        );
+        assert_eq!(
+            Template::parse("x:{first name}").unwrap_err().to_string(),
+            r#"invalid column name "first name" in key "x:{first name}" (quote a column name with spaces, braces, "|" or quotes, doubling a quote inside: "first name")"#
+        );
+    }
+
+    #[test]
+    fn changed_entries_are_plain_or_quoted_column_names() {
+        assert_eq!(parse_column("id").as_deref(), Some("id"));
+        assert_eq!(
+            parse_column(r#""first name""#).as_deref(),
+            Some("first name")
+        );
+        assert_eq!(parse_column(r#""a""b""#).as_deref(), Some("a\"b"));
+        for bad in ["a b", r#""open"#, r#""x"y"#, r#""""#, "", "a|b", r#"a"b"#] {
+            assert_eq!(parse_column(bad), None, "{bad:?}");
+        }
+        for name in ["id", "first name", "a|b{c}", "q\"", "x"] {
+            assert_eq!(parse_column(&write_column(name)).as_deref(), Some(name));
         }
     }
 
