@@ -34,7 +34,7 @@ use crate::pgoutput::{DecodeError, Decoder, Event, Message};
 use crate::redis::DeleteStats;
 use crate::reload::LiveRules;
 use crate::rules::Invalidation;
-use crate::source::invalidate::MESSAGE_PREFIX;
+use crate::source::invalidate::{self, MESSAGE_PREFIX};
 use crate::source::replication::{ReplicationError, ReplicationMessage};
 use crate::source::setup::SetupError;
 use crate::telemetry::{self, Health};
@@ -185,6 +185,9 @@ pub struct Links {
     pub dry_run: bool,
     /// A backlog found at connect, reported in the log as it shrinks; see [`CatchUp`].
     pub catch_up: Option<CatchUp>,
+    /// The configured prefixes manual invalidation may delete under, besides the rules' own
+    /// (see [`invalidate::Allowed`]).
+    pub invalidate_prefixes: Arc<[String]>,
 }
 
 impl Links {
@@ -294,6 +297,8 @@ struct SourceState {
     ancestors: HashMap<TableName, Vec<TableName>>,
     /// The history transactions are queued in.
     history: u64,
+    /// The configured prefixes manual invalidation may delete under, besides the rules' own.
+    invalidate_prefixes: Arc<[String]>,
 }
 
 /// Handles on the `changes_total{table, op}` series, so counting a change costs a short search
@@ -451,6 +456,7 @@ pub async fn run_source<S: WalStream>(
         dry_run: links.dry_run,
         ancestors: HashMap::new(),
         history: links.history,
+        invalidate_prefixes: links.invalidate_prefixes.clone(),
     };
     // A handle of our own, so a reserved permit does not hold a borrow of `links`.
     let queue = links.queue.clone();
@@ -622,6 +628,17 @@ fn apply(
                 given: Invalidation::default(),
             });
         }
+        Event::Change(change)
+            if change.table.schema == invalidate::SCHEMA
+                && change.table.name == invalidate::REQUESTS =>
+        {
+            // Written only by invalidator.invalidate() (SECURITY DEFINER): the proof that the
+            // caller may invalidate by hand. The function's delete of the row carries nothing.
+            if let Some((text, literal)) = invalidate::request(&change) {
+                let allowed = invalidate::Allowed::new(rules.rules(), &state.invalidate_prefixes);
+                given(state, &allowed, text, literal, change.commit_lsn);
+            }
+        }
         Event::Change(change) => {
             state.counters.count(&change.table, change.op);
             if let Some(open) = state.open.as_mut() {
@@ -639,61 +656,37 @@ fn apply(
                 state.pending = Some(committed);
             }
         }
-        Event::Message {
-            prefix,
-            content,
-            transactional,
-            lsn,
-        } if prefix == MESSAGE_PREFIX => given(state, &content, transactional, lsn),
+        // Any role can emit one, even in a read-only transaction: it proves nothing.
+        Event::Message { prefix, .. } if prefix == MESSAGE_PREFIX => {
+            invalidate::Ignored::EmittedMessage.record();
+        }
         Event::Message { .. } => {}
     })
 }
 
-/// A key or pattern given by hand with `invalidator.invalidate()` (a logical decoding message
-/// with prefix `invalidator`).
-///
-/// A transactional one (what the function emits) joins the invalidation of its transaction,
-/// so it is deleted and acknowledged with that transaction, atomically with the writes beside
-/// it; a rolled-back transaction never reaches the WAL stream, so it invalidates nothing.
-/// A non-transactional one (`pg_logical_emit_message(false, ...)` called directly) is sent by
-/// Postgres as soon as it is decoded, outside any transaction: it becomes a transaction of its
-/// own that ends at the message's LSN. Acknowledging that LSN is safe: the transactions decoded
-/// before it ended before it, and one still open commits after it, so it is sent again.
-///
-/// Content that is not UTF-8 cannot be a key here, and skipping it could lose an
-/// invalidation: the pattern [`crate::rules::glob::cover`] makes of it goes instead (every key
-/// the bytes could name, and more), with a warning.
-fn given(state: &mut SourceState, content: &[u8], transactional: bool, lsn: Lsn) {
-    let open = state.open.as_mut().filter(|_| transactional);
-    let history = state.history;
-    let inv = match open {
-        Some(open) => &mut open.given,
-        None => {
-            let committed = state.pending.get_or_insert_with(|| Committed {
-                history,
-                end_lsn: lsn,
-                commit_time_us: unix_micros(),
-                inv: Invalidation::default(),
-            });
-            committed.end_lsn = committed.end_lsn.max(lsn);
-            &mut committed.inv
-        }
-    };
-    if inv.patterns.contains("*") {
-        // Everything goes already.
+/// A key or pattern given by hand with `invalidator.invalidate()` (or one literal key with
+/// `invalidate_key()`): the insert of a row of `invalidator.requests`, which joins the
+/// invalidation of its transaction, so it is deleted and acknowledged with that transaction,
+/// atomically with the writes beside it; a rolled-back transaction never reaches the WAL
+/// stream, so it invalidates nothing. What lies outside `allowed` is ignored and counted.
+fn given(
+    state: &mut SourceState,
+    allowed: &invalidate::Allowed,
+    text: &str,
+    literal: bool,
+    lsn: Lsn,
+) {
+    let Some(open) = state.open.as_mut() else {
         return;
-    }
-    if !inv.insert_given_bytes(content) {
-        tracing::warn!(%lsn, bytes = content.len(),
-            "invalidate() message is not UTF-8; deleting a pattern that covers it");
-    }
+    };
+    let inv = &mut open.given;
+    allowed.insert(inv, text, literal);
     if inv.len() > state.max_transaction_keys {
-        // Nothing narrower covers arbitrary keys given by hand.
+        // Nothing narrower covers arbitrary keys given by hand, and nothing wider may go.
         tracing::warn!(%lsn, keys = inv.len(), limit = state.max_transaction_keys,
             "transaction gave more keys by hand than pipeline.max_transaction_keys; deleting \
-             every key instead");
-        inv.clear();
-        inv.patterns.insert("*".to_owned());
+             every key under the allowed prefixes instead");
+        *inv = allowed.everything();
     }
 }
 
@@ -1200,6 +1193,7 @@ mod tests {
                 server_end: Lsn(0),
                 dry_run: false,
                 catch_up: None,
+                invalidate_prefixes: Arc::from([]),
             };
             let deleter = {
                 let (sink, cancel, settings) = (sink.clone(), cancel.clone(), settings.clone());

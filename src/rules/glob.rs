@@ -165,6 +165,25 @@ pub fn has_glob_syntax(text: &str) -> bool {
     text.contains(['*', '?', '['])
 }
 
+/// The text every key named by `text` begins with, read as a key given by hand is (see
+/// [`crate::rules::Invalidation::insert_given`]): text without glob syntax is itself; glob text
+/// is unescaped up to its first unescaped `*`, `?` or `[`. Empty when a pattern starts with one.
+pub fn literal_prefix(text: &str) -> String {
+    if !has_glob_syntax(text) {
+        return text.to_owned();
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '*' | '?' | '[' => break,
+            '\\' => out.push(chars.next().unwrap_or('\\')),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 /// The one key that `pattern` matches when it holds no unescaped `*`, `?` or `[` (see
 /// [`is_pattern`]): each `\x` becomes `x`, and a `\` at the very end stays a backslash, as
 /// Redis's matcher reads them.
@@ -387,6 +406,17 @@ mod tests {
         assert!(!is_pattern("a]"));
         assert!(!is_pattern("a\\*\\?\\["));
         assert!(!is_pattern("trailing\\"));
+    }
+
+    #[test]
+    fn the_literal_prefix_stops_at_the_first_unescaped_glob_character() {
+        assert_eq!(literal_prefix("user:1"), "user:1");
+        assert_eq!(literal_prefix(r"path\to"), r"path\to");
+        assert_eq!(literal_prefix("feed:1:*"), "feed:1:");
+        assert_eq!(literal_prefix(r"weird\*key"), "weird*key");
+        assert_eq!(literal_prefix(r"a\[b?c"), "a[b");
+        assert_eq!(literal_prefix("*:x"), "");
+        assert_eq!(literal_prefix("[ab]x"), "");
     }
 
     #[test]

@@ -388,6 +388,19 @@ impl RuleSet {
     pub fn rules(&self) -> &[Rule] {
         &self.rules
     }
+
+    /// The literal prefixes of every key template, sorted and unique, without the empty one (a
+    /// template that starts with a placeholder, which names no prefix at all): the default
+    /// allow-list of `invalidator.invalidate()`.
+    pub fn key_prefixes(&self) -> Vec<String> {
+        let prefixes: BTreeSet<String> = self
+            .rules
+            .iter()
+            .flat_map(|rule| rule.templates.iter().map(Template::literal_prefix))
+            .filter(|prefix| !prefix.is_empty())
+            .collect();
+        prefixes.into_iter().collect()
+    }
 }
 
 #[cfg(test)]
