@@ -1007,7 +1007,8 @@ mod tests {
 
     use super::*;
     use crate::pgoutput::{
-        Begin, Column, Commit, Insert, LogicalMessage, Message, Relation, TupleValue, encode,
+        Begin, Column, Commit, Delete, Insert, LogicalMessage, Message, OldTuple, Relation,
+        TupleValue, encode,
     };
     use crate::rules::RuleSet;
 
@@ -1193,7 +1194,7 @@ mod tests {
                 server_end: Lsn(0),
                 dry_run: false,
                 catch_up: None,
-                invalidate_prefixes: Arc::from([]),
+                invalidate_prefixes: ["user:", "weird", "k:"].map(str::to_owned).into(),
             };
             let deleter = {
                 let (sink, cancel, settings) = (sink.clone(), cancel.clone(), settings.clone());
@@ -1422,18 +1423,69 @@ mod tests {
         items.iter().map(|s| (*s).to_owned()).collect()
     }
 
+    /// `invalidator.requests` as relation 9: `id`, `key_or_pattern`, `literal`.
+    fn requests_relation() -> ReplicationMessage {
+        let column = |name: &str, type_oid| Column {
+            flags: 0,
+            name: name.into(),
+            type_oid,
+            type_modifier: -1,
+        };
+        xlog(Message::Relation(Relation {
+            id: 9,
+            namespace: "invalidator".into(),
+            name: "requests".into(),
+            replica_identity: b'd',
+            columns: vec![
+                column("id", 20),
+                column("key_or_pattern", 25),
+                column("literal", 16),
+            ],
+        }))
+    }
+
+    /// What `invalidator.invalidate()` (or `invalidate_key()` when `literal`) writes: the insert
+    /// of a request row, then its delete.
+    fn requested(id: u32, text: &str, literal: bool) -> [ReplicationMessage; 2] {
+        let flag = if literal { "t" } else { "f" };
+        [
+            xlog(Message::Insert(Insert {
+                relation_id: 9,
+                new: vec![
+                    TupleValue::Text(id.to_string()),
+                    TupleValue::Text(text.to_owned()),
+                    TupleValue::Text(flag.into()),
+                ],
+            })),
+            xlog(Message::Delete(Delete {
+                relation_id: 9,
+                old: OldTuple::Key(vec![
+                    TupleValue::Text(id.to_string()),
+                    TupleValue::Null,
+                    TupleValue::Null,
+                ]),
+            })),
+        ]
+    }
+
     /// `invalidator.invalidate()` inside a transaction: its keys are deleted in the same batch
-    /// as the transaction's rows and acknowledged with it, never before its commit.
+    /// as the transaction's rows and acknowledged with it, never before its commit; what lies
+    /// outside the allowed prefixes, and a logical decoding message, delete nothing.
     #[tokio::test(start_paused = true)]
-    async fn an_invalidate_message_joins_its_transaction() {
+    async fn an_invalidate_request_joins_its_transaction_under_the_allowed_prefixes() {
         let sink = RecordingSink::default();
         let h = Harness::start(sink.clone());
         let mut messages = transaction(&["1"], 0x200);
         let commit = messages.pop().unwrap();
+        messages.push(requests_relation());
+        messages.extend(requested(1, "user:42", false));
+        messages.extend(requested(2, "user:*:feed", false));
+        messages.extend(requested(3, "weird\\*key", false));
+        messages.extend(requested(4, "user:[x]", true));
+        messages.extend(requested(5, "other:1", false));
+        messages.extend(requested(6, "*", false));
         messages.extend([
-            emitted("invalidator", b"user:42", true, 0x150),
-            emitted("invalidator", b"user:*:feed", true, 0x160),
-            emitted("invalidator", b"weird\\*key", true, 0x170),
+            emitted("invalidator", b"user:43", true, 0x150),
             emitted("someone-else", b"not:ours", true, 0x180),
         ]);
         h.send(messages);
@@ -1445,7 +1497,10 @@ mod tests {
         h.stop().await;
         let deleted = sink.deleted.lock().unwrap().clone();
         assert_eq!(deleted.len(), 1, "{deleted:?}");
-        assert_eq!(deleted[0].keys, set(&["item:1", "user:42", "weird*key"]));
+        assert_eq!(
+            deleted[0].keys,
+            set(&["item:1", "user:42", "weird*key", "user:[x]"])
+        );
         assert_eq!(deleted[0].patterns, set(&["user:*:feed"]));
     }
 
@@ -1481,41 +1536,27 @@ mod tests {
         assert_eq!(deleted[1].keys, set(&["new:3"]));
     }
 
-    /// A non-transactional message (sent by Postgres outside any transaction) is deleted and
-    /// acknowledged on its own, at its LSN.
+    /// A logical decoding message with our prefix, which any role can emit, deletes nothing,
+    /// inside a transaction or outside one.
     #[tokio::test(start_paused = true)]
-    async fn a_non_transactional_invalidate_message_is_its_own_transaction() {
+    async fn an_emitted_message_deletes_nothing() {
         let sink = RecordingSink::default();
         let h = Harness::start(sink.clone());
-        h.send(transaction(&["1"], 0x100));
-        h.wait_for_ack(0x100).await;
         h.send(vec![emitted("invalidator", b"user:7", false, 0x180)]);
-        h.wait_for_ack(0x180).await;
-        h.stop().await;
-        let deleted = sink.deleted.lock().unwrap().clone();
-        assert_eq!(deleted.len(), 2, "{deleted:?}");
-        assert_eq!(deleted[1].keys, set(&["user:7"]));
-    }
-
-    /// Bytes that are not UTF-8 are never dropped: a pattern covering them is deleted.
-    #[tokio::test(start_paused = true)]
-    async fn an_invalidate_message_that_is_not_utf8_deletes_a_covering_pattern() {
-        let sink = RecordingSink::default();
-        let h = Harness::start(sink.clone());
-        let mut messages = transaction(&[], 0x200);
+        let mut messages = transaction(&["1"], 0x200);
         let commit = messages.pop().unwrap();
-        messages.push(emitted("invalidator", b"user:\xff:x", true, 0x150));
+        messages.push(emitted("invalidator", b"user:8", true, 0x190));
         messages.push(commit);
         h.send(messages);
         h.wait_for_ack(0x200).await;
         h.stop().await;
         let deleted = sink.deleted.lock().unwrap().clone();
-        assert_eq!(deleted[0].patterns, set(&["user:*"]));
-        assert!(crate::rules::glob::matches(b"user:*", b"user:\xff:x"));
+        assert_eq!(deleted.len(), 1, "{deleted:?}");
+        assert_eq!(deleted[0].keys, set(&["item:1"]));
     }
 
     /// Keys given by hand survive the fallback to the tables' patterns, which cannot cover them;
-    /// past the limit themselves, they become `*`.
+    /// past the limit themselves, they become a pattern for each allowed prefix, never `*`.
     #[tokio::test(start_paused = true)]
     async fn keys_given_by_hand_survive_the_fallback_and_are_bounded_too() {
         let sink = RecordingSink::default();
@@ -1524,7 +1565,8 @@ mod tests {
         let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
         let mut messages = transaction(&ids, 0x200);
         let commit = messages.pop().unwrap();
-        messages.push(emitted("invalidator", b"user:1", true, 0x150));
+        messages.push(requests_relation());
+        messages.extend(requested(1, "user:1", false));
         messages.push(commit);
         h.send(messages);
         h.wait_for_ack(0x200).await;
@@ -1532,12 +1574,7 @@ mod tests {
         let mut messages = transaction(&[], 0x300);
         let commit = messages.pop().unwrap();
         for i in 0..5 {
-            messages.push(emitted(
-                "invalidator",
-                format!("k:{i}").as_bytes(),
-                true,
-                0x250,
-            ));
+            messages.extend(requested(10 + i, &format!("k:{i}"), false));
         }
         messages.push(commit);
         h.send(messages);
@@ -1547,7 +1584,10 @@ mod tests {
         assert_eq!(deleted[0].keys, set(&["user:1"]));
         assert_eq!(deleted[0].patterns, set(&["item:*"]));
         assert!(deleted[1].keys.is_empty());
-        assert_eq!(deleted[1].patterns, set(&["*"]));
+        assert_eq!(
+            deleted[1].patterns,
+            set(&["item:*", "k:*", "user:*", "weird*"])
+        );
     }
 
     /// An insert of one row with `id` into relation `relation`.
