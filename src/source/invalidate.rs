@@ -186,7 +186,12 @@ const FUNCTIONS: [(&str, &str, bool); 2] = [
 
 /// A function's signature, schema-qualified and quoted.
 fn signature(name: &str) -> String {
-    format!("{}.{name}(text)", quote_ident(SCHEMA))
+    signature_of(name, "text")
+}
+
+/// The signature of function `name` of schema [`SCHEMA`] with arguments `args`.
+fn signature_of(name: &str, args: &str) -> String {
+    format!("{}.{name}({args})", quote_ident(SCHEMA))
 }
 
 /// A function's body in `mode`, with the allow-list written in.
@@ -311,6 +316,7 @@ pub async fn has_requests(db: &mut impl Sql) -> Result<bool, SetupError> {
 /// The roles other than the owner that hold `EXECUTE` on the function `name`, sorted, `PUBLIC`
 /// as such; `None` when the function does not exist.
 async fn executors(db: &mut impl Sql, name: &str) -> Result<Option<Vec<String>>, SetupError> {
+    let args = if name == "capture" { "" } else { "text" };
     let rows = db
         .query(&format!(
             "SELECT coalesce((SELECT string_agg(CASE WHEN a.grantee = 0 THEN 'PUBLIC' \
@@ -318,7 +324,7 @@ async fn executors(db: &mut impl Sql, name: &str) -> Result<Option<Vec<String>>,
              FROM aclexplode(coalesce(p.proacl, acldefault('f', p.proowner))) a \
              WHERE a.privilege_type = 'EXECUTE' AND a.grantee <> p.proowner), '') \
              FROM pg_proc p WHERE p.oid = to_regprocedure({})",
-            quote_literal(&signature(name))
+            quote_literal(&signature_of(name, args))
         ))
         .await?;
     Ok(rows.first().map(|r| {
@@ -391,6 +397,21 @@ pub async fn plan(
                 });
             }
         }
+    }
+    if mode == Mode::Notify
+        && executors(db, "capture")
+            .await?
+            .is_some_and(|r| r.iter().any(|r| r == "PUBLIC"))
+    {
+        // A trigger calling it, on any table, could write the outbox: CREATE TRIGGER needs
+        // EXECUTE on it, firing one does not.
+        actions.push(Action {
+            why: format!("let no role attach {SCHEMA}.capture() to a table of its own"),
+            sql: format!(
+                "REVOKE ALL ON FUNCTION {} FROM PUBLIC",
+                signature_of("capture", "")
+            ),
+        });
     }
     let allowed = Allowed::new(rules, &config.prefixes);
     let mut wanted = config.roles.clone();
