@@ -242,10 +242,12 @@ pub async fn plan(db: &mut impl Sql, rules: &RuleSet) -> Result<Vec<Action>, Set
     if current.first().and_then(|r| r.first().cloned().flatten()) != Some(body.clone()) {
         actions.push(Action {
             why: format!("create the trigger function {SCHEMA}.capture()"),
-            // SECURITY DEFINER: writers need no privileges on the outbox.
+            // SECURITY DEFINER: writers need no privileges on the outbox. Not executable by
+            // PUBLIC: a trigger of another role's making could then write the outbox.
             sql: format!(
                 "CREATE OR REPLACE FUNCTION {function} RETURNS trigger LANGUAGE plpgsql \
-                 SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS {}",
+                 SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS {}; \
+                 REVOKE ALL ON FUNCTION {function} FROM PUBLIC",
                 quote_literal(&body)
             ),
         });
