@@ -820,6 +820,35 @@ mod tests {
     }
 
     #[test]
+    fn invalidate_roles_and_prefixes_come_from_file_or_comma_separated_environment() {
+        let cfg = Config::load_with_env(None, &env(&[])).unwrap();
+        assert_eq!(cfg.invalidate, InvalidateConfig::default());
+        let file = write("[invalidate]\nroles = [\"app\"]\nprefixes = [\"report:\"]\n");
+        let cfg = Config::load_with_env(Some(file.path()), &env(&[])).unwrap();
+        assert_eq!(cfg.invalidate.roles, ["app"]);
+        assert_eq!(cfg.invalidate.prefixes, ["report:"]);
+        let cfg = Config::load_with_env(
+            Some(file.path()),
+            &env(&[
+                ("INVALIDATOR_INVALIDATE_ROLES", "app, reports"),
+                ("INVALIDATOR_INVALIDATE_PREFIXES", "a:,b:"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(cfg.invalidate.roles, ["app", "reports"]);
+        assert_eq!(cfg.invalidate.prefixes, ["a:", "b:"]);
+        let file = write("[invalidate]\nprefixes = [\"\"]\n");
+        let err = Config::load_with_env(Some(file.path()), &env(&[])).unwrap_err();
+        assert!(err.to_string().contains("[invalidate.prefixes]"), "{err}");
+        let err = Config::load_with_env(None, &env(&[("INVALIDATOR_INVALIDATE_ROLES", "public")]))
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("INVALIDATOR_INVALIDATE_ROLES"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn redis_wait_replicas_defaults_to_zero_and_comes_from_file_or_environment() {
         let cfg = Config::load_with_env(None, &env(&[])).unwrap();
         assert_eq!(cfg.redis.wait_replicas, 0);

@@ -296,35 +296,43 @@ pub(crate) fn create_schema() -> Action {
 
 /// Whether `invalidator.requests` exists.
 pub async fn has_requests(db: &mut impl Sql) -> Result<bool, SetupError> {
+    // From the catalog, not to_regclass: that needs USAGE on the schema, which `run`'s role
+    // may lack.
     let rows = db
         .query(&format!(
-            "SELECT to_regclass({}) IS NOT NULL",
-            quote_literal(&format!(
-                "{}.{}",
-                quote_ident(SCHEMA),
-                quote_ident(REQUESTS)
-            ))
+            "SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = {} AND c.relname = {}",
+            quote_literal(SCHEMA),
+            quote_literal(REQUESTS)
         ))
         .await?;
-    Ok(rows
-        .first()
-        .and_then(|r| r.first().cloned().flatten())
-        .as_deref()
-        == Some("t"))
+    Ok(!rows.is_empty())
+}
+
+/// A condition on `pg_proc` row `p` that it is function `name` of schema [`SCHEMA`] taking
+/// one text argument (or none for `capture`), read from the catalog alone (see
+/// [`has_requests`]).
+fn is_function(name: &str) -> String {
+    let args = if name == "capture" { "" } else { "25" };
+    format!(
+        "p.pronamespace = (SELECT oid FROM pg_namespace WHERE nspname = {}) \
+         AND p.proname = {} AND p.proargtypes::text = '{args}'",
+        quote_literal(SCHEMA),
+        quote_literal(name)
+    )
 }
 
 /// The roles other than the owner that hold `EXECUTE` on the function `name`, sorted, `PUBLIC`
 /// as such; `None` when the function does not exist.
 async fn executors(db: &mut impl Sql, name: &str) -> Result<Option<Vec<String>>, SetupError> {
-    let args = if name == "capture" { "" } else { "text" };
     let rows = db
         .query(&format!(
             "SELECT coalesce((SELECT string_agg(CASE WHEN a.grantee = 0 THEN 'PUBLIC' \
              ELSE pg_get_userbyid(a.grantee)::text END, ',' ORDER BY 1) \
              FROM aclexplode(coalesce(p.proacl, acldefault('f', p.proowner))) a \
              WHERE a.privilege_type = 'EXECUTE' AND a.grantee <> p.proowner), '') \
-             FROM pg_proc p WHERE p.oid = to_regprocedure({})",
-            quote_literal(&signature_of(name, args))
+             FROM pg_proc p WHERE {}",
+            is_function(name)
         ))
         .await?;
     Ok(rows.first().map(|r| {
@@ -421,8 +429,8 @@ pub async fn plan(
         let body = body(mode, name, arg, literal, &allowed);
         let current = db
             .query(&format!(
-                "SELECT prosrc FROM pg_proc WHERE oid = to_regprocedure({})",
-                quote_literal(&signature(name))
+                "SELECT p.prosrc FROM pg_proc p WHERE {}",
+                is_function(name)
             ))
             .await?;
         let existing = current.first().map(|r| r.first().cloned().flatten());
@@ -462,16 +470,17 @@ pub async fn plan(
                 .filter(|r| *r != "PUBLIC" && !wanted.contains(r))
                 .map(|r| quote_ident(r)),
         );
+        // USAGE on the schema lets every role see what is in it (roles that read the outbox,
+        // or look for these functions), not use it: the functions and tables grant nothing.
         let mut sql = format!(
-            "REVOKE ALL ON FUNCTION {} FROM {}",
+            "GRANT USAGE ON SCHEMA {schema} TO PUBLIC; REVOKE ALL ON FUNCTION {} FROM {}",
             signature(name),
             revoke.join(", ")
         );
         if !wanted.is_empty() {
             let roles: Vec<String> = wanted.iter().map(|r| quote_ident(r)).collect();
             sql.push_str(&format!(
-                "; GRANT USAGE ON SCHEMA {schema} TO {roles}; \
-                 GRANT EXECUTE ON FUNCTION {} TO {roles}",
+                "; GRANT EXECUTE ON FUNCTION {} TO {roles}",
                 signature(name),
                 roles = roles.join(", ")
             ));
