@@ -199,37 +199,6 @@ pub fn unescape(pattern: &str) -> String {
     out
 }
 
-/// A pattern that matches every key `pattern` matches, for a pattern that is not valid UTF-8
-/// (keys and patterns are text here): its longest valid prefix that ends between two glob
-/// tokens (never inside an escape or a bracket expression), then `*`. Deletes more than asked,
-/// never less; a pattern whose first byte is invalid becomes `*`, every key.
-pub fn cover(pattern: &[u8]) -> String {
-    let valid = match std::str::from_utf8(pattern) {
-        Ok(text) => return text.to_owned(),
-        Err(e) => e.valid_up_to(),
-    };
-    // Walk whole tokens while they end within the valid prefix.
-    let mut at = 0;
-    while at < valid {
-        let end = match pattern[at] {
-            b'\\' if at + 1 < pattern.len() => at + 2,
-            b'[' => at + bracket(&pattern[at..], 0).1 + 1,
-            _ => at + 1,
-        };
-        if end > valid {
-            break;
-        }
-        at = end;
-    }
-    // Tokens end on character boundaries except after an escaped lead byte, whose continuation
-    // bytes are tokens of their own; should the cut ever split a character, cover everything.
-    let prefix = std::str::from_utf8(&pattern[..at]).unwrap_or_default();
-    let mut out = String::with_capacity(prefix.len() + 1);
-    out.push_str(prefix);
-    out.push('*');
-    out
-}
-
 /// Whether `s` used as a pattern could match more than one key: it holds an unescaped `*`, `?`
 /// or `[`.
 pub fn is_pattern(s: &str) -> bool {
@@ -441,30 +410,7 @@ mod tests {
         assert!(!has_glob_syntax("a\\b") && !has_glob_syntax("a]") && !has_glob_syntax("{x}"));
     }
 
-    #[test]
-    fn cover_cuts_invalid_utf8_at_a_token_boundary() {
-        assert_eq!(cover(b"user:42"), "user:42");
-        assert_eq!(cover(b"user:\xff:x"), "user:*");
-        assert_eq!(cover(b"\xffuser"), "*");
-        // Never inside an escape or a bracket expression.
-        assert_eq!(cover(b"a\\\xff"), "a*");
-        assert_eq!(cover(b"a[b\xff]c"), "a*");
-        assert_eq!(cover(b"a[bc]\xff"), "a[bc]*");
-    }
-
     proptest! {
-        #[test]
-        fn cover_matches_every_key_the_pattern_matches(
-            p in proptest::collection::vec(
-                proptest::sample::select(b"ab*?[]\\^-\xff\xc3\xa9".to_vec()), 0..12),
-            k in proptest::collection::vec(
-                proptest::sample::select(b"ab*?[]\\^-\xff\xc3\xa9".to_vec()), 1..12),
-        ) {
-            if matches(&p, &k) {
-                prop_assert!(matches(cover(&p).as_bytes(), &k), "{:?}", cover(&p));
-            }
-        }
-
         #[test]
         fn an_unescaped_non_pattern_matches_exactly_its_unescaping(
             v in "[ab*?\\[\\]\\\\^-]{0,8}",
