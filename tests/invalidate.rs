@@ -316,3 +316,36 @@ fn replication_mode_setup_creates_the_function_and_run_does_not() {
     let (_, out) = f.setup.command(&["setup"]);
     assert!(out.contains("nothing to do"), "{out}");
 }
+
+/// `invalidator.requests` taken out of the publication is added back while running, like a
+/// rule table: manual invalidations are seen again.
+#[test]
+fn replication_mode_the_requests_table_is_put_back_into_the_publication() {
+    let f = fixture(Mode::Replication);
+    let sidecar = f.setup.start();
+    f.sql(&format!(
+        "ALTER PUBLICATION \"{}\" DROP TABLE invalidator.requests",
+        f.setup.slot
+    ));
+    crate::support::wait_until(
+        std::time::Duration::from_secs(30),
+        "invalidator.requests is published again",
+        || {
+            f.sql(&format!(
+                "SELECT count(*) FROM pg_publication_tables WHERE pubname = '{}' \
+                 AND schemaname = 'invalidator' AND tablename = 'requests'",
+                f.setup.slot
+            ))
+            .trim()
+                == "1"
+        },
+    );
+    f.cache(&["user:11"]);
+    f.sql("SELECT invalidator.invalidate('user:11')");
+    f.wait_deleted(&["user:11"]);
+    assert!(
+        sidecar.log().contains("invalidator.requests"),
+        "{}",
+        sidecar.log()
+    );
+}
