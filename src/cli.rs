@@ -1,6 +1,7 @@
 //! The subcommands (see the README's Commands). Each arm loads what it needs and calls one library function;
 //! `main.rs` turns the outcome into an exit code.
 
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -307,7 +308,10 @@ pub async fn execute(command: Command, loaded: Loaded) -> anyhow::Result<ExitCod
             if !unknown.is_empty() {
                 return Err(check::UnknownNames(unknown).into());
             }
-            let tables = rules.tables().cloned().collect();
+            let mut tables: BTreeSet<TableName> = rules.tables().cloned().collect();
+            if invalidate::has_requests(&mut db).await? {
+                tables.insert(invalidate::requests_table());
+            }
             let (actions, in_place) = match config.postgres.mode {
                 Mode::Replication => {
                     let hidden =
@@ -332,14 +336,38 @@ pub async fn execute(command: Command, loaded: Loaded) -> anyhow::Result<ExitCod
                         .actions,
                     );
                     // Only here, not in `run`: its role may lack CREATE on the database.
-                    actions.extend(invalidate::plan(&mut db, Mode::Replication, false).await?);
+                    actions.extend(
+                        invalidate::plan(
+                            &mut db,
+                            Mode::Replication,
+                            false,
+                            &rules,
+                            &config.invalidate,
+                            Some(&config.postgres.publication),
+                        )
+                        .await?,
+                    );
                     (
                         actions,
                         "publication, slot and invalidator.invalidate() are in place; nothing to do",
                     )
                 }
                 Mode::Notify => (
-                    notify::plan(&mut db, &rules).await?,
+                    {
+                        let mut actions = notify::plan(&mut db, &rules).await?;
+                        actions.extend(
+                            invalidate::plan(
+                                &mut db,
+                                Mode::Notify,
+                                true,
+                                &rules,
+                                &config.invalidate,
+                                None,
+                            )
+                            .await?,
+                        );
+                        actions
+                    },
                     "outbox, triggers and invalidator.invalidate() are in place; nothing to do",
                 ),
             };

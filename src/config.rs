@@ -69,9 +69,22 @@ pub struct Config {
     pub log: LogConfig,
     /// How to talk to Redis: cluster or not, TLS files (`[redis]` besides `url`).
     pub redis: RedisConnectConfig,
+    /// Who may call `invalidator.invalidate()` and what it may delete (`[invalidate]`).
+    pub invalidate: InvalidateConfig,
     /// The configuration file that was read; `None` when there was none and only defaults and
     /// the environment apply.
     pub file: Option<PathBuf>,
+}
+
+/// The `[invalidate]` settings: manual invalidation with `invalidator.invalidate()`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InvalidateConfig {
+    /// The roles `setup` grants `EXECUTE` on the functions to; nobody else may call them
+    /// (superusers aside). Empty by default.
+    pub roles: Vec<String>,
+    /// Key prefixes the functions may delete under, besides the literal prefixes of the rules'
+    /// keys.
+    pub prefixes: Vec<String>,
 }
 
 /// The `[redis]` settings besides the URL.
@@ -193,6 +206,15 @@ struct RawConfig {
     pipeline: RawPipeline,
     #[serde(default)]
     log: RawLog,
+    #[serde(default)]
+    invalidate: RawInvalidate,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawInvalidate {
+    roles: Option<Vec<String>>,
+    prefixes: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -402,6 +424,8 @@ fn apply_env(raw: &mut RawConfig, name: &str, value: &str) -> Result<(), ConfigE
         }
         "INVALIDATOR_LOG_FORMAT" => raw.log.format = v,
         "INVALIDATOR_LOG_LEVEL" => raw.log.level = v,
+        "INVALIDATOR_INVALIDATE_ROLES" => raw.invalidate.roles = Some(comma_list(value)),
+        "INVALIDATOR_INVALIDATE_PREFIXES" => raw.invalidate.prefixes = Some(comma_list(value)),
         _ if name.starts_with(TARGET_ENV_PREFIX) && name.ends_with("_URL") => {
             let upper = &name[TARGET_ENV_PREFIX.len()..name.len() - "_URL".len()];
             let target = raw
@@ -455,6 +479,17 @@ impl Origins {
             None => format!("{key} (default; {} does not exist)", self.file.display()),
         }
     }
+}
+
+/// A comma-separated list from the environment, each item trimmed; empty items are dropped
+/// (`""` is the empty list).
+fn comma_list(value: &str) -> Vec<String> {
+    value
+        .split(',')
+        .map(str::trim)
+        .filter(|item| !item.is_empty())
+        .map(str::to_owned)
+        .collect()
 }
 
 /// The configuration key a variable sets: `INVALIDATOR_POSTGRES_SLOT` → `postgres.slot` (no
@@ -571,7 +606,28 @@ fn validate(raw: RawConfig, origins: &Origins) -> Result<Config, ConfigError> {
             "must be at least 1".to_owned(),
         ));
     }
+    let invalidate = InvalidateConfig {
+        roles: raw.invalidate.roles.unwrap_or_default(),
+        prefixes: raw.invalidate.prefixes.unwrap_or_default(),
+    };
+    if let Some(role) = invalidate
+        .roles
+        .iter()
+        .find(|r| r.is_empty() || r.len() > 63 || r.eq_ignore_ascii_case("public"))
+    {
+        return Err(invalid(
+            "invalidate.roles",
+            format!("{role:?} is not a role name: use the name of an existing role (not PUBLIC)"),
+        ));
+    }
+    if invalidate.prefixes.iter().any(String::is_empty) {
+        return Err(invalid(
+            "invalidate.prefixes",
+            "an empty prefix would allow every key: name the start of the keys".to_owned(),
+        ));
+    }
     Ok(Config {
+        invalidate,
         postgres: PostgresConfig {
             url,
             mode,
@@ -761,6 +817,35 @@ mod tests {
             let err = Config::load_with_env(None, &env(&[(typo, "1")])).unwrap_err();
             assert!(err.to_string().contains(typo), "{err}");
         }
+    }
+
+    #[test]
+    fn invalidate_roles_and_prefixes_come_from_file_or_comma_separated_environment() {
+        let cfg = Config::load_with_env(None, &env(&[])).unwrap();
+        assert_eq!(cfg.invalidate, InvalidateConfig::default());
+        let file = write("[invalidate]\nroles = [\"app\"]\nprefixes = [\"report:\"]\n");
+        let cfg = Config::load_with_env(Some(file.path()), &env(&[])).unwrap();
+        assert_eq!(cfg.invalidate.roles, ["app"]);
+        assert_eq!(cfg.invalidate.prefixes, ["report:"]);
+        let cfg = Config::load_with_env(
+            Some(file.path()),
+            &env(&[
+                ("INVALIDATOR_INVALIDATE_ROLES", "app, reports"),
+                ("INVALIDATOR_INVALIDATE_PREFIXES", "a:,b:"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(cfg.invalidate.roles, ["app", "reports"]);
+        assert_eq!(cfg.invalidate.prefixes, ["a:", "b:"]);
+        let file = write("[invalidate]\nprefixes = [\"\"]\n");
+        let err = Config::load_with_env(Some(file.path()), &env(&[])).unwrap_err();
+        assert!(err.to_string().contains("[invalidate.prefixes]"), "{err}");
+        let err = Config::load_with_env(None, &env(&[("INVALIDATOR_INVALIDATE_ROLES", "public")]))
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("INVALIDATOR_INVALIDATE_ROLES"),
+            "{err}"
+        );
     }
 
     #[test]

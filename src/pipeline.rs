@@ -34,7 +34,7 @@ use crate::pgoutput::{DecodeError, Decoder, Event, Message};
 use crate::redis::DeleteStats;
 use crate::reload::LiveRules;
 use crate::rules::Invalidation;
-use crate::source::invalidate::MESSAGE_PREFIX;
+use crate::source::invalidate::{self, MESSAGE_PREFIX};
 use crate::source::replication::{ReplicationError, ReplicationMessage};
 use crate::source::setup::SetupError;
 use crate::telemetry::{self, Health};
@@ -185,6 +185,9 @@ pub struct Links {
     pub dry_run: bool,
     /// A backlog found at connect, reported in the log as it shrinks; see [`CatchUp`].
     pub catch_up: Option<CatchUp>,
+    /// The configured prefixes manual invalidation may delete under, besides the rules' own
+    /// (see [`invalidate::Allowed`]).
+    pub invalidate_prefixes: Arc<[String]>,
 }
 
 impl Links {
@@ -294,6 +297,8 @@ struct SourceState {
     ancestors: HashMap<TableName, Vec<TableName>>,
     /// The history transactions are queued in.
     history: u64,
+    /// The configured prefixes manual invalidation may delete under, besides the rules' own.
+    invalidate_prefixes: Arc<[String]>,
 }
 
 /// Handles on the `changes_total{table, op}` series, so counting a change costs a short search
@@ -451,6 +456,7 @@ pub async fn run_source<S: WalStream>(
         dry_run: links.dry_run,
         ancestors: HashMap::new(),
         history: links.history,
+        invalidate_prefixes: links.invalidate_prefixes.clone(),
     };
     // A handle of our own, so a reserved permit does not hold a borrow of `links`.
     let queue = links.queue.clone();
@@ -622,6 +628,17 @@ fn apply(
                 given: Invalidation::default(),
             });
         }
+        Event::Change(change)
+            if change.table.schema == invalidate::SCHEMA
+                && change.table.name == invalidate::REQUESTS =>
+        {
+            // Written only by invalidator.invalidate() (SECURITY DEFINER): the proof that the
+            // caller may invalidate by hand. The function's delete of the row carries nothing.
+            if let Some((text, literal)) = invalidate::request(&change) {
+                let allowed = invalidate::Allowed::new(rules.rules(), &state.invalidate_prefixes);
+                given(state, &allowed, text, literal, change.commit_lsn);
+            }
+        }
         Event::Change(change) => {
             state.counters.count(&change.table, change.op);
             if let Some(open) = state.open.as_mut() {
@@ -639,61 +656,37 @@ fn apply(
                 state.pending = Some(committed);
             }
         }
-        Event::Message {
-            prefix,
-            content,
-            transactional,
-            lsn,
-        } if prefix == MESSAGE_PREFIX => given(state, &content, transactional, lsn),
+        // Any role can emit one, even in a read-only transaction: it proves nothing.
+        Event::Message { prefix, .. } if prefix == MESSAGE_PREFIX => {
+            invalidate::Ignored::EmittedMessage.record();
+        }
         Event::Message { .. } => {}
     })
 }
 
-/// A key or pattern given by hand with `invalidator.invalidate()` (a logical decoding message
-/// with prefix `invalidator`).
-///
-/// A transactional one (what the function emits) joins the invalidation of its transaction,
-/// so it is deleted and acknowledged with that transaction, atomically with the writes beside
-/// it; a rolled-back transaction never reaches the WAL stream, so it invalidates nothing.
-/// A non-transactional one (`pg_logical_emit_message(false, ...)` called directly) is sent by
-/// Postgres as soon as it is decoded, outside any transaction: it becomes a transaction of its
-/// own that ends at the message's LSN. Acknowledging that LSN is safe: the transactions decoded
-/// before it ended before it, and one still open commits after it, so it is sent again.
-///
-/// Content that is not UTF-8 cannot be a key here, and skipping it could lose an
-/// invalidation: the pattern [`crate::rules::glob::cover`] makes of it goes instead (every key
-/// the bytes could name, and more), with a warning.
-fn given(state: &mut SourceState, content: &[u8], transactional: bool, lsn: Lsn) {
-    let open = state.open.as_mut().filter(|_| transactional);
-    let history = state.history;
-    let inv = match open {
-        Some(open) => &mut open.given,
-        None => {
-            let committed = state.pending.get_or_insert_with(|| Committed {
-                history,
-                end_lsn: lsn,
-                commit_time_us: unix_micros(),
-                inv: Invalidation::default(),
-            });
-            committed.end_lsn = committed.end_lsn.max(lsn);
-            &mut committed.inv
-        }
-    };
-    if inv.patterns.contains("*") {
-        // Everything goes already.
+/// A key or pattern given by hand with `invalidator.invalidate()` (or one literal key with
+/// `invalidate_key()`): the insert of a row of `invalidator.requests`, which joins the
+/// invalidation of its transaction, so it is deleted and acknowledged with that transaction,
+/// atomically with the writes beside it; a rolled-back transaction never reaches the WAL
+/// stream, so it invalidates nothing. What lies outside `allowed` is ignored and counted.
+fn given(
+    state: &mut SourceState,
+    allowed: &invalidate::Allowed,
+    text: &str,
+    literal: bool,
+    lsn: Lsn,
+) {
+    let Some(open) = state.open.as_mut() else {
         return;
-    }
-    if !inv.insert_given_bytes(content) {
-        tracing::warn!(%lsn, bytes = content.len(),
-            "invalidate() message is not UTF-8; deleting a pattern that covers it");
-    }
+    };
+    let inv = &mut open.given;
+    allowed.insert(inv, text, literal);
     if inv.len() > state.max_transaction_keys {
-        // Nothing narrower covers arbitrary keys given by hand.
+        // Nothing narrower covers arbitrary keys given by hand, and nothing wider may go.
         tracing::warn!(%lsn, keys = inv.len(), limit = state.max_transaction_keys,
             "transaction gave more keys by hand than pipeline.max_transaction_keys; deleting \
-             every key instead");
-        inv.clear();
-        inv.patterns.insert("*".to_owned());
+             every key under the allowed prefixes instead");
+        *inv = allowed.everything();
     }
 }
 
@@ -1014,7 +1007,8 @@ mod tests {
 
     use super::*;
     use crate::pgoutput::{
-        Begin, Column, Commit, Insert, LogicalMessage, Message, Relation, TupleValue, encode,
+        Begin, Column, Commit, Delete, Insert, LogicalMessage, Message, OldTuple, Relation,
+        TupleValue, encode,
     };
     use crate::rules::RuleSet;
 
@@ -1200,6 +1194,7 @@ mod tests {
                 server_end: Lsn(0),
                 dry_run: false,
                 catch_up: None,
+                invalidate_prefixes: ["user:", "weird", "k:"].map(str::to_owned).into(),
             };
             let deleter = {
                 let (sink, cancel, settings) = (sink.clone(), cancel.clone(), settings.clone());
@@ -1428,18 +1423,69 @@ mod tests {
         items.iter().map(|s| (*s).to_owned()).collect()
     }
 
+    /// `invalidator.requests` as relation 9: `id`, `key_or_pattern`, `literal`.
+    fn requests_relation() -> ReplicationMessage {
+        let column = |name: &str, type_oid| Column {
+            flags: 0,
+            name: name.into(),
+            type_oid,
+            type_modifier: -1,
+        };
+        xlog(Message::Relation(Relation {
+            id: 9,
+            namespace: "invalidator".into(),
+            name: "requests".into(),
+            replica_identity: b'd',
+            columns: vec![
+                column("id", 20),
+                column("key_or_pattern", 25),
+                column("literal", 16),
+            ],
+        }))
+    }
+
+    /// What `invalidator.invalidate()` (or `invalidate_key()` when `literal`) writes: the insert
+    /// of a request row, then its delete.
+    fn requested(id: u32, text: &str, literal: bool) -> [ReplicationMessage; 2] {
+        let flag = if literal { "t" } else { "f" };
+        [
+            xlog(Message::Insert(Insert {
+                relation_id: 9,
+                new: vec![
+                    TupleValue::Text(id.to_string()),
+                    TupleValue::Text(text.to_owned()),
+                    TupleValue::Text(flag.into()),
+                ],
+            })),
+            xlog(Message::Delete(Delete {
+                relation_id: 9,
+                old: OldTuple::Key(vec![
+                    TupleValue::Text(id.to_string()),
+                    TupleValue::Null,
+                    TupleValue::Null,
+                ]),
+            })),
+        ]
+    }
+
     /// `invalidator.invalidate()` inside a transaction: its keys are deleted in the same batch
-    /// as the transaction's rows and acknowledged with it, never before its commit.
+    /// as the transaction's rows and acknowledged with it, never before its commit; what lies
+    /// outside the allowed prefixes, and a logical decoding message, delete nothing.
     #[tokio::test(start_paused = true)]
-    async fn an_invalidate_message_joins_its_transaction() {
+    async fn an_invalidate_request_joins_its_transaction_under_the_allowed_prefixes() {
         let sink = RecordingSink::default();
         let h = Harness::start(sink.clone());
         let mut messages = transaction(&["1"], 0x200);
         let commit = messages.pop().unwrap();
+        messages.push(requests_relation());
+        messages.extend(requested(1, "user:42", false));
+        messages.extend(requested(2, "user:*:feed", false));
+        messages.extend(requested(3, "weird\\*key", false));
+        messages.extend(requested(4, "user:[x]", true));
+        messages.extend(requested(5, "other:1", false));
+        messages.extend(requested(6, "*", false));
         messages.extend([
-            emitted("invalidator", b"user:42", true, 0x150),
-            emitted("invalidator", b"user:*:feed", true, 0x160),
-            emitted("invalidator", b"weird\\*key", true, 0x170),
+            emitted("invalidator", b"user:43", true, 0x150),
             emitted("someone-else", b"not:ours", true, 0x180),
         ]);
         h.send(messages);
@@ -1451,7 +1497,10 @@ mod tests {
         h.stop().await;
         let deleted = sink.deleted.lock().unwrap().clone();
         assert_eq!(deleted.len(), 1, "{deleted:?}");
-        assert_eq!(deleted[0].keys, set(&["item:1", "user:42", "weird*key"]));
+        assert_eq!(
+            deleted[0].keys,
+            set(&["item:1", "user:42", "weird*key", "user:[x]"])
+        );
         assert_eq!(deleted[0].patterns, set(&["user:*:feed"]));
     }
 
@@ -1487,41 +1536,27 @@ mod tests {
         assert_eq!(deleted[1].keys, set(&["new:3"]));
     }
 
-    /// A non-transactional message (sent by Postgres outside any transaction) is deleted and
-    /// acknowledged on its own, at its LSN.
+    /// A logical decoding message with our prefix, which any role can emit, deletes nothing,
+    /// inside a transaction or outside one.
     #[tokio::test(start_paused = true)]
-    async fn a_non_transactional_invalidate_message_is_its_own_transaction() {
+    async fn an_emitted_message_deletes_nothing() {
         let sink = RecordingSink::default();
         let h = Harness::start(sink.clone());
-        h.send(transaction(&["1"], 0x100));
-        h.wait_for_ack(0x100).await;
         h.send(vec![emitted("invalidator", b"user:7", false, 0x180)]);
-        h.wait_for_ack(0x180).await;
-        h.stop().await;
-        let deleted = sink.deleted.lock().unwrap().clone();
-        assert_eq!(deleted.len(), 2, "{deleted:?}");
-        assert_eq!(deleted[1].keys, set(&["user:7"]));
-    }
-
-    /// Bytes that are not UTF-8 are never dropped: a pattern covering them is deleted.
-    #[tokio::test(start_paused = true)]
-    async fn an_invalidate_message_that_is_not_utf8_deletes_a_covering_pattern() {
-        let sink = RecordingSink::default();
-        let h = Harness::start(sink.clone());
-        let mut messages = transaction(&[], 0x200);
+        let mut messages = transaction(&["1"], 0x200);
         let commit = messages.pop().unwrap();
-        messages.push(emitted("invalidator", b"user:\xff:x", true, 0x150));
+        messages.push(emitted("invalidator", b"user:8", true, 0x190));
         messages.push(commit);
         h.send(messages);
         h.wait_for_ack(0x200).await;
         h.stop().await;
         let deleted = sink.deleted.lock().unwrap().clone();
-        assert_eq!(deleted[0].patterns, set(&["user:*"]));
-        assert!(crate::rules::glob::matches(b"user:*", b"user:\xff:x"));
+        assert_eq!(deleted.len(), 1, "{deleted:?}");
+        assert_eq!(deleted[0].keys, set(&["item:1"]));
     }
 
     /// Keys given by hand survive the fallback to the tables' patterns, which cannot cover them;
-    /// past the limit themselves, they become `*`.
+    /// past the limit themselves, they become a pattern for each allowed prefix, never `*`.
     #[tokio::test(start_paused = true)]
     async fn keys_given_by_hand_survive_the_fallback_and_are_bounded_too() {
         let sink = RecordingSink::default();
@@ -1530,7 +1565,8 @@ mod tests {
         let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
         let mut messages = transaction(&ids, 0x200);
         let commit = messages.pop().unwrap();
-        messages.push(emitted("invalidator", b"user:1", true, 0x150));
+        messages.push(requests_relation());
+        messages.extend(requested(1, "user:1", false));
         messages.push(commit);
         h.send(messages);
         h.wait_for_ack(0x200).await;
@@ -1538,12 +1574,7 @@ mod tests {
         let mut messages = transaction(&[], 0x300);
         let commit = messages.pop().unwrap();
         for i in 0..5 {
-            messages.push(emitted(
-                "invalidator",
-                format!("k:{i}").as_bytes(),
-                true,
-                0x250,
-            ));
+            messages.extend(requested(10 + i, &format!("k:{i}"), false));
         }
         messages.push(commit);
         h.send(messages);
@@ -1553,7 +1584,10 @@ mod tests {
         assert_eq!(deleted[0].keys, set(&["user:1"]));
         assert_eq!(deleted[0].patterns, set(&["item:*"]));
         assert!(deleted[1].keys.is_empty());
-        assert_eq!(deleted[1].patterns, set(&["*"]));
+        assert_eq!(
+            deleted[1].patterns,
+            set(&["item:*", "k:*", "user:*", "weird*"])
+        );
     }
 
     /// An insert of one row with `id` into relation `relation`.

@@ -1,12 +1,13 @@
 //! `invalidator run`: HTTP, the Redis delete loop, and the replication connection (or, in notify
 //! mode, the outbox reader) with its reconnect loop, until shutdown.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::change::Lsn;
+use crate::change::{Lsn, TableName};
 use crate::check;
 use crate::config::{Config, Mode, PRIMARY_TARGET};
 use crate::dry_run::{self, NoDeletes};
@@ -22,7 +23,7 @@ use crate::source::replication::{
     ReplicationClient, ReplicationError, ReplicationMessage, ReplicationStream,
 };
 use crate::source::setup::{self, SetupError, SlotReset};
-use crate::source::{connect, drift};
+use crate::source::{connect, drift, invalidate};
 use crate::targets::{self, Target};
 use crate::telemetry::{self, Health};
 
@@ -200,6 +201,7 @@ pub async fn run(
         server_end: Lsn(0),
         dry_run,
         catch_up: None,
+        invalidate_prefixes: config.invalidate.prefixes.clone().into(),
     };
     let (rules_tx, rules_rx) = watch::channel(rules);
     let mut live = LiveRules::watching(rules_rx);
@@ -644,6 +646,7 @@ async fn stream_once(
     if !hidden.is_empty() {
         return Err(SetupError::Hidden(hidden).into());
     }
+    warn_if_stale(&mut client, config, live.rules()).await?;
     let slot_name = &config.postgres.slot;
     let before = setup::slot_info(&mut client, slot_name).await?;
     let diverged = history::compare(
@@ -654,7 +657,10 @@ async fn stream_once(
         before.and_then(|info| info.confirmed_flush),
     )
     .await?;
-    let tables = live.rules().tables().cloned().collect();
+    let mut tables: BTreeSet<TableName> = live.rules().tables().cloned().collect();
+    if invalidate::has_requests(&mut client).await? {
+        tables.insert(invalidate::requests_table());
+    }
     let plan = setup::plan(
         &mut client,
         &tables,
@@ -694,17 +700,37 @@ async fn stream_once(
     let stream = client
         .start_replication(slot_name, Lsn(0), &config.postgres.publication)
         .await?;
-    if !stream.messages() {
-        static WARNED: std::sync::Once = std::sync::Once::new();
-        WARNED.call_once(|| {
-            tracing::warn!(
-                "this server is older than PostgreSQL 14: pgoutput cannot send messages, so \
-                 invalidator.invalidate() is unavailable in replication mode"
-            );
-        });
-    }
     tracing::info!(slot = %slot_name, from = %links.reported, "streaming");
     stream_until_end(stream, config, live, links, health, streamed, Watch::Repair).await
+}
+
+/// Warns when `invalidator.invalidate()` is missing or out of date for these rules and the
+/// `[invalidate]` settings (`setup` would change it): callers then get errors for keys the
+/// rules now allow, or the functions' grants are not the configured ones. Not an error, since
+/// the sidecar enforces its own allow-list whatever the functions say, and `run` never changes
+/// them (its role may lack the privileges).
+async fn warn_if_stale(
+    db: &mut impl setup::Sql,
+    config: &Config,
+    rules: &crate::rules::RuleSet,
+) -> Result<(), SetupError> {
+    let publication =
+        (config.postgres.mode == Mode::Replication).then_some(config.postgres.publication.as_str());
+    let actions = invalidate::plan(
+        db,
+        config.postgres.mode,
+        true,
+        rules,
+        &config.invalidate,
+        publication,
+    )
+    .await?;
+    if !actions.is_empty() {
+        let stale: Vec<&str> = actions.iter().map(|a| a.why.as_str()).collect();
+        tracing::warn!(setup_would = %stale.join("; "),
+            "invalidator.invalidate() is missing or out of date; run `invalidator setup`");
+    }
+    Ok(())
 }
 
 /// Whether the publication is watched while streaming (see [`drift::watch_publication`]).
@@ -856,6 +882,7 @@ async fn outbox_once(
     // Except the truncate triggers of partitions attached after setup: the reader adds them.
     let repairs = notify::partition_plan(&mut client, live.rules()).await?;
     actions.retain(|action| !repairs.iter().any(|(_, repair)| repair == action));
+    warn_if_stale(&mut client, config, live.rules()).await?;
     if !actions.is_empty() {
         let missing: Vec<&str> = actions.iter().map(|a| a.why.as_str()).collect();
         return Err(Failure::Permanent(format!(

@@ -21,6 +21,10 @@ pub const PATTERNS_TOTAL: &str = "invalidator_patterns_total";
 pub const SCAN_CALLS_TOTAL: &str = "invalidator_scan_calls_total";
 /// Errors, labelled `kind` (`redis`, `postgres`, `decode`).
 pub const ERRORS_TOTAL: &str = "invalidator_errors_total";
+/// Counter of manual invalidations ignored, by `reason` (see
+/// [`crate::source::invalidate::Ignored`]): a logical decoding message, which any role can
+/// emit; a key outside the allowed prefixes; a pattern without a literal prefix.
+pub const IGNORED_INVALIDATIONS_TOTAL: &str = "invalidator_ignored_invalidations_total";
 /// The `kind` labels of [`ERRORS_TOTAL`]: Postgres connections lost, Redis requests or
 /// connections failed, WAL messages that did not decode. Each series exists from the start.
 pub const ERROR_KINDS: &[&str] = &["postgres", "redis", "decode"];
@@ -124,6 +128,10 @@ pub fn install_metrics() -> PrometheusHandle {
                 metrics::counter!(ERRORS_TOTAL, "kind" => *kind).absolute(0);
             }
             metrics::counter!(PUBLICATION_REPAIRS_TOTAL).absolute(0);
+            for ignored in crate::source::invalidate::Ignored::ALL {
+                metrics::counter!(IGNORED_INVALIDATIONS_TOTAL, "reason" => ignored.label())
+                    .absolute(0);
+            }
             metrics::gauge!(CONFIRMED_LSN).set(0.0);
             metrics::gauge!(REPLICATION_LAG_BYTES).set(0.0);
             metrics::gauge!(REPLICATION_LAG_SECONDS).set(0.0);

@@ -91,6 +91,8 @@ fn notify_mode_setup_prints_sql_and_is_idempotent() {
          FOR EACH STATEMENT EXECUTE FUNCTION \"invalidator\".capture()",
         "CREATE OR REPLACE FUNCTION \"invalidator\".invalidate(key_or_pattern text)",
         "GRANT USAGE ON SCHEMA \"invalidator\" TO PUBLIC",
+        "REVOKE ALL ON FUNCTION \"invalidator\".invalidate(text) FROM PUBLIC",
+        "REVOKE ALL ON FUNCTION \"invalidator\".capture() FROM PUBLIC",
     ] {
         assert!(out.contains(expected), "missing {expected:?} in:\n{out}");
     }

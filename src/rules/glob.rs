@@ -165,6 +165,25 @@ pub fn has_glob_syntax(text: &str) -> bool {
     text.contains(['*', '?', '['])
 }
 
+/// The text every key named by `text` begins with, read as a key given by hand is (see
+/// [`crate::rules::Invalidation::insert_given`]): text without glob syntax is itself; glob text
+/// is unescaped up to its first unescaped `*`, `?` or `[`. Empty when a pattern starts with one.
+pub fn literal_prefix(text: &str) -> String {
+    if !has_glob_syntax(text) {
+        return text.to_owned();
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '*' | '?' | '[' => break,
+            '\\' => out.push(chars.next().unwrap_or('\\')),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 /// The one key that `pattern` matches when it holds no unescaped `*`, `?` or `[` (see
 /// [`is_pattern`]): each `\x` becomes `x`, and a `\` at the very end stays a backslash, as
 /// Redis's matcher reads them.
@@ -177,37 +196,6 @@ pub fn unescape(pattern: &str) -> String {
             c => out.push(c),
         }
     }
-    out
-}
-
-/// A pattern that matches every key `pattern` matches, for a pattern that is not valid UTF-8
-/// (keys and patterns are text here): its longest valid prefix that ends between two glob
-/// tokens (never inside an escape or a bracket expression), then `*`. Deletes more than asked,
-/// never less; a pattern whose first byte is invalid becomes `*`, every key.
-pub fn cover(pattern: &[u8]) -> String {
-    let valid = match std::str::from_utf8(pattern) {
-        Ok(text) => return text.to_owned(),
-        Err(e) => e.valid_up_to(),
-    };
-    // Walk whole tokens while they end within the valid prefix.
-    let mut at = 0;
-    while at < valid {
-        let end = match pattern[at] {
-            b'\\' if at + 1 < pattern.len() => at + 2,
-            b'[' => at + bracket(&pattern[at..], 0).1 + 1,
-            _ => at + 1,
-        };
-        if end > valid {
-            break;
-        }
-        at = end;
-    }
-    // Tokens end on character boundaries except after an escaped lead byte, whose continuation
-    // bytes are tokens of their own; should the cut ever split a character, cover everything.
-    let prefix = std::str::from_utf8(&pattern[..at]).unwrap_or_default();
-    let mut out = String::with_capacity(prefix.len() + 1);
-    out.push_str(prefix);
-    out.push('*');
     out
 }
 
@@ -390,6 +378,17 @@ mod tests {
     }
 
     #[test]
+    fn the_literal_prefix_stops_at_the_first_unescaped_glob_character() {
+        assert_eq!(literal_prefix("user:1"), "user:1");
+        assert_eq!(literal_prefix(r"path\to"), r"path\to");
+        assert_eq!(literal_prefix("feed:1:*"), "feed:1:");
+        assert_eq!(literal_prefix(r"weird\*key"), "weird*key");
+        assert_eq!(literal_prefix(r"a\[b?c"), "a[b");
+        assert_eq!(literal_prefix("*:x"), "");
+        assert_eq!(literal_prefix("[ab]x"), "");
+    }
+
+    #[test]
     fn unescape_reads_escapes_as_redis_does() {
         assert_eq!(unescape("plain:42"), "plain:42");
         assert_eq!(unescape("a\\*b\\?c\\[d\\]"), "a*b?c[d]");
@@ -411,30 +410,7 @@ mod tests {
         assert!(!has_glob_syntax("a\\b") && !has_glob_syntax("a]") && !has_glob_syntax("{x}"));
     }
 
-    #[test]
-    fn cover_cuts_invalid_utf8_at_a_token_boundary() {
-        assert_eq!(cover(b"user:42"), "user:42");
-        assert_eq!(cover(b"user:\xff:x"), "user:*");
-        assert_eq!(cover(b"\xffuser"), "*");
-        // Never inside an escape or a bracket expression.
-        assert_eq!(cover(b"a\\\xff"), "a*");
-        assert_eq!(cover(b"a[b\xff]c"), "a*");
-        assert_eq!(cover(b"a[bc]\xff"), "a[bc]*");
-    }
-
     proptest! {
-        #[test]
-        fn cover_matches_every_key_the_pattern_matches(
-            p in proptest::collection::vec(
-                proptest::sample::select(b"ab*?[]\\^-\xff\xc3\xa9".to_vec()), 0..12),
-            k in proptest::collection::vec(
-                proptest::sample::select(b"ab*?[]\\^-\xff\xc3\xa9".to_vec()), 1..12),
-        ) {
-            if matches(&p, &k) {
-                prop_assert!(matches(cover(&p).as_bytes(), &k), "{:?}", cover(&p));
-            }
-        }
-
         #[test]
         fn an_unescaped_non_pattern_matches_exactly_its_unescaping(
             v in "[ab*?\\[\\]\\\\^-]{0,8}",

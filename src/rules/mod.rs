@@ -86,22 +86,6 @@ impl Invalidation {
         }
     }
 
-    /// [`Invalidation::insert_given`] for bytes that may not be UTF-8; returns `false` when they
-    /// are not, in which case the pattern [`glob::cover`] makes of them is added instead: it
-    /// matches every key they could name, and more.
-    pub fn insert_given_bytes(&mut self, bytes: &[u8]) -> bool {
-        match std::str::from_utf8(bytes) {
-            Ok(text) => {
-                self.insert_given(text);
-                true
-            }
-            Err(_) => {
-                self.patterns.insert(glob::cover(bytes));
-                false
-            }
-        }
-    }
-
     /// Adds one rendered key; allocates only when it is new.
     fn insert(&mut self, rendered: &str, pattern: bool) {
         let set = if pattern {
@@ -389,6 +373,19 @@ impl RuleSet {
     pub fn rules(&self) -> &[Rule] {
         &self.rules
     }
+
+    /// The literal prefixes of every key template, sorted and unique, without the empty one (a
+    /// template that starts with a placeholder, which names no prefix at all): the default
+    /// allow-list of `invalidator.invalidate()`.
+    pub fn key_prefixes(&self) -> Vec<String> {
+        let prefixes: BTreeSet<String> = self
+            .rules
+            .iter()
+            .flat_map(|rule| rule.templates.iter().map(Template::literal_prefix))
+            .filter(|prefix| !prefix.is_empty())
+            .collect();
+        prefixes.into_iter().collect()
+    }
 }
 
 #[cfg(test)]
@@ -612,14 +609,6 @@ keys = ["fleet:all"]
         assert_eq!(keys, ["a\\b"]);
         assert!(glob::matches(patterns[0].as_bytes(), b"weird*key"));
         assert!(!glob::matches(patterns[0].as_bytes(), b"weirdXkey"));
-    }
-
-    #[test]
-    fn bytes_given_by_hand_that_are_not_utf8_become_a_covering_pattern() {
-        let mut out = Invalidation::default();
-        assert!(out.insert_given_bytes(b"user:1"));
-        assert!(!out.insert_given_bytes(b"user:\xff:x"));
-        assert_eq!(sorted(out), (vec!["user:1".into()], vec!["user:*".into()]));
     }
 
     #[test]

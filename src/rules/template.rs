@@ -281,6 +281,19 @@ impl Template {
         })
     }
 
+    /// The text every key rendered from this template begins with: its literal text before the
+    /// first placeholder, up to the first unescaped glob character when it is a pattern.
+    pub fn literal_prefix(&self) -> String {
+        let Some(Segment::Literal(text)) = self.segments.first() else {
+            return String::new();
+        };
+        if self.pattern {
+            glob::literal_prefix(text)
+        } else {
+            text.clone()
+        }
+    }
+
     /// The template as written in the rule file.
     pub fn source(&self) -> &str {
         &self.source

@@ -8,7 +8,8 @@
 //! the stream cannot say so, since a table outside the publication sends nothing. So the
 //! publication is checked every [`CHECK_EVERY`], and at once when a relation the stream
 //! announced before comes again under another name (what the renamed-away table does on its
-//! next change). A rule table found unpublished is added back, and every key its rules can
+//! next change). A rule table found unpublished (or `invalidator.requests`, where
+//! `invalidator.invalidate()` writes) is added back, and every key its rules can
 //! produce is deleted, queued after everything read before: the changes it missed committed
 //! before the repair, so that delete comes after them.
 
@@ -21,6 +22,7 @@ use crate::change::{Lsn, TableName};
 use crate::pipeline::{self, Ancestry, Committed};
 use crate::reload::LiveRules;
 use crate::rules::Invalidation;
+use crate::source::invalidate;
 use crate::source::setup::{self, SetupError, Sql};
 use crate::telemetry;
 
@@ -124,7 +126,10 @@ async fn check(
     if !hidden.is_empty() {
         return Err(SetupError::Hidden(hidden));
     }
-    let tables: BTreeSet<TableName> = rules.tables().cloned().collect();
+    let mut tables: BTreeSet<TableName> = rules.tables().cloned().collect();
+    // invalidator.invalidate()'s requests belong in the publication too: outside it, manual
+    // invalidations are never seen.
+    tables.insert(invalidate::requests_table());
     // A rule table dropped has no changes to miss; once created again, it is unpublished.
     let missing = setup::missing_tables(&mut db, &tables).await?;
     let present: BTreeSet<TableName> = tables
@@ -146,6 +151,13 @@ async fn check(
         .map(ToString::to_string)
         .collect::<Vec<_>>()
         .join(", ");
+    if unpublished.contains(&invalidate::requests_table()) {
+        tracing::error!(
+            publication,
+            "publication did not publish invalidator.requests: added it back; calls of \
+             invalidator.invalidate() committed until now were not seen"
+        );
+    }
     tracing::error!(publication, tables = %names, keys = flush.keys.len(),
         patterns = flush.patterns.len(),
         "publication did not publish these tables of the rules (replaced by rename, or removed \

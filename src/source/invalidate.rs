@@ -1,57 +1,264 @@
-//! `invalidator.invalidate(key_or_pattern text)`: a SQL function that applications call inside
-//! their own transaction to invalidate a key or a pattern by hand, atomically with their writes.
+//! `invalidator.invalidate(key_or_pattern text)` and `invalidator.invalidate_key(key text)`:
+//! SQL functions that applications call inside their own transaction to invalidate a key or a
+//! pattern by hand, atomically with their writes.
 //!
 //! ```text
-//!  replication mode: pg_logical_emit_message(true, 'invalidator', text) ─WAL─▶ Event::Message
-//!  notify mode:      outbox row (op 'invalidate', new = the text as JSON) ─────▶ read_round
-//!                                    both ─▶ Invalidation::insert_given ─▶ the transaction's deletes
+//!  replication mode: INSERT + DELETE of a row of invalidator.requests ─WAL─▶ Event::Change
+//!  notify mode:      outbox row (op 'invalidate' | 'invalidate_key') ───────▶ read_round
+//!                       both ─▶ Allowed::check ─▶ Invalidation::insert_given ─▶ the deletes
 //! ```
 //!
-//! The text is read exactly as a key in a rule file without placeholders
-//! ([`crate::rules::Invalidation::insert_given`]). A rolled-back transaction leaves neither the
-//! message (transactional) nor the outbox row, so it invalidates nothing.
+//! `invalidate()` reads its text exactly as a key in a rule file without placeholders
+//! ([`crate::rules::Invalidation::insert_given`]); `invalidate_key()` takes it as one literal
+//! key, whatever it holds, so a key built from user input cannot widen into a pattern. A
+//! rolled-back transaction leaves neither the request row nor the outbox row, so it invalidates
+//! nothing.
 //!
-//! Who may call it: every role (`EXECUTE` and `USAGE` on schema `invalidator` are granted to
-//! `PUBLIC` when `setup` creates it). It only ever deletes cache entries, never reads or
-//! changes data, and a role that can write a watched table can invalidate its keys anyway;
-//! `REVOKE EXECUTE ON FUNCTION invalidator.invalidate(text) FROM PUBLIC` and a grant to the
-//! application's roles restrict it, and `setup` never grants again once the function exists.
+//! Who may call them: only the roles `[invalidate] roles` names (`setup` revokes `EXECUTE` from
+//! `PUBLIC` and grants it to them), and superusers. The functions are `SECURITY DEFINER` and are
+//! the only writers of `invalidator.requests` and of `invalidate` rows in the outbox, which no
+//! other role may write: that write is the proof the sidecar trusts. A logical decoding message
+//! (`pg_logical_emit_message`), which any role can emit, deletes nothing.
+//!
+//! What they may delete: keys under an allow-list of prefixes, the literal prefixes of the
+//! rules' keys plus `[invalidate] prefixes`. `setup` writes the list into the functions, which
+//! raise an error in the caller's transaction for a key outside it or a pattern without a
+//! literal prefix; the sidecar checks every request again against its own list, so a list in
+//! the database older or wider than the sidecar's deletes nothing more.
 
-use crate::config::Mode;
+use std::collections::BTreeSet;
+
+use crate::change::{Change, Op, TableName, Value};
+use crate::config::{InvalidateConfig, Mode};
+use crate::rules::{Invalidation, RuleSet, glob};
 use crate::source::setup::{Action, SetupError, Sql, quote_ident, quote_literal};
+use crate::telemetry;
 
 /// The schema that holds invalidator's objects in the database, in both modes.
 pub const SCHEMA: &str = "invalidator";
-/// The prefix of the logical decoding messages `invalidate()` emits in replication mode.
+/// The prefix of logical decoding messages the old `invalidate()` emitted in replication mode:
+/// such a message is now ignored, and counted.
 pub const MESSAGE_PREFIX: &str = "invalidator";
+/// The table the functions write in replication mode (a row inserted and deleted in the same
+/// call: nothing stays, the change is in the WAL).
+pub const REQUESTS: &str = "requests";
 /// The outbox operation of a row `invalidate()` writes in notify mode.
 pub const OUTBOX_OP: &str = "invalidate";
-/// The first server version (`server_version_num`) whose pgoutput sends logical decoding
-/// messages (the `messages` option), which replication mode's `invalidate()` needs.
-pub const MESSAGES_SINCE: u32 = 140_000;
+/// The outbox operation of a row `invalidate_key()` writes in notify mode.
+pub const OUTBOX_KEY_OP: &str = "invalidate_key";
 
-/// The function's signature, schema-qualified and quoted.
-fn signature() -> String {
-    format!("{}.invalidate(text)", quote_ident(SCHEMA))
+/// `invalidator.requests` as a table name.
+pub fn requests_table() -> TableName {
+    TableName::new(SCHEMA, REQUESTS)
 }
 
-/// The function's body in `mode`.
-fn body(mode: Mode) -> String {
+/// Why a request was ignored: the `reason` label of `invalidator_ignored_invalidations_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ignored {
+    /// A logical decoding message with our prefix, which any role can emit.
+    EmittedMessage,
+    /// A key or pattern outside the sidecar's allow-list.
+    OutsidePrefixes,
+    /// A pattern that starts with a glob character, which could match any key.
+    NoLiteralPrefix,
+}
+
+impl Ignored {
+    /// Every reason, so the metric has a series for each from the start.
+    pub const ALL: [Ignored; 3] = [
+        Ignored::EmittedMessage,
+        Ignored::OutsidePrefixes,
+        Ignored::NoLiteralPrefix,
+    ];
+
+    /// The `reason` label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Ignored::EmittedMessage => "emitted_message",
+            Ignored::OutsidePrefixes => "outside_prefixes",
+            Ignored::NoLiteralPrefix => "no_literal_prefix",
+        }
+    }
+
+    /// Counts one ignored request, and logs the first of each reason (a caller looping on a
+    /// refused key must not flood the log; the metric counts them all).
+    pub fn record(self) {
+        static ONCE: [std::sync::Once; 3] = [const { std::sync::Once::new() }; 3];
+        metrics::counter!(telemetry::IGNORED_INVALIDATIONS_TOTAL, "reason" => self.label())
+            .increment(1);
+        let index = Ignored::ALL.iter().position(|r| *r == self).unwrap_or(0);
+        ONCE[index].call_once(|| match self {
+            Ignored::EmittedMessage => tracing::warn!(
+                prefix = MESSAGE_PREFIX,
+                "ignoring a logical decoding message with prefix \"invalidator\": only \
+                 invalidator.invalidate() can invalidate by hand (logged once)"
+            ),
+            Ignored::OutsidePrefixes => tracing::warn!(
+                "ignoring a manual invalidation outside the allowed key prefixes (the functions \
+                 in the database may be stale: run `invalidator setup`) (logged once)"
+            ),
+            Ignored::NoLiteralPrefix => tracing::warn!(
+                "ignoring a manual invalidation by a pattern without a literal prefix (logged \
+                 once)"
+            ),
+        });
+    }
+}
+
+/// The key prefixes manual invalidation may delete under.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Allowed {
+    /// Sorted and unique; none empty.
+    prefixes: Vec<String>,
+}
+
+impl Allowed {
+    /// The literal prefixes of `rules`' keys and the configured `extra` ones.
+    pub fn new(rules: &RuleSet, extra: &[String]) -> Allowed {
+        let prefixes: BTreeSet<String> = rules
+            .key_prefixes()
+            .into_iter()
+            .chain(extra.iter().filter(|p| !p.is_empty()).cloned())
+            .collect();
+        Allowed {
+            prefixes: prefixes.into_iter().collect(),
+        }
+    }
+
+    /// Whether `text` may be deleted: as one literal key when `literal`, else read as
+    /// [`Invalidation::insert_given`] reads it.
+    pub fn check(&self, text: &str, literal: bool) -> Result<(), Ignored> {
+        let prefix = if literal {
+            text.to_owned()
+        } else {
+            glob::literal_prefix(text)
+        };
+        if prefix.is_empty() {
+            return Err(Ignored::NoLiteralPrefix);
+        }
+        if self.prefixes.iter().any(|p| prefix.starts_with(p.as_str())) {
+            Ok(())
+        } else {
+            Err(Ignored::OutsidePrefixes)
+        }
+    }
+
+    /// A pattern for each allowed prefix: every key manual invalidation may delete.
+    pub fn everything(&self) -> Invalidation {
+        let mut inv = Invalidation::default();
+        for prefix in &self.prefixes {
+            inv.patterns.insert(format!("{}*", glob::escape(prefix)));
+        }
+        inv
+    }
+
+    /// Adds `text` to `inv` when it is allowed; counts and logs it otherwise.
+    pub fn insert(&self, inv: &mut Invalidation, text: &str, literal: bool) {
+        match self.check(text, literal) {
+            Ok(()) if literal => {
+                inv.keys.insert(text.to_owned());
+            }
+            Ok(()) => inv.insert_given(text),
+            Err(ignored) => ignored.record(),
+        }
+    }
+}
+
+/// The request a change of `invalidator.requests` carries: its text and whether it is one
+/// literal key. Only inserts carry one (the function's delete of the same row does not).
+pub fn request(change: &Change) -> Option<(&str, bool)> {
+    if change.op != Op::Insert {
+        return None;
+    }
+    let new = change.new.as_ref()?;
+    let Value::Text(text) = new.get("key_or_pattern") else {
+        return None;
+    };
+    let literal = matches!(new.get("literal"), Value::Text(v) if v == "t");
+    Some((text.as_str(), literal))
+}
+
+/// The two functions: name, argument, whether the argument is one literal key.
+const FUNCTIONS: [(&str, &str, bool); 2] = [
+    ("invalidate", "key_or_pattern", false),
+    ("invalidate_key", "key", true),
+];
+
+/// A function's signature, schema-qualified and quoted.
+fn signature(name: &str) -> String {
+    signature_of(name, "text")
+}
+
+/// The signature of function `name` of schema [`SCHEMA`] with arguments `args`.
+fn signature_of(name: &str, args: &str) -> String {
+    format!("{}.{name}({args})", quote_ident(SCHEMA))
+}
+
+/// A function's body in `mode`, with the allow-list written in.
+fn body(mode: Mode, name: &str, arg: &str, literal: bool, allowed: &Allowed) -> String {
+    let list = allowed
+        .prefixes
+        .iter()
+        .map(|p| quote_literal(p))
+        .collect::<Vec<_>>()
+        .join(", ");
     let deliver = match mode {
         Mode::Replication => format!(
-            "  PERFORM pg_logical_emit_message(true, '{MESSAGE_PREFIX}', key_or_pattern);\n"
+            "  INSERT INTO {SCHEMA}.{REQUESTS} (key_or_pattern, literal) VALUES ({arg}, {literal}) \
+             RETURNING id INTO request;\n\
+             \x20 DELETE FROM {SCHEMA}.{REQUESTS} WHERE id = request;\n"
         ),
         Mode::Notify => format!(
             "  INSERT INTO {SCHEMA}.outbox (table_schema, table_name, op, new)\n\
-             \x20 VALUES ('', '', '{OUTBOX_OP}', to_jsonb(key_or_pattern));\n\
+             \x20 VALUES ('', '', '{}', to_jsonb({arg}));\n\
              \x20 PERFORM pg_notify('{}', '');\n",
+            if literal { OUTBOX_KEY_OP } else { OUTBOX_OP },
             crate::source::notify::CHANNEL
         ),
     };
+    // The same reading as glob::literal_prefix: text without glob syntax is itself.
+    let prefix = if literal {
+        format!("  prefix := {arg};\n")
+    } else {
+        format!(
+            "  IF strpos({arg}, '*') = 0 AND strpos({arg}, '?') = 0 AND strpos({arg}, '[') = 0 THEN\n\
+             \x20   prefix := {arg};\n\
+             \x20 ELSE\n\
+             \x20   WHILE i <= length({arg}) LOOP\n\
+             \x20     c := substr({arg}, i, 1);\n\
+             \x20     EXIT WHEN c IN ('*', '?', '[');\n\
+             \x20     IF c = '\\' AND i < length({arg}) THEN\n\
+             \x20       i := i + 1;\n\
+             \x20       c := substr({arg}, i, 1);\n\
+             \x20     END IF;\n\
+             \x20     prefix := prefix || c;\n\
+             \x20     i := i + 1;\n\
+             \x20   END LOOP;\n\
+             \x20 END IF;\n"
+        )
+    };
+    let what = if literal {
+        "a key"
+    } else {
+        "a key or a pattern"
+    };
     format!(
-        "\nBEGIN\n\
-         \x20 IF key_or_pattern IS NULL OR key_or_pattern = '' THEN\n\
-         \x20   RAISE EXCEPTION 'invalidator.invalidate() needs a key or a pattern';\n\
+        "\nDECLARE\n\
+         \x20 allowed text[] := ARRAY[{list}]::text[];\n\
+         \x20 prefix text := '';\n\
+         \x20 i int := 1;\n\
+         \x20 c text;\n\
+         \x20 request bigint;\n\
+         BEGIN\n\
+         \x20 IF {arg} IS NULL OR {arg} = '' THEN\n\
+         \x20   RAISE EXCEPTION '{SCHEMA}.{name}() needs {what}';\n\
+         \x20 END IF;\n\
+         {prefix}\
+         \x20 IF prefix = '' THEN\n\
+         \x20   RAISE EXCEPTION '{SCHEMA}.{name}(): the pattern % has no literal prefix', {arg};\n\
+         \x20 END IF;\n\
+         \x20 IF NOT EXISTS (SELECT 1 FROM unnest(allowed) a WHERE left(prefix, length(a)) = a) THEN\n\
+         \x20   RAISE EXCEPTION '{SCHEMA}.{name}(): % is outside the allowed key prefixes (%)', {arg}, array_to_string(allowed, ', ');\n\
          \x20 END IF;\n\
          {deliver}\
          END\n"
@@ -87,69 +294,204 @@ pub(crate) fn create_schema() -> Action {
     }
 }
 
-/// Works out what `invalidate()` needs in `mode`: the function (replaced when its body differs,
-/// as after a change of mode), and on creation the grants that let every role call it.
-/// `schema_planned` says whether the schema exists or an earlier action creates it. In
-/// replication mode on a server older than PostgreSQL 14, whose pgoutput cannot send messages,
-/// nothing is planned and a warning is logged: a function that silently did nothing would be
-/// worse than none.
+/// Whether `invalidator.requests` exists.
+pub async fn has_requests(db: &mut impl Sql) -> Result<bool, SetupError> {
+    // From the catalog, not to_regclass: that needs USAGE on the schema, which `run`'s role
+    // may lack.
+    let rows = db
+        .query(&format!(
+            "SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = {} AND c.relname = {}",
+            quote_literal(SCHEMA),
+            quote_literal(REQUESTS)
+        ))
+        .await?;
+    Ok(!rows.is_empty())
+}
+
+/// A condition on `pg_proc` row `p` that it is function `name` of schema [`SCHEMA`] taking
+/// one text argument (or none for `capture`), read from the catalog alone (see
+/// [`has_requests`]).
+fn is_function(name: &str) -> String {
+    let args = if name == "capture" { "" } else { "25" };
+    format!(
+        "p.pronamespace = (SELECT oid FROM pg_namespace WHERE nspname = {}) \
+         AND p.proname = {} AND p.proargtypes::text = '{args}'",
+        quote_literal(SCHEMA),
+        quote_literal(name)
+    )
+}
+
+/// The roles other than the owner that hold `EXECUTE` on the function `name`, sorted, `PUBLIC`
+/// as such; `None` when the function does not exist.
+async fn executors(db: &mut impl Sql, name: &str) -> Result<Option<Vec<String>>, SetupError> {
+    let rows = db
+        .query(&format!(
+            "SELECT coalesce((SELECT string_agg(CASE WHEN a.grantee = 0 THEN 'PUBLIC' \
+             ELSE pg_get_userbyid(a.grantee)::text END, ',' ORDER BY 1) \
+             FROM aclexplode(coalesce(p.proacl, acldefault('f', p.proowner))) a \
+             WHERE a.privilege_type = 'EXECUTE' AND a.grantee <> p.proowner), '') \
+             FROM pg_proc p WHERE {}",
+            is_function(name)
+        ))
+        .await?;
+    Ok(rows.first().map(|r| {
+        let list = r.first().cloned().flatten().unwrap_or_default();
+        let mut roles: Vec<String> = list
+            .split(',')
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect();
+        roles.sort();
+        roles
+    }))
+}
+
+/// Works out what the functions need in `mode`: in replication mode the table
+/// `invalidator.requests` and its place in `publication`; each function (replaced when its
+/// body differs, as after a change of mode or of the allow-list); and grants of `EXECUTE` to
+/// exactly the configured roles, revoked from `PUBLIC` and every other role. The allow-list is
+/// the literal prefixes of `rules`' keys and the configured ones. `schema_planned` says whether
+/// the schema exists or an earlier action creates it.
 pub async fn plan(
     db: &mut impl Sql,
     mode: Mode,
     schema_planned: bool,
+    rules: &RuleSet,
+    config: &InvalidateConfig,
+    publication: Option<&str>,
 ) -> Result<Vec<Action>, SetupError> {
-    if mode == Mode::Replication && server_version(db).await? < MESSAGES_SINCE {
-        tracing::warn!(
-            "invalidator.invalidate() is not available in replication mode before PostgreSQL \
-             14 (pgoutput cannot send messages); not creating it"
-        );
-        return Ok(Vec::new());
-    }
     let mut actions = Vec::new();
     if !schema_planned && !has_schema(db).await? {
         actions.push(create_schema());
     }
-    let body = body(mode);
-    let current = db
-        .query(&format!(
-            "SELECT prosrc FROM pg_proc WHERE oid = to_regprocedure({})",
-            quote_literal(&signature())
-        ))
-        .await?;
-    let existing = current.first().map(|r| r.first().cloned().flatten());
-    if existing.as_ref() == Some(&Some(body.clone())) {
-        return Ok(actions);
-    }
-    // Notify mode writes the outbox, which callers have no privileges on: SECURITY DEFINER.
-    // pg_logical_emit_message is open to every role, so replication mode needs no elevation.
-    let security = match mode {
-        Mode::Replication => "SECURITY INVOKER",
-        Mode::Notify => "SECURITY DEFINER",
-    };
-    actions.push(Action {
-        why: format!(
-            "create the function {SCHEMA}.invalidate(key_or_pattern text) ({} mode)",
-            match mode {
-                Mode::Replication => "replication",
-                Mode::Notify => "notify",
+    let schema = quote_ident(SCHEMA);
+    let requests = format!("{schema}.{}", quote_ident(REQUESTS));
+    if mode == Mode::Replication {
+        let existed = has_requests(db).await?;
+        if !existed {
+            actions.push(Action {
+                why: format!("create the table {SCHEMA}.{REQUESTS} (manual invalidations)"),
+                sql: format!(
+                    "CREATE TABLE IF NOT EXISTS {requests} (id bigserial PRIMARY KEY, \
+                     key_or_pattern text NOT NULL, literal boolean NOT NULL); \
+                     REVOKE ALL ON TABLE {requests} FROM PUBLIC"
+                ),
+            });
+        }
+        if let Some(publication) = publication {
+            let tables: BTreeSet<TableName> = [requests_table()].into();
+            let all_tables = db
+                .query(&format!(
+                    "SELECT puballtables::text FROM pg_publication WHERE pubname = {}",
+                    quote_literal(publication)
+                ))
+                .await?;
+            let all = all_tables
+                .first()
+                .and_then(|r| r.first().cloned().flatten());
+            let unpublished = !existed
+                || (all.is_some()
+                    && !crate::source::setup::unpublished(db, &tables, publication)
+                        .await?
+                        .is_empty());
+            if all.as_deref() != Some("true") && unpublished {
+                actions.push(Action {
+                    why: format!("add {SCHEMA}.{REQUESTS} to publication {publication}"),
+                    sql: format!(
+                        "ALTER PUBLICATION {} ADD TABLE {requests}",
+                        quote_ident(publication)
+                    ),
+                });
             }
-        ),
-        sql: format!(
-            "CREATE OR REPLACE FUNCTION {}(key_or_pattern text) RETURNS void LANGUAGE plpgsql \
-             {security} SET search_path = pg_catalog, pg_temp AS {}",
-            format_args!("{}.invalidate", quote_ident(SCHEMA)),
-            quote_literal(&body)
-        ),
-    });
-    if existing.is_none() {
+        }
+    }
+    if mode == Mode::Notify
+        && executors(db, "capture")
+            .await?
+            .is_some_and(|r| r.iter().any(|r| r == "PUBLIC"))
+    {
+        // A trigger calling it, on any table, could write the outbox: CREATE TRIGGER needs
+        // EXECUTE on it, firing one does not.
         actions.push(Action {
-            why: format!("let every role call {SCHEMA}.invalidate()"),
+            why: format!("let no role attach {SCHEMA}.capture() to a table of its own"),
             sql: format!(
-                "GRANT USAGE ON SCHEMA {schema} TO PUBLIC; \
-                 GRANT EXECUTE ON FUNCTION {} TO PUBLIC",
-                signature(),
-                schema = quote_ident(SCHEMA)
+                "REVOKE ALL ON FUNCTION {} FROM PUBLIC",
+                signature_of("capture", "")
             ),
+        });
+    }
+    let allowed = Allowed::new(rules, &config.prefixes);
+    let mut wanted = config.roles.clone();
+    wanted.sort();
+    wanted.dedup();
+    for (name, arg, literal) in FUNCTIONS {
+        let body = body(mode, name, arg, literal, &allowed);
+        let current = db
+            .query(&format!(
+                "SELECT p.prosrc FROM pg_proc p WHERE {}",
+                is_function(name)
+            ))
+            .await?;
+        let existing = current.first().map(|r| r.first().cloned().flatten());
+        if existing.as_ref() != Some(&Some(body.clone())) {
+            // SECURITY DEFINER: callers have no privileges on the table it writes.
+            actions.push(Action {
+                why: format!(
+                    "create the function {SCHEMA}.{name}({arg} text) ({} mode, {} allowed \
+                     prefixes)",
+                    match mode {
+                        Mode::Replication => "replication",
+                        Mode::Notify => "notify",
+                    },
+                    allowed.prefixes.len()
+                ),
+                sql: format!(
+                    "CREATE OR REPLACE FUNCTION {schema}.{name}({arg} text) RETURNS void \
+                     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp \
+                     AS {}",
+                    quote_literal(&body)
+                ),
+            });
+        }
+        let have = if existing.is_some() {
+            executors(db, name).await?
+        } else {
+            None
+        };
+        if have.as_ref() == Some(&wanted) {
+            continue;
+        }
+        // A new function is executable by PUBLIC until revoked.
+        let mut revoke = vec!["PUBLIC".to_owned()];
+        revoke.extend(
+            have.iter()
+                .flatten()
+                .filter(|r| *r != "PUBLIC" && !wanted.contains(r))
+                .map(|r| quote_ident(r)),
+        );
+        // USAGE on the schema lets every role see what is in it (roles that read the outbox,
+        // or look for these functions), not use it: the functions and tables grant nothing.
+        let mut sql = format!(
+            "GRANT USAGE ON SCHEMA {schema} TO PUBLIC; REVOKE ALL ON FUNCTION {} FROM {}",
+            signature(name),
+            revoke.join(", ")
+        );
+        if !wanted.is_empty() {
+            let roles: Vec<String> = wanted.iter().map(|r| quote_ident(r)).collect();
+            sql.push_str(&format!(
+                "; GRANT EXECUTE ON FUNCTION {} TO {roles}",
+                signature(name),
+                roles = roles.join(", ")
+            ));
+        }
+        actions.push(Action {
+            why: if wanted.is_empty() {
+                format!("let no role but superusers call {SCHEMA}.{name}()")
+            } else {
+                format!("let only {} call {SCHEMA}.{name}()", wanted.join(", "))
+            },
+            sql,
         });
     }
     Ok(actions)
@@ -159,17 +501,55 @@ pub async fn plan(
 mod tests {
     use super::*;
 
+    fn allowed(prefixes: &[&str]) -> Allowed {
+        let text =
+            "[[rule]]\ntable = \"items\"\nkeys = [\"item:{id}\", \"{id}:x\", \"feed:{id}:*\"]\n";
+        let rules =
+            RuleSet::compile(&[("r.toml".to_owned(), text.to_owned())]).expect("rules compile");
+        let extra: Vec<String> = prefixes.iter().map(|p| (*p).to_owned()).collect();
+        Allowed::new(&rules, &extra)
+    }
+
     #[test]
-    fn the_bodies_refuse_an_empty_argument_and_deliver_per_mode() {
-        let replication = body(Mode::Replication);
-        assert!(
-            replication.contains("pg_logical_emit_message(true, 'invalidator', key_or_pattern)")
-        );
-        let notify = body(Mode::Notify);
-        assert!(notify.contains("'invalidate', to_jsonb(key_or_pattern)"));
+    fn the_allow_list_is_the_rules_literal_prefixes_and_the_configured_ones() {
+        assert_eq!(allowed(&["user:"]).prefixes, ["feed:", "item:", "user:"]);
+    }
+
+    #[test]
+    fn the_sidecar_refuses_what_lies_outside_the_allow_list() {
+        let a = allowed(&[]);
+        assert_eq!(a.check("item:1", false), Ok(()));
+        assert_eq!(a.check("item:*", false), Ok(()));
+        assert_eq!(a.check(r"feed:\*", false), Ok(()));
+        assert_eq!(a.check("ite*", false), Err(Ignored::OutsidePrefixes));
+        assert_eq!(a.check("user:1", false), Err(Ignored::OutsidePrefixes));
+        assert_eq!(a.check("*", false), Err(Ignored::NoLiteralPrefix));
+        assert_eq!(a.check("[i]tem:1", false), Err(Ignored::NoLiteralPrefix));
+        // A literal key is itself, glob characters and all.
+        assert_eq!(a.check("*item:1", true), Err(Ignored::OutsidePrefixes));
+        assert_eq!(a.check("item:*", true), Ok(()));
+        let mut inv = Invalidation::default();
+        a.insert(&mut inv, "item:*", true);
+        assert!(inv.keys.contains("item:*") && inv.patterns.is_empty());
+    }
+
+    #[test]
+    fn the_bodies_check_the_allow_list_and_deliver_per_mode() {
+        let a = allowed(&["o'k"]);
+        let replication = body(Mode::Replication, "invalidate", "key_or_pattern", false, &a);
+        assert!(replication.contains("INSERT INTO invalidator.requests"));
+        assert!(replication.contains("DELETE FROM invalidator.requests WHERE id = request"));
+        assert!(!replication.contains("pg_logical_emit_message"));
+        let notify = body(Mode::Notify, "invalidate_key", "key", true, &a);
+        assert!(notify.contains("'invalidate_key', to_jsonb(key)"));
         assert!(notify.contains("pg_notify('invalidator', '')"));
-        for body in [replication, notify] {
-            assert!(body.contains("key_or_pattern IS NULL OR key_or_pattern = ''"));
+        for body in [&replication, &notify] {
+            assert!(
+                body.contains("ARRAY['feed:', 'item:', 'o''k']::text[]"),
+                "{body}"
+            );
+            assert!(body.contains("outside the allowed key prefixes"));
         }
+        assert!(replication.contains("key_or_pattern IS NULL OR key_or_pattern = ''"));
     }
 }

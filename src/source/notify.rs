@@ -22,7 +22,7 @@ use futures_util::StreamExt;
 use tokio::sync::mpsc;
 
 use crate::change::{Change, Lsn, Op, Row, TableName, Value};
-use crate::config::{Mode, PostgresConfig};
+use crate::config::PostgresConfig;
 use crate::pipeline::{Committed, Links, SourceEnd};
 use crate::reload::LiveRules;
 use crate::rules::{Invalidation, RuleSet};
@@ -168,7 +168,7 @@ impl Installed {
 /// Works out what notify mode is missing or has out of date: the tables and the columns the
 /// rules read are checked, then the schema, hstore, the outbox, the trigger function (replaced
 /// when its body differs), each table's two triggers (the row trigger's arguments must be the
-/// columns its rules read today) and `invalidator.invalidate()`. Idempotent: once everything is
+/// columns its rules read today); `invalidator.invalidate()` is [`invalidate::plan`]'s. Idempotent: once everything is
 /// in place the plan is empty. `run` refuses to start unless it is.
 ///
 /// A trigger that must change is dropped and created again in one transaction (`BEGIN; DROP
@@ -274,10 +274,12 @@ pub async fn plan(db: &mut impl Sql, rules: &RuleSet) -> Result<Vec<Action>, Set
             why,
             // SECURITY DEFINER: writers need no privileges on the outbox. The SET clauses pin
             // the text form of values for the function's run, whatever the writer's session
-            // or role set.
+            // or role set. Not executable by PUBLIC: a trigger of another role's making could
+            // then write the outbox.
             sql: format!(
                 "CREATE OR REPLACE FUNCTION {function} RETURNS trigger LANGUAGE plpgsql \
-                 SECURITY DEFINER {CAPTURE_SEARCH_PATH}{} AS {}",
+                 SECURITY DEFINER {CAPTURE_SEARCH_PATH}{} AS {}; \
+                 REVOKE ALL ON FUNCTION {function} FROM PUBLIC",
                 text_form_clauses(),
                 quote_literal(&body)
             ),
@@ -357,7 +359,6 @@ pub async fn plan(db: &mut impl Sql, rules: &RuleSet) -> Result<Vec<Action>, Set
             .into_iter()
             .map(|(_, action)| action),
     );
-    actions.extend(invalidate::plan(db, Mode::Notify, true).await?);
     Ok(actions)
 }
 
@@ -776,7 +777,7 @@ pub async fn stream(
             }
             () = std::future::ready(()), if reading && read_now => {
                 // A full round means a backlog: read the next one straight away.
-                read_now = read_round(client, rules, progress).await?;
+                read_now = read_round(client, rules, progress, &links.invalidate_prefixes).await?;
             }
             hint = hints.recv(), if reading => {
                 if hint.is_none() {
@@ -822,6 +823,7 @@ async fn read_round(
     client: &tokio_postgres::Client,
     rules: &mut LiveRules,
     progress: &mut Progress,
+    invalidate_prefixes: &[String],
 ) -> Result<bool, NotifyError> {
     let held = progress.held();
     let rows = client
@@ -837,7 +839,7 @@ async fn read_round(
     }
     let full = rows.len() as i64 >= ROUND_ROWS;
     let ancestors = ancestors_of(client, &rows).await?;
-    let (ids, first_time, inv) = plan_rows(rules, rows, &ancestors)?;
+    let (ids, first_time, inv) = plan_rows(rules, rows, &ancestors, invalidate_prefixes)?;
     progress.last_round += 1;
     let round = Lsn(progress.last_round);
     progress.in_flight.push_back((round, ids));
@@ -895,13 +897,17 @@ async fn ancestors_of(
 
 /// Plans one round of outbox rows with the rules in effect (taking newer ones first: a round is
 /// the transaction boundary here), each change for its table and for the table's partition
-/// `ancestors`; returns their ids, the oldest row's time and what to delete.
+/// `ancestors`; returns their ids, the oldest row's time and what to delete. A row written by
+/// `invalidator.invalidate()` or `invalidate_key()` deletes what it names only under the
+/// allowed prefixes: the rules' and `invalidate_prefixes`.
 fn plan_rows(
     rules: &mut LiveRules,
     rows: Vec<tokio_postgres::Row>,
     ancestors: &HashMap<TableName, Vec<TableName>>,
+    invalidate_prefixes: &[String],
 ) -> Result<(Vec<i64>, i64, Invalidation), NotifyError> {
     rules.refresh();
+    let allowed = invalidate::Allowed::new(rules.rules(), invalidate_prefixes);
     let mut inv = Invalidation::default();
     let mut ids = Vec::with_capacity(rows.len());
     let mut first_time = i64::MAX;
@@ -916,14 +922,15 @@ fn plan_rows(
         };
         ids.push(outbox.id);
         first_time = first_time.min(outbox.created_us);
-        if outbox.op == invalidate::OUTBOX_OP {
+        if outbox.op == invalidate::OUTBOX_OP || outbox.op == invalidate::OUTBOX_KEY_OP {
             match outbox.given() {
-                Ok(text) => inv.insert_given(&text),
+                Ok(text) => allowed.insert(&mut inv, &text, outbox.op == invalidate::OUTBOX_KEY_OP),
                 Err(e) => {
-                    // Never skip: not knowing what it named, everything goes.
+                    // Never skip: not knowing what it named, everything it may name goes.
                     tracing::error!(id = outbox.id, error = %e,
-                        "unreadable invalidate() row in the outbox; deleting every key");
-                    inv.patterns.insert("*".to_owned());
+                        "unreadable invalidate() row in the outbox; deleting every key under \
+                         the allowed prefixes");
+                    inv.merge(allowed.everything());
                 }
             }
             continue;
@@ -1003,7 +1010,7 @@ pub async fn dry_stream(
                     tables.insert(TableName::new(schema, name).to_string());
                 }
                 let ancestors = ancestors_of(client, &rows).await?;
-                let (ids, _, inv) = plan_rows(rules, rows, &ancestors)?;
+                let (ids, _, inv) = plan_rows(rules, rows, &ancestors, &links.invalidate_prefixes)?;
                 let first = ids.first().copied().unwrap_or(seen);
                 seen = ids.last().copied().unwrap_or(seen);
                 if !inv.is_empty() {

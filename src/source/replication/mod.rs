@@ -256,8 +256,8 @@ impl ReplicationClient {
     }
 
     /// Starts streaming `publication` from `slot` at `start` with pgoutput protocol version 1,
-    /// and, on PostgreSQL 14 and later, with `messages 'true'` so that logical decoding messages
-    /// (`invalidator.invalidate()`) arrive too ([`ReplicationStream::messages`] says which).
+    /// and, on PostgreSQL 14 and later, with `messages 'true'`, so that logical decoding messages
+    /// with invalidator's prefix, which delete nothing, are seen and counted as ignored.
     ///
     /// A slot that is busy elsewhere gives code `55006`, a missing one `42704`; in both cases the
     /// connection is consumed, so reconnect to try again.
@@ -289,7 +289,6 @@ impl ReplicationClient {
                     return Ok(ReplicationStream {
                         conn: self.conn,
                         server_done: false,
-                        messages,
                     });
                 }
                 Backend::Message(Message::ErrorResponse(body)) => {
@@ -604,17 +603,9 @@ pub struct ReplicationStream {
     conn: Connection,
     /// The server has sent CopyDone: no more stream messages will come.
     server_done: bool,
-    /// Whether the stream was started with `messages 'true'` (PostgreSQL 14 and later).
-    messages: bool,
 }
 
 impl ReplicationStream {
-    /// Whether logical decoding messages are streamed (`messages 'true'`, PostgreSQL 14 and
-    /// later): without them `invalidator.invalidate()` cannot work in replication mode.
-    pub fn messages(&self) -> bool {
-        self.messages
-    }
-
     /// Waits for the next stream message; `None` once the server has ended the stream cleanly.
     ///
     /// Cancel-safe: dropping the future (a `tokio::select!` branch that lost) loses no bytes;

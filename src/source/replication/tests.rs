@@ -13,7 +13,6 @@ fn stream_over_pipe() -> (ReplicationStream, DuplexStream) {
     let stream = ReplicationStream {
         conn: Connection::new(Box::new(ours)),
         server_done: false,
-        messages: true,
     };
     (stream, theirs)
 }
