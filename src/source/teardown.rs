@@ -63,6 +63,11 @@ pub enum TeardownError {
     Connect(#[from] crate::source::connect::ConnectError),
 }
 
+/// How long a holder of the slot or the reader lock may take to go before teardown refuses.
+const HOLDER_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+/// How often it is asked meanwhile.
+const HOLDER_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// What teardown found in Postgres and will do.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Plan {
@@ -76,14 +81,27 @@ pub struct Plan {
 /// or the reader lock (in either mode: a configuration switched between modes can leave both).
 pub async fn plan(db: &mut impl Sql, postgres: &PostgresConfig) -> Result<Plan, TeardownError> {
     let slot = &postgres.slot;
-    if let Some(pid) = setup::slot_holder(db, slot).await? {
-        return Err(TeardownError::SlotInUse {
-            slot: slot.clone(),
-            pid,
-        });
-    }
-    if let Some(pid) = notify::reader_lock_holder(db).await? {
-        return Err(TeardownError::ReaderRunning { pid });
+    // An instance stopped a moment ago can still hold the slot or the lock: its server session
+    // ends a little after the process. "Stop it, then tear down" should work at once, so a
+    // holder gets a few seconds to go before it counts.
+    let mut waited = std::time::Duration::ZERO;
+    loop {
+        let slot_holder = setup::slot_holder(db, slot).await?;
+        let reader = notify::reader_lock_holder(db).await?;
+        let out_of_time = waited >= HOLDER_GRACE;
+        match (slot_holder, reader) {
+            (None, None) => break,
+            (Some(pid), _) if out_of_time => {
+                return Err(TeardownError::SlotInUse {
+                    slot: slot.clone(),
+                    pid,
+                });
+            }
+            (None, Some(pid)) if out_of_time => return Err(TeardownError::ReaderRunning { pid }),
+            _ => {}
+        }
+        tokio::time::sleep(HOLDER_POLL).await;
+        waited += HOLDER_POLL;
     }
     let mut plan = Plan::default();
     plan.actions.extend(triggers(db).await?);
