@@ -36,7 +36,7 @@ for _ in $(seq 100); do
   sleep 0.1
 done
 curl -sf "http://127.0.0.1:$http_port/readyz" >/dev/null || { cat "$work/invalidator.log"; exit 1; }
-echo "  ready: $(curl -s "http://127.0.0.1:$http_port/readyz")"
+echo "  invalidator run: /readyz says $(curl -s "http://127.0.0.1:$http_port/readyz")"
 
 say "a customer and two cars; the application caches some keys"
 customer=$(psql_ -Atc "INSERT INTO customers (email, name, user_id) VALUES ('ada@example.com', 'Ada', gen_random_uuid()) RETURNING id")
