@@ -239,3 +239,29 @@ fn a_role_that_created_the_publication_before_setup_cannot_flush_the_cache() {
         "setup should refuse a publication owned by {role}: {out}"
     );
 }
+
+#[test]
+#[ignore = "defect: invalidate() compiles its allow-list with the caller's standard_conforming_strings: a prefix with a backslash breaks it"]
+fn invalidate_works_for_a_caller_with_standard_conforming_strings_off() {
+    let f = Fixture::new(SCHEMA, RULES);
+    let path = f.setup.config();
+    let config = std::fs::read_to_string(&path).expect("read the config");
+    std::fs::write(
+        &path,
+        format!("{config}\n[invalidate]\nprefixes = ['path\\to:']\n"),
+    )
+    .expect("write the config");
+    let (status, out) = f.setup.command(&["setup"]);
+    assert!(status.success(), "{out}");
+    let _sidecar = f.setup.start();
+    f.cache(&[r"path\to:1", "item:1"]);
+    // A session (or an ALTER ROLE/DATABASE ... SET) of the caller's with the old setting.
+    let call = PgCluster::shared().try_psql(
+        &f.db,
+        "SET standard_conforming_strings = off; \
+         SELECT invalidator.invalidate_key(E'path\\\\to:1'); \
+         SELECT invalidator.invalidate_key(E'item:1');",
+    );
+    assert!(call.is_ok(), "{call:?}");
+    f.wait_deleted(&[r"path\to:1", "item:1"]);
+}
