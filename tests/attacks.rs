@@ -265,3 +265,35 @@ fn invalidate_works_for_a_caller_with_standard_conforming_strings_off() {
     assert!(call.is_ok(), "{call:?}");
     f.wait_deleted(&[r"path\to:1", "item:1"]);
 }
+
+#[test]
+#[ignore = "defect: capture() (SECURITY DEFINER) calls hstore(NEW) in a schema any role may create in; an overload for the table's row type runs as its owner"]
+fn any_role_gains_nothing_from_capture_when_hstore_is_in_a_schema_everyone_may_create_in() {
+    let f = Fixture::new(SCHEMA, RULES);
+    // hstore installed by the application in public, where every role may create objects
+    // (the default before PostgreSQL 15, and on databases upgraded from one).
+    f.sql("CREATE EXTENSION hstore SCHEMA public; GRANT CREATE ON SCHEMA public TO PUBLIC");
+    f.use_mode(Mode::Notify);
+    let role = unique_name("eve");
+    PgCluster::shared().psql("postgres", &format!("CREATE ROLE {role}"));
+    f.sql(&format!(
+        "SET ROLE {role}; CREATE FUNCTION public.hstore(r public.items) \
+         RETURNS public.hstore LANGUAGE plpgsql AS $$ BEGIN \
+         IF (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN \
+         EXECUTE 'ALTER ROLE {role} SUPERUSER'; END IF; \
+         RETURN public.hstore('id', r.id::text); END $$"
+    ));
+    // Any writer of a rule table.
+    let _ = PgCluster::shared().try_psql(&f.db, "INSERT INTO items VALUES (1, 'n', 'c', 0)");
+    let superuser = PgCluster::shared()
+        .psql(
+            "postgres",
+            &format!("SELECT rolsuper FROM pg_roles WHERE rolname = '{role}'"),
+        )
+        .trim()
+        .to_owned();
+    assert_eq!(
+        superuser, "f",
+        "{role} became a superuser through capture()"
+    );
+}
