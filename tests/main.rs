@@ -1,5 +1,6 @@
 //! The one integration test binary: real Postgres and Redis servers owned by the harness.
 
+mod attacks;
 mod cli;
 mod cluster;
 mod cluster_sidecar;
