@@ -303,6 +303,7 @@ pub async fn execute(command: Command, loaded: Loaded) -> anyhow::Result<ExitCod
         }
         Command::Setup { dry_run, .. } => {
             let mut db = connect(&config).await?;
+            setup::refuse_untrusted_schemas(&mut db, config.postgres.mode == Mode::Notify).await?;
             // Setting up for rules that `run` refuses would only defer the error.
             let unknown = check::unknown_names(&mut db, &rules).await?;
             if !unknown.is_empty() {
