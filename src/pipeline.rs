@@ -365,6 +365,17 @@ impl Open {
         }
     }
 
+    /// Deletes every key the rules of `table` (which has rules) can produce, whatever else
+    /// the transaction holds: a table it counts as changed, so a later fallback keeps them.
+    fn flush_table(&mut self, live: &LiveRules, table: TableName) {
+        self.committed
+            .inv
+            .merge(live.rules().everything_for(&table));
+        if !self.tables.contains(&table) {
+            self.tables.push(table);
+        }
+    }
+
     /// Plans `change` for its table, which has rules.
     fn plan_table(&mut self, live: &mut LiveRules, change: &Change, max_keys: usize) {
         if !self.tables.contains(&change.table) {
@@ -632,11 +643,19 @@ fn apply(
             if change.table.schema == invalidate::SCHEMA
                 && change.table.name == invalidate::REQUESTS =>
         {
-            // Written only by invalidator.invalidate() (SECURITY DEFINER): the proof that the
-            // caller may invalidate by hand. The function's delete of the row carries nothing.
-            if let Some((text, literal)) = invalidate::request(&change) {
-                let allowed = invalidate::Allowed::new(rules.rules(), &state.invalidate_prefixes);
-                given(state, &allowed, text, literal, change.commit_lsn);
+            // Written only by invalidator.invalidate() (SECURITY DEFINER) and by the table's
+            // owner: the proof that the writer may invalidate by hand. The delete of the row in
+            // the same transaction carries nothing.
+            match invalidate::request(&change) {
+                Some(invalidate::Request::Given(text, literal)) => {
+                    let allowed =
+                        invalidate::Allowed::new(rules.rules(), &state.invalidate_prefixes);
+                    given(state, &allowed, text, literal, change.commit_lsn);
+                }
+                Some(invalidate::Request::Repair(table)) => {
+                    repaired(state, rules, table, change.commit_lsn);
+                }
+                None => {}
             }
         }
         Event::Change(change) => {
@@ -687,6 +706,26 @@ fn given(
             "transaction gave more keys by hand than pipeline.max_transaction_keys; deleting \
              every key under the allowed prefixes instead");
         *inv = allowed.everything();
+    }
+}
+
+/// A publication repair's request, written in the transaction that added `table` back to the
+/// publication: every key its rules can produce joins that transaction's invalidation, so the
+/// changes it missed while unpublished (all committed before) are covered once that transaction
+/// is confirmed, and a crash before then reads the request again. Its patterns are the rules'
+/// own, so the manual allow-list does not apply; a table without rules deletes nothing.
+fn repaired(state: &mut SourceState, rules: &mut LiveRules, table: Option<TableName>, lsn: Lsn) {
+    let Some(open) = state.open.as_mut() else {
+        return;
+    };
+    match table {
+        Some(table) if rules.rules().has_table(&table) => {
+            tracing::info!(%lsn, table = %table,
+                "the publication was repaired for this table: deleting every key its rules can \
+                 produce");
+            open.flush_table(rules, table);
+        }
+        _ => invalidate::Ignored::NotARuleTable.record(),
     }
 }
 
