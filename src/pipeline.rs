@@ -1543,6 +1543,56 @@ mod tests {
         assert_eq!(deleted[0].patterns, set(&["user:*:feed"]));
     }
 
+    /// A publication repair's request row (`invalidator.requests` as a current `setup` makes
+    /// it, relation 10): every key of its table's rules joins its transaction, allow-list or
+    /// not; a table without rules, or text that names no table, deletes nothing.
+    #[tokio::test(start_paused = true)]
+    async fn a_repair_request_deletes_every_key_of_its_table_with_its_transaction() {
+        let sink = RecordingSink::default();
+        let h = Harness::start(sink.clone());
+        let mut messages = transaction(&["1"], 0x200);
+        let commit = messages.pop().unwrap();
+        let column = |name: &str, type_oid| Column {
+            flags: 0,
+            name: name.into(),
+            type_oid,
+            type_modifier: -1,
+        };
+        messages.push(xlog(Message::Relation(Relation {
+            id: 10,
+            namespace: "invalidator".into(),
+            name: "requests".into(),
+            replica_identity: b'd',
+            columns: vec![
+                column("id", 20),
+                column("key_or_pattern", 25),
+                column("literal", 16),
+                column("repair", 25),
+            ],
+        })));
+        for (id, table) in [(1, "public.items"), (2, "public.other"), (3, "a.b.c")] {
+            messages.push(xlog(Message::Insert(Insert {
+                relation_id: 10,
+                new: vec![
+                    TupleValue::Text(id.to_string()),
+                    TupleValue::Text(String::new()),
+                    TupleValue::Text("f".into()),
+                    TupleValue::Text(table.into()),
+                ],
+            })));
+        }
+        h.send(messages);
+        settle().await;
+        assert!(sink.deleted.lock().unwrap().is_empty());
+        h.send(vec![commit]);
+        h.wait_for_ack(0x200).await;
+        h.stop().await;
+        let deleted = sink.deleted.lock().unwrap().clone();
+        assert_eq!(deleted.len(), 1, "{deleted:?}");
+        assert_eq!(deleted[0].keys, set(&["item:1"]));
+        assert_eq!(deleted[0].patterns, set(&["item:*"]));
+    }
+
     /// Reloaded rules take over at the next transaction: a transaction open when they arrive is
     /// planned by the old rules to its commit, never by a mix.
     #[tokio::test(start_paused = true)]

@@ -634,6 +634,20 @@ mod tests {
     }
 
     #[test]
+    fn a_repair_request_names_its_table_as_the_sidecar_reads_it_back() {
+        let table = TableName::new("my.schema", "Order \"Items\"");
+        let sql = repair_requests([&table]);
+        assert!(
+            sql.starts_with("; INSERT INTO \"invalidator\".\"requests\""),
+            "{sql}"
+        );
+        assert!(sql.ends_with("DELETE FROM \"invalidator\".\"requests\" WHERE id = lastval()"));
+        let written = table.to_string();
+        assert!(sql.contains(&quote_literal(&written)), "{sql}");
+        assert_eq!(TableName::parse(&written), Ok(table));
+    }
+
+    #[test]
     fn the_bodies_check_the_allow_list_and_deliver_per_mode() {
         let a = allowed(&["o'k"]);
         let replication = body(Mode::Replication, "invalidate", "key_or_pattern", false, &a);
