@@ -164,9 +164,10 @@ async fn check(
             if !in_the_wal {
                 tracing::warn!(
                     publication,
-                    "this role cannot write invalidator.requests (or it is missing or out of date: \
-                 run `invalidator setup`): the keys of the tables added back are deleted from \
-                 memory only, and a crash before Redis confirms it leaves them stale"
+                    "not crash-safe: this role cannot write invalidator.requests (or it is \
+                     missing or out of date: run `invalidator setup`), so the delete of the keys \
+                     of the tables added back is only queued in memory, and a crash before Redis \
+                     confirms it leaves them stale"
                 );
             }
             true
