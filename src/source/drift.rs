@@ -91,8 +91,9 @@ impl Ancestry for Catalog<'_> {
 
 /// Checks the publication every [`CHECK_EVERY`] and whenever `recheck` fires; returns only
 /// with an error. A rule table it does not publish is added back and its keys flushed, through
-/// the WAL or else through `queue` (logged at error, counted in [`telemetry::PUBLICATION_REPAIRS_TOTAL`]); what it
-/// hides otherwise ([`setup::hidden`]) is returned as [`SetupError::Hidden`], which stops `run`.
+/// the WAL or else through `queue` (logged at error, counted in
+/// [`telemetry::PUBLICATION_REPAIRS_TOTAL`]); what it hides otherwise ([`setup::hidden`]) is
+/// returned as [`SetupError::Hidden`], which stops `run`.
 pub async fn watch_publication(
     client: &tokio_postgres::Client,
     rules: &mut LiveRules,

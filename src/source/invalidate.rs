@@ -25,6 +25,11 @@
 //! raise an error in the caller's transaction for a key outside it or a pattern without a
 //! literal prefix; the sidecar checks every request again against its own list, so a list in
 //! the database older or wider than the sidecar's deletes nothing more.
+//!
+//! The table's owner writes one more kind of row: a publication repair's, naming in
+//! [`REPAIR_COLUMN`] a rule table added back to the publication in the same transaction, whose
+//! every key is then deleted ([`crate::source::drift`]). Those patterns are the rules' own, so
+//! the allow-list does not apply to them.
 
 use std::collections::BTreeSet;
 
