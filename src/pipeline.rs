@@ -365,6 +365,17 @@ impl Open {
         }
     }
 
+    /// Deletes every key the rules of `table` (which has rules) can produce, whatever else
+    /// the transaction holds: a table it counts as changed, so a later fallback keeps them.
+    fn flush_table(&mut self, live: &LiveRules, table: TableName) {
+        self.committed
+            .inv
+            .merge(live.rules().everything_for(&table));
+        if !self.tables.contains(&table) {
+            self.tables.push(table);
+        }
+    }
+
     /// Plans `change` for its table, which has rules.
     fn plan_table(&mut self, live: &mut LiveRules, change: &Change, max_keys: usize) {
         if !self.tables.contains(&change.table) {
@@ -632,11 +643,19 @@ fn apply(
             if change.table.schema == invalidate::SCHEMA
                 && change.table.name == invalidate::REQUESTS =>
         {
-            // Written only by invalidator.invalidate() (SECURITY DEFINER): the proof that the
-            // caller may invalidate by hand. The function's delete of the row carries nothing.
-            if let Some((text, literal)) = invalidate::request(&change) {
-                let allowed = invalidate::Allowed::new(rules.rules(), &state.invalidate_prefixes);
-                given(state, &allowed, text, literal, change.commit_lsn);
+            // Written only by invalidator.invalidate() (SECURITY DEFINER) and by the table's
+            // owner: the proof that the writer may invalidate by hand. The delete of the row in
+            // the same transaction carries nothing.
+            match invalidate::request(&change) {
+                Some(invalidate::Request::Given(text, literal)) => {
+                    let allowed =
+                        invalidate::Allowed::new(rules.rules(), &state.invalidate_prefixes);
+                    given(state, &allowed, text, literal, change.commit_lsn);
+                }
+                Some(invalidate::Request::Repair(table)) => {
+                    repaired(state, rules, table, change.commit_lsn);
+                }
+                None => {}
             }
         }
         Event::Change(change) => {
@@ -687,6 +706,26 @@ fn given(
             "transaction gave more keys by hand than pipeline.max_transaction_keys; deleting \
              every key under the allowed prefixes instead");
         *inv = allowed.everything();
+    }
+}
+
+/// A publication repair's request, written in the transaction that added `table` back to the
+/// publication: every key its rules can produce joins that transaction's invalidation, so the
+/// changes it missed while unpublished (all committed before) are covered once that transaction
+/// is confirmed, and a crash before then reads the request again. Its patterns are the rules'
+/// own, so the manual allow-list does not apply; a table without rules deletes nothing.
+fn repaired(state: &mut SourceState, rules: &mut LiveRules, table: Option<TableName>, lsn: Lsn) {
+    let Some(open) = state.open.as_mut() else {
+        return;
+    };
+    match table {
+        Some(table) if rules.rules().has_table(&table) => {
+            tracing::info!(%lsn, table = %table,
+                "the publication was repaired for this table: deleting every key its rules can \
+                 produce");
+            open.flush_table(rules, table);
+        }
+        _ => invalidate::Ignored::NotARuleTable.record(),
     }
 }
 
@@ -1502,6 +1541,56 @@ mod tests {
             set(&["item:1", "user:42", "weird*key", "user:[x]"])
         );
         assert_eq!(deleted[0].patterns, set(&["user:*:feed"]));
+    }
+
+    /// A publication repair's request row (`invalidator.requests` as a current `setup` makes
+    /// it, relation 10): every key of its table's rules joins its transaction, allow-list or
+    /// not; a table without rules, or text that names no table, deletes nothing.
+    #[tokio::test(start_paused = true)]
+    async fn a_repair_request_deletes_every_key_of_its_table_with_its_transaction() {
+        let sink = RecordingSink::default();
+        let h = Harness::start(sink.clone());
+        let mut messages = transaction(&["1"], 0x200);
+        let commit = messages.pop().unwrap();
+        let column = |name: &str, type_oid| Column {
+            flags: 0,
+            name: name.into(),
+            type_oid,
+            type_modifier: -1,
+        };
+        messages.push(xlog(Message::Relation(Relation {
+            id: 10,
+            namespace: "invalidator".into(),
+            name: "requests".into(),
+            replica_identity: b'd',
+            columns: vec![
+                column("id", 20),
+                column("key_or_pattern", 25),
+                column("literal", 16),
+                column("repair", 25),
+            ],
+        })));
+        for (id, table) in [(1, "public.items"), (2, "public.other"), (3, "a.b.c")] {
+            messages.push(xlog(Message::Insert(Insert {
+                relation_id: 10,
+                new: vec![
+                    TupleValue::Text(id.to_string()),
+                    TupleValue::Text(String::new()),
+                    TupleValue::Text("f".into()),
+                    TupleValue::Text(table.into()),
+                ],
+            })));
+        }
+        h.send(messages);
+        settle().await;
+        assert!(sink.deleted.lock().unwrap().is_empty());
+        h.send(vec![commit]);
+        h.wait_for_ack(0x200).await;
+        h.stop().await;
+        let deleted = sink.deleted.lock().unwrap().clone();
+        assert_eq!(deleted.len(), 1, "{deleted:?}");
+        assert_eq!(deleted[0].keys, set(&["item:1"]));
+        assert_eq!(deleted[0].patterns, set(&["item:*"]));
     }
 
     /// Reloaded rules take over at the next transaction: a transaction open when they arrive is

@@ -23,7 +23,8 @@ pub const SCAN_CALLS_TOTAL: &str = "invalidator_scan_calls_total";
 pub const ERRORS_TOTAL: &str = "invalidator_errors_total";
 /// Counter of manual invalidations ignored, by `reason` (see
 /// [`crate::source::invalidate::Ignored`]): a logical decoding message, which any role can
-/// emit; a key outside the allowed prefixes; a pattern without a literal prefix.
+/// emit; a key outside the allowed prefixes; a pattern without a literal prefix; a publication
+/// repair's request for a table without rules.
 pub const IGNORED_INVALIDATIONS_TOTAL: &str = "invalidator_ignored_invalidations_total";
 /// The `kind` labels of [`ERRORS_TOTAL`]: Postgres connections lost, Redis requests or
 /// connections failed, WAL messages that did not decode. Each series exists from the start.

@@ -349,3 +349,28 @@ fn replication_mode_the_requests_table_is_put_back_into_the_publication() {
         sidecar.log()
     );
 }
+
+/// A requests table made by an older `setup` lacks the column the publication repair writes:
+/// `run` says it is out of date (manual invalidations still work), and `setup` adds it.
+#[test]
+fn replication_mode_setup_adds_the_repair_column_to_an_older_requests_table() {
+    let f = fixture(Mode::Replication);
+    f.sql("ALTER TABLE invalidator.requests DROP COLUMN repair");
+    let sidecar = f.setup.start();
+    f.cache(&["user:12"]);
+    f.sql("SELECT invalidator.invalidate('user:12')");
+    f.wait_deleted(&["user:12"]);
+    let log = sidecar.log();
+    assert!(log.contains("add the column repair"), "{log}");
+    drop(sidecar);
+    let (status, out) = f.setup.command(&["setup", "--dry-run"]);
+    assert!(status.success(), "{out}");
+    assert!(
+        out.contains("ADD COLUMN IF NOT EXISTS repair text"),
+        "{out}"
+    );
+    let (status, out) = f.setup.command(&["setup"]);
+    assert!(status.success(), "{out}");
+    let (_, out) = f.setup.command(&["setup"]);
+    assert!(out.contains("nothing to do"), "{out}");
+}

@@ -187,7 +187,71 @@ fn a_table_replaced_by_rename_while_running_is_republished_and_flushed() {
     f.assert_kept(&["plain:1"]);
     let log = sidecar.log();
     assert!(log.contains("public.items"), "{log}");
+    // Without `setup`, there is no invalidator.requests to ask for the flush in the WAL.
+    assert!(log.contains("not crash-safe"), "{log}");
     assert_eq!(sidecar.metric("invalidator_publication_repairs_total"), 1.0);
+}
+
+#[test]
+fn a_crash_before_the_drift_flush_is_confirmed_flushes_again_on_the_next_start() {
+    let f = fixture(Mode::Replication);
+    // `setup` makes invalidator.requests, which `run` (its owner here) writes the flush into.
+    let (status, out) = f.setup.command(&["setup"]);
+    assert!(status.success(), "{out}");
+    let mut running = f.setup.start();
+    f.sql("INSERT INTO items VALUES (1, 'one', 'x', 1)");
+    barrier(&f);
+    f.cache(&["item:1", "items:name:one", "plain:1"]);
+
+    // Redis takes no writes, so the flush the repair calls for cannot be confirmed; the sidecar
+    // dies while it waits.
+    let mut redis = f.redis.server().connection();
+    redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(120_000)
+        .arg("WRITE")
+        .query::<()>(&mut redis)
+        .expect("CLIENT PAUSE");
+    f.sql(
+        "CREATE TABLE items_new (LIKE items INCLUDING ALL); \
+         INSERT INTO items_new SELECT * FROM items; \
+         BEGIN; ALTER TABLE items RENAME TO items_old; ALTER TABLE items_new RENAME TO items; \
+         COMMIT; \
+         UPDATE items SET name = 'uno' WHERE id = 1",
+    );
+    let publication = &f.setup.slot;
+    wait_until(
+        Duration::from_secs(30),
+        "the new table is published",
+        || {
+            f.sql(&format!(
+            "SELECT count(*) FROM pg_publication_rel r JOIN pg_publication p ON p.oid = r.prpubid \
+             WHERE p.pubname = '{publication}' AND r.prrelid = 'items'::regclass"
+        ))
+        .trim()
+            == "1"
+        },
+    );
+    // Long enough for the UNLINK to reach the paused server (it waits there, unanswered).
+    wait_until(Duration::from_secs(30), "the delete waits on Redis", || {
+        let stats = f.redis.server().info("clients");
+        stats.lines().any(|l| {
+            l.strip_prefix("blocked_clients:")
+                .is_some_and(|n| n.trim() != "0")
+        })
+    });
+    running.kill9();
+    redis::cmd("CLIENT")
+        .arg("UNPAUSE")
+        .query::<()>(&mut redis)
+        .expect("CLIENT UNPAUSE");
+    f.assert_kept(&["item:1", "items:name:one"]);
+
+    // The next start finds the table published, and must flush all the same: nothing
+    // confirmed the first flush.
+    let _sidecar = f.setup.start();
+    f.wait_deleted(&["item:1", "items:name:one"]);
+    f.assert_kept(&["plain:1"]);
 }
 
 #[test]

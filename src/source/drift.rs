@@ -10,8 +10,11 @@
 //! announced before comes again under another name (what the renamed-away table does on its
 //! next change). A rule table found unpublished (or `invalidator.requests`, where
 //! `invalidator.invalidate()` writes) is added back, and every key its rules can
-//! produce is deleted, queued after everything read before: the changes it missed committed
-//! before the repair, so that delete comes after them.
+//! produce is deleted after the changes it missed, which committed before the repair. That
+//! delete is asked for in the WAL, by a row of `invalidator.requests` written in the repair's
+//! own transaction: the stream reads it in order, and it is acknowledged only once Redis
+//! confirmed it, so a crash in between reads it again. A role that cannot write that table
+//! gets the delete queued after everything read before instead, which a crash loses.
 
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
@@ -87,9 +90,10 @@ impl Ancestry for Catalog<'_> {
 }
 
 /// Checks the publication every [`CHECK_EVERY`] and whenever `recheck` fires; returns only
-/// with an error. A rule table it does not publish is added back and its keys flushed through
-/// `queue` (logged at error, counted in [`telemetry::PUBLICATION_REPAIRS_TOTAL`]); what it
-/// hides otherwise ([`setup::hidden`]) is returned as [`SetupError::Hidden`], which stops `run`.
+/// with an error. A rule table it does not publish is added back and its keys flushed, through
+/// the WAL or else through `queue` (logged at error, counted in
+/// [`telemetry::PUBLICATION_REPAIRS_TOTAL`]); what it hides otherwise ([`setup::hidden`]) is
+/// returned as [`SetupError::Hidden`], which stops `run`.
 pub async fn watch_publication(
     client: &tokio_postgres::Client,
     rules: &mut LiveRules,
@@ -141,7 +145,35 @@ async fn check(
         return Ok(());
     }
     let (_, action) = setup::publication_action(&mut db, &present, publication).await?;
-    setup::apply(&mut db, action.as_slice()).await?;
+    let requests = invalidate::requests_table();
+    let in_the_wal = invalidate::can_request_repairs(&mut db).await?;
+    let queued = match action {
+        Some(mut action) if in_the_wal => {
+            // One simple query is one transaction: the request to delete the table's keys
+            // commits with the repair or not at all, and is read from the WAL after the
+            // changes the table missed, so a crash before Redis confirmed it reads it again.
+            action.sql.push_str(&invalidate::repair_requests(
+                unpublished.iter().filter(|t| rules.has_table(t)),
+            ));
+            setup::apply(&mut db, &[action]).await?;
+            // A request written in the transaction that publishes its own table (or creates
+            // the publication) is not counted on to be read: those are queued as well.
+            unpublished.contains(&requests)
+        }
+        action => {
+            setup::apply(&mut db, action.as_slice()).await?;
+            if !in_the_wal {
+                tracing::warn!(
+                    publication,
+                    "not crash-safe: this role cannot write invalidator.requests (or it is \
+                     missing or out of date: run `invalidator setup`), so the delete of the keys \
+                     of the tables added back is only queued in memory, and a crash before Redis \
+                     confirms it leaves them stale"
+                );
+            }
+            true
+        }
+    };
     let mut flush = Invalidation::default();
     for table in &unpublished {
         flush.merge(rules.everything_for(table));
@@ -164,6 +196,9 @@ async fn check(
          from it): added them back; their changes until now were missed, so every key their \
          rules can produce is deleted");
     metrics::counter!(telemetry::PUBLICATION_REPAIRS_TOTAL).increment(unpublished.len() as u64);
+    if !queued {
+        return Ok(());
+    }
     let flush = Committed {
         // Acknowledges nothing by itself (the lowest position of all); what is read after it
         // is acknowledged after it.

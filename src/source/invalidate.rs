@@ -25,6 +25,11 @@
 //! raise an error in the caller's transaction for a key outside it or a pattern without a
 //! literal prefix; the sidecar checks every request again against its own list, so a list in
 //! the database older or wider than the sidecar's deletes nothing more.
+//!
+//! The table's owner writes one more kind of row: a publication repair's, naming in
+//! [`REPAIR_COLUMN`] a rule table added back to the publication in the same transaction, whose
+//! every key is then deleted ([`crate::source::drift`]). Those patterns are the rules' own, so
+//! the allow-list does not apply to them.
 
 use std::collections::BTreeSet;
 
@@ -42,6 +47,10 @@ pub const MESSAGE_PREFIX: &str = "invalidator";
 /// The table the functions write in replication mode (a row inserted and deleted in the same
 /// call: nothing stays, the change is in the WAL).
 pub const REQUESTS: &str = "requests";
+/// The column of `invalidator.requests` that names a rule table whose every key is to be
+/// deleted: written by `run` in the transaction that adds the table back to the publication
+/// ([`crate::source::drift`]); NULL in the functions' rows.
+pub const REPAIR_COLUMN: &str = "repair";
 /// The outbox operation of a row `invalidate()` writes in notify mode.
 pub const OUTBOX_OP: &str = "invalidate";
 /// The outbox operation of a row `invalidate_key()` writes in notify mode.
@@ -61,14 +70,17 @@ pub enum Ignored {
     OutsidePrefixes,
     /// A pattern that starts with a glob character, which could match any key.
     NoLiteralPrefix,
+    /// A publication repair's request for a table that is not a table of the rules.
+    NotARuleTable,
 }
 
 impl Ignored {
     /// Every reason, so the metric has a series for each from the start.
-    pub const ALL: [Ignored; 3] = [
+    pub const ALL: [Ignored; 4] = [
         Ignored::EmittedMessage,
         Ignored::OutsidePrefixes,
         Ignored::NoLiteralPrefix,
+        Ignored::NotARuleTable,
     ];
 
     /// The `reason` label.
@@ -77,13 +89,14 @@ impl Ignored {
             Ignored::EmittedMessage => "emitted_message",
             Ignored::OutsidePrefixes => "outside_prefixes",
             Ignored::NoLiteralPrefix => "no_literal_prefix",
+            Ignored::NotARuleTable => "not_a_rule_table",
         }
     }
 
     /// Counts one ignored request, and logs the first of each reason (a caller looping on a
     /// refused key must not flood the log; the metric counts them all).
     pub fn record(self) {
-        static ONCE: [std::sync::Once; 3] = [const { std::sync::Once::new() }; 3];
+        static ONCE: [std::sync::Once; 4] = [const { std::sync::Once::new() }; 4];
         metrics::counter!(telemetry::IGNORED_INVALIDATIONS_TOTAL, "reason" => self.label())
             .increment(1);
         let index = Ignored::ALL.iter().position(|r| *r == self).unwrap_or(0);
@@ -100,6 +113,10 @@ impl Ignored {
             Ignored::NoLiteralPrefix => tracing::warn!(
                 "ignoring a manual invalidation by a pattern without a literal prefix (logged \
                  once)"
+            ),
+            Ignored::NotARuleTable => tracing::warn!(
+                "ignoring a publication repair's request for a table that is not a table of \
+                 the rules (logged once)"
             ),
         });
     }
@@ -164,18 +181,95 @@ impl Allowed {
     }
 }
 
-/// The request a change of `invalidator.requests` carries: its text and whether it is one
-/// literal key. Only inserts carry one (the function's delete of the same row does not).
-pub fn request(change: &Change) -> Option<(&str, bool)> {
+/// What a row of `invalidator.requests` asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request<'a> {
+    /// A key or pattern given by hand, and whether it is one literal key.
+    Given(&'a str, bool),
+    /// Every key the rules of this table can produce, or `None` for text that names no table.
+    Repair(Option<TableName>),
+}
+
+/// The request a change of `invalidator.requests` carries. Only inserts carry one (the delete
+/// of the same row in the same transaction does not).
+pub fn request(change: &Change) -> Option<Request<'_>> {
     if change.op != Op::Insert {
         return None;
     }
     let new = change.new.as_ref()?;
+    // A table of an older setup has no such column: every row is then given by hand.
+    if let Value::Text(table) = new.get(REPAIR_COLUMN) {
+        return Some(Request::Repair(TableName::parse(table).ok()));
+    }
     let Value::Text(text) = new.get("key_or_pattern") else {
         return None;
     };
     let literal = matches!(new.get("literal"), Value::Text(v) if v == "t");
-    Some((text.as_str(), literal))
+    Some(Request::Given(text.as_str(), literal))
+}
+
+/// The statements that ask, in the transaction they join, for every key of the rules of each
+/// of `tables` to be deleted: one row each, inserted and deleted again, so nothing stays but
+/// the change in the WAL (`lastval()` is this session's, the row just inserted).
+pub fn repair_requests<'t>(tables: impl IntoIterator<Item = &'t TableName>) -> String {
+    let requests = format!("{}.{}", quote_ident(SCHEMA), quote_ident(REQUESTS));
+    tables
+        .into_iter()
+        .map(|table| {
+            // key_or_pattern '' is what an older sidecar, blind to the column, refuses.
+            format!(
+                "; INSERT INTO {requests} (key_or_pattern, literal, {REPAIR_COLUMN}) \
+                 VALUES ('', false, {}); DELETE FROM {requests} WHERE id = lastval()",
+                quote_literal(&table.to_string())
+            )
+        })
+        .collect()
+}
+
+/// Whether this session's role can write [`repair_requests`]: `invalidator.requests` exists
+/// with the [`REPAIR_COLUMN`], and the role may insert, read and delete its rows and draw its
+/// ids (its owner, or a role granted that by hand). From the catalog alone (see
+/// [`has_requests`]), so asking raises no error in the server's log.
+pub async fn can_request_repairs(db: &mut impl Sql) -> Result<bool, SetupError> {
+    let rows = db
+        .query(&format!(
+            "SELECT (has_schema_privilege(n.oid, 'USAGE') \
+             AND has_table_privilege(c.oid, 'INSERT') AND has_table_privilege(c.oid, 'SELECT') \
+             AND has_table_privilege(c.oid, 'DELETE') \
+             AND EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = c.oid \
+             AND a.attname = {} AND NOT a.attisdropped) \
+             AND coalesce((SELECT bool_and(has_sequence_privilege(s.oid, 'USAGE')) \
+             FROM pg_depend d JOIN pg_class s ON s.oid = d.objid AND s.relkind = 'S' \
+             WHERE d.classid = 'pg_class'::regclass AND d.refclassid = 'pg_class'::regclass \
+             AND d.refobjid = c.oid), true))::text \
+             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = {} AND c.relname = {}",
+            quote_literal(REPAIR_COLUMN),
+            quote_literal(SCHEMA),
+            quote_literal(REQUESTS)
+        ))
+        .await?;
+    Ok(rows
+        .first()
+        .and_then(|r| r.first().cloned().flatten())
+        .as_deref()
+        == Some("true"))
+}
+
+/// Whether `invalidator.requests` has the [`REPAIR_COLUMN`] (a table made by an older
+/// `setup` has not).
+async fn has_repair_column(db: &mut impl Sql) -> Result<bool, SetupError> {
+    let rows = db
+        .query(&format!(
+            "SELECT 1 FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid \
+             JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = {} AND c.relname = {} AND a.attname = {} AND NOT a.attisdropped",
+            quote_literal(SCHEMA),
+            quote_literal(REQUESTS),
+            quote_literal(REPAIR_COLUMN)
+        ))
+        .await?;
+    Ok(!rows.is_empty())
 }
 
 /// The two functions: name, argument, whether the argument is one literal key.
@@ -374,8 +468,19 @@ pub async fn plan(
                 why: format!("create the table {SCHEMA}.{REQUESTS} (manual invalidations)"),
                 sql: format!(
                     "CREATE TABLE IF NOT EXISTS {requests} (id bigserial PRIMARY KEY, \
-                     key_or_pattern text NOT NULL, literal boolean NOT NULL); \
+                     key_or_pattern text NOT NULL, literal boolean NOT NULL, \
+                     {REPAIR_COLUMN} text); \
                      REVOKE ALL ON TABLE {requests} FROM PUBLIC"
+                ),
+            });
+        } else if !has_repair_column(db).await? {
+            actions.push(Action {
+                why: format!(
+                    "add the column {REPAIR_COLUMN} to {SCHEMA}.{REQUESTS} (publication repairs \
+                     in the WAL)"
+                ),
+                sql: format!(
+                    "ALTER TABLE {requests} ADD COLUMN IF NOT EXISTS {REPAIR_COLUMN} text"
                 ),
             });
         }
@@ -531,6 +636,20 @@ mod tests {
         let mut inv = Invalidation::default();
         a.insert(&mut inv, "item:*", true);
         assert!(inv.keys.contains("item:*") && inv.patterns.is_empty());
+    }
+
+    #[test]
+    fn a_repair_request_names_its_table_as_the_sidecar_reads_it_back() {
+        let table = TableName::new("my.schema", "Order \"Items\"");
+        let sql = repair_requests([&table]);
+        assert!(
+            sql.starts_with("; INSERT INTO \"invalidator\".\"requests\""),
+            "{sql}"
+        );
+        assert!(sql.ends_with("DELETE FROM \"invalidator\".\"requests\" WHERE id = lastval()"));
+        let written = table.to_string();
+        assert!(sql.contains(&quote_literal(&written)), "{sql}");
+        assert_eq!(TableName::parse(&written), Ok(table));
     }
 
     #[test]
