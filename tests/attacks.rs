@@ -239,7 +239,6 @@ fn a_role_that_created_the_publication_before_setup_cannot_flush_the_cache() {
 }
 
 #[test]
-#[ignore = "defect: invalidate() compiles its allow-list with the caller's standard_conforming_strings: a prefix with a backslash breaks it"]
 fn invalidate_works_for_a_caller_with_standard_conforming_strings_off() {
     let f = Fixture::new(SCHEMA, RULES);
     let path = f.setup.config();

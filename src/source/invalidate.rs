@@ -56,6 +56,15 @@ pub const OUTBOX_OP: &str = "invalidate";
 /// The outbox operation of a row `invalidate_key()` writes in notify mode.
 pub const OUTBOX_KEY_OP: &str = "invalidate_key";
 
+/// The settings the functions run with, whatever the caller's: names resolve in `pg_catalog`
+/// only, and the allow-list's literals compile the same under any `standard_conforming_strings`
+/// (a `SET` clause applies before the body is compiled).
+const FUNCTION_SETTINGS: &str =
+    "SET search_path = pg_catalog, pg_temp SET standard_conforming_strings = on";
+/// [`FUNCTION_SETTINGS`] as `pg_proc.proconfig` lists them.
+const FUNCTION_SETTINGS_CONFIG: &str =
+    "search_path=pg_catalog, pg_temp, standard_conforming_strings=on";
+
 /// `invalidator.requests` as a table name.
 pub fn requests_table() -> TableName {
     TableName::new(SCHEMA, REQUESTS)
@@ -532,14 +541,18 @@ pub async fn plan(
     wanted.dedup();
     for (name, arg, literal) in FUNCTIONS {
         let body = body(mode, name, arg, literal, &allowed);
+        // The body and its settings: a function made before the settings were pinned is out
+        // of date too.
         let current = db
             .query(&format!(
-                "SELECT p.prosrc FROM pg_proc p WHERE {}",
+                "SELECT p.prosrc || ' -- ' || coalesce(array_to_string(p.proconfig, ', '), '') \
+                 FROM pg_proc p WHERE {}",
                 is_function(name)
             ))
             .await?;
         let existing = current.first().map(|r| r.first().cloned().flatten());
-        if existing.as_ref() != Some(&Some(body.clone())) {
+        let installed = format!("{body} -- {FUNCTION_SETTINGS_CONFIG}");
+        if existing.as_ref() != Some(&Some(installed)) {
             // SECURITY DEFINER: callers have no privileges on the table it writes.
             actions.push(Action {
                 why: format!(
@@ -553,8 +566,7 @@ pub async fn plan(
                 ),
                 sql: format!(
                     "CREATE OR REPLACE FUNCTION {schema}.{name}({arg} text) RETURNS void \
-                     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp \
-                     AS {}",
+                     LANGUAGE plpgsql SECURITY DEFINER {FUNCTION_SETTINGS} AS {}",
                     quote_literal(&body)
                 ),
             });
