@@ -194,7 +194,6 @@ fn with_no_roles_configured_the_tables_owner_that_ran_setup_cannot_invalidate_by
 }
 
 #[test]
-#[ignore = "defect: setup and run adopt a publication another role created; its owner flushes every rule's keys at will by dropping a table from it"]
 fn a_role_that_created_the_publication_before_setup_cannot_flush_the_cache() {
     let f = Fixture::new(SCHEMA, RULES);
     let role = unique_name("mallory");

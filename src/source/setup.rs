@@ -100,6 +100,20 @@ pub enum SetupError {
         /// What to do.
         fix: String,
     },
+    /// The publication belongs to a role that could change it against the rules.
+    #[error(
+        "publication {publication} is owned by role {owner}, which is not a superuser and does \
+         not own the rules' tables: it could drop tables from the publication at will (each \
+         repair then deletes every key of their rules); drop it (DROP PUBLICATION \
+         {publication}) and let setup create it, or ALTER PUBLICATION {publication} OWNER TO \
+         the tables' owner"
+    )]
+    UntrustedPublication {
+        /// The publication.
+        publication: String,
+        /// Its owner.
+        owner: String,
+    },
     /// The server answered something we did not expect.
     #[error("unexpected answer from Postgres to {0}")]
     Unexpected(String),
@@ -118,7 +132,8 @@ impl SetupError {
             | SetupError::MissingColumns(_)
             | SetupError::Hidden(_)
             | SetupError::BadSlot { .. }
-            | SetupError::UntrustedSchema { .. } => false,
+            | SetupError::UntrustedSchema { .. }
+            | SetupError::UntrustedPublication { .. } => false,
             SetupError::Unexpected(_) => true,
         }
     }
@@ -247,6 +262,47 @@ fn created_for(slot: &str) -> String {
 /// it created for `slot`.
 pub(crate) fn created_by_invalidator(comment: Option<&str>, slot: &str) -> bool {
     comment.is_some_and(|c| c == not_created_yet(slot) || c == created_for(slot))
+}
+
+/// Refuses a publication whose owner is neither a superuser, nor this role, nor a member of the
+/// owner of every rule table: that owner (any role with `CREATE` on the database can make the
+/// publication first) could drop tables from it at will, and each repair deletes every key of
+/// their rules, or mark it to hide a lost slot.
+async fn refuse_untrusted_publication(
+    db: &mut impl Sql,
+    tables: &BTreeSet<TableName>,
+    publication: &str,
+) -> Result<(), SetupError> {
+    let names: Vec<String> = tables
+        .iter()
+        .map(|t| quote_literal(&qualified(t)))
+        .collect();
+    let rows = db
+        .query(&format!(
+            "SELECT r.rolname FROM pg_publication p JOIN pg_roles r ON r.oid = p.pubowner \
+             WHERE p.pubname = {} AND NOT r.rolsuper AND r.rolname <> current_user \
+             AND EXISTS (SELECT 1 FROM unnest(ARRAY[{}]::text[]) AS t(name) \
+                         JOIN pg_class c ON c.oid = to_regclass(t.name) \
+                         WHERE NOT pg_has_role(p.pubowner, c.relowner, 'USAGE'))",
+            quote_literal(publication),
+            if names.is_empty() {
+                "NULL".to_owned()
+            } else {
+                names.join(", ")
+            }
+        ))
+        .await?;
+    match rows
+        .into_iter()
+        .next()
+        .and_then(|r| r.into_iter().next().flatten())
+    {
+        Some(owner) => Err(SetupError::UntrustedPublication {
+            publication: publication.to_owned(),
+            owner,
+        }),
+        None => Ok(()),
+    }
 }
 
 /// The roles, other than the current one and superusers, that may create objects in `schema`:
@@ -545,6 +601,7 @@ pub async fn publication_action(
             }),
         ));
     }
+    refuse_untrusted_publication(db, tables, publication).await?;
     let unpublished = unpublished(db, tables, publication).await?;
     let gained: Vec<String> = unpublished.iter().map(qualified).collect();
     if gained.is_empty() {
