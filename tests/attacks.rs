@@ -124,7 +124,6 @@ fn notify_teardown_keeps_what_it_did_not_create_outside_schema_invalidator() {
 }
 
 #[test]
-#[ignore = "defect: teardown that keeps hstore (and so the schema) leaves invalidator.invalidate_key() behind"]
 fn teardown_that_keeps_hstore_removes_invalidate_key_too() {
     let f = Fixture::with_mode(SCHEMA, RULES, Mode::Notify);
     // A column of the application's of type hstore keeps the extension and the schema.

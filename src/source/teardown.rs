@@ -221,23 +221,8 @@ async fn schema(db: &mut impl Sql, kept: &mut Vec<String>) -> Result<Vec<Action>
                 "extension hstore and schema {SCHEMA}: {users} objects outside the extension \
                  use hstore (a column of type hstore?); dropping invalidator's objects only"
             ));
-            for (what, sql) in [
-                (
-                    format!("drop the outbox table {SCHEMA}.outbox"),
-                    format!("DROP TABLE IF EXISTS {schema}.outbox"),
-                ),
-                (
-                    format!("drop the trigger function {SCHEMA}.capture()"),
-                    format!("DROP FUNCTION IF EXISTS {schema}.capture()"),
-                ),
-                (
-                    format!("drop the function {SCHEMA}.invalidate(text)"),
-                    format!("DROP FUNCTION IF EXISTS {schema}.invalidate(text)"),
-                ),
-            ] {
-                actions.push(Action { why: what, sql });
-            }
-            return retain_existing(db, actions).await;
+            actions.extend(own_objects(db).await?);
+            return Ok(actions);
         }
         Some(_) => actions.push(Action {
             why: format!("drop extension hstore, which setup installed in schema {SCHEMA}"),
@@ -254,31 +239,32 @@ async fn schema(db: &mut impl Sql, kept: &mut Vec<String>) -> Result<Vec<Action>
     Ok(actions)
 }
 
-/// The ones of the `DROP ... IF EXISTS` actions of [`schema`] whose object exists, so a
-/// second teardown that keeps the schema has nothing to do.
-async fn retain_existing(
-    db: &mut impl Sql,
-    actions: Vec<Action>,
-) -> Result<Vec<Action>, SetupError> {
+/// What setup puts in schema [`SCHEMA`], as (`TABLE` or `FUNCTION`, the name, what it is).
+const OWN_OBJECTS: [(&str, &str, &str); 5] = [
+    ("TABLE", "outbox", "the outbox table"),
+    ("TABLE", "requests", "the table of manual invalidations"),
+    ("FUNCTION", "capture()", "the trigger function"),
+    ("FUNCTION", "invalidate(text)", "the function"),
+    ("FUNCTION", "invalidate_key(text)", "the function"),
+];
+
+/// A `DROP` for each of [`OWN_OBJECTS`] that exists, for a teardown that keeps the schema (a
+/// second one then has nothing to do).
+async fn own_objects(db: &mut impl Sql) -> Result<Vec<Action>, SetupError> {
     let schema = quote_ident(SCHEMA);
-    let exists = [
-        format!(
-            "to_regclass({})",
-            quote_literal(&format!("{schema}.outbox"))
-        ),
-        format!(
-            "to_regprocedure({})",
-            quote_literal(&format!("{schema}.capture()"))
-        ),
-        format!(
-            "to_regprocedure({})",
-            quote_literal(&format!("{schema}.invalidate(text)"))
-        ),
-    ];
     let mut out = Vec::new();
-    for (action, test) in actions.into_iter().zip(exists) {
+    for (kind, name, what) in OWN_OBJECTS {
+        let object = format!("{schema}.{name}");
+        let lookup = if kind == "TABLE" {
+            "to_regclass"
+        } else {
+            "to_regprocedure"
+        };
         let rows = db
-            .query(&format!("SELECT ({test} IS NOT NULL)::text"))
+            .query(&format!(
+                "SELECT ({lookup}({}) IS NOT NULL)::text",
+                quote_literal(&object)
+            ))
             .await?;
         if rows
             .first()
@@ -286,7 +272,10 @@ async fn retain_existing(
             .as_deref()
             == Some("true")
         {
-            out.push(action);
+            out.push(Action {
+                why: format!("drop {what} {SCHEMA}.{name}"),
+                sql: format!("DROP {kind} IF EXISTS {object}"),
+            });
         }
     }
     Ok(out)
