@@ -112,13 +112,11 @@ fn teardown_keeps_a_function_of_the_application(mode: Mode) {
 }
 
 #[test]
-#[ignore = "defect: teardown's DROP SCHEMA invalidator CASCADE silently drops the user's objects outside it that depend on it"]
 fn replication_teardown_keeps_what_it_did_not_create_outside_schema_invalidator() {
     teardown_keeps_a_function_of_the_application(Mode::Replication);
 }
 
 #[test]
-#[ignore = "defect: teardown's DROP SCHEMA invalidator CASCADE silently drops the user's objects outside it that depend on it"]
 fn notify_teardown_keeps_what_it_did_not_create_outside_schema_invalidator() {
     teardown_keeps_a_function_of_the_application(Mode::Notify);
 }

@@ -52,6 +52,14 @@ pub enum TeardownError {
         /// The holding session's process id.
         pid: String,
     },
+    /// Objects teardown did not create depend on invalidator's and would go with them.
+    #[error(
+        "these objects depend on invalidator's and would be dropped with them: {}; drop or \
+         change them first (teardown removes only what setup and run created); nothing was \
+         removed",
+        .0.join("; ")
+    )]
+    Dependents(Vec<String>),
     /// Reading the catalog or removing an object failed.
     #[error(transparent)]
     Setup(#[from] SetupError),
@@ -102,6 +110,10 @@ pub async fn plan(db: &mut impl Sql, postgres: &PostgresConfig) -> Result<Plan, 
         }
         tokio::time::sleep(HOLDER_POLL).await;
         waited += HOLDER_POLL;
+    }
+    let dependents = dependents(db).await?;
+    if !dependents.is_empty() {
+        return Err(TeardownError::Dependents(dependents));
     }
     let mut plan = Plan::default();
     plan.actions.extend(triggers(db).await?);
@@ -237,6 +249,33 @@ async fn schema(db: &mut impl Sql, kept: &mut Vec<String>) -> Result<Vec<Action>
         sql: format!("DROP SCHEMA {schema} CASCADE"),
     });
     Ok(actions)
+}
+
+/// The objects outside schema [`SCHEMA`] that depend on what setup put there (a view over the
+/// outbox, a function calling `invalidate_key()`): dropping them with `CASCADE` would take
+/// those too. The triggers calling `capture()` are not among them (teardown drops those itself,
+/// first), nor are users of hstore (teardown then keeps hstore and the schema).
+async fn dependents(db: &mut impl Sql) -> Result<Vec<String>, SetupError> {
+    let rows = db
+        .query(&format!(
+            "WITH n AS (SELECT oid FROM pg_namespace WHERE nspname = {schema}), \
+             ours AS (SELECT 'pg_class'::regclass AS classid, c.oid FROM pg_class c, n \
+                      WHERE c.relnamespace = n.oid AND c.relname IN ('outbox', 'requests') \
+                      UNION ALL SELECT 'pg_proc'::regclass, p.oid FROM pg_proc p, n \
+                      WHERE p.pronamespace = n.oid \
+                      AND p.proname IN ('capture', 'invalidate', 'invalidate_key')) \
+             SELECT DISTINCT pg_describe_object(d.classid, d.objid, d.objsubid) \
+             FROM pg_depend d JOIN ours o ON d.refclassid = o.classid AND d.refobjid = o.oid \
+             CROSS JOIN LATERAL pg_identify_object(d.classid, d.objid, d.objsubid) i \
+             WHERE d.deptype = 'n' AND d.classid <> 'pg_trigger'::regclass \
+             AND i.schema IS DISTINCT FROM {schema} ORDER BY 1",
+            schema = quote_literal(SCHEMA)
+        ))
+        .await?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|row| row.into_iter().next().flatten())
+        .collect())
 }
 
 /// What setup puts in schema [`SCHEMA`], as (`TABLE` or `FUNCTION`, the name, what it is).
