@@ -146,51 +146,6 @@ fn teardown_that_keeps_hstore_removes_invalidate_key_too() {
 }
 
 #[test]
-#[ignore = "defect: the role that runs setup owns invalidate() and invalidator.requests, so with no [invalidate] roles it can still delete by hand"]
-fn with_no_roles_configured_the_tables_owner_that_ran_setup_cannot_invalidate_by_hand() {
-    let f = Fixture::new(SCHEMA, RULES);
-    let owner = unique_name("owner");
-    let password = "owner-pw";
-    // The README's install: setup run as the tables' owner (here also the application's role),
-    // which needs CREATE on the database for schema invalidator.
-    f.sql(&format!(
-        "CREATE ROLE {owner} WITH LOGIN REPLICATION PASSWORD '{password}';
-         GRANT CREATE ON DATABASE \"{db}\" TO {owner};
-         ALTER TABLE items OWNER TO {owner}; ALTER TABLE plain OWNER TO {owner};
-         ALTER SCHEMA shop OWNER TO {owner}; ALTER TABLE shop.orders OWNER TO {owner};
-         ALTER TABLE sentinel OWNER TO {owner};",
-        db = f.db
-    ));
-    let url = PgCluster::shared().url_as(&owner, password, &f.db);
-    let as_owner = crate::sidecar::Setup::new(&url, &f.redis.url(), RULES);
-    let config = std::fs::read_to_string(as_owner.config()).unwrap();
-    std::fs::write(
-        as_owner.config(),
-        config.replace(&as_owner.slot, &f.setup.slot),
-    )
-    .unwrap();
-    let (status, out) = as_owner.command(&["setup"]);
-    assert!(status.success(), "{out}");
-    let _sidecar = f.setup.start();
-    // README: "Nobody but superusers, until you name roles".
-    f.cache(&["item:1", "item:2"]);
-    let call = PgCluster::shared().try_psql(
-        &f.db,
-        &format!("SET ROLE {owner}; SELECT invalidator.invalidate('item:*')"),
-    );
-    let write = PgCluster::shared().try_psql(
-        &f.db,
-        &format!(
-            "SET ROLE {owner}; INSERT INTO invalidator.requests (key_or_pattern, literal) \
-             VALUES ('item:*', false)"
-        ),
-    );
-    barrier(&f);
-    f.assert_kept(&["item:1", "item:2"]);
-    assert!(call.is_err() && write.is_err(), "{call:?} {write:?}");
-}
-
-#[test]
 fn a_role_that_created_the_publication_before_setup_cannot_flush_the_cache() {
     let f = Fixture::new(SCHEMA, RULES);
     let role = unique_name("mallory");
