@@ -647,6 +647,13 @@ async fn stream_once(
         return Err(SetupError::Hidden(hidden).into());
     }
     warn_if_stale(&mut client, config, live.rules()).await?;
+    // A rule table replaced (or dropped from the publication) while no instance ran is
+    // unpublished now: added back with the delete of its keys, before the stream starts, so the
+    // delete is read after what the table missed. A missing publication is setup's to create.
+    let publication = &config.postgres.publication;
+    if setup::publication_exists(&mut client, publication).await? {
+        drift::repair(&mut client, live.rules(), publication, &links.queue).await?;
+    }
     let slot_name = &config.postgres.slot;
     let before = setup::slot_info(&mut client, slot_name).await?;
     let diverged = history::compare(

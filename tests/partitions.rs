@@ -254,6 +254,30 @@ fn a_crash_before_the_drift_flush_is_confirmed_flushes_again_on_the_next_start()
     f.assert_kept(&["plain:1"]);
 }
 
+/// The rename happens while no sidecar runs: the next start finds the new table unpublished,
+/// adds it back and deletes its keys (the changes made since the rename were never published).
+#[test]
+fn a_table_replaced_by_rename_while_the_sidecar_was_down_is_flushed_at_the_next_start() {
+    let f = fixture(Mode::Replication);
+    let (status, out) = f.setup.command(&["setup"]);
+    assert!(status.success(), "{out}");
+    let mut running = f.setup.start();
+    f.sql("INSERT INTO items VALUES (1, 'one', 'x', 1)");
+    barrier(&f);
+    running.terminate();
+    f.cache(&["item:1", "items:name:one", "plain:1"]);
+    f.sql(
+        "CREATE TABLE items_new (LIKE items INCLUDING ALL); \
+         INSERT INTO items_new SELECT * FROM items; \
+         BEGIN; ALTER TABLE items RENAME TO items_old; ALTER TABLE items_new RENAME TO items; \
+         COMMIT; \
+         UPDATE items SET name = 'uno' WHERE id = 1",
+    );
+    let _sidecar = f.setup.start();
+    f.wait_deleted(&["item:1", "items:name:one"]);
+    f.assert_kept(&["plain:1"]);
+}
+
 #[test]
 fn run_refuses_a_publication_that_hides_what_the_rules_read() {
     let f = fixture(Mode::Replication);

@@ -24,7 +24,7 @@ use tokio::sync::{Notify, mpsc};
 use crate::change::{Lsn, TableName};
 use crate::pipeline::{self, Ancestry, Committed};
 use crate::reload::LiveRules;
-use crate::rules::Invalidation;
+use crate::rules::{Invalidation, RuleSet};
 use crate::source::invalidate;
 use crate::source::setup::{self, SetupError, Sql};
 use crate::telemetry;
@@ -111,22 +111,23 @@ pub async fn watch_publication(
             () = recheck.notified() => {}
         }
         rules.refresh();
-        if let Err(e) = check(client, rules, publication, queue).await {
+        let mut db = client;
+        if let Err(e) = repair(&mut db, rules.rules(), publication, queue).await {
             return e;
         }
     }
 }
 
-/// One check of [`watch_publication`].
-async fn check(
-    client: &tokio_postgres::Client,
-    rules: &LiveRules,
+/// One check of [`watch_publication`], also made by `run` at every connect before it streams
+/// (a table replaced while no instance ran is found there): rule tables the publication does
+/// not publish are added back, their keys deleted.
+pub async fn repair(
+    db: &mut impl Sql,
+    rules: &RuleSet,
     publication: &str,
     queue: &mpsc::Sender<Committed>,
 ) -> Result<(), SetupError> {
-    let rules = rules.rules();
-    let mut db = client;
-    let hidden = setup::hidden(&mut db, rules, publication).await?;
+    let hidden = setup::hidden(db, rules, publication).await?;
     if !hidden.is_empty() {
         return Err(SetupError::Hidden(hidden));
     }
@@ -135,18 +136,18 @@ async fn check(
     // invalidations are never seen.
     tables.insert(invalidate::requests_table());
     // A rule table dropped has no changes to miss; once created again, it is unpublished.
-    let missing = setup::missing_tables(&mut db, &tables).await?;
+    let missing = setup::missing_tables(db, &tables).await?;
     let present: BTreeSet<TableName> = tables
         .into_iter()
         .filter(|t| !missing.contains(t))
         .collect();
-    let unpublished = setup::unpublished(&mut db, &present, publication).await?;
+    let unpublished = setup::unpublished(db, &present, publication).await?;
     if unpublished.is_empty() {
         return Ok(());
     }
-    let (_, action) = setup::publication_action(&mut db, &present, publication).await?;
+    let (_, action) = setup::publication_action(db, &present, publication).await?;
     let requests = invalidate::requests_table();
-    let in_the_wal = invalidate::can_request_repairs(&mut db).await?;
+    let in_the_wal = invalidate::can_request_repairs(db).await?;
     let queued = match action {
         Some(mut action) if in_the_wal => {
             // One simple query is one transaction: the request to delete the table's keys
@@ -155,13 +156,13 @@ async fn check(
             action.sql.push_str(&invalidate::repair_requests(
                 unpublished.iter().filter(|t| rules.has_table(t)),
             ));
-            setup::apply(&mut db, &[action]).await?;
+            setup::apply(db, &[action]).await?;
             // A request written in the transaction that publishes its own table (or creates
             // the publication) is not counted on to be read: those are queued as well.
             unpublished.contains(&requests)
         }
         action => {
-            setup::apply(&mut db, action.as_slice()).await?;
+            setup::apply(db, action.as_slice()).await?;
             if !in_the_wal {
                 tracing::warn!(
                     publication,
@@ -192,9 +193,9 @@ async fn check(
     }
     tracing::error!(publication, tables = %names, keys = flush.keys.len(),
         patterns = flush.patterns.len(),
-        "publication did not publish these tables of the rules (replaced by rename, or removed \
-         from it): added them back; their changes until now were missed, so every key their \
-         rules can produce is deleted");
+        "publication did not publish these tables of the rules (replaced by rename, removed \
+         from it, or new in the rules since the last run): added them back; their changes \
+         until now were missed, so every key their rules can produce is deleted");
     metrics::counter!(telemetry::PUBLICATION_REPAIRS_TOTAL).increment(unpublished.len() as u64);
     if !queued {
         return Ok(());

@@ -567,6 +567,17 @@ async fn slot_can_be_created(db: &mut impl Sql, slot: &str, needed: i64) -> Resu
     })
 }
 
+/// Whether `publication` exists.
+pub async fn publication_exists(db: &mut impl Sql, publication: &str) -> Result<bool, SetupError> {
+    Ok(!db
+        .query(&format!(
+            "SELECT 1 FROM pg_publication WHERE pubname = {}",
+            quote_literal(publication)
+        ))
+        .await?
+        .is_empty())
+}
+
 /// What the publication needs so that it holds every one of `tables`: created when it does not
 /// exist, else the tables it does not publish added (see [`unpublished`]; tables it has beyond
 /// them stay). Returns whether it existed, and the statement, if one is needed. A partitioned
@@ -578,13 +589,7 @@ pub async fn publication_action(
     tables: &BTreeSet<TableName>,
     publication: &str,
 ) -> Result<(bool, Option<Action>), SetupError> {
-    let exists = db
-        .query(&format!(
-            "SELECT 1 FROM pg_publication WHERE pubname = {}",
-            quote_literal(publication)
-        ))
-        .await?;
-    if exists.is_empty() {
+    if !publication_exists(db, publication).await? {
         let names: Vec<String> = tables.iter().map(qualified).collect();
         return Ok((
             false,
