@@ -97,13 +97,6 @@ fn of_kind<'a>(doc: &'a Json, list: &str, kind: &str) -> Vec<&'a Json> {
         .collect()
 }
 
-/// Switches the configuration to notify mode.
-fn notify_mode(setup: &Setup) {
-    let config = std::fs::read_to_string(setup.config()).unwrap();
-    let config = config.replacen("[postgres]\n", "[postgres]\nmode = \"notify\"\n", 1);
-    std::fs::write(setup.config(), config).unwrap();
-}
-
 #[test]
 fn check_passes_the_exodrive_rules_on_their_migrations() {
     let root = env!("CARGO_MANIFEST_DIR");
@@ -352,7 +345,7 @@ fn check_reports_a_table_missing_from_the_publication() {
 #[test]
 fn check_in_notify_mode_reports_missing_setup_and_a_missing_trigger() {
     let (db, setup) = setup(RULES);
-    notify_mode(&setup);
+    setup.notify_mode();
     let (code, doc) = check_json(&setup, &[]);
     assert_eq!(code, 1, "{doc}");
     let missing = of_kind(&doc, "errors", "notify_setup");
@@ -612,7 +605,7 @@ fn setup_dry_run_prints_the_sql_and_changes_nothing() {
         "0"
     );
     // Notify mode: the outbox, the function and the triggers, and again nothing is created.
-    notify_mode(&setup);
+    setup.notify_mode();
     let (code, out, err) = invalidator(&setup, &["setup", "--dry-run"]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(
@@ -655,7 +648,7 @@ fn status_prints_the_slot_or_the_outbox() {
     assert!(lag.parse::<u64>().is_ok(), "{line}");
     assert_eq!(rest, "reserved", "{line}");
 
-    notify_mode(&setup);
+    setup.notify_mode();
     let (code, out, err) = invalidator(&setup, &["setup"]);
     assert_eq!(code, 0, "{out}{err}");
     let (code, out, err) = invalidator(&setup, &["status"]);

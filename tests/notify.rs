@@ -19,10 +19,7 @@ fn fixture() -> Fixture {
 fn second_instance(f: &Fixture, rules: &str) -> Setup {
     let url = PgCluster::shared().url(&f.db);
     let setup = Setup::new(&url, &f.redis.url(), rules);
-    let path = setup.config();
-    let config = std::fs::read_to_string(&path).expect("read the config");
-    let config = config.replacen("[postgres]\n", "[postgres]\nmode = \"notify\"\n", 1);
-    std::fs::write(&path, config).expect("write the config");
+    setup.notify_mode();
     setup
 }
 
@@ -62,16 +59,8 @@ fn notify_mode_keeps_outbox_rows_until_redis_confirms() {
 /// A fixture in notify mode on which `setup` has not run.
 fn fixture_without_setup() -> Fixture {
     let f = Fixture::new(SCHEMA, RULES);
-    notify_config(&f.setup);
+    f.setup.notify_mode();
     f
-}
-
-/// Sets `postgres.mode = "notify"` in a configuration.
-pub(crate) fn notify_config(setup: &Setup) {
-    let path = setup.config();
-    let config = std::fs::read_to_string(&path).expect("read the config");
-    let config = config.replacen("[postgres]\n", "[postgres]\nmode = \"notify\"\n", 1);
-    std::fs::write(&path, config).expect("write the config");
 }
 
 #[test]

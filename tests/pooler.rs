@@ -32,12 +32,12 @@ fn replication_through_pgbouncer_names_the_pooler_and_says_to_connect_directly()
 #[test]
 fn notify_mode_through_pgbouncer_in_transaction_mode_names_the_pooler() {
     let f = Fixture::new(SCHEMA, RULES);
-    crate::notify::notify_config(&f.setup);
+    f.setup.notify_mode();
     let (status, out) = f.setup.command(&["setup"]);
     assert!(status.success(), "{out}");
     let bouncer = PgBouncer::start(PgCluster::shared().port());
     let through = Setup::new(&bouncer.url(&f.db), &f.redis.url(), RULES);
-    crate::notify::notify_config(&through);
+    through.notify_mode();
     // Without the check, it would read nothing forever: wait for the exit with a deadline.
     let mut sidecar = through.spawn();
     let status = sidecar.exit_within(Duration::from_secs(60));

@@ -47,6 +47,14 @@ impl Setup {
         Setup { dir, slot, http }
     }
 
+    /// Sets `postgres.mode = "notify"` in the configuration.
+    pub fn notify_mode(&self) {
+        let path = self.config();
+        let config = std::fs::read_to_string(&path).expect("read the config");
+        let config = config.replacen("[postgres]\n", "[postgres]\nmode = \"notify\"\n", 1);
+        std::fs::write(&path, config).expect("write the config");
+    }
+
     /// The configuration file.
     pub fn config(&self) -> PathBuf {
         self.dir.path().join("invalidator.toml")
@@ -434,10 +442,7 @@ impl Fixture {
         if mode == Mode::Replication {
             return;
         }
-        let path = self.setup.config();
-        let config = std::fs::read_to_string(&path).expect("read the config");
-        let config = config.replacen("[postgres]\n", "[postgres]\nmode = \"notify\"\n", 1);
-        std::fs::write(&path, config).expect("write the config");
+        self.setup.notify_mode();
         let (status, out) = self.setup.command(&["setup"]);
         assert!(status.success(), "setup in notify mode failed: {out}");
     }

@@ -14,9 +14,7 @@ fn twin(f: &Fixture, mode: Mode) -> Setup {
     let url = PgCluster::shared().url(&f.db);
     let twin = Setup::with_slot(&url, &f.redis.url(), RULES, &f.setup.slot);
     if mode == Mode::Notify {
-        let config = std::fs::read_to_string(twin.config()).expect("read the config");
-        let config = config.replacen("[postgres]\n", "[postgres]\nmode = \"notify\"\n", 1);
-        std::fs::write(twin.config(), config).expect("write the config");
+        twin.notify_mode();
     }
     twin
 }

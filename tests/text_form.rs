@@ -83,10 +83,7 @@ in_both_modes! {
         // The fixture's slot name, so that the fixture drops the slot at the end.
         let setup = Setup::with_slot(&url, &f.redis.url(), RULES, &f.setup.slot);
         if mode == Mode::Notify {
-            let path = setup.config();
-            let config = std::fs::read_to_string(&path).expect("read the config");
-            let config = config.replacen("[postgres]\n", "[postgres]\nmode = \"notify\"\n", 1);
-            std::fs::write(&path, config).expect("write the config");
+            setup.notify_mode();
             let (status, out) = setup.command(&["setup"]);
             assert!(status.success(), "{out}");
         }

@@ -145,10 +145,7 @@ in_both_modes! {
         let url = PgCluster::shared().url(&f.db);
         let second = Setup::with_slot(&url, &f.redis.url(), &rules, &f.setup.slot);
         if mode == Mode::Notify {
-            let path = second.config();
-            let config = std::fs::read_to_string(&path).expect("read the config");
-            let config = config.replacen("[postgres]\n", "[postgres]\nmode = \"notify\"\n", 1);
-            std::fs::write(&path, config).expect("write the config");
+            second.notify_mode();
         }
         let (status, log) = wait_exit(&second, spawn_run(&second));
         assert_eq!(status.and_then(|s| s.code()), Some(1), "{log}");

@@ -403,27 +403,23 @@ async fn publication(
         let mut may = if exists {
             owns_publication
         } else {
-            scalar(
-                db.query(
-                    "SELECT (has_database_privilege(current_database(), 'CREATE') OR \
-                     (SELECT rolsuper FROM pg_roles WHERE rolname = current_user))::text",
-                )
-                .await?,
+            setup::flag(
+                db,
+                "SELECT has_database_privilege(current_database(), 'CREATE') OR \
+                 (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)",
             )
-            .as_deref()
-                == Some("true")
+            .await?
         };
         for table in &lacking {
-            may &= scalar(
-                db.query(&format!(
-                    "SELECT pg_has_role(relowner, 'USAGE')::text FROM pg_class \
+            may &= setup::flag(
+                db,
+                &format!(
+                    "SELECT pg_has_role(relowner, 'USAGE') FROM pg_class \
                      WHERE oid = to_regclass({})",
                     quote_literal(&qualified(table))
-                ))
-                .await?,
+                ),
             )
-            .as_deref()
-                == Some("true");
+            .await?;
         }
         let names: Vec<String> = lacking.iter().map(qualified).collect();
         let (message, sql, verb) = if exists {
@@ -502,15 +498,14 @@ async fn notify_setup(
     rules: &RuleSet,
     out: &mut Vec<Finding>,
 ) -> Result<(), SetupError> {
-    let installed = scalar(
-        db.query(&format!(
-            "SELECT (to_regclass({}) IS NOT NULL)::text",
+    let installed = setup::flag(
+        db,
+        &format!(
+            "SELECT to_regclass({}) IS NOT NULL",
             quote_literal(&format!("{}.outbox", quote_ident(notify::SCHEMA)))
-        ))
-        .await?,
+        ),
     )
-    .as_deref()
-        == Some("true");
+    .await?;
     let actions = notify::plan(db, rules).await?;
     if actions.is_empty() {
         return Ok(());

@@ -36,7 +36,7 @@ use std::collections::BTreeSet;
 use crate::change::{Change, Op, TableName, Value};
 use crate::config::{InvalidateConfig, Mode};
 use crate::rules::{Invalidation, RuleSet, glob};
-use crate::source::setup::{Action, SetupError, Sql, quote_ident, quote_literal};
+use crate::source::setup::{Action, SetupError, Sql, flag, quote_ident, quote_literal};
 use crate::telemetry;
 
 /// The schema that holds invalidator's objects in the database, in both modes.
@@ -240,8 +240,9 @@ pub fn repair_requests<'t>(tables: impl IntoIterator<Item = &'t TableName>) -> S
 /// ids (its owner, or a role granted that by hand). From the catalog alone (see
 /// [`has_requests`]), so asking raises no error in the server's log.
 pub async fn can_request_repairs(db: &mut impl Sql) -> Result<bool, SetupError> {
-    let rows = db
-        .query(&format!(
+    flag(
+        db,
+        &format!(
             "SELECT (has_schema_privilege(n.oid, 'USAGE') \
              AND has_table_privilege(c.oid, 'INSERT') AND has_table_privilege(c.oid, 'SELECT') \
              AND has_table_privilege(c.oid, 'DELETE') \
@@ -256,13 +257,9 @@ pub async fn can_request_repairs(db: &mut impl Sql) -> Result<bool, SetupError> 
             quote_literal(REPAIR_COLUMN),
             quote_literal(SCHEMA),
             quote_literal(REQUESTS)
-        ))
-        .await?;
-    Ok(rows
-        .first()
-        .and_then(|r| r.first().cloned().flatten())
-        .as_deref()
-        == Some("true"))
+        ),
+    )
+    .await
 }
 
 /// Whether `invalidator.requests` has the [`REPAIR_COLUMN`] (a table made by an older

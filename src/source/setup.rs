@@ -34,6 +34,18 @@ impl Sql for tokio_postgres::Client {
     }
 }
 
+/// Runs `sql`, a query of one boolean: whether its first row says true (`t` from a boolean,
+/// `true` from a boolean cast to text). No row is false.
+pub async fn flag(db: &mut impl Sql, sql: &str) -> Result<bool, SetupError> {
+    let rows = db.query(sql).await?;
+    Ok(matches!(
+        rows.first()
+            .and_then(|r| r.first().cloned().flatten())
+            .as_deref(),
+        Some("t" | "true")
+    ))
+}
+
 /// A shared client, for two tasks that query one connection.
 impl Sql for &tokio_postgres::Client {
     async fn query(&mut self, sql: &str) -> Result<Rows, SetupError> {
@@ -510,19 +522,16 @@ async fn marked_not_created(
     publication: &str,
     slot: &str,
 ) -> Result<bool, SetupError> {
-    let rows = db
-        .query(&format!(
+    flag(
+        db,
+        &format!(
             "SELECT coalesce(obj_description(oid, 'pg_publication') = {}, false) \
              AND pg_has_role(pubowner, 'USAGE') FROM pg_publication WHERE pubname = {}",
             quote_literal(&not_created_yet(slot)),
             quote_literal(publication)
-        ))
-        .await?;
-    Ok(rows
-        .first()
-        .and_then(|r| r.first().cloned().flatten())
-        .as_deref()
-        == Some("t"))
+        ),
+    )
+    .await
 }
 
 /// Fails, before anything is created, when `needed` slots cannot be created: `wal_level` is
@@ -734,19 +743,16 @@ pub async fn hidden(
     let partitioned: Vec<&TableName> = {
         let mut found = Vec::new();
         for table in rules.tables() {
-            let rows = db
-                .query(&format!(
-                    "SELECT (relkind = 'p' OR relispartition)::text FROM pg_class \
+            let partitioned = flag(
+                db,
+                &format!(
+                    "SELECT relkind = 'p' OR relispartition FROM pg_class \
                      WHERE oid = to_regclass({})",
                     quote_literal(&qualified(table))
-                ))
-                .await?;
-            if rows
-                .first()
-                .and_then(|r| r.first().cloned().flatten())
-                .as_deref()
-                == Some("true")
-            {
+                ),
+            )
+            .await?;
+            if partitioned {
                 found.push(table);
             }
         }

@@ -299,18 +299,12 @@ async fn own_objects(db: &mut impl Sql) -> Result<Vec<Action>, SetupError> {
         } else {
             "to_regprocedure"
         };
-        let rows = db
-            .query(&format!(
-                "SELECT ({lookup}({}) IS NOT NULL)::text",
-                quote_literal(&object)
-            ))
-            .await?;
-        if rows
-            .first()
-            .and_then(|r| r.first().cloned().flatten())
-            .as_deref()
-            == Some("true")
-        {
+        let exists = setup::flag(
+            db,
+            &format!("SELECT {lookup}({}) IS NOT NULL", quote_literal(&object)),
+        )
+        .await?;
+        if exists {
             out.push(Action {
                 why: format!("drop {what} {SCHEMA}.{name}"),
                 sql: format!("DROP {kind} IF EXISTS {object}"),

@@ -220,6 +220,14 @@ impl RedisServer {
             .unwrap_or_default()
     }
 
+    /// Whether a client waits on the server for an answer (a command held by `CLIENT PAUSE`).
+    pub fn has_blocked_client(&self) -> bool {
+        self.info("clients").lines().any(|l| {
+            l.strip_prefix("blocked_clients:")
+                .is_some_and(|n| n.trim() != "0")
+        })
+    }
+
     /// The `INFO commandstats` section, to check which commands a client sent.
     pub fn command_stats(&self) -> String {
         redis::cmd("INFO")
