@@ -641,13 +641,9 @@ async fn stream_once(
         wal = %system.xlog_pos,
         "connected"
     );
-    // Refused before anything is changed: only the publication's owner can repair these.
-    let hidden = setup::hidden(&mut client, live.rules(), &config.postgres.publication).await?;
-    if !hidden.is_empty() {
-        return Err(SetupError::Hidden(hidden).into());
-    }
     warn_if_stale(&mut client, config, live.rules()).await?;
-    // A rule table replaced (or dropped from the publication) while no instance ran is
+    // What the publication hides is refused before anything is changed (only its owner can
+    // repair that); a rule table replaced (or dropped from it) while no instance ran is
     // unpublished now: added back with the delete of its keys, before the stream starts, so the
     // delete is read after what the table missed. A missing publication is setup's to create.
     let publication = &config.postgres.publication;
