@@ -299,6 +299,74 @@ pub struct Change {
     pub commit_time_us: i64,
 }
 
+/// A step of the committed transactions a source reads, in commit order: a transaction is a
+/// [`Step::Begin`], its changes and the invalidations it carries by hand, then a
+/// [`Step::Commit`]. Steps rather than whole transactions, so that the pipeline holds only what
+/// a transaction invalidates, never its rows: a transaction of a million rows costs the keys it
+/// renders, and past `pipeline.max_transaction_keys` only its tables' patterns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// A transaction begins.
+    Begin {
+        /// Its commit time (notify mode: the time of its oldest outbox row), microseconds
+        /// since the Unix epoch.
+        commit_time_us: i64,
+    },
+    /// A row change of the open transaction.
+    Change {
+        /// The change.
+        change: Change,
+        /// The partition ancestors of its table, nearest first: the change fires their rules
+        /// too (Postgres, and the triggers, name the partition).
+        ancestors: Arc<[TableName]>,
+    },
+    /// An invalidation the open transaction carries besides its changes.
+    Manual(Manual),
+    /// The open transaction committed.
+    Commit {
+        /// Where the source stands once its invalidations are confirmed: the end LSN of the
+        /// transaction, or (notify mode) the sequence number of the round of outbox rows.
+        position: Lsn,
+    },
+    /// Nothing published lies before `position` on the server (a keepalive): with nothing open,
+    /// queued or unconfirmed, it may be acknowledged.
+    Idle {
+        /// The server's WAL end.
+        position: Lsn,
+        /// The server asks for a status update now.
+        reply: bool,
+    },
+}
+
+/// An invalidation a transaction carries besides its changes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Manual {
+    /// A key or pattern given by hand with `invalidator.invalidate()`, or one literal key with
+    /// `invalidate_key()`: deleted only under the allowed prefixes.
+    Given {
+        /// The key or pattern.
+        text: String,
+        /// Whether it is one literal key.
+        literal: bool,
+    },
+    /// A row written by `invalidate()` that could not be read: every key under the allowed
+    /// prefixes, since what it named is not known.
+    Unreadable,
+    /// A publication repair's request: every key the rules of the table can produce (`None`:
+    /// the request names no table).
+    Repair(Option<TableName>),
+    /// Every key the rules of the table can produce, if it has rules: a change that could not
+    /// be read, or a truncate trigger added late.
+    Flush(TableName),
+}
+
+/// Now, in microseconds since the Unix epoch.
+pub fn unix_micros() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -81,6 +81,15 @@ impl LiveRules {
         }
     }
 
+    /// The rules in effect now and every later set, for a task beside the one that plans
+    /// (which takes them whenever it likes, not at transaction boundaries).
+    pub fn subscribe(&self) -> watch::Receiver<Arc<RuleSet>> {
+        match &self.updates {
+            Some(updates) => updates.clone(),
+            None => watch::channel(self.current.clone()).1,
+        }
+    }
+
     /// Rules that never change.
     pub fn fixed(rules: Arc<RuleSet>) -> LiveRules {
         LiveRules::build(rules, None)

@@ -11,8 +11,7 @@ use crate::change::{Lsn, TableName};
 use crate::check;
 use crate::config::{Config, Mode, PRIMARY_TARGET};
 use crate::dry_run::{self, NoDeletes};
-use crate::pgoutput::Decoder;
-use crate::pipeline::{self, CatchUp, Links, SourceEnd, SourceError, WalStream};
+use crate::pipeline::{self, Links, SourceEnd};
 use crate::redact::redact;
 use crate::redis::{DeleteError, Deleter, DeleterOptions};
 use crate::reload::{self, LiveRules, Reloader};
@@ -20,7 +19,8 @@ use crate::rules::RuleSet;
 use crate::source::history::{self, Seen};
 use crate::source::notify::{self, NotifyError};
 use crate::source::replication::{
-    ReplicationClient, ReplicationError, ReplicationMessage, ReplicationStream,
+    CatchUp, ReplicationClient, ReplicationError, ReplicationSource, ReplicationStream,
+    SourceError, WalProgress,
 };
 use crate::source::setup::{self, SetupError, SlotReset};
 use crate::source::{connect, drift, invalidate};
@@ -53,16 +53,6 @@ pub enum RunError {
     /// Rules name tables or columns the database lacks.
     #[error(transparent)]
     UnknownNames(#[from] check::UnknownNames),
-}
-
-impl WalStream for ReplicationStream {
-    async fn next(&mut self) -> Result<Option<ReplicationMessage>, ReplicationError> {
-        ReplicationStream::next(self).await
-    }
-
-    async fn send_status(&mut self, flush: Lsn) -> Result<(), ReplicationError> {
-        ReplicationStream::send_status(self, flush, flush, flush, false).await
-    }
 }
 
 impl pipeline::Sink for Deleter {
@@ -196,11 +186,8 @@ pub async fn run(
         confirmed: confirmed_rx,
         cancel: cancel.clone(),
         last_queued: Lsn(0),
-        reported: Lsn(0),
         history: 0,
-        server_end: Lsn(0),
         dry_run,
-        catch_up: None,
         invalidate_prefixes: config.invalidate.prefixes.clone().into(),
     };
     let (rules_tx, rules_rx) = watch::channel(rules);
@@ -217,8 +204,10 @@ pub async fn run(
     let mut delays = pipeline::backoff();
     // Notify mode: what the outbox source keeps across reconnects.
     let mut progress = notify::Progress::default();
-    // Replication mode: the server last streamed from, to tell a new history at a reconnect.
+    // Replication mode: the server last streamed from, to tell a new history at a reconnect,
+    // and what was reported to it.
     let mut seen = None;
+    let mut wal = WalProgress::default();
     let source_result = loop {
         if deleter_done.is_cancelled() {
             break Ok(());
@@ -230,6 +219,7 @@ pub async fn run(
                     &config,
                     &mut live,
                     &mut links,
+                    &mut wal,
                     &mut seen,
                     &health,
                     &mut streamed,
@@ -237,7 +227,8 @@ pub async fn run(
                 .await
             }
             (Mode::Replication, true) => {
-                dry_stream_once(&config, &mut live, &mut links, &health, &mut streamed).await
+                let wal = &mut wal;
+                dry_stream_once(&config, &mut live, &mut links, wal, &health, &mut streamed).await
             }
             (Mode::Notify, false) => {
                 outbox_once(
@@ -527,7 +518,7 @@ async fn flush_everything(rules: &RuleSet, links: &Links) {
         history: links.history,
         // Acknowledges nothing by itself; the new slot's transactions queue behind it.
         end_lsn: Lsn(0),
-        commit_time_us: pipeline::unix_micros(),
+        commit_time_us: crate::change::unix_micros(),
         inv: rules.everything(),
     };
     // The queue closes only when the delete loop has stopped, and then nothing is acknowledged.
@@ -544,13 +535,15 @@ async fn reset_slot(
     config: &Config,
     live: &mut LiveRules,
     links: &mut Links,
+    wal: &mut WalProgress,
     health: &Health,
-    server_end: Lsn,
     reset: SlotReset,
 ) -> Result<bool, Failure> {
     let slot = &config.postgres.slot;
     metrics::counter!(telemetry::SLOT_RESETS_TOTAL, "reason" => reset.label()).increment(1);
-    links.new_history(server_end);
+    links.new_history();
+    let server_end = wal.server_end;
+    wal.new_history(server_end);
     let everything = live.rules().everything();
     let flush = config.postgres.flush_on_slot_loss;
     let reason = format!("replication slot {slot} {}", reset.describe());
@@ -615,6 +608,7 @@ async fn stream_once(
     config: &Config,
     live: &mut LiveRules,
     links: &mut Links,
+    wal: &mut WalProgress,
     seen: &mut Option<Seen>,
     health: &Health,
     streamed: &mut bool,
@@ -655,7 +649,7 @@ async fn stream_once(
     let diverged = history::compare(
         &mut client,
         seen.as_ref(),
-        links.reported,
+        wal.reported,
         &system,
         before.and_then(|info| info.confirmed_flush),
     )
@@ -675,18 +669,9 @@ async fn stream_once(
     .await?;
     setup::apply(&mut client, &plan.actions).await?;
     *seen = Some(Seen::of(&system));
-    links.server_end = system.xlog_pos;
+    wal.server_end = system.xlog_pos;
     if let Some(reset) = plan.reset {
-        let replaced = reset_slot(
-            &mut client,
-            config,
-            live,
-            links,
-            health,
-            system.xlog_pos,
-            reset,
-        )
-        .await?;
+        let replaced = reset_slot(&mut client, config, live, links, wal, health, reset).await?;
         if !replaced {
             return Ok(Streamed::Finished);
         }
@@ -696,15 +681,15 @@ async fn stream_once(
     // slot's position is one this server has written: one beyond its WAL was replaced above.
     let slot = setup::slot_info(&mut client, slot_name).await?;
     if let Some(flush) = slot.and_then(|info| info.confirmed_flush) {
-        links.reported = links.reported.max(flush);
-        links.server_end = links.server_end.max(flush);
+        wal.reported = wal.reported.max(flush);
+        wal.server_end = wal.server_end.max(flush);
     }
-    links.catch_up = CatchUp::start(links.reported, system.xlog_pos);
+    wal.catch_up = CatchUp::start(wal.reported, system.xlog_pos);
     let stream = client
         .start_replication(slot_name, Lsn(0), &config.postgres.publication)
         .await?;
-    tracing::info!(slot = %slot_name, from = %links.reported, "streaming");
-    stream_until_end(stream, config, live, links, health, streamed, Watch::Repair).await
+    tracing::info!(slot = %slot_name, from = %wal.reported, "streaming");
+    stream_until_end(stream, config, live, links, wal, health, streamed).await
 }
 
 /// Warns when `invalidator.invalidate()` is missing or out of date for these rules and the
@@ -736,15 +721,6 @@ async fn warn_if_stale(
     Ok(())
 }
 
-/// Whether the publication is watched while streaming (see [`drift::watch_publication`]).
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Watch {
-    /// Yes: repair what may be repaired, stop on the rest.
-    Repair,
-    /// No: a dry run changes nothing.
-    Not,
-}
-
 /// Connects a replication session as `[postgres]` says (URL, sslmode, CA).
 async fn connect_replication(
     config: &Config,
@@ -757,16 +733,16 @@ async fn connect_replication(
 }
 
 /// Runs the source loop on a started stream until it ends, with a second, ordinary connection
-/// that learns what partitions belong to and (`watch`) watches the publication; sets
+/// that learns what partitions belong to and (not in a dry run) watches the publication; sets
 /// `streamed` and keeps readiness in step.
 async fn stream_until_end(
     mut stream: ReplicationStream,
     config: &Config,
     live: &mut LiveRules,
     links: &mut Links,
+    wal: &mut WalProgress,
     health: &Health,
     streamed: &mut bool,
-    watch: Watch,
 ) -> Result<Streamed, Failure> {
     let catalog = connect::connect(&config.postgres).await?;
     let recheck = tokio::sync::Notify::new();
@@ -774,24 +750,17 @@ async fn stream_until_end(
     let queue = links.queue.clone();
     *streamed = true;
     health.set_source(None);
-    let mut decoder = Decoder::default();
+    // A dry run changes nothing, so it does not repair the publication.
+    let watch = !links.dry_run;
     let mut ancestry = drift::Catalog::new(&catalog, &recheck);
-    let source = pipeline::run_source(
-        &mut stream,
-        &mut decoder,
-        &mut ancestry,
-        live,
-        links,
-        &config.pipeline,
-    );
+    let mut source = ReplicationSource::new(&mut stream, &mut ancestry, wal);
+    let source = pipeline::run_source(&mut source, live, links, &config.pipeline);
     let watcher = async {
-        match watch {
-            Watch::Repair => {
-                let publication = &config.postgres.publication;
-                drift::watch_publication(&catalog, &mut follower, publication, &queue, &recheck)
-                    .await
-            }
-            Watch::Not => std::future::pending().await,
+        if watch {
+            let publication = &config.postgres.publication;
+            drift::watch_publication(&catalog, &mut follower, publication, &queue, &recheck).await
+        } else {
+            std::future::pending().await
         }
     };
     let outcome = tokio::select! {
@@ -819,6 +788,7 @@ async fn dry_stream_once(
     config: &Config,
     live: &mut LiveRules,
     links: &mut Links,
+    wal: &mut WalProgress,
     health: &Health,
     streamed: &mut bool,
 ) -> Result<Streamed, Failure> {
@@ -850,8 +820,8 @@ async fn dry_stream_once(
         .and_then(|row| row.get(1).cloned().flatten())
         .and_then(|lsn| lsn.parse::<Lsn>().ok())
         .unwrap_or(Lsn(0));
-    links.reported = links.reported.max(start);
-    links.server_end = links.server_end.max(start);
+    wal.reported = wal.reported.max(start);
+    wal.server_end = wal.server_end.max(start);
     tracing::info!(
         slot = %slot,
         real_slot = %config.postgres.slot,
@@ -861,7 +831,7 @@ async fn dry_stream_once(
          slot does not move and nothing is deleted"
     );
     let stream = client.start_replication(&slot, Lsn(0), publication).await?;
-    stream_until_end(stream, config, live, links, health, streamed, Watch::Not).await
+    stream_until_end(stream, config, live, links, wal, health, streamed).await
 }
 
 /// Notify mode: connects an ordinary session, checks that `setup` has put the outbox, the
@@ -908,7 +878,8 @@ async fn outbox_once(
     *streamed = true;
     health.set_source(None);
     tracing::info!(channel = notify::CHANNEL, "reading the outbox");
-    let outcome = notify::stream(&client, &mut hints, live, links, progress).await;
+    let mut source = notify::OutboxSource::owner(&client, &mut hints, live.subscribe(), progress);
+    let outcome = pipeline::run_source(&mut source, live, links, &config.pipeline).await;
     health.set_source(Some("reconnecting to postgres".to_owned()));
     match outcome? {
         SourceEnd::DeleterStopped => Ok(Streamed::Finished),
@@ -917,7 +888,7 @@ async fn outbox_once(
 }
 
 /// [`outbox_once`] for a dry run: no reader lock and no outbox row deleted (see
-/// [`notify::dry_stream`]); an out-of-date setup is a warning, since previewing rules before
+/// [`notify::OutboxSource::preview`]); an out-of-date setup is a warning, since previewing rules before
 /// running `setup` is what a dry run is for.
 async fn dry_outbox_once(
     config: &Config,
@@ -942,7 +913,11 @@ async fn dry_outbox_once(
         .map_err(NotifyError::from)?;
     *streamed = true;
     health.set_source(None);
-    let outcome = notify::dry_stream(&client, &mut hints, live, links).await;
+    let mut progress = notify::Progress::default();
+    let rules = live.subscribe();
+    let mut source =
+        notify::OutboxSource::preview(&client, &mut hints, rules, &mut progress).await?;
+    let outcome = pipeline::run_source(&mut source, live, links, &config.pipeline).await;
     health.set_source(Some("reconnecting to postgres".to_owned()));
     match outcome? {
         // The delete loop deletes nothing here; wait for it so the last line is "stopped".

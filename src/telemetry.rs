@@ -302,7 +302,7 @@ async fn readyz(State(state): State<AppState>) -> (StatusCode, String) {
 async fn render_metrics(State(state): State<AppState>) -> String {
     // A gauge of an age must be computed when read: set once, it would stand still while a
     // batch waits for Redis.
-    let lag = state.health.lag_seconds(crate::pipeline::unix_micros());
+    let lag = state.health.lag_seconds(crate::change::unix_micros());
     metrics::gauge!(REPLICATION_LAG_SECONDS).set(lag);
     state.metrics.render()
 }

@@ -38,7 +38,7 @@ struct Measured {
 }
 
 /// Sets `pipeline.max_transaction_keys` in the configuration file.
-fn limit_transaction_keys(setup: &Setup, max: u64) {
+pub fn limit_transaction_keys(setup: &Setup, max: u64) {
     let path = setup.config();
     let text = std::fs::read_to_string(&path).expect("read config");
     assert!(text.contains("[pipeline]\n"), "{text}");

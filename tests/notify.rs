@@ -384,3 +384,94 @@ fn an_old_capture_function_is_out_of_date_until_setup_pins_the_text_form() {
     let _sidecar = f.setup.start();
     insert_then_update_invalidate(&f);
 }
+
+/// A round of outbox rows is a transaction: past `pipeline.max_transaction_keys` its keys give
+/// way to every pattern of its tables' rules, counted and logged once, as in replication mode;
+/// the next round is planned row by row again.
+#[test]
+fn notify_mode_a_round_past_max_transaction_keys_deletes_its_tables_patterns() {
+    let f = fixture();
+    crate::memory::limit_transaction_keys(&f.setup, 5);
+    let sidecar = f.setup.start();
+    // Keys of the rows, keys of the rules that no row names, and a key of another table.
+    f.cache(&["item:1", "item:20", "item:999", "price:7", "plain:1"]);
+    f.sql("INSERT INTO items SELECT i, 'n', 'c', 0 FROM generate_series(1, 20) i");
+    f.wait_deleted(&["item:1", "item:20", "item:999", "price:7"]);
+    wait_until(Duration::from_secs(10), "the fallback is counted", || {
+        sidecar.metric("invalidator_transaction_fallbacks_total") == 1.0
+    });
+    let log = sidecar.log();
+    let warnings: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("exceeded pipeline.max_transaction_keys"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{log}");
+    assert!(
+        warnings[0].contains("tables=public.items"),
+        "{}",
+        warnings[0]
+    );
+    wait_outbox_empty(&f);
+
+    f.cache(&["item:998"]);
+    f.sql("INSERT INTO items VALUES (21, 'n', 'c', 0)");
+    f.wait_deleted(&["item:21"]);
+    wait_outbox_empty(&f);
+    f.assert_kept(&["item:998", "plain:1"]);
+    assert_eq!(
+        sidecar.metric("invalidator_transaction_fallbacks_total"),
+        1.0
+    );
+}
+
+/// Notify mode counts what replication mode counts: each change by table and operation, and
+/// each rule's firings, keys and patterns.
+#[test]
+fn notify_mode_counts_changes_per_table_and_rule() {
+    let f = fixture();
+    let sidecar = f.setup.start();
+    f.cache(&["item:1", "plain:1", "order:1"]);
+    f.sql(
+        "INSERT INTO items VALUES (1, 'a', 'c', 0), (2, 'b', 'c', 0); \
+         UPDATE items SET price = 1 WHERE id = 1; \
+         INSERT INTO plain VALUES (1, 'ann'); DELETE FROM plain WHERE id = 1; \
+         INSERT INTO shop.orders VALUES (1, 'Bob'); TRUNCATE shop.orders",
+    );
+    f.wait_deleted(&["item:1", "plain:1", "order:1"]);
+    wait_outbox_empty(&f);
+    let expected = [
+        (
+            "invalidator_changes_total{table=\"public.items\",op=\"insert\"}",
+            2.0,
+        ),
+        (
+            "invalidator_changes_total{table=\"public.items\",op=\"update\"}",
+            1.0,
+        ),
+        (
+            "invalidator_changes_total{table=\"public.plain\",op=\"insert\"}",
+            1.0,
+        ),
+        (
+            "invalidator_changes_total{table=\"public.plain\",op=\"delete\"}",
+            1.0,
+        ),
+        (
+            "invalidator_changes_total{table=\"shop.orders\",op=\"insert\"}",
+            1.0,
+        ),
+        (
+            "invalidator_changes_total{table=\"shop.orders\",op=\"truncate\"}",
+            1.0,
+        ),
+        ("invalidator_rule_fired_total{rule=\"item\"}", 3.0),
+        ("invalidator_rule_fired_total{rule=\"price\"}", 1.0),
+        ("invalidator_rule_fired_total{rule=\"plain\"}", 2.0),
+        ("invalidator_rule_fired_total{rule=\"orders\"}", 2.0),
+    ];
+    wait_until(Duration::from_secs(10), "every series is counted", || {
+        expected
+            .iter()
+            .all(|(series, value)| sidecar.metric(series) == *value)
+    });
+}

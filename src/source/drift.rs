@@ -22,10 +22,11 @@ use std::time::Duration;
 use tokio::sync::{Notify, mpsc};
 
 use crate::change::{Lsn, TableName};
-use crate::pipeline::{self, Ancestry, Committed};
+use crate::pipeline::Committed;
 use crate::reload::LiveRules;
 use crate::rules::{Invalidation, RuleSet};
 use crate::source::invalidate;
+use crate::source::replication::Ancestry;
 use crate::source::setup::{self, SetupError, Sql};
 use crate::telemetry;
 
@@ -205,7 +206,7 @@ pub async fn repair(
         // is acknowledged after it.
         history: 0,
         end_lsn: Lsn(0),
-        commit_time_us: pipeline::unix_micros(),
+        commit_time_us: crate::change::unix_micros(),
         inv: flush,
     };
     // The queue closes only when the delete loop has stopped, and then nothing is acknowledged.

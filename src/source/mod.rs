@@ -1,6 +1,7 @@
 //! Where changes come from: the logical replication client and the publication/slot setup,
 //! whether a reconnected server still holds our history, or (notify mode) the trigger-filled
-//! outbox.
+//! outbox. Each source is a [`Source`]: it gives the pipeline committed transactions as
+//! [`Step`]s and is told what Redis has confirmed.
 
 pub mod connect;
 pub mod drift;
@@ -10,6 +11,32 @@ pub mod notify;
 pub mod replication;
 pub mod setup;
 pub mod teardown;
+
+use std::future::Future;
+
+use crate::change::{Lsn, Step};
+
+/// What the pipeline reads: committed transactions, in commit order, as [`Step`]s; and what it
+/// tells once Redis has confirmed them. The replication stream and the outbox are the two.
+pub trait Source: Send {
+    /// Why the source stopped.
+    type Error: std::error::Error + Send + 'static;
+
+    /// Waits until [`Source::step`] has something to give; `false` when the server ended the
+    /// stream. Cancel-safe: the pipeline races it against confirmations and timers.
+    fn ready(&mut self) -> impl Future<Output = Result<bool, Self::Error>> + Send;
+
+    /// The next step of what has arrived; `None` once that is all given. Never raced, so it
+    /// may do work that must not be cut short (catalog reads, DDL).
+    fn step(&mut self) -> impl Future<Output = Result<Option<Step>, Self::Error>> + Send;
+
+    /// Everything up to `position` is confirmed: release it (a standby status update, a delete
+    /// of outbox rows). Called on each confirmation and at every status interval.
+    fn acknowledge(
+        &mut self,
+        position: Lsn,
+    ) -> impl Future<Output = Result<(), Self::Error>> + Send;
+}
 
 /// The settings that decide how Postgres writes a value as text, pinned wherever keys are
 /// rendered from values: the walsender's session (replication mode), the trigger function

@@ -1,31 +1,31 @@
 //! Notify mode: triggers copy every row change of the watched tables into an outbox table and
-//! `pg_notify` a channel; this source reads the outbox, plans the rows and deletes them from the
-//! outbox once Redis confirmed their invalidations. For hosts without logical replication.
+//! `pg_notify` a channel; [`OutboxSource`] reads the outbox in rounds for the pipeline and
+//! deletes the rows once Redis confirmed their invalidations. For hosts without logical
+//! replication.
 //!
 //! ```text
 //!  INSERT/UPDATE/DELETE/TRUNCATE ─trigger─▶ invalidator.outbox ─(NOTIFY is a hint; poll 1 s)─┐
 //!                                                                                          ▼
-//!   DELETE ... WHERE id = ANY(confirmed ids) ◀── watch<Position> ◀── delete loop ◀── Committed{round}
+//!   DELETE ... WHERE id = ANY(confirmed ids) ◀── acknowledge(round) ◀── pipeline ◀── Step{round}
 //! ```
 //!
 //! The outbox is the truth: a row stays until its deletes are confirmed, so a crash re-reads it
 //! (at least once). Outbox ids are assigned before commit, so a smaller id can become visible
 //! after a larger one was read: nothing is ever deleted or skipped by range, only by id. Each
-//! read round is one [`Committed`] whose `end_lsn` is the round's sequence number (rounds are
-//! queued in order, so the delete loop's confirmed position says which rounds are done).
+//! read round is one transaction whose position is the round's sequence number (rounds are
+//! queued in order, so the confirmed position says which rounds are done).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
-use crate::change::{Change, Lsn, Op, Row, TableName, Value};
+use crate::change::{Change, Lsn, Manual, Op, Row, Step, TableName, Value};
 use crate::config::PostgresConfig;
-use crate::pipeline::{Committed, Links, SourceEnd};
-use crate::reload::LiveRules;
-use crate::rules::{Invalidation, RuleSet};
+use crate::rules::RuleSet;
+use crate::source::Source;
 use crate::source::connect::ConnectError;
 use crate::source::setup::{
     self, Action, SetupError, Sql, missing_tables, qualified, quote_ident, quote_literal,
@@ -421,39 +421,6 @@ pub async fn partition_plan(
     Ok(out)
 }
 
-/// Adds the TRUNCATE triggers [`partition_plan`] finds missing, then queues a delete of every
-/// key the rules of their tables can produce: a TRUNCATE of such a partition before its
-/// trigger existed was missed. Logged at error.
-pub async fn repair_partitions(
-    client: &tokio_postgres::Client,
-    rules: &RuleSet,
-    queue: &mpsc::Sender<Committed>,
-) -> Result<(), SetupError> {
-    let mut db = client;
-    let repairs = partition_plan(&mut db, rules).await?;
-    if repairs.is_empty() {
-        return Ok(());
-    }
-    let mut flush = Invalidation::default();
-    for (table, action) in &repairs {
-        setup::apply(&mut db, std::slice::from_ref(action)).await?;
-        tracing::error!(table = %table, action = %action.why,
-            "a partition lacked the truncate trigger (attached after setup): added it; a \
-             truncate of it until now was missed, so every key of the table's rules is deleted");
-        flush.merge(rules.everything_for(table));
-    }
-    // Acknowledges nothing by itself (round numbers start at 1); queued behind what was read.
-    let _ = queue
-        .send(Committed {
-            history: 0,
-            end_lsn: Lsn(0),
-            commit_time_us: crate::pipeline::unix_micros(),
-            inv: flush,
-        })
-        .await;
-    Ok(())
-}
-
 /// Outbox rows waiting and the age in seconds of the oldest (`None` when empty).
 pub async fn depth(client: &tokio_postgres::Client) -> Result<(i64, Option<f64>), NotifyError> {
     let row = client
@@ -529,6 +496,59 @@ pub struct OutboxRow {
 }
 
 impl OutboxRow {
+    /// The row as the reader's query returns it.
+    fn from_row(row: &tokio_postgres::Row) -> Result<OutboxRow, tokio_postgres::Error> {
+        Ok(OutboxRow {
+            id: row.try_get(0)?,
+            table: TableName::new(row.try_get::<_, String>(1)?, row.try_get::<_, String>(2)?),
+            op: row.try_get(3)?,
+            old: row.try_get(4)?,
+            new: row.try_get(5)?,
+            created_us: row.try_get(6)?,
+        })
+    }
+
+    /// What the row gives the pipeline: its change (firing the rules of its table's partition
+    /// `ancestors` too), or the key or pattern an `invalidate()` row names. A row that cannot
+    /// be read is never skipped: it deletes everything it may have named.
+    fn steps(self, ancestors: &HashMap<TableName, Arc<[TableName]>>) -> Vec<Step> {
+        let ancestors_of = |table: &TableName| {
+            ancestors
+                .get(table)
+                .cloned()
+                .unwrap_or_else(|| Arc::from([]))
+        };
+        if self.op == invalidate::OUTBOX_OP || self.op == invalidate::OUTBOX_KEY_OP {
+            let manual = match self.given() {
+                Ok(text) => Manual::Given {
+                    text,
+                    literal: self.op == invalidate::OUTBOX_KEY_OP,
+                },
+                Err(e) => {
+                    tracing::error!(id = self.id, error = %e,
+                        "unreadable invalidate() row in the outbox; deleting every key under \
+                         the allowed prefixes");
+                    Manual::Unreadable
+                }
+            };
+            return vec![Step::Manual(manual)];
+        }
+        match self.change() {
+            Ok(change) => {
+                let ancestors = ancestors_of(&change.table);
+                vec![Step::Change { change, ancestors }]
+            }
+            Err(e) => {
+                tracing::warn!(id = self.id, table = %self.table, error = %e,
+                    "unreadable outbox row; invalidating every pattern of its table's rules");
+                std::iter::once(self.table.clone())
+                    .chain(ancestors_of(&self.table).iter().cloned())
+                    .map(|table| Step::Manual(Manual::Flush(table)))
+                    .collect()
+            }
+        }
+    }
+
     /// The key or pattern an `invalidate()` row carries: its `new` column, a JSON string.
     pub fn given(&self) -> Result<String, ConvertError> {
         let text = self.new.as_deref().ok_or(ConvertError::NotAString)?;
@@ -610,8 +630,6 @@ impl From<tokio_postgres::Error> for NotifyError {
 pub struct Progress {
     /// Rounds handed out and not yet confirmed: sequence number and outbox ids, in order.
     in_flight: VecDeque<(Lsn, Vec<i64>)>,
-    /// A planned round the queue had no room for yet (its ids are in `in_flight`).
-    pending: Option<Committed>,
     /// Outbox ids whose deletes Redis confirmed, to delete from the outbox.
     done: Vec<i64>,
     /// Sequence number of the last round read.
@@ -733,125 +751,246 @@ pub async fn reader_lock_holder(db: &mut impl Sql) -> Result<Option<String>, Set
         .and_then(|row| row.into_iter().next().flatten()))
 }
 
-/// Reads the outbox, queues each round and deletes confirmed rows from it, until the delete loop
-/// stops (shutdown: the last confirmed rows are deleted first) or the connection fails. `LISTEN`
-/// must have been issued on `client`.
-pub async fn stream(
-    client: &tokio_postgres::Client,
-    hints: &mut mpsc::UnboundedReceiver<()>,
-    rules: &mut LiveRules,
-    links: &mut Links,
-    progress: &mut Progress,
-) -> Result<SourceEnd, NotifyError> {
-    // Confirmations that arrived while disconnected.
-    progress.confirm(links.confirmed_lsn());
-    acknowledge(client, progress).await?;
-    let queue = links.queue.clone();
-    let mut poll = tokio::time::interval(POLL);
-    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // Partitions attached after setup, found at start (the first tick) and while running.
-    let mut partitions = tokio::time::interval(crate::source::drift::CHECK_EVERY);
-    partitions.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut read_now = true;
-    loop {
-        let reading = progress.pending.is_none()
-            && progress.held_len() < MAX_HELD
-            && !links.cancel.is_cancelled();
-        tokio::select! {
-            biased;
-            // Acknowledge first: it is what keeps the outbox short.
-            changed = links.confirmed.changed() => {
-                progress.confirm(links.confirmed_lsn());
-                acknowledge(client, progress).await?;
-                if changed.is_err() {
-                    // The delete loop has stopped (shutdown): that was the last confirmation.
-                    return Ok(SourceEnd::DeleterStopped);
+/// How the outbox is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reading {
+    /// The one reader: holds the reader lock, deletes the rows Redis confirmed, and adds the
+    /// truncate triggers of partitions attached after setup.
+    Owner,
+    /// `run --dry-run`: the rows after this id, none deleted, nothing changed.
+    Preview(i64),
+}
+
+/// The outbox as a [`Source`]: each read round of rows is one transaction whose position is
+/// the round's sequence number (rounds are queued in order, so the confirmed position says
+/// which rounds are done); acknowledging deletes the rows of the confirmed rounds by id.
+pub struct OutboxSource<'a> {
+    /// The listening session (`LISTEN` must have been issued on it).
+    client: &'a tokio_postgres::Client,
+    /// A hint per notification; closed when the session ends.
+    hints: &'a mut mpsc::UnboundedReceiver<()>,
+    /// The rules in effect, for the truncate triggers of partitions.
+    rules: watch::Receiver<Arc<RuleSet>>,
+    /// What is kept across reconnects.
+    progress: &'a mut Progress,
+    /// Owner or preview.
+    reading: Reading,
+    /// Reads without a notification, and (owner) measures the outbox.
+    poll: tokio::time::Interval,
+    /// Looks for partitions attached after setup: at start (the first tick) and while running.
+    partitions: tokio::time::Interval,
+    /// A round is due: a hint, a poll, or a full round before (a backlog).
+    read_now: bool,
+    /// A look for partitions is due.
+    repair_due: bool,
+    /// Steps of the last round (or repair) not yet given.
+    steps: VecDeque<Step>,
+}
+
+impl<'a> OutboxSource<'a> {
+    /// The reader that holds the reader lock on `client`'s session; `rules` says which tables'
+    /// partitions need truncate triggers.
+    pub fn owner(
+        client: &'a tokio_postgres::Client,
+        hints: &'a mut mpsc::UnboundedReceiver<()>,
+        rules: watch::Receiver<Arc<RuleSet>>,
+        progress: &'a mut Progress,
+    ) -> OutboxSource<'a> {
+        OutboxSource::new(client, hints, rules, progress, Reading::Owner)
+    }
+
+    /// `run --dry-run`: reads the outbox rows newer than the newest one now, deletes none and
+    /// takes no reader lock, so a real reader keeps working beside it; rows that reader deletes
+    /// first, and rows whose ids are below one already read (ids are assigned before commit),
+    /// are not shown.
+    pub async fn preview(
+        client: &'a tokio_postgres::Client,
+        hints: &'a mut mpsc::UnboundedReceiver<()>,
+        rules: watch::Receiver<Arc<RuleSet>>,
+        progress: &'a mut Progress,
+    ) -> Result<OutboxSource<'a>, NotifyError> {
+        let newest: i64 = client
+            .query_one("SELECT coalesce(max(id), 0) FROM invalidator.outbox", &[])
+            .await?
+            .try_get(0)?;
+        tracing::info!(
+            after_id = newest,
+            "dry run: reading outbox rows newer than the newest one now; deleting none"
+        );
+        let preview = Reading::Preview(newest);
+        Ok(OutboxSource::new(client, hints, rules, progress, preview))
+    }
+
+    fn new(
+        client: &'a tokio_postgres::Client,
+        hints: &'a mut mpsc::UnboundedReceiver<()>,
+        rules: watch::Receiver<Arc<RuleSet>>,
+        progress: &'a mut Progress,
+        reading: Reading,
+    ) -> OutboxSource<'a> {
+        let interval = |period| {
+            let mut interval = tokio::time::interval(period);
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            interval
+        };
+        OutboxSource {
+            client,
+            hints,
+            rules,
+            progress,
+            reading,
+            poll: interval(POLL),
+            partitions: interval(crate::source::drift::CHECK_EVERY),
+            read_now: true,
+            repair_due: false,
+            steps: VecDeque::new(),
+        }
+    }
+
+    /// Whether another round may be read: the ids held are excluded from each read, and that
+    /// list must stay short.
+    fn may_read(&self) -> bool {
+        self.reading != Reading::Owner || self.progress.held_len() < MAX_HELD
+    }
+
+    /// Reads one round of outbox rows not held already and turns it into steps; returns
+    /// whether the round was full.
+    async fn read_round(&mut self) -> Result<bool, NotifyError> {
+        let columns = "SELECT id, table_schema, table_name, op, old::text, new::text, \
+                       (extract(epoch FROM created_at) * 1000000)::bigint FROM invalidator.outbox";
+        let rows = match self.reading {
+            Reading::Owner => {
+                let held = self.progress.held();
+                let query = format!("{columns} WHERE id <> ALL($1) ORDER BY id LIMIT $2");
+                self.client.query(&query, &[&held, &ROUND_ROWS]).await?
+            }
+            Reading::Preview(seen) => {
+                let query = format!("{columns} WHERE id > $1 ORDER BY id LIMIT $2");
+                self.client.query(&query, &[&seen, &ROUND_ROWS]).await?
+            }
+        };
+        if rows.is_empty() {
+            return Ok(false);
+        }
+        let full = rows.len() as i64 >= ROUND_ROWS;
+        let ancestors = ancestors_of(self.client, &rows).await?;
+        let rows = rows
+            .iter()
+            .map(OutboxRow::from_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        let ids: Vec<i64> = rows.iter().map(|row| row.id).collect();
+        let first_time = rows.iter().map(|row| row.created_us).min().unwrap_or(0);
+        self.progress.last_round += 1;
+        let round = Lsn(self.progress.last_round);
+        // The transaction boundary here is the round; even a round with nothing to delete is
+        // queued, since its confirmation acknowledges its rows.
+        self.steps.push_back(Step::Begin {
+            commit_time_us: first_time,
+        });
+        for row in rows {
+            self.steps.extend(row.steps(&ancestors));
+        }
+        self.steps.push_back(Step::Commit { position: round });
+        match self.reading {
+            Reading::Owner => self.progress.in_flight.push_back((round, ids)),
+            Reading::Preview(seen) => {
+                self.reading = Reading::Preview(ids.last().copied().unwrap_or(seen));
+            }
+        }
+        Ok(full)
+    }
+
+    /// Adds the TRUNCATE triggers [`partition_plan`] finds missing, then gives a transaction
+    /// that deletes every key the rules of their tables can produce: a TRUNCATE of such a
+    /// partition before its trigger existed was missed. Logged at error.
+    async fn repair_partitions(&mut self) -> Result<(), SetupError> {
+        let rules = self.rules.borrow().clone();
+        let mut db = self.client;
+        let repairs = partition_plan(&mut db, &rules).await?;
+        if repairs.is_empty() {
+            return Ok(());
+        }
+        let mut steps = vec![Step::Begin {
+            commit_time_us: crate::change::unix_micros(),
+        }];
+        for (table, action) in repairs {
+            setup::apply(&mut db, std::slice::from_ref(&action)).await?;
+            tracing::error!(table = %table, action = %action.why,
+                "a partition lacked the truncate trigger (attached after setup): added it; a \
+                 truncate of it until now was missed, so every key of the table's rules is \
+                 deleted");
+            steps.push(Step::Manual(Manual::Flush(table)));
+        }
+        // Acknowledges nothing by itself (round numbers start at 1); queued behind what was
+        // read.
+        steps.push(Step::Commit { position: Lsn(0) });
+        self.steps.extend(steps);
+        Ok(())
+    }
+}
+
+impl Source for OutboxSource<'_> {
+    type Error = NotifyError;
+
+    async fn ready(&mut self) -> Result<bool, NotifyError> {
+        loop {
+            if !self.steps.is_empty() || self.repair_due || (self.read_now && self.may_read()) {
+                return Ok(true);
+            }
+            tokio::select! {
+                biased;
+                hint = self.hints.recv() => {
+                    if hint.is_none() {
+                        return Err(NotifyError::Closed);
+                    }
+                    while self.hints.try_recv().is_ok() {}
+                    self.read_now = true;
                 }
-            }
-            permit = queue.reserve(), if progress.pending.is_some() => {
-                let Ok(permit) = permit else { return Ok(SourceEnd::DeleterStopped) };
-                if let Some(round) = progress.pending.take() {
-                    links.last_queued = links.last_queued.max(round.end_lsn);
-                    permit.send(round);
+                _ = self.poll.tick() => {
+                    if self.reading == Reading::Owner {
+                        // Measured here, not per round: count(*) on a long outbox costs.
+                        measure(self.client).await;
+                    }
+                    self.read_now = true;
                 }
-            }
-            () = std::future::ready(()), if reading && read_now => {
-                // A full round means a backlog: read the next one straight away.
-                read_now = read_round(client, rules, progress, &links.invalidate_prefixes).await?;
-            }
-            hint = hints.recv(), if reading => {
-                if hint.is_none() {
-                    return Err(NotifyError::Closed);
+                _ = self.partitions.tick(), if self.reading == Reading::Owner => {
+                    self.repair_due = true;
                 }
-                while hints.try_recv().is_ok() {}
-                read_now = true;
-            }
-            _ = poll.tick() => {
-                // The depth is measured here, not per round: count(*) on a long outbox costs.
-                measure(client).await;
-                read_now |= reading;
-            }
-            _ = partitions.tick() => {
-                rules.refresh();
-                repair_partitions(client, rules.rules(), &queue).await?;
             }
         }
     }
-}
 
-/// Deletes the confirmed ids from the outbox.
-async fn acknowledge(
-    client: &tokio_postgres::Client,
-    progress: &mut Progress,
-) -> Result<(), NotifyError> {
-    if progress.done.is_empty() {
-        return Ok(());
+    async fn step(&mut self) -> Result<Option<Step>, NotifyError> {
+        if self.steps.is_empty() {
+            if self.repair_due {
+                self.repair_due = false;
+                self.repair_partitions().await?;
+            } else if self.read_now && self.may_read() {
+                // A full round means a backlog: read the next one straight away.
+                self.read_now = self.read_round().await?;
+            }
+        }
+        Ok(self.steps.pop_front())
     }
-    client
-        .execute(
-            "DELETE FROM invalidator.outbox WHERE id = ANY($1)",
-            &[&progress.done],
-        )
-        .await?;
-    progress.done.clear();
-    Ok(())
-}
 
-/// Reads one round of outbox rows not held already and plans it into `progress.pending`;
-/// returns whether the round was full.
-async fn read_round(
-    client: &tokio_postgres::Client,
-    rules: &mut LiveRules,
-    progress: &mut Progress,
-    invalidate_prefixes: &[String],
-) -> Result<bool, NotifyError> {
-    let held = progress.held();
-    let rows = client
-        .query(
-            "SELECT id, table_schema, table_name, op, old::text, new::text, \
-             (extract(epoch FROM created_at) * 1000000)::bigint \
-             FROM invalidator.outbox WHERE id <> ALL($1) ORDER BY id LIMIT $2",
-            &[&held, &ROUND_ROWS],
-        )
-        .await?;
-    if rows.is_empty() {
-        return Ok(false);
+    /// Deletes the rows of the rounds up to `position` from the outbox.
+    async fn acknowledge(&mut self, position: Lsn) -> Result<(), NotifyError> {
+        if self.reading != Reading::Owner {
+            return Ok(());
+        }
+        self.progress.confirm(position);
+        if self.progress.done.is_empty() {
+            return Ok(());
+        }
+        self.client
+            .execute(
+                "DELETE FROM invalidator.outbox WHERE id = ANY($1)",
+                &[&self.progress.done],
+            )
+            .await?;
+        self.progress.done.clear();
+        Ok(())
     }
-    let full = rows.len() as i64 >= ROUND_ROWS;
-    let ancestors = ancestors_of(client, &rows).await?;
-    let (ids, first_time, inv) = plan_rows(rules, rows, &ancestors, invalidate_prefixes)?;
-    progress.last_round += 1;
-    let round = Lsn(progress.last_round);
-    progress.in_flight.push_back((round, ids));
-    // Even a round with nothing to delete is queued: its confirmation acknowledges its rows.
-    progress.pending = Some(Committed {
-        // Notify mode never starts a new history: the outbox is the truth.
-        history: 0,
-        end_lsn: round,
-        commit_time_us: first_time,
-        inv,
-    });
-    Ok(full)
 }
 
 /// The partition ancestors of each table the outbox `rows` name (tables that are no partition
@@ -861,7 +1000,7 @@ async fn read_round(
 async fn ancestors_of(
     client: &tokio_postgres::Client,
     rows: &[tokio_postgres::Row],
-) -> Result<HashMap<TableName, Vec<TableName>>, NotifyError> {
+) -> Result<HashMap<TableName, Arc<[TableName]>>, NotifyError> {
     let mut schemas = Vec::new();
     let mut names = Vec::new();
     for row in rows {
@@ -892,143 +1031,7 @@ async fn ancestors_of(
         let ancestor = TableName::new(row.try_get::<_, String>(2)?, row.try_get::<_, String>(3)?);
         out.entry(table).or_default().push(ancestor);
     }
-    Ok(out)
-}
-
-/// Plans one round of outbox rows with the rules in effect (taking newer ones first: a round is
-/// the transaction boundary here), each change for its table and for the table's partition
-/// `ancestors`; returns their ids, the oldest row's time and what to delete. A row written by
-/// `invalidator.invalidate()` or `invalidate_key()` deletes what it names only under the
-/// allowed prefixes: the rules' and `invalidate_prefixes`.
-fn plan_rows(
-    rules: &mut LiveRules,
-    rows: Vec<tokio_postgres::Row>,
-    ancestors: &HashMap<TableName, Vec<TableName>>,
-    invalidate_prefixes: &[String],
-) -> Result<(Vec<i64>, i64, Invalidation), NotifyError> {
-    rules.refresh();
-    let allowed = invalidate::Allowed::new(rules.rules(), invalidate_prefixes);
-    let mut inv = Invalidation::default();
-    let mut ids = Vec::with_capacity(rows.len());
-    let mut first_time = i64::MAX;
-    for row in rows {
-        let outbox = OutboxRow {
-            id: row.try_get(0)?,
-            table: TableName::new(row.try_get::<_, String>(1)?, row.try_get::<_, String>(2)?),
-            op: row.try_get(3)?,
-            old: row.try_get(4)?,
-            new: row.try_get(5)?,
-            created_us: row.try_get(6)?,
-        };
-        ids.push(outbox.id);
-        first_time = first_time.min(outbox.created_us);
-        if outbox.op == invalidate::OUTBOX_OP || outbox.op == invalidate::OUTBOX_KEY_OP {
-            match outbox.given() {
-                Ok(text) => allowed.insert(&mut inv, &text, outbox.op == invalidate::OUTBOX_KEY_OP),
-                Err(e) => {
-                    // Never skip: not knowing what it named, everything it may name goes.
-                    tracing::error!(id = outbox.id, error = %e,
-                        "unreadable invalidate() row in the outbox; deleting every key under \
-                         the allowed prefixes");
-                    inv.merge(allowed.everything());
-                }
-            }
-            continue;
-        }
-        match outbox.change() {
-            Ok(change) => {
-                metrics::counter!(
-                    telemetry::CHANGES_TOTAL,
-                    "table" => change.table.to_string(),
-                    "op" => change.op.as_str()
-                )
-                .increment(1);
-                rules.plan(&change, &mut inv);
-                for ancestor in ancestors.get(&change.table).into_iter().flatten() {
-                    let mut copy = change.clone();
-                    copy.table.clone_from(ancestor);
-                    rules.plan(&copy, &mut inv);
-                }
-            }
-            Err(e) => {
-                // Never skip: whatever the row was, every key its table's rules make goes.
-                tracing::warn!(id = outbox.id, table = %outbox.table, error = %e,
-                    "unreadable outbox row; invalidating every pattern of its table's rules");
-                inv.merge(rules.rules().everything_for(&outbox.table));
-                for ancestor in ancestors.get(&outbox.table).into_iter().flatten() {
-                    inv.merge(rules.rules().everything_for(ancestor));
-                }
-            }
-        }
-    }
-    rules.count();
-    Ok((ids, first_time, inv))
-}
-
-/// `run --dry-run` in notify mode: reads the outbox rows newer than the newest one at start,
-/// plans each round and logs what it would delete. It deletes no outbox row and takes no reader
-/// lock, so a real reader keeps working beside it; rows that reader deletes first, and rows
-/// whose ids are below one already read (ids are assigned before commit), are not shown.
-pub async fn dry_stream(
-    client: &tokio_postgres::Client,
-    hints: &mut mpsc::UnboundedReceiver<()>,
-    rules: &mut LiveRules,
-    links: &Links,
-) -> Result<SourceEnd, NotifyError> {
-    let newest: i64 = client
-        .query_one("SELECT coalesce(max(id), 0) FROM invalidator.outbox", &[])
-        .await?
-        .try_get(0)?;
-    tracing::info!(
-        after_id = newest,
-        "dry run: reading outbox rows newer than the newest one now; deleting none"
-    );
-    let mut seen = newest;
-    let mut poll = tokio::time::interval(POLL);
-    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut read_now = true;
-    loop {
-        tokio::select! {
-            biased;
-            _ = links.cancel.cancelled() => return Ok(SourceEnd::DeleterStopped),
-            () = std::future::ready(()), if read_now => {
-                let rows = client
-                    .query(
-                        "SELECT id, table_schema, table_name, op, old::text, new::text, \
-                         (extract(epoch FROM created_at) * 1000000)::bigint \
-                         FROM invalidator.outbox WHERE id > $1 ORDER BY id LIMIT $2",
-                        &[&seen, &ROUND_ROWS],
-                    )
-                    .await?;
-                read_now = rows.len() as i64 >= ROUND_ROWS;
-                if rows.is_empty() {
-                    continue;
-                }
-                let mut tables = BTreeSet::new();
-                for row in &rows {
-                    let (schema, name) = (row.try_get::<_, &str>(1)?, row.try_get::<_, &str>(2)?);
-                    tables.insert(TableName::new(schema, name).to_string());
-                }
-                let ancestors = ancestors_of(client, &rows).await?;
-                let (ids, _, inv) = plan_rows(rules, rows, &ancestors, &links.invalidate_prefixes)?;
-                let first = ids.first().copied().unwrap_or(seen);
-                seen = ids.last().copied().unwrap_or(seen);
-                if !inv.is_empty() {
-                    let tables = tables.into_iter().collect::<Vec<_>>().join(", ");
-                    let position = format!("outbox ids {first}..{seen}");
-                    crate::dry_run::log_would_delete(position, &tables, &inv);
-                }
-            }
-            hint = hints.recv() => {
-                if hint.is_none() {
-                    return Err(NotifyError::Closed);
-                }
-                while hints.try_recv().is_ok() {}
-                read_now = true;
-            }
-            _ = poll.tick() => read_now = true,
-        }
-    }
+    Ok(out.into_iter().map(|(t, a)| (t, a.into())).collect())
 }
 
 #[cfg(test)]

@@ -19,6 +19,7 @@
 
 mod conn;
 mod error;
+mod source;
 mod wire;
 
 #[cfg(test)]
@@ -43,6 +44,7 @@ use crate::source::connect::{
 };
 use conn::{Backend, Connection, Socket, log_notice, server_error, unexpected};
 pub use error::ReplicationError;
+pub use source::{Ancestry, CatchUp, ReplicationSource, SourceError, WalProgress, WalStream};
 
 /// The port Postgres listens on when the configuration names none.
 const DEFAULT_PORT: u16 = 5432;

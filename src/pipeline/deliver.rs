@@ -1,0 +1,304 @@
+//! The delete loop: takes committed transactions from the queue, merges what is waiting into
+//! one batch, deletes it with retries, and only then moves the confirmed position.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use super::{Committed, Position, Sink, backoff};
+use crate::change::unix_micros;
+use crate::rules::Invalidation;
+use crate::telemetry::{self, Health};
+
+/// Takes committed transactions from the queue, deletes their keys in batches and advances the
+/// confirmed LSN. Transient Redis errors are retried forever with capped, jittered exponential
+/// backoff; on shutdown the batch in flight is finished (unless Redis is failing) and the loop
+/// returns. A permanent Redis error (bad credentials) is returned.
+pub async fn run_deleter<K: Sink>(
+    sink: K,
+    queue: mpsc::Receiver<Committed>,
+    confirmed: watch::Sender<Position>,
+    health: Arc<Health>,
+    max_batch_keys: usize,
+    cancel: CancellationToken,
+) -> Result<(), K::Error> {
+    let reporting = Reporting::single(health);
+    deliver(sink, queue, confirmed, &reporting, max_batch_keys, cancel).await
+}
+
+/// A committed transaction as a delete loop receives it: owned with one Redis target, shared
+/// (`Arc`) when several targets receive the same transactions.
+pub trait Queued: Send + 'static {
+    /// The transaction.
+    fn committed(&self) -> &Committed;
+
+    /// Its invalidation, moved out when this is the only holder and copied otherwise.
+    fn into_invalidation(self) -> Invalidation;
+}
+
+impl Queued for Committed {
+    fn committed(&self) -> &Committed {
+        self
+    }
+
+    fn into_invalidation(self) -> Invalidation {
+        self.inv
+    }
+}
+
+impl Queued for Arc<Committed> {
+    fn committed(&self) -> &Committed {
+        self
+    }
+
+    fn into_invalidation(self) -> Invalidation {
+        Arc::try_unwrap(self).map_or_else(|shared| shared.inv.clone(), |owned| owned.inv)
+    }
+}
+
+/// One batch of a delete loop: a single transaction as received (nothing copied), or several
+/// merged.
+enum Batch<T> {
+    /// The first transaction alone.
+    One(T),
+    /// Several transactions' invalidations merged.
+    Merged(Invalidation),
+}
+
+impl<T: Queued> Batch<T> {
+    /// What the batch deletes.
+    fn inv(&self) -> &Invalidation {
+        match self {
+            Batch::One(first) => &first.committed().inv,
+            Batch::Merged(inv) => inv,
+        }
+    }
+
+    /// Adds `next` to the batch.
+    fn add(&mut self, next: T) {
+        let mut inv = match std::mem::replace(self, Batch::Merged(Invalidation::default())) {
+            Batch::One(first) => first.into_invalidation(),
+            Batch::Merged(inv) => inv,
+        };
+        inv.merge(next.into_invalidation());
+        *self = Batch::Merged(inv);
+    }
+}
+
+/// Where a delete loop reports: readiness and lag in [`Health`], and the delete-side metrics,
+/// labelled `target` when there are several Redis targets.
+pub struct Reporting {
+    /// Readiness and lag.
+    health: Arc<Health>,
+    /// The target's name when there are several; `None` for the one `[redis] url`.
+    target: Option<String>,
+    /// [`telemetry::KEYS_DELETED_TOTAL`].
+    keys_deleted: metrics::Counter,
+    /// [`telemetry::PATTERNS_TOTAL`].
+    patterns: metrics::Counter,
+    /// [`telemetry::SCAN_CALLS_TOTAL`].
+    scan_calls: metrics::Counter,
+    /// [`telemetry::ERRORS_TOTAL`] of kind `redis`.
+    errors: metrics::Counter,
+    /// [`telemetry::TRANSACTIONS_TOTAL`].
+    transactions: metrics::Counter,
+    /// [`telemetry::BATCH_KEYS`].
+    batch_keys: metrics::Histogram,
+    /// [`telemetry::COMMIT_TO_DELETE_SECONDS`].
+    delay: metrics::Histogram,
+}
+
+impl Reporting {
+    /// For the one Redis target: unlabelled series, readiness as `redis: ...`.
+    pub fn single(health: Arc<Health>) -> Reporting {
+        Reporting {
+            health,
+            target: None,
+            keys_deleted: metrics::counter!(telemetry::KEYS_DELETED_TOTAL),
+            patterns: metrics::counter!(telemetry::PATTERNS_TOTAL),
+            scan_calls: metrics::counter!(telemetry::SCAN_CALLS_TOTAL),
+            errors: metrics::counter!(telemetry::ERRORS_TOTAL, "kind" => "redis"),
+            transactions: metrics::counter!(telemetry::TRANSACTIONS_TOTAL),
+            batch_keys: metrics::histogram!(telemetry::BATCH_KEYS),
+            delay: metrics::histogram!(telemetry::COMMIT_TO_DELETE_SECONDS),
+        }
+    }
+
+    /// For the target `name`, one of several: series labelled `target`, readiness as
+    /// `redis <name>: ...`.
+    pub fn target(health: Arc<Health>, name: &str) -> Reporting {
+        let label = || ("target", name.to_owned());
+        let counters = Reporting {
+            health,
+            target: Some(name.to_owned()),
+            keys_deleted: metrics::counter!(telemetry::KEYS_DELETED_TOTAL, &[label()]),
+            patterns: metrics::counter!(telemetry::PATTERNS_TOTAL, &[label()]),
+            scan_calls: metrics::counter!(telemetry::SCAN_CALLS_TOTAL, &[label()]),
+            errors: metrics::counter!(
+                telemetry::ERRORS_TOTAL,
+                &[("kind", "redis".to_owned()), label()]
+            ),
+            transactions: metrics::counter!(telemetry::TRANSACTIONS_TOTAL, &[label()]),
+            batch_keys: metrics::histogram!(telemetry::BATCH_KEYS, &[label()]),
+            delay: metrics::histogram!(telemetry::COMMIT_TO_DELETE_SECONDS, &[label()]),
+        };
+        // Series that exist from the start, so dashboards see zeros, not gaps.
+        for counter in [
+            &counters.keys_deleted,
+            &counters.patterns,
+            &counters.scan_calls,
+            &counters.transactions,
+        ] {
+            counter.increment(0);
+        }
+        counters
+    }
+
+    /// Records why this target's Redis is not usable (`None`: it answers).
+    pub fn set_redis(&self, reason: Option<String>) {
+        match &self.target {
+            None => self.health.set_redis(reason),
+            Some(name) => self.health.set_target(name, reason),
+        }
+    }
+
+    /// Records the commit time of this target's oldest unconfirmed transaction.
+    fn set_oldest_unconfirmed(&self, commit_time_us: Option<i64>) {
+        match &self.target {
+            None => self.health.set_oldest_unconfirmed(commit_time_us),
+            Some(name) => self
+                .health
+                .set_target_oldest_unconfirmed(name, commit_time_us),
+        }
+    }
+}
+
+/// [`run_deleter`] for any queue item and any [`Reporting`]: the loop of one Redis target.
+pub async fn deliver<K: Sink, T: Queued>(
+    mut sink: K,
+    mut queue: mpsc::Receiver<T>,
+    confirmed: watch::Sender<Position>,
+    report: &Reporting,
+    max_batch_keys: usize,
+    cancel: CancellationToken,
+) -> Result<(), K::Error> {
+    let mut ping = tokio::time::interval(Duration::from_secs(5));
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let first = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return Ok(()),
+            next = queue.recv() => match next {
+                Some(committed) => committed,
+                None => return Ok(()),
+            },
+            _ = ping.tick() => {
+                match sink.ping().await {
+                    Ok(()) => report.set_redis(None),
+                    Err(e) if K::is_transient(&e) => report.set_redis(Some(telemetry::chain(&e))),
+                    Err(e) => return Err(e),
+                }
+                continue;
+            }
+        };
+        // The queue is in commit order: the first is the oldest unconfirmed transaction.
+        let head = first.committed();
+        report.set_oldest_unconfirmed(Some(head.commit_time_us));
+        // Latency first: the batch is what is already waiting, never a wait for more.
+        let mut end = head.position();
+        let mut commits = vec![(head.end_lsn, head.commit_time_us)];
+        let mut batch = Batch::One(first);
+        while batch.inv().len() < max_batch_keys {
+            match queue.try_recv() {
+                Ok(next) => {
+                    let c = next.committed();
+                    end = end.max(c.position());
+                    commits.push((c.end_lsn, c.commit_time_us));
+                    batch.add(next);
+                }
+                Err(_) => break,
+            }
+        }
+        if !batch.inv().is_empty() {
+            report.batch_keys.record(batch.inv().len() as f64);
+        }
+        if !delete_with_retry(&mut sink, batch.inv(), report, &cancel).await? {
+            return Ok(());
+        }
+        drop(batch);
+        if queue.is_empty() {
+            // Otherwise the next batch, taken at once, records its own.
+            report.set_oldest_unconfirmed(None);
+        }
+        confirmed.send_if_modified(|c| {
+            let advance = end > *c;
+            if advance {
+                *c = end;
+            }
+            advance
+        });
+        // After the acknowledgement is on its way, so measuring never delays it.
+        let now = unix_micros();
+        for &(lsn, commit_time_us) in &commits {
+            let delay_us = (now - commit_time_us).max(0);
+            report.delay.record(delay_us as f64 / 1e6);
+            tracing::debug!(%lsn, target = report.target.as_deref(),
+                commit_to_confirmed_us = delay_us, "transaction confirmed");
+        }
+        report.transactions.increment(commits.len() as u64);
+    }
+}
+
+/// Deletes until Redis confirms. `Ok(false)`: shutdown came while Redis was failing, so nothing
+/// may be acknowledged.
+async fn delete_with_retry<K: Sink>(
+    sink: &mut K,
+    inv: &Invalidation,
+    report: &Reporting,
+    cancel: &CancellationToken,
+) -> Result<bool, K::Error> {
+    if inv.is_empty() {
+        return Ok(true);
+    }
+    let mut delays = backoff();
+    loop {
+        match sink.delete(inv).await {
+            Ok(stats) => {
+                report.set_redis(None);
+                report.keys_deleted.increment(stats.keys_deleted);
+                report.patterns.increment(stats.patterns_scanned);
+                report.scan_calls.increment(stats.scan_calls);
+                return Ok(true);
+            }
+            Err(e) if K::is_transient(&e) => {
+                report.errors.increment(1);
+                let error = telemetry::chain(&e);
+                report.set_redis(Some(error.clone()));
+                let delay = delays.next().unwrap_or(Duration::from_secs(10));
+                tracing::warn!(%error, target = report.target.as_deref(), retry_in = ?delay,
+                    "redis delete failed; not acknowledging");
+                tokio::select! {
+                    biased;
+                    _ = cancel.cancelled() => return Ok(false),
+                    _ = tokio::time::sleep(delay) => {}
+                    // A long backoff should not outlast the outage: retry as soon as Redis
+                    // answers again.
+                    _ = answers_again(sink) => {}
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Returns once a `PING` succeeds, trying every quarter second.
+async fn answers_again<K: Sink>(sink: &mut K) {
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        if sink.ping().await.is_ok() {
+            return;
+        }
+    }
+}

@@ -1,0 +1,145 @@
+//! The one place that wires source → rules → Redis → acknowledgement.
+//!
+//! Two tasks share a bounded queue of committed transactions:
+//!
+//! ```text
+//!  source loop: Source ─Step─▶ RuleSet::plan ─▶ Committed{position, keys, patterns} ─┐ bounded
+//!       ▲       (replication stream + decoder, or outbox rounds)                      ▼ queue
+//!       └── Source::acknowledge(confirmed) ◀── watch<Position> ◀── delete loop: merge, UNLINK/SCAN
+//! ```
+//!
+//! - [`source_loop`]: one loop for every [`Source`](crate::source::Source): plans, bounds each
+//!   transaction (`pipeline.max_transaction_keys`), counts changes, queues, acknowledges.
+//! - [`deliver`]: the delete loop of one [`Sink`], with retries, readiness and metrics.
+//!
+//! The confirmed position is owned by the delete loop: it moves only after Redis confirmed every
+//! delete of a transaction, and only forwards. The source loop only passes it on. While the
+//! queue is full the source loop stops reading (backpressure) but keeps acknowledging, so the
+//! walsender neither times out nor races ahead.
+
+mod deliver;
+mod source_loop;
+#[cfg(test)]
+mod tests;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::change::Lsn;
+use crate::redis::DeleteStats;
+use crate::rules::Invalidation;
+
+pub use deliver::{Queued, Reporting, deliver, run_deleter};
+pub use source_loop::{SourceEnd, run_source};
+
+/// Transactions that may wait between the source and the delete loop. Small on purpose: the WAL
+/// is the buffer, and what is queued is not yet acknowledged.
+pub const QUEUE_DEPTH: usize = 64;
+
+/// Where invalidations go: Redis, or a recording stand-in in unit tests.
+pub trait Sink: Send + 'static {
+    /// Why a delete failed.
+    type Error: std::error::Error + Send + 'static;
+
+    /// Deletes the keys and everything matching the patterns.
+    fn delete(
+        &mut self,
+        inv: &Invalidation,
+    ) -> impl Future<Output = Result<DeleteStats, Self::Error>> + Send;
+
+    /// Checks that Redis answers, so readiness is right while no change flows.
+    fn ping(&mut self) -> impl Future<Output = Result<(), Self::Error>> + Send;
+
+    /// Whether retrying the failed call can succeed.
+    fn is_transient(error: &Self::Error) -> bool;
+}
+
+/// A confirmed position in one history of the server. `history` counts the times the sidecar
+/// started over (a lost slot, a restore, a failover): an LSN of an earlier history says nothing
+/// about the current server, whose WAL may not even reach it. Ordered by history, then LSN, so
+/// "only forwards" and "the minimum of several targets" keep their meaning across a new history.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Position {
+    /// The history the LSN belongs to.
+    pub history: u64,
+    /// The end LSN of the last transaction confirmed in it.
+    pub lsn: Lsn,
+}
+
+/// The invalidations of one committed transaction, waiting for Redis.
+#[derive(Debug)]
+pub struct Committed {
+    /// The history it was read in (see [`Position`]).
+    pub history: u64,
+    /// End LSN of the transaction: the flush position once its deletes are confirmed.
+    pub end_lsn: Lsn,
+    /// Commit time, microseconds since the Unix epoch.
+    pub commit_time_us: i64,
+    /// What to delete.
+    pub inv: Invalidation,
+}
+
+impl Committed {
+    /// Where the confirmed position stands once its deletes are confirmed.
+    pub fn position(&self) -> Position {
+        Position {
+            history: self.history,
+            lsn: self.end_lsn,
+        }
+    }
+}
+
+/// The handles the source loop shares with the delete loop.
+pub struct Links {
+    /// Where committed transactions go.
+    pub queue: mpsc::Sender<Committed>,
+    /// The confirmed position, advanced by the delete loop; closed when that loop stops.
+    pub confirmed: watch::Receiver<Position>,
+    /// Fires on shutdown: stop reading.
+    pub cancel: CancellationToken,
+    /// Position of the last transaction handed to the queue; kept across reconnects because
+    /// the queue outlives a connection.
+    pub last_queued: Lsn,
+    /// The history being read (see [`Position`]); transactions are queued in it.
+    pub history: u64,
+    /// Dry run: log what each transaction would delete (the delete loop deletes nothing).
+    pub dry_run: bool,
+    /// The configured prefixes manual invalidation may delete under, besides the rules' own
+    /// (see [`crate::source::invalidate::Allowed`]).
+    pub invalidate_prefixes: Arc<[String]>,
+}
+
+impl Links {
+    /// The confirmed LSN of the current history; `Lsn(0)` while only transactions of an earlier
+    /// one are confirmed.
+    pub fn confirmed_lsn(&self) -> Lsn {
+        let confirmed = *self.confirmed.borrow();
+        if confirmed.history == self.history {
+            confirmed.lsn
+        } else {
+            Lsn(0)
+        }
+    }
+
+    /// Starts a new history: what is still queued from the old one no longer moves the
+    /// acknowledgement.
+    pub fn new_history(&mut self) {
+        self.history += 1;
+        self.last_queued = Lsn(0);
+    }
+}
+
+/// Capped exponential backoff with jitter, forever: transient failures never give up.
+pub fn backoff() -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(10))
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
