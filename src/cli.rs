@@ -13,7 +13,8 @@ use invalidator::check;
 use invalidator::config::{Config, LogFormat, Mode};
 use invalidator::explain::OldRow;
 use invalidator::rules::RuleSet;
-use invalidator::source::{invalidate, notify, setup, teardown};
+use invalidator::source::{invalidate, notify, setup};
+use invalidator::teardown;
 use invalidator::{explain, run};
 use tokio_util::sync::CancellationToken;
 
@@ -355,7 +356,7 @@ pub async fn execute(command: Command, loaded: Loaded) -> anyhow::Result<ExitCod
                 }
                 Mode::Notify => (
                     {
-                        let mut actions = notify::plan(&mut db, &rules).await?;
+                        let mut actions = setup::notify::plan(&mut db, &rules).await?;
                         actions.extend(
                             invalidate::plan(
                                 &mut db,

@@ -544,14 +544,14 @@ fn validate(raw: RawConfig, origins: &Origins) -> Result<Config, ConfigError> {
         .postgres
         .url
         .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
-    if let Err(e) = crate::source::connect::parse_url(&url) {
+    if let Err(e) = crate::endpoint::parse_url(&url) {
         return Err(invalid(
             "postgres.url",
             format!("{} is not a valid Postgres URL: {e}", redact(&url)),
         ));
     }
     if let Some(ca) = &raw.postgres.ca_file {
-        crate::source::connect::load_ca_file(ca).map_err(|e| invalid("postgres.ca_file", e))?;
+        crate::endpoint::load_ca_file(ca).map_err(|e| invalid("postgres.ca_file", e))?;
     }
     let redis_url = raw
         .redis
@@ -661,11 +661,11 @@ fn validate(raw: RawConfig, origins: &Origins) -> Result<Config, ConfigError> {
 fn validate_redis_tls(raw: &RedisConnectConfig, url: &str) -> Result<(), (&'static str, String)> {
     use rustls::pki_types::{PrivateKeyDer, pem::PemObject};
     if let Some(ca) = &raw.ca_file {
-        crate::source::connect::load_ca_file(ca).map_err(|e| ("redis.ca_file", e))?;
+        crate::endpoint::load_ca_file(ca).map_err(|e| ("redis.ca_file", e))?;
     }
     match (&raw.tls_cert_file, &raw.tls_key_file) {
         (Some(cert), Some(key)) => {
-            crate::source::connect::load_ca_file(cert).map_err(|e| ("redis.tls_cert_file", e))?;
+            crate::endpoint::load_ca_file(cert).map_err(|e| ("redis.tls_cert_file", e))?;
             PrivateKeyDer::from_pem_file(key).map_err(|e| {
                 (
                     "redis.tls_key_file",

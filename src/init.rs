@@ -106,7 +106,7 @@ pub async fn init(dir: &Path, postgres: &PostgresConfig) -> Result<Vec<PathBuf>,
             key: row.get(2),
         })
         .collect();
-    let url = connect::parse_url(&postgres.url).map_err(|source| ConnectError::Url {
+    let url = crate::endpoint::parse_url(&postgres.url).map_err(|source| ConnectError::Url {
         url: crate::redact::redact(&postgres.url),
         source,
     })?;
@@ -351,15 +351,17 @@ mod tests {
 
     #[test]
     fn the_written_url_has_no_password_and_keeps_the_tls_mode() {
-        let (pg, verify_host) =
-            connect::parse_url("postgres://app:s3cret@db.example.com:6543/shop?sslmode=verify-ca")
-                .unwrap();
+        let (pg, verify_host) = crate::endpoint::parse_url(
+            "postgres://app:s3cret@db.example.com:6543/shop?sslmode=verify-ca",
+        )
+        .unwrap();
         assert_eq!(
             url_without_password(&pg, verify_host),
             "postgres://app@db.example.com:6543/shop?sslmode=verify-ca"
         );
         let (pg, verify_host) =
-            connect::parse_url("host=/run/postgresql user=app password=x dbname=shop").unwrap();
+            crate::endpoint::parse_url("host=/run/postgresql user=app password=x dbname=shop")
+                .unwrap();
         assert_eq!(
             url_without_password(&pg, verify_host),
             "postgres://app@/shop?host=/run/postgresql"

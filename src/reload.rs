@@ -41,8 +41,8 @@ use crate::change::{Change, TableName};
 use crate::check::{self, Finding};
 use crate::config::{Mode, PostgresConfig};
 use crate::rules::{Invalidation, RuleSet, RuleTally};
+use crate::source::connect;
 use crate::source::setup::{self, SetupError};
-use crate::source::{connect, notify};
 use crate::telemetry;
 
 /// How often the rules' files are looked at. A change is applied once two looks in a row agree,
@@ -72,15 +72,6 @@ struct RuleCounters {
 }
 
 impl LiveRules {
-    /// Another view of the same rules, for a task beside the one that plans: it takes each
-    /// new set at its own [`LiveRules::refresh`].
-    pub fn follower(&self) -> LiveRules {
-        match &self.updates {
-            Some(updates) => LiveRules::watching(updates.clone()),
-            None => LiveRules::fixed(self.current.clone()),
-        }
-    }
-
     /// The rules in effect now and every later set, for a task beside the one that plans
     /// (which takes them whenever it likes, not at transaction boundaries).
     pub fn subscribe(&self) -> watch::Receiver<Arc<RuleSet>> {
@@ -343,7 +334,7 @@ impl Reloader {
             Mode::Replication if gained.is_empty() => Ok(()),
             Mode::Replication => self.extend_publication(&mut db, old, new, &gained).await,
             Mode::Notify => {
-                let actions = notify::plan(&mut db, new).await?;
+                let actions = setup::notify::plan(&mut db, new).await?;
                 if !actions.is_empty() {
                     let missing: Vec<&str> = actions.iter().map(|a| a.why.as_str()).collect();
                     tracing::error!(

@@ -514,15 +514,7 @@ fn classify(transient: bool, reason: String, code: Option<&str>) -> Failure {
 /// become the new one exists, so whatever the old slot missed is covered and whatever the new
 /// one reads is invalidated after it.
 async fn flush_everything(rules: &RuleSet, links: &Links) {
-    let flush = pipeline::Committed {
-        history: links.history,
-        // Acknowledges nothing by itself; the new slot's transactions queue behind it.
-        end_lsn: Lsn(0),
-        commit_time_us: crate::change::unix_micros(),
-        inv: rules.everything(),
-    };
-    // The queue closes only when the delete loop has stopped, and then nothing is acknowledged.
-    let _ = links.queue.send(flush).await;
+    pipeline::queue_flush(&links.queue, links.history, rules.everything()).await;
 }
 
 /// Replaces the slot after `reset`, so that the flush it calls for survives a crash at any
@@ -641,8 +633,10 @@ async fn stream_once(
     // unpublished now: added back with the delete of its keys, before the stream starts, so the
     // delete is read after what the table missed. A missing publication is setup's to create.
     let publication = &config.postgres.publication;
-    if setup::publication_exists(&mut client, publication).await? {
-        drift::repair(&mut client, live.rules(), publication, &links.queue).await?;
+    if setup::publication_exists(&mut client, publication).await?
+        && let Some(flush) = drift::repair(&mut client, live.rules(), publication).await?
+    {
+        pipeline::queue_flush(&links.queue, links.history, flush).await;
     }
     let slot_name = &config.postgres.slot;
     let before = setup::slot_info(&mut client, slot_name).await?;
@@ -726,7 +720,7 @@ async fn connect_replication(
     config: &Config,
     application_name: &str,
 ) -> Result<ReplicationClient, Failure> {
-    let (pg, check_host) = connect::parse_url(&config.postgres.url)
+    let (pg, check_host) = crate::endpoint::parse_url(&config.postgres.url)
         .map_err(|e| Failure::Permanent(format!("invalid postgres url: {e}")))?;
     let ca_file = config.postgres.ca_file.as_deref();
     Ok(ReplicationClient::connect_with_tls(&pg, application_name, ca_file, check_host).await?)
@@ -746,8 +740,8 @@ async fn stream_until_end(
 ) -> Result<Streamed, Failure> {
     let catalog = connect::connect(&config.postgres).await?;
     let recheck = tokio::sync::Notify::new();
-    let mut follower = live.follower();
-    let queue = links.queue.clone();
+    let mut rules = live.subscribe();
+    let (queue, history) = (links.queue.clone(), links.history);
     *streamed = true;
     health.set_source(None);
     // A dry run changes nothing, so it does not repair the publication.
@@ -756,11 +750,21 @@ async fn stream_until_end(
     let mut source = ReplicationSource::new(&mut stream, &mut ancestry, wal);
     let source = pipeline::run_source(&mut source, live, links, &config.pipeline);
     let watcher = async {
-        if watch {
-            let publication = &config.postgres.publication;
-            drift::watch_publication(&catalog, &mut follower, publication, &queue, &recheck).await
-        } else {
-            std::future::pending().await
+        if !watch {
+            return std::future::pending().await;
+        }
+        let publication = &config.postgres.publication;
+        let (flush_tx, mut flushes) = mpsc::channel(1);
+        let check =
+            drift::watch_publication(&catalog, &mut rules, publication, &flush_tx, &recheck);
+        let forward = async {
+            while let Some(flush) = flushes.recv().await {
+                pipeline::queue_flush(&queue, history, flush).await;
+            }
+        };
+        tokio::select! {
+            error = check => error,
+            () = forward => std::future::pending().await,
         }
     };
     let outcome = tokio::select! {
@@ -851,9 +855,9 @@ async fn outbox_once(
     check_names(&mut client, live.rules()).await?;
     // `run` applies no DDL in notify mode: what `setup` would do must already be done, or
     // changes could be missed (a trigger that records too few columns) without anyone knowing.
-    let mut actions = notify::plan(&mut client, live.rules()).await?;
+    let mut actions = setup::notify::plan(&mut client, live.rules()).await?;
     // Except the truncate triggers of partitions attached after setup: the reader adds them.
-    let repairs = notify::partition_plan(&mut client, live.rules()).await?;
+    let repairs = setup::notify::partition_plan(&mut client, live.rules()).await?;
     actions.retain(|action| !repairs.iter().any(|(_, repair)| repair == action));
     warn_if_stale(&mut client, config, live.rules()).await?;
     if !actions.is_empty() {
@@ -900,7 +904,7 @@ async fn dry_outbox_once(
     live.refresh();
     let (mut client, mut hints) = notify::connect(&config.postgres).await?;
     check_names(&mut client, live.rules()).await?;
-    let actions = notify::plan(&mut client, live.rules()).await?;
+    let actions = setup::notify::plan(&mut client, live.rules()).await?;
     if !actions.is_empty() {
         let missing: Vec<&str> = actions.iter().map(|a| a.why.as_str()).collect();
         tracing::warn!(setup_would = %missing.join("; "),

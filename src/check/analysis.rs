@@ -82,7 +82,7 @@ pub(super) fn widened(template: &Template, unknown: impl Fn(&str) -> bool) -> St
     for piece in &pieces {
         match piece {
             Piece::Text(text) if becomes_pattern && !template.is_pattern() => {
-                crate::rules::glob::escape_into(text, &mut out);
+                crate::glob::escape_into(text, &mut out);
             }
             Piece::Text(text) => out.push_str(text),
             Piece::Value { column, .. } if unknown(column) => out.push('*'),
@@ -173,7 +173,7 @@ fn one(p: &Token, q: &Token) -> bool {
         (Token::Any, Token::Char(c)) => c.is_ascii(),
         (Token::Any, Token::Any | Token::Class(_)) => true,
         (Token::Class(class), Token::Char(c)) => {
-            c.is_ascii() && crate::rules::glob::matches(class.as_bytes(), &[*c as u8])
+            c.is_ascii() && crate::glob::matches(class.as_bytes(), &[*c as u8])
         }
         (Token::Class(a), Token::Class(b)) => a == b,
         _ => false,

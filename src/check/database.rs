@@ -506,7 +506,7 @@ async fn notify_setup(
         ),
     )
     .await?;
-    let actions = notify::plan(db, rules).await?;
+    let actions = setup::notify::plan(db, rules).await?;
     if actions.is_empty() {
         return Ok(());
     }

@@ -134,6 +134,20 @@ impl Links {
     }
 }
 
+/// Queues a delete that no transaction read carries (a repair, the flush after a lost slot)
+/// behind what is queued already. It acknowledges nothing by itself: what is read after it is
+/// acknowledged after it.
+pub async fn queue_flush(queue: &mpsc::Sender<Committed>, history: u64, inv: Invalidation) {
+    let flush = Committed {
+        history,
+        end_lsn: Lsn(0),
+        commit_time_us: crate::change::unix_micros(),
+        inv,
+    };
+    // The queue closes only when the delete loop has stopped, and then nothing is acknowledged.
+    let _ = queue.send(flush).await;
+}
+
 /// Capped exponential backoff with jitter, forever: transient failures never give up.
 pub fn backoff() -> impl Iterator<Item = Duration> {
     ExponentialBuilder::default()

@@ -751,7 +751,7 @@ async fn a_transaction_past_max_transaction_keys_deletes_its_tables_patterns() {
             || fallback
                 .patterns
                 .iter()
-                .any(|p| crate::rules::glob::matches(p.as_bytes(), key.as_bytes()))
+                .any(|p| crate::glob::matches(p.as_bytes(), key.as_bytes()))
     };
     assert!(planned.keys.len() > 50, "{planned:?}");
     for key in &planned.keys {
@@ -765,7 +765,7 @@ async fn a_transaction_past_max_transaction_keys_deletes_its_tables_patterns() {
     for pattern in &planned.patterns {
         let example = instance(pattern);
         assert!(
-            crate::rules::glob::matches(pattern.as_bytes(), example.as_bytes()),
+            crate::glob::matches(pattern.as_bytes(), example.as_bytes()),
             "{example:?} should match {pattern:?}"
         );
         assert!(

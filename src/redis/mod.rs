@@ -329,7 +329,7 @@ fn walks<'n>(patterns: &[&str], nodes: &'n [Node]) -> Vec<(&'n Node, Vec<plan::S
                     }
                 })
                 .collect();
-            let passes = plan::passes(&mine, crate::rules::glob::matches);
+            let passes = plan::passes(&mine, crate::glob::matches);
             (!passes.is_empty()).then_some((node, passes))
         })
         .collect()

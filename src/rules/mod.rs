@@ -21,10 +21,10 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::Path;
 
 use crate::change::{Change, Op, Row, TableName, Value};
+use crate::glob;
 
 mod compile;
 mod error;
-pub mod glob;
 mod load;
 mod template;
 

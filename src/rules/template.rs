@@ -10,7 +10,7 @@ use std::borrow::Cow;
 use std::fmt;
 
 use crate::change::{Row, Value, quoted, unquote};
-use crate::rules::glob;
+use crate::glob;
 
 /// A key template, parsed and classified.
 #[derive(Debug, Clone, PartialEq, Eq)]

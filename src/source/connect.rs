@@ -16,7 +16,7 @@
 //! `verify-full` does (libpq's `require` checks nothing unless a root certificate file exists):
 //! a cache invalidator that talks to the wrong server is silently wrong. `verify-ca` is for
 //! servers reached by a name their certificate does not carry (an IP address, a tunnel).
-//! tokio-postgres knows only disable, prefer and require, so [`parse_url`] turns both `verify-*`
+//! tokio-postgres knows only disable, prefer and require, so [`parse_url`](crate::endpoint::parse_url) turns both `verify-*`
 //! modes into `require` and keeps whether the host name is checked. Unix sockets never use TLS,
 //! as in libpq. Channel binding is not offered (SCRAM still authenticates both sides).
 //! The replication client runs the same handshake through [`handshake`].
@@ -31,13 +31,13 @@ use std::task::{Context, Poll};
 
 use rustls::ClientConfig;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_postgres::config::{SslMode, SslNegotiation};
 use tokio_postgres::tls::{ChannelBinding, MakeTlsConnect, TlsConnect};
 
 use crate::config::PostgresConfig;
+use crate::endpoint::{load_ca_file, parse_url};
 use crate::redact::redact;
 
 /// The ALPN protocol Postgres 17 expects with `sslnegotiation=direct`.
@@ -198,21 +198,6 @@ fn hint(reason: &str) -> &'static str {
     }
 }
 
-/// Reads the PEM certificates of `path`; an unreadable file or one without any certificate is an
-/// error, so a wrong path fails at startup rather than at the first handshake.
-pub fn load_ca_file(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| format!("cannot read certificates from {}: {e}", path.display()))?;
-    if certs.is_empty() {
-        return Err(format!(
-            "{} holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
-            path.display()
-        ));
-    }
-    Ok(certs)
-}
-
 /// The system's trusted roots, loaded once per process; unreadable ones are logged and skipped.
 fn system_roots() -> &'static [CertificateDer<'static>] {
     static ROOTS: OnceLock<Vec<CertificateDer<'static>>> = OnceLock::new();
@@ -223,35 +208,6 @@ fn system_roots() -> &'static [CertificateDer<'static>] {
         }
         found.certs
     })
-}
-
-/// Parses a Postgres URL (or `key=value` string) as tokio-postgres does, also accepting libpq's
-/// `sslmode=verify-ca` and `sslmode=verify-full`: both become `require` (TLS or fail, the
-/// certificate verified); the second value is whether the certificate must name the host, false
-/// only for `verify-ca`.
-pub fn parse_url(url: &str) -> Result<(tokio_postgres::Config, bool), tokio_postgres::Error> {
-    let mut text = url.to_owned();
-    let mut check_host = true;
-    for (mode, checks_host) in [("verify-full", true), ("verify-ca", false)] {
-        let needle = format!("sslmode={mode}");
-        let mut from = 0;
-        while let Some(at) = text[from..].find(&needle).map(|i| i + from) {
-            let starts = at == 0 || text[..at].ends_with(['?', '&', ' ', '\t', '\n']);
-            let end = at + needle.len();
-            let ends = text[end..]
-                .chars()
-                .next()
-                .is_none_or(|c| c == '&' || c.is_whitespace());
-            if starts && ends {
-                text.replace_range(at..end, "sslmode=require");
-                check_host = checks_host;
-                from = at + "sslmode=require".len();
-            } else {
-                from = end;
-            }
-        }
-    }
-    Ok((text.parse()?, check_host))
 }
 
 /// Checks the server's certificate chain against the roots, not its names: `sslmode=verify-ca`.

@@ -17,13 +17,12 @@
 //! gets the delete queued after everything read before instead, which a crash loses.
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{Notify, mpsc, watch};
 
-use crate::change::{Lsn, TableName};
-use crate::pipeline::Committed;
-use crate::reload::LiveRules;
+use crate::change::TableName;
 use crate::rules::{Invalidation, RuleSet};
 use crate::source::invalidate;
 use crate::source::replication::Ancestry;
@@ -92,14 +91,14 @@ impl Ancestry for Catalog<'_> {
 
 /// Checks the publication every [`CHECK_EVERY`] and whenever `recheck` fires; returns only
 /// with an error. A rule table it does not publish is added back and its keys flushed, through
-/// the WAL or else through `queue` (logged at error, counted in
+/// the WAL or else through `flushes`, to be queued after what was read (logged at error, counted in
 /// [`telemetry::PUBLICATION_REPAIRS_TOTAL`]); what it hides otherwise ([`setup::hidden`]) is
 /// returned as [`SetupError::Hidden`], which stops `run`.
 pub async fn watch_publication(
     client: &tokio_postgres::Client,
-    rules: &mut LiveRules,
+    rules: &mut watch::Receiver<Arc<RuleSet>>,
     publication: &str,
-    queue: &mpsc::Sender<Committed>,
+    flushes: &mpsc::Sender<Invalidation>,
     recheck: &Notify,
 ) -> SetupError {
     let mut tick = tokio::time::interval(CHECK_EVERY);
@@ -111,23 +110,28 @@ pub async fn watch_publication(
             _ = tick.tick() => {}
             () = recheck.notified() => {}
         }
-        rules.refresh();
+        let rules = rules.borrow_and_update().clone();
         let mut db = client;
-        if let Err(e) = repair(&mut db, rules.rules(), publication, queue).await {
-            return e;
+        match repair(&mut db, &rules, publication).await {
+            // The receiver closes only when streaming stops, and then nothing is acknowledged.
+            Ok(Some(flush)) => {
+                let _ = flushes.send(flush).await;
+            }
+            Ok(None) => {}
+            Err(e) => return e,
         }
     }
 }
 
 /// One check of [`watch_publication`], also made by `run` at every connect before it streams
 /// (a table replaced while no instance ran is found there): rule tables the publication does
-/// not publish are added back, their keys deleted.
+/// not publish are added back, their keys deleted: through the WAL, or else by the flush this
+/// returns, which the caller queues after what was read before.
 pub async fn repair(
     db: &mut impl Sql,
     rules: &RuleSet,
     publication: &str,
-    queue: &mpsc::Sender<Committed>,
-) -> Result<(), SetupError> {
+) -> Result<Option<Invalidation>, SetupError> {
     let hidden = setup::hidden(db, rules, publication).await?;
     if !hidden.is_empty() {
         return Err(SetupError::Hidden(hidden));
@@ -144,7 +148,7 @@ pub async fn repair(
         .collect();
     let unpublished = setup::unpublished(db, &present, publication).await?;
     if unpublished.is_empty() {
-        return Ok(());
+        return Ok(None);
     }
     let (_, action) = setup::publication_action(db, &present, publication).await?;
     let requests = invalidate::requests_table();
@@ -198,18 +202,5 @@ pub async fn repair(
          from it, or new in the rules since the last run): added them back; their changes \
          until now were missed, so every key their rules can produce is deleted");
     metrics::counter!(telemetry::PUBLICATION_REPAIRS_TOTAL).increment(unpublished.len() as u64);
-    if !queued {
-        return Ok(());
-    }
-    let flush = Committed {
-        // Acknowledges nothing by itself (the lowest position of all); what is read after it
-        // is acknowledged after it.
-        history: 0,
-        end_lsn: Lsn(0),
-        commit_time_us: crate::change::unix_micros(),
-        inv: flush,
-    };
-    // The queue closes only when the delete loop has stopped, and then nothing is acknowledged.
-    let _ = queue.send(flush).await;
-    Ok(())
+    Ok(queued.then_some(flush))
 }

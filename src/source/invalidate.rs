@@ -35,7 +35,8 @@ use std::collections::BTreeSet;
 
 use crate::change::{Change, Op, TableName, Value};
 use crate::config::{InvalidateConfig, Mode};
-use crate::rules::{Invalidation, RuleSet, glob};
+use crate::glob;
+use crate::rules::{Invalidation, RuleSet};
 use crate::source::setup::{Action, SetupError, Sql, flag, quote_ident, quote_literal};
 use crate::telemetry;
 

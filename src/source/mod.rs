@@ -10,7 +10,6 @@ pub mod invalidate;
 pub mod notify;
 pub mod replication;
 pub mod setup;
-pub mod teardown;
 
 use std::future::Future;
 

@@ -4,6 +4,8 @@
 //! Everything here speaks plain SQL through [`Sql`], so the same code runs over the replication
 //! connection (`run`) and over an ordinary connection (`setup`, `check`, `status`).
 
+pub mod notify;
+
 use std::collections::BTreeSet;
 use std::future::Future;
 

@@ -124,7 +124,7 @@ impl ReplicationClient {
     }
 
     /// Like [`ReplicationClient::connect_with_ca`]; `check_host` false (`sslmode=verify-ca`, see
-    /// [`crate::source::connect::parse_url`]) verifies the certificate chain but not the host name.
+    /// [`crate::endpoint::parse_url`]) verifies the certificate chain but not the host name.
     pub async fn connect_with_tls(
         config: &tokio_postgres::Config,
         application_name: &str,
