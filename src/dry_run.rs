@@ -1,5 +1,5 @@
-//! `run --dry-run`: stream and plan as `run` does, log what each transaction would delete, and
-//! delete nothing.
+//! `run --dry-run`: stream and plan as `run` does, and in place of the Redis deleter a sink,
+//! [`LogDeletes`], that logs what each transaction would delete and deletes nothing.
 //!
 //! - Replication mode reads from a temporary logical slot (`<slot>_dry_run_<pid>`, created with
 //!   `CREATE_REPLICATION_SLOT ... TEMPORARY`, dropped by Postgres when the connection ends), so
@@ -12,10 +12,8 @@
 //!   commit, neither is a row whose id is smaller than one already read.
 //! - Redis is not needed: the dry run never connects to it.
 
-use std::fmt::Display;
-
+use crate::pipeline::{Batch, Sink};
 use crate::redis::DeleteStats;
-use crate::rules::Invalidation;
 
 /// How many keys, and separately patterns, one log line shows; the rest is counted.
 pub const SHOWN: usize = 20;
@@ -28,19 +26,6 @@ pub fn temporary_slot_name(slot: &str, purpose: &str, pid: u32) -> String {
     let keep = 63usize.saturating_sub(suffix.len()).min(slot.len());
     // Slot names are ASCII (validated), so any cut is on a character boundary.
     format!("{}{suffix}", &slot[..keep])
-}
-
-/// Logs what one transaction (or, in notify mode, one round of outbox rows) would delete.
-pub fn log_would_delete(position: impl Display, tables: &str, inv: &Invalidation) {
-    tracing::info!(
-        lsn = %position,
-        tables,
-        keys = inv.keys.len(),
-        patterns = inv.patterns.len(),
-        would_delete_keys = %shown(&inv.keys),
-        would_delete_patterns = %shown(&inv.patterns),
-        "dry run: would delete"
-    );
 }
 
 /// Up to [`SHOWN`] items, sorted, comma-separated, then how many more.
@@ -59,15 +44,33 @@ fn shown(items: &std::collections::HashSet<String>) -> String {
     text
 }
 
-/// The delete loop's sink in a dry run: deletes nothing and confirms at once, so the temporary
-/// slot is acknowledged as `run` would acknowledge the real one.
+/// The delete loop's sink in a dry run, in place of Redis: logs what each batch (a transaction,
+/// or in notify mode a round of outbox rows; several when they wait together) would delete,
+/// deletes nothing and confirms at once, so the temporary slot is acknowledged as `run` would
+/// acknowledge the real one.
 #[derive(Debug, Default)]
-pub struct NoDeletes;
+pub struct LogDeletes;
 
-impl crate::pipeline::Sink for NoDeletes {
+impl Sink for LogDeletes {
     type Error = std::convert::Infallible;
 
-    async fn delete(&mut self, _: &Invalidation) -> Result<DeleteStats, Self::Error> {
+    async fn delete(&mut self, batch: &Batch<'_>) -> Result<DeleteStats, Self::Error> {
+        let tables = batch
+            .tables
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
+        let inv = batch.inv;
+        tracing::info!(
+            lsn = %batch.end.lsn,
+            tables,
+            keys = inv.keys.len(),
+            patterns = inv.patterns.len(),
+            would_delete_keys = %shown(&inv.keys),
+            would_delete_patterns = %shown(&inv.patterns),
+            "dry run: would delete"
+        );
         Ok(DeleteStats::default())
     }
 

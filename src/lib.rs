@@ -1,35 +1,48 @@
 //! `invalidator` keeps a Redis cache correct by watching Postgres.
 //!
 //! ```text
-//!  Postgres WAL ──pgoutput──▶ source::replication ──▶ pgoutput::Decoder ──▶ Change
-//!                                                                              │
-//!                                                  rules::RuleSet::plan ◀──────┘
-//!                                                          │ Invalidation{keys, patterns}
+//!  Postgres WAL ─▶ source::replication: ReplicationSource (stream + pgoutput::Decoder) ─┐
+//!  (or outbox + NOTIFY ─▶ source::notify: OutboxSource, one round = one transaction) ───┤
+//!                                                        change::Step{Begin, Change, Manual, Commit}
+//!                                                                                       ▼
+//!                 pipeline::source_loop: rules::RuleSet::plan, max_transaction_keys, metrics
+//!                                                          │ Committed{position, keys, patterns}
 //!                                                          ▼ (per transaction, bounded queue)
-//!                                                  redis::Deleter: UNLINK keys, SCAN patterns
+//!                 pipeline::deliver: a Sink: redis::Deleter (UNLINK keys, SCAN patterns), one
+//!                                    per target (targets), or dry_run::LogDeletes
 //!                                                          │ confirmed
 //!                                                          ▼
-//!                                  flush LSN = end of the last fully deleted transaction
+//!             Source::acknowledge: flush LSN = end of the last fully deleted transaction
+//!                                  (notify mode: delete the confirmed outbox rows)
 //! ```
 //!
 //! Modules:
-//! - [`change`]: plain data (LSN, table names, rows, changes).
+//! - [`change`]: plain data (LSN, table names, rows, changes, the [`change::Step`]s of a
+//!   transaction, `unix_micros`).
 //! - [`config`]: the TOML file and environment overrides, validated; opens no connections.
+//! - [`endpoint`]: a Postgres URL as the connections read it and CA files, below both `config`
+//!   and the connections.
+//! - [`glob`]: Redis glob patterns: the matcher, escaping, literal prefixes.
 //! - [`pgoutput`]: decode (and, for tests, encode) pgoutput protocol v1 messages; no I/O.
 //! - [`rules`]: load and compile `rules/*.toml`, plan a change into keys and patterns; no I/O.
-//! - [`source`]: the replication client and the setup of publication and slot; in notify mode,
-//!   the trigger-filled outbox and its setup; in both, the SQL function
-//!   `invalidator.invalidate()` (`source::invalidate`), and `source::teardown`, which removes
-//!   all of it again.
+//! - [`source`]: the [`source::Source`] trait and its two implementations: the replication
+//!   client and its source (`source::replication`), the outbox reader (`source::notify`);
+//!   setup of publication, slot and (`source::setup::notify`) the outbox and triggers; the
+//!   SQL function `invalidator.invalidate()` (`source::invalidate`); what can change under a
+//!   running stream (`source::drift`) and whether a server still holds our history
+//!   (`source::history`).
 //! - [`redact`]: hides passwords in URLs before they reach a log line or an error.
 //! - [`redis`]: the deleter: pipelined `UNLINK`, `SCAN` for patterns, never `KEYS`.
-//! - [`pipeline`]: the only place that wires source, rules, Redis and acknowledgement.
+//! - [`pipeline`]: the only place that wires source, rules, Redis and acknowledgement: the one
+//!   source loop, the delete loop and the [`pipeline::Sink`] trait.
 //! - [`targets`]: several Redis targets: one delete loop each, acknowledged at their minimum.
-//! - [`run`]: the sidecar: HTTP, delete loop, reconnect loop, and the standby's wait.
+//! - [`run`]: the sidecar: picks a source and a sink, HTTP, reconnect loop, the standby's wait.
 //! - [`reload`]: hot reload of the rules (file changes and SIGHUP), swapped between transactions.
-//! - [`dry_run`]: `run --dry-run`: log what would be deleted, from a temporary slot.
+//! - [`dry_run`]: `run --dry-run`: the sink that logs what would be deleted, and the temporary
+//!   slot it reads from.
 //! - [`check`], [`explain`]: the developer commands, on the same compiled rules as `run`.
 //! - [`init`]: a starter configuration and rules file for an existing database.
+//! - [`teardown`]: removes what setup made, in Postgres and Redis.
 //! - [`telemetry`]: metric names and the HTTP endpoints.
 
 pub mod change;

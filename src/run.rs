@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use crate::change::{Lsn, TableName};
 use crate::check;
 use crate::config::{Config, Mode, PRIMARY_TARGET};
-use crate::dry_run::{self, NoDeletes};
+use crate::dry_run::{self, LogDeletes};
 use crate::pipeline::{self, Links, SourceEnd};
 use crate::redact::redact;
 use crate::redis::{DeleteError, Deleter, DeleterOptions};
@@ -20,7 +20,7 @@ use crate::source::history::{self, Seen};
 use crate::source::notify::{self, NotifyError};
 use crate::source::replication::{
     CatchUp, ReplicationClient, ReplicationError, ReplicationSource, ReplicationStream,
-    SourceError, WalProgress,
+    SourceError, SystemInfo, WalProgress,
 };
 use crate::source::setup::{self, SetupError, SlotReset};
 use crate::source::{connect, drift, invalidate};
@@ -53,25 +53,6 @@ pub enum RunError {
     /// Rules name tables or columns the database lacks.
     #[error(transparent)]
     UnknownNames(#[from] check::UnknownNames),
-}
-
-impl pipeline::Sink for Deleter {
-    type Error = DeleteError;
-
-    fn is_transient(error: &DeleteError) -> bool {
-        error.is_transient()
-    }
-
-    async fn delete(
-        &mut self,
-        inv: &crate::rules::Invalidation,
-    ) -> Result<crate::redis::DeleteStats, DeleteError> {
-        Deleter::delete(self, &inv.keys, &inv.patterns).await
-    }
-
-    async fn ping(&mut self) -> Result<(), DeleteError> {
-        Deleter::ping(self).await
-    }
 }
 
 /// Runs the sidecar until `cancel` fires (then finishes the batch in flight, acknowledges it
@@ -132,7 +113,7 @@ pub async fn run(
         if dry_run {
             tokio::spawn(async move {
                 let result =
-                    pipeline::run_deleter(NoDeletes, queue_rx, confirmed_tx, health, max, cancel)
+                    pipeline::run_deleter(LogDeletes, queue_rx, confirmed_tx, health, max, cancel)
                         .await;
                 done.cancel();
                 result.map_err(|never| match never {})
@@ -181,17 +162,16 @@ pub async fn run(
             })
         }
     };
-    let mut links = Links {
+    let links = Links {
         queue: queue_tx,
         confirmed: confirmed_rx,
         cancel: cancel.clone(),
         last_queued: Lsn(0),
         history: 0,
-        dry_run,
         invalidate_prefixes: config.invalidate.prefixes.clone().into(),
     };
     let (rules_tx, rules_rx) = watch::channel(rules);
-    let mut live = LiveRules::watching(rules_rx);
+    let live = LiveRules::watching(rules_rx);
     let reload_cancel = CancellationToken::new();
     let reloader = Reloader {
         path: config.rules_path.clone(),
@@ -202,48 +182,26 @@ pub async fn run(
     let watcher = tokio::spawn(reload::watch_rules(reloader, reload_cancel.clone()));
 
     let mut delays = pipeline::backoff();
-    // Notify mode: what the outbox source keeps across reconnects.
-    let mut progress = notify::Progress::default();
-    // Replication mode: the server last streamed from, to tell a new history at a reconnect,
-    // and what was reported to it.
-    let mut seen = None;
-    let mut wal = WalProgress::default();
+    let mut session = Session {
+        config: &config,
+        live,
+        links,
+        health: health.clone(),
+        wal: WalProgress::default(),
+        seen: None,
+        progress: notify::Progress::default(),
+        dry_run,
+    };
     let source_result = loop {
         if deleter_done.is_cancelled() {
             break Ok(());
         }
         let mut streamed = false;
         let attempt = match (config.postgres.mode, dry_run) {
-            (Mode::Replication, false) => {
-                stream_once(
-                    &config,
-                    &mut live,
-                    &mut links,
-                    &mut wal,
-                    &mut seen,
-                    &health,
-                    &mut streamed,
-                )
-                .await
-            }
-            (Mode::Replication, true) => {
-                let wal = &mut wal;
-                dry_stream_once(&config, &mut live, &mut links, wal, &health, &mut streamed).await
-            }
-            (Mode::Notify, false) => {
-                outbox_once(
-                    &config,
-                    &mut live,
-                    &mut links,
-                    &health,
-                    &mut progress,
-                    &mut streamed,
-                )
-                .await
-            }
-            (Mode::Notify, true) => {
-                dry_outbox_once(&config, &mut live, &mut links, &health, &mut streamed).await
-            }
+            (Mode::Replication, false) => stream_once(&mut session, &mut streamed).await,
+            (Mode::Replication, true) => dry_stream_once(&mut session, &mut streamed).await,
+            (Mode::Notify, false) => outbox_once(&mut session, &mut streamed).await,
+            (Mode::Notify, true) => dry_outbox_once(&mut session, &mut streamed).await,
         };
         if streamed {
             // The connection worked: the next interruption starts from the shortest delay.
@@ -403,6 +361,27 @@ async fn connect_redis(
     }
 }
 
+/// What a run keeps across connections.
+struct Session<'a> {
+    /// The configuration.
+    config: &'a Config,
+    /// The rules in effect for the source loop.
+    live: LiveRules,
+    /// The source loop's side of the queue to the delete loop.
+    links: Links,
+    /// Readiness.
+    health: Arc<Health>,
+    /// Replication mode: what was reported to the server.
+    wal: WalProgress,
+    /// Replication mode: the server last streamed from, to tell a new history at a reconnect.
+    seen: Option<Seen>,
+    /// Notify mode: the rounds of outbox rows still in flight.
+    progress: notify::Progress,
+    /// `run --dry-run`: read without changing anything (a temporary slot, no outbox row deleted,
+    /// no publication repaired).
+    dry_run: bool,
+}
+
 /// How one connection's stream ended without an error.
 enum Streamed {
     /// Shutdown completed: the delete loop finished and the last ack was sent.
@@ -524,13 +503,17 @@ async fn flush_everything(rules: &RuleSet, links: &Links) {
 /// is missing, so the next start flushes again. `Ok(false)` on shutdown.
 async fn reset_slot(
     client: &mut ReplicationClient,
-    config: &Config,
-    live: &mut LiveRules,
-    links: &mut Links,
-    wal: &mut WalProgress,
-    health: &Health,
+    session: &mut Session<'_>,
     reset: SlotReset,
 ) -> Result<bool, Failure> {
+    let config = session.config;
+    let Session {
+        live,
+        links,
+        wal,
+        health,
+        ..
+    } = session;
     let slot = &config.postgres.slot;
     metrics::counter!(telemetry::SLOT_RESETS_TOTAL, "reason" => reset.label()).increment(1);
     links.new_history();
@@ -596,19 +579,12 @@ async fn reset_slot(
 
 /// Connects, checks that the server is on the history of our positions, repairs the publication
 /// and slot, and streams until the connection ends; sets `streamed` once streaming has started.
-async fn stream_once(
-    config: &Config,
-    live: &mut LiveRules,
-    links: &mut Links,
-    wal: &mut WalProgress,
-    seen: &mut Option<Seen>,
-    health: &Health,
-    streamed: &mut bool,
-) -> Result<Streamed, Failure> {
+async fn stream_once(session: &mut Session<'_>, streamed: &mut bool) -> Result<Streamed, Failure> {
+    let config = session.config;
     // Between connections is between transactions.
-    live.refresh();
+    session.live.refresh();
     let mut client = connect_replication(config, "invalidator").await?;
-    check_names(&mut client, live.rules()).await?;
+    check_names(&mut client, session.live.rules()).await?;
     // Asked before anything else is done: a standby would otherwise log and be refused at
     // START_REPLICATION, an ERROR in the server's log, on every attempt.
     if let Some(pid) = setup::slot_holder(&mut client, &config.postgres.slot).await? {
@@ -627,53 +603,27 @@ async fn stream_once(
         wal = %system.xlog_pos,
         "connected"
     );
-    warn_if_stale(&mut client, config, live.rules()).await?;
+    warn_if_stale(&mut client, config, session.live.rules()).await?;
     // What the publication hides is refused before anything is changed (only its owner can
     // repair that); a rule table replaced (or dropped from it) while no instance ran is
     // unpublished now: added back with the delete of its keys, before the stream starts, so the
     // delete is read after what the table missed. A missing publication is setup's to create.
     let publication = &config.postgres.publication;
     if setup::publication_exists(&mut client, publication).await?
-        && let Some(flush) = drift::repair(&mut client, live.rules(), publication).await?
+        && let Some(flush) = drift::repair(&mut client, session.live.rules(), publication).await?
     {
+        let links = &session.links;
         pipeline::queue_flush(&links.queue, links.history, flush).await;
     }
-    let slot_name = &config.postgres.slot;
-    let before = setup::slot_info(&mut client, slot_name).await?;
-    let diverged = history::compare(
-        &mut client,
-        seen.as_ref(),
-        wal.reported,
-        &system,
-        before.and_then(|info| info.confirmed_flush),
-    )
-    .await?;
-    let mut tables: BTreeSet<TableName> = live.rules().tables().cloned().collect();
-    if invalidate::has_requests(&mut client).await? {
-        tables.insert(invalidate::requests_table());
-    }
-    let plan = setup::plan(
-        &mut client,
-        &tables,
-        &config.postgres.publication,
-        slot_name,
-        setup::SlotLoss::Recreate,
-        diverged,
-    )
-    .await?;
-    setup::apply(&mut client, &plan.actions).await?;
-    *seen = Some(Seen::of(&system));
-    wal.server_end = system.xlog_pos;
-    if let Some(reset) = plan.reset {
-        let replaced = reset_slot(&mut client, config, live, links, wal, health, reset).await?;
-        if !replaced {
-            return Ok(Streamed::Finished);
-        }
+    if !repair_slot(&mut client, session, &system).await? {
+        return Ok(Streamed::Finished);
     }
     // Never report less than the slot already has: an older position would be ignored at
     // best, and it could move the slot backwards on servers that do not guard against it. The
     // slot's position is one this server has written: one beyond its WAL was replaced above.
+    let slot_name = &config.postgres.slot;
     let slot = setup::slot_info(&mut client, slot_name).await?;
+    let wal = &mut session.wal;
     if let Some(flush) = slot.and_then(|info| info.confirmed_flush) {
         wal.reported = wal.reported.max(flush);
         wal.server_end = wal.server_end.max(flush);
@@ -683,7 +633,48 @@ async fn stream_once(
         .start_replication(slot_name, Lsn(0), &config.postgres.publication)
         .await?;
     tracing::info!(slot = %slot_name, from = %wal.reported, "streaming");
-    stream_until_end(stream, config, live, links, wal, health, streamed).await
+    stream_until_end(stream, session, streamed).await
+}
+
+/// Checks that the server is on the history of our positions, then creates or repairs the
+/// publication and the slot; a slot lost, dropped or on a new history is replaced with the flush
+/// it calls for ([`reset_slot`]). `Ok(false)` on shutdown.
+async fn repair_slot(
+    client: &mut ReplicationClient,
+    session: &mut Session<'_>,
+    system: &SystemInfo,
+) -> Result<bool, Failure> {
+    let config = session.config;
+    let slot_name = &config.postgres.slot;
+    let before = setup::slot_info(client, slot_name).await?;
+    let diverged = history::compare(
+        client,
+        session.seen.as_ref(),
+        session.wal.reported,
+        system,
+        before.and_then(|info| info.confirmed_flush),
+    )
+    .await?;
+    let mut tables: BTreeSet<TableName> = session.live.rules().tables().cloned().collect();
+    if invalidate::has_requests(client).await? {
+        tables.insert(invalidate::requests_table());
+    }
+    let plan = setup::plan(
+        client,
+        &tables,
+        &config.postgres.publication,
+        slot_name,
+        setup::SlotLoss::Recreate,
+        diverged,
+    )
+    .await?;
+    setup::apply(client, &plan.actions).await?;
+    session.seen = Some(Seen::of(system));
+    session.wal.server_end = system.xlog_pos;
+    match plan.reset {
+        Some(reset) => reset_slot(client, session, reset).await,
+        None => Ok(true),
+    }
 }
 
 /// Warns when `invalidator.invalidate()` is missing or out of date for these rules and the
@@ -731,26 +722,29 @@ async fn connect_replication(
 /// `streamed` and keeps readiness in step.
 async fn stream_until_end(
     mut stream: ReplicationStream,
-    config: &Config,
-    live: &mut LiveRules,
-    links: &mut Links,
-    wal: &mut WalProgress,
-    health: &Health,
+    session: &mut Session<'_>,
     streamed: &mut bool,
 ) -> Result<Streamed, Failure> {
+    let (config, dry_run) = (session.config, session.dry_run);
+    let Session {
+        live,
+        links,
+        wal,
+        health,
+        ..
+    } = session;
     let catalog = connect::connect(&config.postgres).await?;
     let recheck = tokio::sync::Notify::new();
     let mut rules = live.subscribe();
     let (queue, history) = (links.queue.clone(), links.history);
     *streamed = true;
     health.set_source(None);
-    // A dry run changes nothing, so it does not repair the publication.
-    let watch = !links.dry_run;
     let mut ancestry = drift::Catalog::new(&catalog, &recheck);
     let mut source = ReplicationSource::new(&mut stream, &mut ancestry, wal);
     let source = pipeline::run_source(&mut source, live, links, &config.pipeline);
     let watcher = async {
-        if !watch {
+        // A dry run changes nothing, so it does not repair the publication.
+        if dry_run {
             return std::future::pending().await;
         }
         let publication = &config.postgres.publication;
@@ -789,13 +783,11 @@ async fn stream_until_end(
 /// the current WAL position and disappears with the connection; creates and changes nothing
 /// else, so the real slot stays where it is.
 async fn dry_stream_once(
-    config: &Config,
-    live: &mut LiveRules,
-    links: &mut Links,
-    wal: &mut WalProgress,
-    health: &Health,
+    session: &mut Session<'_>,
     streamed: &mut bool,
 ) -> Result<Streamed, Failure> {
+    let config = session.config;
+    let live = &mut session.live;
     live.refresh();
     let mut client = connect_replication(config, "invalidator-dry-run").await?;
     check_names(&mut client, live.rules()).await?;
@@ -824,6 +816,7 @@ async fn dry_stream_once(
         .and_then(|row| row.get(1).cloned().flatten())
         .and_then(|lsn| lsn.parse::<Lsn>().ok())
         .unwrap_or(Lsn(0));
+    let wal = &mut session.wal;
     wal.reported = wal.reported.max(start);
     wal.server_end = wal.server_end.max(start);
     tracing::info!(
@@ -835,21 +828,22 @@ async fn dry_stream_once(
          slot does not move and nothing is deleted"
     );
     let stream = client.start_replication(&slot, Lsn(0), publication).await?;
-    stream_until_end(stream, config, live, links, wal, health, streamed).await
+    stream_until_end(stream, session, streamed).await
 }
 
 /// Notify mode: connects an ordinary session, checks that `setup` has put the outbox, the
 /// functions and the triggers in place (permanent failure if not), takes the reader lock (a
 /// standby if another instance holds it), listens, and reads the outbox until the connection
 /// fails or shutdown; sets `streamed` once reading.
-async fn outbox_once(
-    config: &Config,
-    live: &mut LiveRules,
-    links: &mut Links,
-    health: &Health,
-    progress: &mut notify::Progress,
-    streamed: &mut bool,
-) -> Result<Streamed, Failure> {
+async fn outbox_once(session: &mut Session<'_>, streamed: &mut bool) -> Result<Streamed, Failure> {
+    let config = session.config;
+    let Session {
+        live,
+        links,
+        health,
+        progress,
+        ..
+    } = session;
     live.refresh();
     let (mut client, mut hints) = notify::connect(&config.postgres).await?;
     check_names(&mut client, live.rules()).await?;
@@ -882,7 +876,8 @@ async fn outbox_once(
     *streamed = true;
     health.set_source(None);
     tracing::info!(channel = notify::CHANNEL, "reading the outbox");
-    let mut source = notify::OutboxSource::owner(&client, &mut hints, live.subscribe(), progress);
+    let (rules, queued) = (live.subscribe(), links.last_queued);
+    let mut source = notify::OutboxSource::owner(&client, &mut hints, rules, progress, queued);
     let outcome = pipeline::run_source(&mut source, live, links, &config.pipeline).await;
     health.set_source(Some("reconnecting to postgres".to_owned()));
     match outcome? {
@@ -895,12 +890,16 @@ async fn outbox_once(
 /// [`notify::OutboxSource::preview`]); an out-of-date setup is a warning, since previewing rules before
 /// running `setup` is what a dry run is for.
 async fn dry_outbox_once(
-    config: &Config,
-    live: &mut LiveRules,
-    links: &mut Links,
-    health: &Health,
+    session: &mut Session<'_>,
     streamed: &mut bool,
 ) -> Result<Streamed, Failure> {
+    let config = session.config;
+    let Session {
+        live,
+        links,
+        health,
+        ..
+    } = session;
     live.refresh();
     let (mut client, mut hints) = notify::connect(&config.postgres).await?;
     check_names(&mut client, live.rules()).await?;

@@ -190,7 +190,7 @@ mod tests {
     impl Sink for Fake {
         type Error = Down;
 
-        async fn delete(&mut self, inv: &Invalidation) -> Result<DeleteStats, Down> {
+        async fn delete(&mut self, batch: &pipeline::Batch<'_>) -> Result<DeleteStats, Down> {
             if self.refuse {
                 return Err(Down { permanent: true });
             }
@@ -200,7 +200,7 @@ mod tests {
             self.deleted
                 .lock()
                 .unwrap()
-                .extend(inv.keys.iter().cloned());
+                .extend(batch.inv.keys.iter().cloned());
             Ok(DeleteStats::default())
         }
 
@@ -233,6 +233,7 @@ mod tests {
             end_lsn: Lsn(end),
             commit_time_us: 1,
             inv,
+            tables: Vec::new(),
         }
     }
 

@@ -7,8 +7,9 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::{Committed, Position, Sink, backoff};
-use crate::change::unix_micros;
+use super::{Batch, Committed, Position, Sink, backoff};
+use crate::change::{TableName, unix_micros};
+use crate::redis::{DeleteError, DeleteStats, Deleter};
 use crate::rules::Invalidation;
 use crate::telemetry::{self, Health};
 
@@ -58,32 +59,70 @@ impl Queued for Arc<Committed> {
     }
 }
 
-/// One batch of a delete loop: a single transaction as received (nothing copied), or several
-/// merged.
-enum Batch<T> {
-    /// The first transaction alone.
-    One(T),
-    /// Several transactions' invalidations merged.
-    Merged(Invalidation),
+impl Sink for Deleter {
+    type Error = DeleteError;
+
+    fn is_transient(error: &DeleteError) -> bool {
+        error.is_transient()
+    }
+
+    async fn delete(&mut self, batch: &Batch<'_>) -> Result<DeleteStats, DeleteError> {
+        Deleter::delete(self, &batch.inv.keys, &batch.inv.patterns).await
+    }
+
+    async fn ping(&mut self) -> Result<(), DeleteError> {
+        Deleter::ping(self).await
+    }
 }
 
-impl<T: Queued> Batch<T> {
+/// One batch of a delete loop: a single transaction as received (nothing copied), or several
+/// merged.
+enum Taken<T> {
+    /// The first transaction alone.
+    One(T),
+    /// Several transactions' invalidations merged, and the tables they changed.
+    Merged(Invalidation, Vec<TableName>),
+}
+
+impl<T: Queued> Taken<T> {
     /// What the batch deletes.
     fn inv(&self) -> &Invalidation {
         match self {
-            Batch::One(first) => &first.committed().inv,
-            Batch::Merged(inv) => inv,
+            Taken::One(first) => &first.committed().inv,
+            Taken::Merged(inv, _) => inv,
+        }
+    }
+
+    /// The batch as the sink sees it, confirmed at `end`.
+    fn batch(&self, end: Position) -> Batch<'_> {
+        let tables = match self {
+            Taken::One(first) => &first.committed().tables,
+            Taken::Merged(_, tables) => tables,
+        };
+        Batch {
+            inv: self.inv(),
+            end,
+            tables,
         }
     }
 
     /// Adds `next` to the batch.
     fn add(&mut self, next: T) {
-        let mut inv = match std::mem::replace(self, Batch::Merged(Invalidation::default())) {
-            Batch::One(first) => first.into_invalidation(),
-            Batch::Merged(inv) => inv,
+        let empty = Taken::Merged(Invalidation::default(), Vec::new());
+        let (mut inv, mut tables) = match std::mem::replace(self, empty) {
+            Taken::One(first) => {
+                let tables = first.committed().tables.clone();
+                (first.into_invalidation(), tables)
+            }
+            Taken::Merged(inv, tables) => (inv, tables),
         };
+        for table in &next.committed().tables {
+            if !tables.contains(table) {
+                tables.push(table.clone());
+            }
+        }
         inv.merge(next.into_invalidation());
-        *self = Batch::Merged(inv);
+        *self = Taken::Merged(inv, tables);
     }
 }
 
@@ -209,7 +248,7 @@ pub async fn deliver<K: Sink, T: Queued>(
         // Latency first: the batch is what is already waiting, never a wait for more.
         let mut end = head.position();
         let mut commits = vec![(head.end_lsn, head.commit_time_us)];
-        let mut batch = Batch::One(first);
+        let mut batch = Taken::One(first);
         while batch.inv().len() < max_batch_keys {
             match queue.try_recv() {
                 Ok(next) => {
@@ -224,7 +263,7 @@ pub async fn deliver<K: Sink, T: Queued>(
         if !batch.inv().is_empty() {
             report.batch_keys.record(batch.inv().len() as f64);
         }
-        if !delete_with_retry(&mut sink, batch.inv(), report, &cancel).await? {
+        if !delete_with_retry(&mut sink, &batch.batch(end), report, &cancel).await? {
             return Ok(());
         }
         drop(batch);
@@ -255,16 +294,16 @@ pub async fn deliver<K: Sink, T: Queued>(
 /// may be acknowledged.
 async fn delete_with_retry<K: Sink>(
     sink: &mut K,
-    inv: &Invalidation,
+    batch: &Batch<'_>,
     report: &Reporting,
     cancel: &CancellationToken,
 ) -> Result<bool, K::Error> {
-    if inv.is_empty() {
+    if batch.inv.is_empty() {
         return Ok(true);
     }
     let mut delays = backoff();
     loop {
-        match sink.delete(inv).await {
+        match sink.delete(batch).await {
             Ok(stats) => {
                 report.set_redis(None);
                 report.keys_deleted.increment(stats.keys_deleted);

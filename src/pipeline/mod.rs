@@ -30,7 +30,7 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::change::Lsn;
+use crate::change::{Lsn, TableName};
 use crate::redis::DeleteStats;
 use crate::rules::Invalidation;
 
@@ -41,15 +41,26 @@ pub use source_loop::{SourceEnd, run_source};
 /// is the buffer, and what is queued is not yet acknowledged.
 pub const QUEUE_DEPTH: usize = 64;
 
-/// Where invalidations go: Redis, or a recording stand-in in unit tests.
+/// What one delete covers: the merged invalidations of one or more committed transactions.
+#[derive(Debug, Clone, Copy)]
+pub struct Batch<'a> {
+    /// What to delete.
+    pub inv: &'a Invalidation,
+    /// Where the confirmed position stands once it is deleted.
+    pub end: Position,
+    /// The tables with rules its transactions changed.
+    pub tables: &'a [TableName],
+}
+
+/// Where invalidations go: Redis, the dry run's log, or a recording stand-in in unit tests.
 pub trait Sink: Send + 'static {
     /// Why a delete failed.
     type Error: std::error::Error + Send + 'static;
 
-    /// Deletes the keys and everything matching the patterns.
+    /// Deletes the keys and everything matching the patterns of `batch`.
     fn delete(
         &mut self,
-        inv: &Invalidation,
+        batch: &Batch<'_>,
     ) -> impl Future<Output = Result<DeleteStats, Self::Error>> + Send;
 
     /// Checks that Redis answers, so readiness is right while no change flows.
@@ -82,6 +93,8 @@ pub struct Committed {
     pub commit_time_us: i64,
     /// What to delete.
     pub inv: Invalidation,
+    /// The tables with rules it changed (none for a flush), for the dry run's log.
+    pub tables: Vec<TableName>,
 }
 
 impl Committed {
@@ -107,8 +120,6 @@ pub struct Links {
     pub last_queued: Lsn,
     /// The history being read (see [`Position`]); transactions are queued in it.
     pub history: u64,
-    /// Dry run: log what each transaction would delete (the delete loop deletes nothing).
-    pub dry_run: bool,
     /// The configured prefixes manual invalidation may delete under, besides the rules' own
     /// (see [`crate::source::invalidate::Allowed`]).
     pub invalidate_prefixes: Arc<[String]>,
@@ -143,6 +154,7 @@ pub async fn queue_flush(queue: &mpsc::Sender<Committed>, history: u64, inv: Inv
         end_lsn: Lsn(0),
         commit_time_us: crate::change::unix_micros(),
         inv,
+        tables: Vec::new(),
     };
     // The queue closes only when the delete loop has stopped, and then nothing is acknowledged.
     let _ = queue.send(flush).await;

@@ -30,8 +30,6 @@ struct SourceState {
     max_transaction_keys: usize,
     /// The `changes_total` series met so far.
     counters: ChangeCounters,
-    /// Dry run: log each transaction's invalidations at its commit.
-    dry_run: bool,
     /// The highest position handed to [`Source::acknowledge`] on this connection.
     acknowledged: Lsn,
     /// The history transactions are queued in.
@@ -65,11 +63,10 @@ impl ChangeCounters {
 
 /// A transaction being read: its invalidations so far, and what a fallback needs.
 struct Open {
-    /// What to delete once it commits (its end LSN is set at commit).
+    /// What to delete once it commits (its end LSN is set at commit), and the tables with
+    /// rules it has changed, in order of first change; few (at most the tables the rules name),
+    /// so a linear search is the cheapest lookup.
     committed: Committed,
-    /// The tables with rules it has changed, in order of first change; few (at most the tables
-    /// the rules name), so a linear search is the cheapest lookup.
-    tables: Vec<TableName>,
     /// Row changes read, with or without rules.
     changes: u64,
     /// The number of distinct keys and patterns it held when it fell back to its tables'
@@ -89,8 +86,8 @@ impl Open {
                 end_lsn: Lsn(0),
                 commit_time_us,
                 inv: Invalidation::default(),
+                tables: Vec::new(),
             },
-            tables: Vec::new(),
             changes: 0,
             fell_back_at: None,
             given: Invalidation::default(),
@@ -126,15 +123,15 @@ impl Open {
         self.committed
             .inv
             .merge(live.rules().everything_for(&table));
-        if !self.tables.contains(&table) {
-            self.tables.push(table);
+        if !self.committed.tables.contains(&table) {
+            self.committed.tables.push(table);
         }
     }
 
     /// Plans `change` for its table, which has rules.
     fn plan_table(&mut self, live: &mut LiveRules, change: &Change, max_keys: usize) {
-        if !self.tables.contains(&change.table) {
-            self.tables.push(change.table.clone());
+        if !self.committed.tables.contains(&change.table) {
+            self.committed.tables.push(change.table.clone());
             if self.fell_back_at.is_some() {
                 self.committed
                     .inv
@@ -151,7 +148,7 @@ impl Open {
             // Every key held came from the rules of these tables, and each of those rules
             // rendered with `*` everywhere matches every key it can render for any row.
             let mut fallback = Invalidation::default();
-            for table in &self.tables {
+            for table in &self.committed.tables {
                 fallback.merge(rules.everything_for(table));
             }
             self.committed.inv = fallback;
@@ -159,21 +156,12 @@ impl Open {
     }
 
     /// Closes the transaction at `end_lsn`; a transaction that fell back is logged and counted.
-    /// In a dry run, what it would delete is logged.
-    fn commit(mut self, end_lsn: Lsn, max_keys: usize, dry_run: bool) -> Committed {
+    fn commit(mut self, end_lsn: Lsn, max_keys: usize) -> Committed {
         self.committed.end_lsn = end_lsn;
         self.committed.inv.merge(std::mem::take(&mut self.given));
-        if dry_run && !self.committed.inv.is_empty() {
-            let tables = self
-                .tables
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join(", ");
-            crate::dry_run::log_would_delete(end_lsn, &tables, &self.committed.inv);
-        }
         if let Some(keys) = self.fell_back_at {
             let tables = self
+                .committed
                 .tables
                 .iter()
                 .map(ToString::to_string)
@@ -217,7 +205,6 @@ pub async fn run_source<S: Source>(
         pending: None,
         max_transaction_keys: settings.max_transaction_keys,
         counters: ChangeCounters::default(),
-        dry_run: links.dry_run,
         acknowledged: Lsn(0),
         history: links.history,
         invalidate_prefixes: links.invalidate_prefixes.clone(),
@@ -310,8 +297,7 @@ async fn take<S: Source>(
             Step::Commit { position } => {
                 if let Some(open) = state.open.take() {
                     rules.count();
-                    let committed =
-                        open.commit(position, state.max_transaction_keys, state.dry_run);
+                    let committed = open.commit(position, state.max_transaction_keys);
                     state.pending = Some(committed);
                 }
             }

@@ -75,13 +75,13 @@ struct RecordingSink {
 impl Sink for RecordingSink {
     type Error = Down;
 
-    async fn delete(&mut self, inv: &Invalidation) -> Result<DeleteStats, Down> {
+    async fn delete(&mut self, batch: &Batch<'_>) -> Result<DeleteStats, Down> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         let _busy = self.slow.read().await;
         if self.down.load(Ordering::SeqCst) {
             return Err(Down);
         }
-        self.deleted.lock().unwrap().push(inv.clone());
+        self.deleted.lock().unwrap().push(batch.inv.clone());
         Ok(DeleteStats::default())
     }
 
@@ -207,7 +207,6 @@ impl Harness {
             cancel: cancel.clone(),
             last_queued: Lsn(0),
             history: 0,
-            dry_run: false,
             invalidate_prefixes: ["user:", "weird", "k:"].map(str::to_owned).into(),
         };
         let deleter = {

@@ -294,6 +294,13 @@ impl Progress {
         }
     }
 
+    /// Forgets the rounds after `queued`, the last one the pipeline queued: they went with a
+    /// connection before they were queued, so holding their ids would keep them from being read
+    /// again, and every later round from being confirmed.
+    fn forget_unqueued(&mut self, queued: Lsn) {
+        self.in_flight.retain(|(round, _)| *round <= queued);
+    }
+
     /// Every id read and still in the outbox: never read again while held.
     fn held(&self) -> Vec<i64> {
         self.in_flight
@@ -433,13 +440,17 @@ pub struct OutboxSource<'a> {
 
 impl<'a> OutboxSource<'a> {
     /// The reader that holds the reader lock on `client`'s session; `rules` says which tables'
-    /// partitions need truncate triggers.
+    /// partitions need truncate triggers. `queued` is the position of the last transaction the
+    /// pipeline queued: the rounds read after it went with the previous connection before they
+    /// were queued, so their rows are read again.
     pub fn owner(
         client: &'a tokio_postgres::Client,
         hints: &'a mut mpsc::UnboundedReceiver<()>,
         rules: watch::Receiver<Arc<RuleSet>>,
         progress: &'a mut Progress,
+        queued: Lsn,
     ) -> OutboxSource<'a> {
+        progress.forget_unqueued(queued);
         OutboxSource::new(client, hints, rules, progress, Reading::Owner)
     }
 
@@ -776,6 +787,18 @@ mod tests {
         assert_eq!(progress.held_len(), 3);
         progress.confirm(Lsn(2));
         assert_eq!(progress.done, vec![5, 3, 4]);
+        assert!(progress.in_flight.is_empty());
+    }
+
+    #[test]
+    fn rounds_never_queued_are_read_again_after_a_reconnect() {
+        let mut progress = Progress::default();
+        progress.in_flight.push_back((Lsn(1), vec![1]));
+        progress.in_flight.push_back((Lsn(2), vec![2, 3]));
+        progress.forget_unqueued(Lsn(1));
+        assert_eq!(progress.held(), vec![1]);
+        progress.confirm(Lsn(1));
+        assert_eq!(progress.done, vec![1]);
         assert!(progress.in_flight.is_empty());
     }
 }
