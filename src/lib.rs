@@ -22,6 +22,7 @@
 //! - [`config`]: the TOML file and environment overrides, validated; opens no connections.
 //! - [`endpoint`]: a Postgres URL as the connections read it and CA files, below both `config`
 //!   and the connections.
+//! - [`error`]: the one place that says what a Postgres error code means for retrying.
 //! - [`glob`]: Redis glob patterns: the matcher, escaping, literal prefixes.
 //! - [`pgoutput`]: decode (and, for tests, encode) pgoutput protocol v1 messages; no I/O.
 //! - [`rules`]: load and compile `rules/*.toml`, plan a change into keys and patterns; no I/O.
@@ -50,6 +51,7 @@ pub mod check;
 pub mod config;
 pub mod dry_run;
 pub mod endpoint;
+pub mod error;
 pub mod explain;
 pub mod glob;
 pub mod init;

@@ -79,10 +79,9 @@ impl ConnectError {
         match self {
             ConnectError::Url { .. } | ConnectError::Pooler(_) => false,
             ConnectError::Tls(e) => e.is_transient(),
-            ConnectError::Postgres { source, .. } => source.as_db_error().is_none_or(|db| {
-                let code = db.code().code();
-                code.starts_with("08") || code.starts_with("57P") || code == "53300"
-            }),
+            ConnectError::Postgres { source, .. } => source
+                .as_db_error()
+                .is_none_or(|db| crate::error::transient_sqlstate(db.code().code())),
         }
     }
 }

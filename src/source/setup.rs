@@ -138,10 +138,9 @@ impl SetupError {
     pub fn is_transient(&self) -> bool {
         match self {
             SetupError::Replication(e) => e.is_transient(),
-            SetupError::Postgres(e) => e.as_db_error().is_none_or(|db| {
-                let code = db.code().code();
-                code.starts_with("08") || code.starts_with("57P") || code == "53300"
-            }),
+            SetupError::Postgres(e) => e
+                .as_db_error()
+                .is_none_or(|db| crate::error::transient_sqlstate(db.code().code())),
             SetupError::MissingTables(_)
             | SetupError::MissingColumns(_)
             | SetupError::Hidden(_)

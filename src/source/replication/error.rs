@@ -71,31 +71,12 @@ impl ReplicationError {
         match self {
             ReplicationError::Io(_) | ReplicationError::Closed => true,
             ReplicationError::Tls(e) => e.is_transient(),
-            ReplicationError::Server { code, .. } => is_transient_code(code),
+            ReplicationError::Server { code, .. } => crate::error::transient_sqlstate(code),
             ReplicationError::Protocol(_)
             | ReplicationError::Auth(_)
             | ReplicationError::Invalid(_)
             | ReplicationError::Pooler(_) => false,
         }
-    }
-}
-
-/// The SQLSTATE codes that describe a passing condition of the server rather than of our setup.
-fn is_transient_code(code: &str) -> bool {
-    match code {
-        // admin_shutdown, crash_shutdown, cannot_connect_now, idle_session_timeout
-        "57P01" | "57P02" | "57P03" | "57P05" => true,
-        // query_canceled: someone cancelled us, e.g. with pg_cancel_backend
-        "57014" => true,
-        // insufficient_resources and too_many_connections, disk_full, out_of_memory
-        "53000" | "53100" | "53200" | "53300" => true,
-        // object_in_use (the slot is active elsewhere), lock_not_available
-        "55006" | "55P03" => true,
-        // serialization_failure, deadlock_detected
-        "40001" | "40P01" => true,
-        // connection exceptions, except protocol_violation, which is our bug
-        "08P01" => false,
-        _ => code.starts_with("08"),
     }
 }
 
