@@ -50,3 +50,48 @@ pub fn load_ca_file(path: &Path) -> Result<Vec<CertificateDer<'static>>, String>
     }
     Ok(certs)
 }
+
+#[cfg(test)]
+mod tests {
+    use tokio_postgres::config::SslMode;
+
+    use super::*;
+
+    #[test]
+    fn a_missing_or_empty_ca_file_is_refused_with_its_path() {
+        let err = load_ca_file(Path::new("/nonexistent/ca.pem")).unwrap_err();
+        assert!(err.contains("/nonexistent/ca.pem"), "{err}");
+        let empty = tempfile::NamedTempFile::new().unwrap();
+        let err = load_ca_file(empty.path()).unwrap_err();
+        assert!(err.contains("no PEM certificate"), "{err}");
+    }
+
+    #[test]
+    fn verify_modes_become_require_and_only_verify_ca_skips_the_host_name() {
+        for (url, check_host) in [
+            ("postgres://u@h/db?sslmode=verify-full", true),
+            ("postgres://u@h/db?sslmode=verify-ca", false),
+            (
+                "postgres://u@h/db?connect_timeout=3&sslmode=verify-ca&application_name=x",
+                false,
+            ),
+            ("host=h user=u sslmode=verify-ca", false),
+            ("host=h user=u sslmode=verify-full dbname=d", true),
+        ] {
+            let (config, checks) = parse_url(url).unwrap_or_else(|e| panic!("{url}: {e}"));
+            assert_eq!(config.get_ssl_mode(), SslMode::Require, "{url}");
+            assert_eq!(checks, check_host, "{url}");
+        }
+        let (config, checks) = parse_url("postgres://u@h/db").unwrap();
+        assert_eq!((config.get_ssl_mode(), checks), (SslMode::Prefer, true));
+        // Only the whole parameter is rewritten.
+        assert!(parse_url("postgres://u@h/db?sslmode=verify-fullx").is_err());
+        assert_eq!(
+            parse_url("postgres://u@h/db?application_name=sslmode=verify-ca")
+                .unwrap()
+                .0
+                .get_ssl_mode(),
+            SslMode::Prefer
+        );
+    }
+}
