@@ -1,5 +1,7 @@
-//! Private PostgreSQL clusters with logical replication enabled.
+//! Private PostgreSQL clusters with logical replication enabled, of the version that
+//! `TEST_PG_VERSION` picks (see [`super::pg_install`]).
 
+use super::pg_install::install;
 use super::{Watchdog, free_port, scratch_dir, sh_quote, wait_until};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -52,8 +54,12 @@ pub struct PgCluster {
     dir: PathBuf,
     /// The data directory (`-D`).
     data: PathBuf,
-    /// Where `initdb`, `pg_ctl`, `psql` live.
-    bindir: PathBuf,
+    /// Where `initdb`, `pg_ctl` and `postgres` live.
+    server_bin: PathBuf,
+    /// Where `psql` and `pg_basebackup` live (the machine's own, whatever the server).
+    client_bin: PathBuf,
+    /// The server's major version.
+    major: u32,
     /// The TCP port on 127.0.0.1; kept across restarts.
     port: u16,
     /// Stops the server and removes `dir` if the test binary dies before `Drop` runs.
@@ -69,20 +75,20 @@ impl PgCluster {
     /// Creates and starts a new cluster; `settings` are `postgresql.conf` lines (`name`, `value`
     /// as written in the file, strings quoted) that come after and so override the base settings.
     pub fn start_with(settings: &[(&str, &str)]) -> PgCluster {
-        let bindir = bindir();
+        let install = install();
         let dir = scratch_dir("pg");
         let data = dir.join("data");
         run_checked(Command::new("chown").arg("postgres:postgres").arg(&dir));
         let watchdog = Watchdog::spawn(&format!(
             "runuser -u postgres -- {} -D {} stop -m immediate >/dev/null 2>&1; rm -rf {}",
-            sh_quote(&bindir.join("pg_ctl").to_string_lossy()),
+            sh_quote(&install.server_bin.join("pg_ctl").to_string_lossy()),
             sh_quote(&data.to_string_lossy()),
             sh_quote(&dir.to_string_lossy()),
         ));
         run_checked(
             Command::new("runuser")
                 .args(["-u", "postgres", "--"])
-                .arg(bindir.join("initdb"))
+                .arg(install.server_bin.join("initdb"))
                 .arg("-D")
                 .arg(&data)
                 .args(["-A", "trust", "-U", "postgres", "--no-sync"])
@@ -97,7 +103,9 @@ impl PgCluster {
         let mut cluster = PgCluster {
             dir,
             data,
-            bindir,
+            server_bin: install.server_bin.clone(),
+            client_bin: install.client_bin.clone(),
+            major: install.major,
             port: 0,
             _watchdog: watchdog,
         };
@@ -126,6 +134,11 @@ impl PgCluster {
     pub fn shared() -> &'static PgCluster {
         static SHARED: OnceLock<PgCluster> = OnceLock::new();
         SHARED.get_or_init(PgCluster::start)
+    }
+
+    /// The server's major version (13 ... 18), for tests of what differs between versions.
+    pub fn major(&self) -> u32 {
+        self.major
     }
 
     /// The TCP port the server listens on at 127.0.0.1.
@@ -180,7 +193,7 @@ impl PgCluster {
     /// Like [`PgCluster::try_psql`], as role `user`.
     pub fn try_psql_as(&self, user: &str, db: &str, sql: &str) -> Result<String, String> {
         // The Unix socket is used because `set_hba` always keeps it open for `postgres`.
-        let mut child = Command::new(self.bindir.join("psql"))
+        let mut child = Command::new(self.client_bin.join("psql"))
             .args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1"])
             .arg("-h")
             .arg(&self.dir)
@@ -248,7 +261,7 @@ impl PgCluster {
         run_checked(
             Command::new("runuser")
                 .args(["-u", "postgres", "--"])
-                .arg(self.bindir.join("pg_basebackup"))
+                .arg(self.client_bin.join("pg_basebackup"))
                 .arg("-h")
                 .arg(&self.dir)
                 .args(["-p", &self.port.to_string(), "-U", "postgres", "-D"])
@@ -332,7 +345,7 @@ impl PgCluster {
     fn pg_ctl(&self, args: &[&str]) -> Output {
         Command::new("runuser")
             .args(["-u", "postgres", "--"])
-            .arg(self.bindir.join("pg_ctl"))
+            .arg(self.server_bin.join("pg_ctl"))
             .arg("-D")
             .arg(&self.data)
             .arg("-l")
@@ -352,40 +365,8 @@ impl Drop for PgCluster {
     }
 }
 
-/// Finds the PostgreSQL binaries: `pg_config --bindir`, else the newest /usr/lib/postgresql/*/bin.
-fn bindir() -> PathBuf {
-    static BINDIR: OnceLock<PathBuf> = OnceLock::new();
-    BINDIR
-        .get_or_init(|| {
-            let from_pg_config = Command::new("pg_config")
-                .arg("--bindir")
-                .output()
-                .ok()
-                .filter(|out| out.status.success())
-                .map(|out| PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
-                .filter(|dir| dir.join("initdb").exists());
-            from_pg_config.unwrap_or_else(|| {
-                let mut found: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
-                    .expect("PostgreSQL is installed under /usr/lib/postgresql")
-                    .filter_map(|entry| {
-                        let entry = entry.ok()?;
-                        let version = entry.file_name().to_string_lossy().parse().ok()?;
-                        Some((version, entry.path().join("bin")))
-                    })
-                    .filter(|(_, dir)| dir.join("initdb").exists())
-                    .collect();
-                found.sort();
-                found
-                    .pop()
-                    .expect("no initdb under /usr/lib/postgresql/*/bin")
-                    .1
-            })
-        })
-        .clone()
-}
-
 /// Runs `cmd` and panics with its output if it fails.
-fn run_checked(cmd: &mut Command) {
+pub(super) fn run_checked(cmd: &mut Command) {
     let out = cmd.stdin(Stdio::null()).output().expect("spawn command");
     assert!(
         out.status.success(),
