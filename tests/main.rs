@@ -9,6 +9,7 @@ mod deploy;
 mod dry_run;
 mod e2e;
 mod exodrive;
+mod failover;
 mod faults;
 mod identifiers;
 mod invalidate;

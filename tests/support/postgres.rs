@@ -75,6 +75,77 @@ impl PgCluster {
     /// Creates and starts a new cluster; `settings` are `postgresql.conf` lines (`name`, `value`
     /// as written in the file, strings quoted) that come after and so override the base settings.
     pub fn start_with(settings: &[(&str, &str)]) -> PgCluster {
+        let cluster = PgCluster::empty();
+        run_checked(
+            Command::new("runuser")
+                .args(["-u", "postgres", "--"])
+                .arg(cluster.server_bin.join("initdb"))
+                .arg("-D")
+                .arg(&cluster.data)
+                .args(["-A", "trust", "-U", "postgres", "--no-sync"])
+                .args(["-E", "UTF8", "--locale=C"]),
+        );
+        let mut conf = std::fs::OpenOptions::new()
+            .append(true)
+            .open(cluster.data.join("postgresql.conf"))
+            .expect("open postgresql.conf");
+        // An include at the end lets the harness rewrite its own settings (the port) on retries.
+        writeln!(conf, "\ninclude_if_exists = 'harness.conf'").expect("write postgresql.conf");
+        cluster.launch(settings)
+    }
+
+    /// Makes a physical standby of this cluster that streams from it through the physical slot
+    /// `slot` (created here), with `settings` added, and starts it. The data directory is copied
+    /// while this cluster is stopped (a cold base backup: `pg_basebackup` is not there for every
+    /// version the harness runs), without this cluster's replication slots, so the standby
+    /// holds only what it synchronizes itself.
+    pub fn start_standby(&self, slot: &str, settings: &[(&str, &str)]) -> PgCluster {
+        self.psql(
+            "postgres",
+            &format!("SELECT 1 FROM pg_create_physical_replication_slot('{slot}', true)"),
+        );
+        self.stop(StopMode::Fast);
+        let standby = PgCluster::empty();
+        run_checked(
+            Command::new("cp")
+                .arg("-a")
+                .arg(&self.data)
+                .arg(&standby.data),
+        );
+        self.start_again();
+        let slots = standby.data.join("pg_replslot");
+        for entry in std::fs::read_dir(&slots).expect("read pg_replslot") {
+            std::fs::remove_dir_all(entry.expect("pg_replslot entry").path())
+                .expect("remove a copied slot");
+        }
+        std::fs::write(standby.data.join("standby.signal"), "").expect("write standby.signal");
+        let conninfo = format!(
+            "'host=127.0.0.1 port={} user=postgres dbname=postgres application_name={slot}'",
+            self.port
+        );
+        let slot_name = format!("'{slot}'");
+        let mut all = vec![
+            ("primary_conninfo", conninfo.as_str()),
+            ("primary_slot_name", slot_name.as_str()),
+        ];
+        all.extend_from_slice(settings);
+        standby.launch(&all)
+    }
+
+    /// Promotes this standby to a primary and waits until it accepts writes.
+    pub fn promote(&self) {
+        let out = self.pg_ctl(&["promote", "-w", "-t", "60"]);
+        assert!(
+            out.status.success(),
+            "pg_ctl promote failed: {}\nlog:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log()
+        );
+    }
+
+    /// A cluster whose data directory does not exist yet, in a fresh directory the postgres
+    /// user owns, watched from now on.
+    fn empty() -> PgCluster {
         let install = install();
         let dir = scratch_dir("pg");
         let data = dir.join("data");
@@ -85,22 +156,7 @@ impl PgCluster {
             sh_quote(&data.to_string_lossy()),
             sh_quote(&dir.to_string_lossy()),
         ));
-        run_checked(
-            Command::new("runuser")
-                .args(["-u", "postgres", "--"])
-                .arg(install.server_bin.join("initdb"))
-                .arg("-D")
-                .arg(&data)
-                .args(["-A", "trust", "-U", "postgres", "--no-sync"])
-                .args(["-E", "UTF8", "--locale=C"]),
-        );
-        let mut conf = std::fs::OpenOptions::new()
-            .append(true)
-            .open(data.join("postgresql.conf"))
-            .expect("open postgresql.conf");
-        // An include at the end lets the harness rewrite its own settings (the port) on retries.
-        writeln!(conf, "\ninclude_if_exists = 'harness.conf'").expect("write postgresql.conf");
-        let mut cluster = PgCluster {
+        PgCluster {
             dir,
             data,
             server_bin: install.server_bin.clone(),
@@ -108,15 +164,20 @@ impl PgCluster {
             major: install.major,
             port: 0,
             _watchdog: watchdog,
-        };
+        }
+    }
+
+    /// Starts the server on a free port with the base settings and `settings`, trying other
+    /// ports when another process took the one chosen.
+    fn launch(mut self, settings: &[(&str, &str)]) -> PgCluster {
         for attempt in 1..=START_ATTEMPTS {
-            cluster.port = free_port();
-            cluster.write_settings(settings);
-            let out = cluster.pg_ctl(&["start", "-w", "-t", "60"]);
+            self.port = free_port();
+            self.write_settings(settings);
+            let out = self.pg_ctl(&["start", "-w", "-t", "60"]);
             if out.status.success() {
-                return cluster;
+                return self;
             }
-            let log = cluster.log();
+            let log = self.log();
             let port_taken = log.contains("could not bind") || log.contains("already in use");
             if !port_taken || attempt == START_ATTEMPTS {
                 panic!(
@@ -127,6 +188,12 @@ impl PgCluster {
             }
         }
         unreachable!("the last attempt returns or panics")
+    }
+
+    /// The major version (13 ... 18) of the PostgreSQL every cluster of this run uses, without
+    /// starting one.
+    pub fn installed_major() -> u32 {
+        install().major
     }
 
     /// A cluster shared by every test of this binary that only needs its own database (see
