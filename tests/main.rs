@@ -29,4 +29,5 @@ mod targets;
 mod teardown;
 mod text_form;
 mod tls;
+mod two_phase;
 mod unknown_names;
