@@ -432,3 +432,51 @@ async fn dropping_next_futures_in_a_select_loses_no_frame() {
     assert_eq!(ids, (1..=ROWS).collect::<Vec<_>>());
     assert_eq!(tags.len(), ROWS + 3, "B, R, {ROWS} x I, C");
 }
+
+#[tokio::test]
+async fn several_hosts_are_tried_in_turn_and_read_write_passes_over_a_standby() {
+    let primary = PgCluster::start();
+    let standby = primary.start_standby(&unique_name("standby"), &[]);
+    let dead = crate::support::free_port();
+    // A host that refuses, then the standby: the standby takes the connection.
+    let url = format!(
+        "postgres://postgres@127.0.0.1:{dead},127.0.0.1:{}/postgres",
+        standby.port()
+    );
+    let mut client = connect(&url).await;
+    assert_eq!(
+        client
+            .simple_query("SHOW transaction_read_only")
+            .await
+            .unwrap()[0][0]
+            .as_deref(),
+        Some("on")
+    );
+    // read-write passes over the standby to the primary.
+    let url = format!(
+        "postgres://postgres@127.0.0.1:{dead},127.0.0.1:{},127.0.0.1:{}/postgres\
+         ?target_session_attrs=read-write",
+        standby.port(),
+        primary.port()
+    );
+    let mut client = connect(&url).await;
+    assert_eq!(
+        client
+            .simple_query("SHOW transaction_read_only")
+            .await
+            .unwrap()[0][0]
+            .as_deref(),
+        Some("off")
+    );
+    // With no read-write host, the answer says why.
+    let url = format!(
+        "postgres://postgres@127.0.0.1:{}/postgres?target_session_attrs=read-write",
+        standby.port()
+    );
+    let err = within("connect", ReplicationClient::connect(&config(&url), "test"))
+        .await
+        .err()
+        .expect("a standby alone is refused");
+    assert!(matches!(err, ReplicationError::ReadOnly), "{err}");
+    assert!(err.is_transient(), "a standby may be promoted");
+}

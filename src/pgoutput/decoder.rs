@@ -260,6 +260,16 @@ impl Decoder {
                 content: message.content,
                 lsn: message.lsn,
             }),
+            Message::StreamStart(_)
+            | Message::StreamStop
+            | Message::StreamCommit(_)
+            | Message::StreamAbort(_)
+            | Message::BeginPrepare(_)
+            | Message::Prepare(_)
+            | Message::StreamPrepare(_)
+            | Message::CommitPrepared(_)
+            | Message::RollbackPrepared(_)
+            | Message::Streamed(_) => return Err(DecodeError::NotRequested { message: kind }),
         }
         Ok(())
     }

@@ -3,7 +3,8 @@
 
 use super::message::{Message, OldTuple, TupleValue};
 
-/// Encodes a message exactly as pgoutput protocol version 1 lays it out.
+/// Encodes a message exactly as pgoutput lays it out (a [`Message::Streamed`] as inside a
+/// streamed block, for [`super::decode_streamed`]).
 ///
 /// Strings must not contain NUL, which the wire format cannot carry.
 ///
@@ -87,6 +88,73 @@ pub fn encode(message: &Message) -> Vec<u8> {
             cstr(&mut w, &m.prefix);
             w.extend_from_slice(&len32(m.content.len()).to_be_bytes());
             w.extend_from_slice(&m.content);
+        }
+        Message::StreamStart(m) => {
+            w.push(b'S');
+            w.extend_from_slice(&m.xid.to_be_bytes());
+            w.push(m.first_segment);
+        }
+        Message::StreamStop => w.push(b'E'),
+        Message::StreamCommit(m) => {
+            w.push(b'c');
+            w.extend_from_slice(&m.xid.to_be_bytes());
+            w.push(m.flags);
+            w.extend_from_slice(&m.commit_lsn.0.to_be_bytes());
+            w.extend_from_slice(&m.end_lsn.0.to_be_bytes());
+            w.extend_from_slice(&m.timestamp.to_be_bytes());
+        }
+        Message::StreamAbort(m) => {
+            w.push(b'A');
+            w.extend_from_slice(&m.xid.to_be_bytes());
+            w.extend_from_slice(&m.subxid.to_be_bytes());
+            if let Some(abort) = m.abort {
+                w.extend_from_slice(&abort.lsn.0.to_be_bytes());
+                w.extend_from_slice(&abort.timestamp.to_be_bytes());
+            }
+        }
+        Message::BeginPrepare(m) => {
+            w.push(b'b');
+            w.extend_from_slice(&m.prepare_lsn.0.to_be_bytes());
+            w.extend_from_slice(&m.end_lsn.0.to_be_bytes());
+            w.extend_from_slice(&m.timestamp.to_be_bytes());
+            w.extend_from_slice(&m.xid.to_be_bytes());
+            cstr(&mut w, &m.gid);
+        }
+        Message::Prepare(m) | Message::StreamPrepare(m) => {
+            let streamed = matches!(message, Message::StreamPrepare(_));
+            w.push(if streamed { b'p' } else { b'P' });
+            w.push(m.flags);
+            w.extend_from_slice(&m.prepare_lsn.0.to_be_bytes());
+            w.extend_from_slice(&m.end_lsn.0.to_be_bytes());
+            w.extend_from_slice(&m.timestamp.to_be_bytes());
+            w.extend_from_slice(&m.xid.to_be_bytes());
+            cstr(&mut w, &m.gid);
+        }
+        Message::CommitPrepared(m) => {
+            w.push(b'K');
+            w.push(m.flags);
+            w.extend_from_slice(&m.commit_lsn.0.to_be_bytes());
+            w.extend_from_slice(&m.end_lsn.0.to_be_bytes());
+            w.extend_from_slice(&m.timestamp.to_be_bytes());
+            w.extend_from_slice(&m.xid.to_be_bytes());
+            cstr(&mut w, &m.gid);
+        }
+        Message::RollbackPrepared(m) => {
+            w.push(b'r');
+            w.push(m.flags);
+            w.extend_from_slice(&m.prepare_end_lsn.0.to_be_bytes());
+            w.extend_from_slice(&m.rollback_end_lsn.0.to_be_bytes());
+            w.extend_from_slice(&m.prepare_timestamp.to_be_bytes());
+            w.extend_from_slice(&m.rollback_timestamp.to_be_bytes());
+            w.extend_from_slice(&m.xid.to_be_bytes());
+            cstr(&mut w, &m.gid);
+        }
+        Message::Streamed(m) => {
+            // The version 1 layout with the xid after the tag.
+            let inner = encode(&m.message);
+            w.push(inner[0]);
+            w.extend_from_slice(&m.xid.to_be_bytes());
+            w.extend_from_slice(&inner[1..]);
         }
     }
     w

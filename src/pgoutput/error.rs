@@ -38,8 +38,11 @@ pub enum DecodeError {
         /// The field that was being read.
         expected: &'static str,
     },
-    /// The first byte names no protocol version 1 message.
-    #[error("unknown message tag {tag} at offset 0: expected one of B C O R Y I U D T M")]
+    /// The first byte names no pgoutput message.
+    #[error(
+        "unknown message tag {tag} at offset 0: expected one of B C O R Y I U D T M, or of the \
+         streaming and two-phase S E c A b P p K r"
+    )]
     UnknownTag {
         /// The tag byte that was found.
         tag: Byte,
@@ -96,6 +99,16 @@ pub enum DecodeError {
     /// A message that belongs inside a transaction came without a Begin before it.
     #[error("{message} message outside a transaction: no Begin before it")]
     OutsideTransaction {
+        /// The kind of message.
+        message: &'static str,
+    },
+    /// A message of streamed transactions or two-phase commit, which a stream started with
+    /// protocol version 1 and neither `streaming` nor `two_phase` never carries.
+    #[error(
+        "{message} message on a stream started with protocol version 1, without streaming or \
+         two-phase commit"
+    )]
+    NotRequested {
         /// The kind of message.
         message: &'static str,
     },

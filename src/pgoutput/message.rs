@@ -1,11 +1,15 @@
-//! The pgoutput protocol version 1 messages and their decoder.
+//! The pgoutput messages and their decoder: those of protocol version 1 here, those of streamed
+//! transactions and two-phase commit in `streaming.rs`.
 //!
-//! The layouts follow the PostgreSQL documentation, "Logical Replication Message Formats": protocol
-//! version 1 has no xid in row messages and no streaming messages. Each type keeps every field
-//! that is on the wire, so that `encode` can rebuild the exact bytes.
+//! The layouts follow the PostgreSQL documentation, "Logical Replication Message Formats". Each
+//! type keeps every field that is on the wire, so that `encode` can rebuild the exact bytes.
 
 use super::error::{Byte, DecodeError};
 use super::reader::Reader;
+use super::streaming::{
+    self, BeginPrepare, CommitPrepared, Prepare, RollbackPrepared, StreamAbort, StreamCommit,
+    StreamStart, Streamed,
+};
 use crate::change::Lsn;
 
 /// Microseconds from the Unix epoch (1970-01-01) to the PostgreSQL epoch (2000-01-01).
@@ -40,6 +44,27 @@ pub enum Message {
     Truncate(Truncate),
     /// `M`: a logical decoding message from `pg_logical_emit_message` (only with `messages 'true'`).
     Logical(LogicalMessage),
+    /// `S`: a block of a transaction streamed before it commits starts (protocol version 2).
+    StreamStart(StreamStart),
+    /// `E`: the block ends.
+    StreamStop,
+    /// `c`: a streamed transaction committed.
+    StreamCommit(StreamCommit),
+    /// `A`: a streamed transaction, or one of its subtransactions, aborted.
+    StreamAbort(StreamAbort),
+    /// `b`: a transaction prepared for two-phase commit starts (protocol version 3).
+    BeginPrepare(BeginPrepare),
+    /// `P`: the transaction that Begin Prepare opened is prepared.
+    Prepare(Prepare),
+    /// `p`: a streamed transaction is prepared.
+    StreamPrepare(Prepare),
+    /// `K`: COMMIT PREPARED.
+    CommitPrepared(CommitPrepared),
+    /// `r`: ROLLBACK PREPARED.
+    RollbackPrepared(RollbackPrepared),
+    /// A row, relation, type or logical decoding message inside a streamed block, which carries
+    /// the xid of its (sub)transaction; only [`decode_streamed`] returns it.
+    Streamed(Streamed),
 }
 
 /// The start of a transaction.
@@ -233,6 +258,16 @@ impl Message {
             Message::Delete(_) => "delete",
             Message::Truncate(_) => "truncate",
             Message::Logical(_) => "logical decoding",
+            Message::StreamStart(_) => "stream start",
+            Message::StreamStop => "stream stop",
+            Message::StreamCommit(_) => "stream commit",
+            Message::StreamAbort(_) => "stream abort",
+            Message::BeginPrepare(_) => "begin prepare",
+            Message::Prepare(_) => "prepare",
+            Message::StreamPrepare(_) => "stream prepare",
+            Message::CommitPrepared(_) => "commit prepared",
+            Message::RollbackPrepared(_) => "rollback prepared",
+            Message::Streamed(streamed) => streamed.message.kind(),
         }
     }
 }
@@ -243,7 +278,34 @@ impl Message {
 /// panic, and a declared length or count is checked against the bytes left before it allocates.
 pub fn decode(data: &[u8]) -> Result<Message, DecodeError> {
     let mut r = Reader::new(data);
-    let message = match r.u8("message tag")? {
+    let tag = r.u8("message tag")?;
+    let message = body(tag, &mut r)?;
+    r.finish(message.kind())?;
+    Ok(message)
+}
+
+/// Decodes one message inside a streamed block (after Stream Start, up to Stream Stop), where
+/// the row, relation, type and logical decoding messages carry an xid after their tag: those
+/// come back as [`Message::Streamed`], any other as [`decode`] reads it.
+pub fn decode_streamed(data: &[u8]) -> Result<Message, DecodeError> {
+    let mut r = Reader::new(data);
+    let tag = r.u8("message tag")?;
+    let message = if streaming::XID_TAGS.contains(&tag) {
+        let xid = r.u32("xid")?;
+        Message::Streamed(Streamed {
+            xid,
+            message: Box::new(body(tag, &mut r)?),
+        })
+    } else {
+        body(tag, &mut r)?
+    };
+    r.finish(message.kind())?;
+    Ok(message)
+}
+
+/// Decodes what follows the tag of a message.
+fn body(tag: u8, r: &mut Reader<'_>) -> Result<Message, DecodeError> {
+    Ok(match tag {
         b'B' => Message::Begin(Begin {
             final_lsn: Lsn(r.u64("final LSN")?),
             timestamp: r.i64("commit timestamp")?,
@@ -259,7 +321,7 @@ pub fn decode(data: &[u8]) -> Result<Message, DecodeError> {
             commit_lsn: Lsn(r.u64("origin commit LSN")?),
             name: r.cstr("origin name")?,
         }),
-        b'R' => Message::Relation(relation(&mut r)?),
+        b'R' => Message::Relation(relation(r)?),
         b'Y' => Message::Type(Type {
             id: r.u32("type oid")?,
             namespace: r.cstr("type namespace")?,
@@ -267,10 +329,10 @@ pub fn decode(data: &[u8]) -> Result<Message, DecodeError> {
         }),
         b'I' => {
             let relation_id = r.u32("relation id")?;
-            expect_marker(&mut r, b'N', "'N'")?;
+            expect_marker(r, b'N', "'N'")?;
             Message::Insert(Insert {
                 relation_id,
-                new: tuple(&mut r)?,
+                new: tuple(r)?,
             })
         }
         b'U' => {
@@ -278,26 +340,26 @@ pub fn decode(data: &[u8]) -> Result<Message, DecodeError> {
             let offset = r.offset();
             let old = match r.u8("tuple marker")? {
                 b'N' => None,
-                b'K' => Some(OldTuple::Key(tuple(&mut r)?)),
-                b'O' => Some(OldTuple::Full(tuple(&mut r)?)),
+                b'K' => Some(OldTuple::Key(tuple(r)?)),
+                b'O' => Some(OldTuple::Full(tuple(r)?)),
                 found => return Err(unexpected_marker(offset, "'K', 'O' or 'N'", found)),
             };
             // The new tuple follows an old one behind its own marker.
             if old.is_some() {
-                expect_marker(&mut r, b'N', "'N'")?;
+                expect_marker(r, b'N', "'N'")?;
             }
             Message::Update(Update {
                 relation_id,
                 old,
-                new: tuple(&mut r)?,
+                new: tuple(r)?,
             })
         }
         b'D' => {
             let relation_id = r.u32("relation id")?;
             let offset = r.offset();
             let old = match r.u8("tuple marker")? {
-                b'K' => OldTuple::Key(tuple(&mut r)?),
-                b'O' => OldTuple::Full(tuple(&mut r)?),
+                b'K' => OldTuple::Key(tuple(r)?),
+                b'O' => OldTuple::Full(tuple(r)?),
                 found => return Err(unexpected_marker(offset, "'K' or 'O'", found)),
             };
             Message::Delete(Delete { relation_id, old })
@@ -322,10 +384,11 @@ pub fn decode(data: &[u8]) -> Result<Message, DecodeError> {
             prefix: r.cstr("message prefix")?,
             content: r.len_prefixed("message content")?.to_vec(),
         }),
-        tag => return Err(DecodeError::UnknownTag { tag: Byte(tag) }),
-    };
-    r.finish(message.kind())?;
-    Ok(message)
+        tag => match streaming::decode_body(tag, r)? {
+            Some(message) => message,
+            None => return Err(DecodeError::UnknownTag { tag: Byte(tag) }),
+        },
+    })
 }
 
 /// Decodes the body of a Relation message.

@@ -25,6 +25,11 @@ impl<'a> Reader<'a> {
         self.len - self.rest.len()
     }
 
+    /// Whether every byte has been read.
+    pub(super) fn is_empty(&self) -> bool {
+        self.rest.is_empty()
+    }
+
     /// The error for a field of `needed` bytes that does not fit in what is left.
     fn truncated(&self, expected: &'static str, needed: u64) -> DecodeError {
         DecodeError::Truncated {

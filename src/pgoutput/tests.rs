@@ -11,7 +11,7 @@ fn t(s: &str) -> TupleValue {
 }
 
 /// One message of every kind and every variant of the optional parts.
-fn samples() -> Vec<Message> {
+pub(super) fn samples() -> Vec<Message> {
     let column = |flags, name: &str, type_oid| Column {
         flags,
         name: name.into(),
@@ -204,11 +204,12 @@ fn trailing_bytes_after_a_complete_message_are_an_error() {
 
 #[test]
 fn an_unknown_tag_is_named() {
-    let err = decode(b"S\0\0\0\0").unwrap_err();
-    assert_eq!(err, DecodeError::UnknownTag { tag: Byte(b'S') });
+    let err = decode(b"Z\0\0\0\0").unwrap_err();
+    assert_eq!(err, DecodeError::UnknownTag { tag: Byte(b'Z') });
     assert_eq!(
         err.to_string(),
-        "unknown message tag 'S' (0x53) at offset 0: expected one of B C O R Y I U D T M"
+        "unknown message tag 'Z' (0x5a) at offset 0: expected one of B C O R Y I U D T M, or of \
+         the streaming and two-phase S E c A b P p K r"
     );
     assert_eq!(
         decode(&[0x80]),
@@ -394,7 +395,7 @@ fn old_tuple() -> impl Strategy<Value = OldTuple> {
     ]
 }
 
-fn message() -> impl Strategy<Value = Message> {
+pub(super) fn message() -> impl Strategy<Value = Message> {
     let column = (any::<u8>(), name(), any::<u32>(), any::<i32>()).prop_map(
         |(flags, name, type_oid, type_modifier)| Column {
             flags,
@@ -477,7 +478,7 @@ fn message() -> impl Strategy<Value = Message> {
 
 /// A small message whose relation ids are few, so that decoder sequences hit the cache.
 fn stream_message() -> impl Strategy<Value = Vec<u8>> {
-    message().prop_map(|mut message| {
+    prop_oneof![message(), super::streaming::tests::message()].prop_map(|mut message| {
         match &mut message {
             Message::Relation(r) => r.id %= 3,
             Message::Insert(m) => m.relation_id %= 3,

@@ -487,11 +487,16 @@ pub async fn plan(
     };
     let Some(reset) = reset else {
         slot_can_be_created(db, slot, 1).await?;
+        let failover = has_failover_slots(db).await?;
         plan.actions.push(Action {
-            why: format!("create logical replication slot {slot} (pgoutput)"),
+            why: format!(
+                "create logical replication slot {slot} (pgoutput{})",
+                if failover { ", failover" } else { "" }
+            ),
             sql: format!(
-                "SELECT lsn FROM pg_create_logical_replication_slot({}, 'pgoutput')",
-                quote_literal(slot)
+                "SELECT lsn FROM pg_create_logical_replication_slot({}, 'pgoutput'{})",
+                quote_literal(slot),
+                if failover { ", failover => true" } else { "" }
             ),
         });
         plan.actions.push(unmark);
@@ -636,6 +641,13 @@ pub async fn publication_action(
             ),
         }),
     ))
+}
+
+/// Whether the server has failover slots (PostgreSQL 17): a logical slot created with
+/// `failover` is kept in step on standbys with `sync_replication_slots = on`, so after a
+/// promotion streaming goes on from it instead of from a new slot and a flush.
+pub(crate) async fn has_failover_slots(db: &mut impl Sql) -> Result<bool, SetupError> {
+    Ok(crate::source::invalidate::server_version(db).await? >= 170_000)
 }
 
 /// The ones of `tables` (which must exist) that the existing `publication` does not publish, by

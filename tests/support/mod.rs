@@ -9,6 +9,7 @@
 // Each test module uses a different part of this toolkit; what one binary leaves unused is not dead.
 #![allow(dead_code, unused_imports)]
 
+mod pg_install;
 mod pgbouncer;
 mod ports;
 mod postgres;

@@ -1,5 +1,7 @@
-//! Private PostgreSQL clusters with logical replication enabled.
+//! Private PostgreSQL clusters with logical replication enabled, of the version that
+//! `TEST_PG_VERSION` picks (see [`super::pg_install`]).
 
+use super::pg_install::install;
 use super::{Watchdog, free_port, scratch_dir, sh_quote, wait_until};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -52,8 +54,12 @@ pub struct PgCluster {
     dir: PathBuf,
     /// The data directory (`-D`).
     data: PathBuf,
-    /// Where `initdb`, `pg_ctl`, `psql` live.
-    bindir: PathBuf,
+    /// Where `initdb`, `pg_ctl` and `postgres` live.
+    server_bin: PathBuf,
+    /// Where `psql` and `pg_basebackup` live (the machine's own, whatever the server).
+    client_bin: PathBuf,
+    /// The server's major version.
+    major: u32,
     /// The TCP port on 127.0.0.1; kept across restarts.
     port: u16,
     /// Stops the server and removes `dir` if the test binary dies before `Drop` runs.
@@ -69,46 +75,109 @@ impl PgCluster {
     /// Creates and starts a new cluster; `settings` are `postgresql.conf` lines (`name`, `value`
     /// as written in the file, strings quoted) that come after and so override the base settings.
     pub fn start_with(settings: &[(&str, &str)]) -> PgCluster {
-        let bindir = bindir();
-        let dir = scratch_dir("pg");
-        let data = dir.join("data");
-        run_checked(Command::new("chown").arg("postgres:postgres").arg(&dir));
-        let watchdog = Watchdog::spawn(&format!(
-            "runuser -u postgres -- {} -D {} stop -m immediate >/dev/null 2>&1; rm -rf {}",
-            sh_quote(&bindir.join("pg_ctl").to_string_lossy()),
-            sh_quote(&data.to_string_lossy()),
-            sh_quote(&dir.to_string_lossy()),
-        ));
+        let cluster = PgCluster::empty();
         run_checked(
             Command::new("runuser")
                 .args(["-u", "postgres", "--"])
-                .arg(bindir.join("initdb"))
+                .arg(cluster.server_bin.join("initdb"))
                 .arg("-D")
-                .arg(&data)
+                .arg(&cluster.data)
                 .args(["-A", "trust", "-U", "postgres", "--no-sync"])
                 .args(["-E", "UTF8", "--locale=C"]),
         );
         let mut conf = std::fs::OpenOptions::new()
             .append(true)
-            .open(data.join("postgresql.conf"))
+            .open(cluster.data.join("postgresql.conf"))
             .expect("open postgresql.conf");
         // An include at the end lets the harness rewrite its own settings (the port) on retries.
         writeln!(conf, "\ninclude_if_exists = 'harness.conf'").expect("write postgresql.conf");
-        let mut cluster = PgCluster {
+        cluster.launch(settings)
+    }
+
+    /// Makes a physical standby of this cluster that streams from it through the physical slot
+    /// `slot` (created here), with `settings` added, and starts it. The data directory is copied
+    /// while this cluster is stopped (a cold base backup: `pg_basebackup` is not there for every
+    /// version the harness runs), without this cluster's replication slots, so the standby
+    /// holds only what it synchronizes itself.
+    pub fn start_standby(&self, slot: &str, settings: &[(&str, &str)]) -> PgCluster {
+        self.psql(
+            "postgres",
+            &format!("SELECT 1 FROM pg_create_physical_replication_slot('{slot}', true)"),
+        );
+        self.stop(StopMode::Fast);
+        let standby = PgCluster::empty();
+        run_checked(
+            Command::new("cp")
+                .arg("-a")
+                .arg(&self.data)
+                .arg(&standby.data),
+        );
+        self.start_again();
+        let slots = standby.data.join("pg_replslot");
+        for entry in std::fs::read_dir(&slots).expect("read pg_replslot") {
+            std::fs::remove_dir_all(entry.expect("pg_replslot entry").path())
+                .expect("remove a copied slot");
+        }
+        std::fs::write(standby.data.join("standby.signal"), "").expect("write standby.signal");
+        let conninfo = format!(
+            "'host=127.0.0.1 port={} user=postgres dbname=postgres application_name={slot}'",
+            self.port
+        );
+        let slot_name = format!("'{slot}'");
+        let mut all = vec![
+            ("primary_conninfo", conninfo.as_str()),
+            ("primary_slot_name", slot_name.as_str()),
+        ];
+        all.extend_from_slice(settings);
+        standby.launch(&all)
+    }
+
+    /// Promotes this standby to a primary and waits until it accepts writes.
+    pub fn promote(&self) {
+        let out = self.pg_ctl(&["promote", "-w", "-t", "60"]);
+        assert!(
+            out.status.success(),
+            "pg_ctl promote failed: {}\nlog:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log()
+        );
+    }
+
+    /// A cluster whose data directory does not exist yet, in a fresh directory the postgres
+    /// user owns, watched from now on.
+    fn empty() -> PgCluster {
+        let install = install();
+        let dir = scratch_dir("pg");
+        let data = dir.join("data");
+        run_checked(Command::new("chown").arg("postgres:postgres").arg(&dir));
+        let watchdog = Watchdog::spawn(&format!(
+            "runuser -u postgres -- {} -D {} stop -m immediate >/dev/null 2>&1; rm -rf {}",
+            sh_quote(&install.server_bin.join("pg_ctl").to_string_lossy()),
+            sh_quote(&data.to_string_lossy()),
+            sh_quote(&dir.to_string_lossy()),
+        ));
+        PgCluster {
             dir,
             data,
-            bindir,
+            server_bin: install.server_bin.clone(),
+            client_bin: install.client_bin.clone(),
+            major: install.major,
             port: 0,
             _watchdog: watchdog,
-        };
+        }
+    }
+
+    /// Starts the server on a free port with the base settings and `settings`, trying other
+    /// ports when another process took the one chosen.
+    fn launch(mut self, settings: &[(&str, &str)]) -> PgCluster {
         for attempt in 1..=START_ATTEMPTS {
-            cluster.port = free_port();
-            cluster.write_settings(settings);
-            let out = cluster.pg_ctl(&["start", "-w", "-t", "60"]);
+            self.port = free_port();
+            self.write_settings(settings);
+            let out = self.pg_ctl(&["start", "-w", "-t", "60"]);
             if out.status.success() {
-                return cluster;
+                return self;
             }
-            let log = cluster.log();
+            let log = self.log();
             let port_taken = log.contains("could not bind") || log.contains("already in use");
             if !port_taken || attempt == START_ATTEMPTS {
                 panic!(
@@ -121,11 +190,22 @@ impl PgCluster {
         unreachable!("the last attempt returns or panics")
     }
 
+    /// The major version (13 ... 18) of the PostgreSQL every cluster of this run uses, without
+    /// starting one.
+    pub fn installed_major() -> u32 {
+        install().major
+    }
+
     /// A cluster shared by every test of this binary that only needs its own database (see
     /// [`PgCluster::create_database`]); never stop it. The watchdog removes it after the run.
     pub fn shared() -> &'static PgCluster {
         static SHARED: OnceLock<PgCluster> = OnceLock::new();
         SHARED.get_or_init(PgCluster::start)
+    }
+
+    /// The server's major version (13 ... 18), for tests of what differs between versions.
+    pub fn major(&self) -> u32 {
+        self.major
     }
 
     /// The TCP port the server listens on at 127.0.0.1.
@@ -180,7 +260,7 @@ impl PgCluster {
     /// Like [`PgCluster::try_psql`], as role `user`.
     pub fn try_psql_as(&self, user: &str, db: &str, sql: &str) -> Result<String, String> {
         // The Unix socket is used because `set_hba` always keeps it open for `postgres`.
-        let mut child = Command::new(self.bindir.join("psql"))
+        let mut child = Command::new(self.client_bin.join("psql"))
             .args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1"])
             .arg("-h")
             .arg(&self.dir)
@@ -248,7 +328,7 @@ impl PgCluster {
         run_checked(
             Command::new("runuser")
                 .args(["-u", "postgres", "--"])
-                .arg(self.bindir.join("pg_basebackup"))
+                .arg(self.client_bin.join("pg_basebackup"))
                 .arg("-h")
                 .arg(&self.dir)
                 .args(["-p", &self.port.to_string(), "-U", "postgres", "-D"])
@@ -332,7 +412,7 @@ impl PgCluster {
     fn pg_ctl(&self, args: &[&str]) -> Output {
         Command::new("runuser")
             .args(["-u", "postgres", "--"])
-            .arg(self.bindir.join("pg_ctl"))
+            .arg(self.server_bin.join("pg_ctl"))
             .arg("-D")
             .arg(&self.data)
             .arg("-l")
@@ -352,40 +432,8 @@ impl Drop for PgCluster {
     }
 }
 
-/// Finds the PostgreSQL binaries: `pg_config --bindir`, else the newest /usr/lib/postgresql/*/bin.
-fn bindir() -> PathBuf {
-    static BINDIR: OnceLock<PathBuf> = OnceLock::new();
-    BINDIR
-        .get_or_init(|| {
-            let from_pg_config = Command::new("pg_config")
-                .arg("--bindir")
-                .output()
-                .ok()
-                .filter(|out| out.status.success())
-                .map(|out| PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
-                .filter(|dir| dir.join("initdb").exists());
-            from_pg_config.unwrap_or_else(|| {
-                let mut found: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
-                    .expect("PostgreSQL is installed under /usr/lib/postgresql")
-                    .filter_map(|entry| {
-                        let entry = entry.ok()?;
-                        let version = entry.file_name().to_string_lossy().parse().ok()?;
-                        Some((version, entry.path().join("bin")))
-                    })
-                    .filter(|(_, dir)| dir.join("initdb").exists())
-                    .collect();
-                found.sort();
-                found
-                    .pop()
-                    .expect("no initdb under /usr/lib/postgresql/*/bin")
-                    .1
-            })
-        })
-        .clone()
-}
-
 /// Runs `cmd` and panics with its output if it fails.
-fn run_checked(cmd: &mut Command) {
+pub(super) fn run_checked(cmd: &mut Command) {
     let out = cmd.stdin(Stdio::null()).output().expect("spawn command");
     assert!(
         out.status.success(),

@@ -141,8 +141,14 @@ impl Connection {
         Ok(())
     }
 
-    /// Shuts down the writing half so the server sees a clean end of stream.
-    pub(super) async fn shutdown(&mut self) -> Result<(), ReplicationError> {
+    /// Says goodbye (Terminate) and shuts down the writing half, so the server sees a clean end
+    /// of the session.
+    pub(super) async fn terminate(&mut self) -> Result<(), ReplicationError> {
+        self.encode(|buf| {
+            postgres_protocol::message::frontend::terminate(buf);
+            Ok(())
+        })?;
+        self.flush().await?;
         self.socket.shutdown().await?;
         Ok(())
     }

@@ -40,6 +40,13 @@ pub enum ReplicationError {
     /// A connection pooler answers instead of Postgres.
     #[error(transparent)]
     Pooler(#[from] crate::source::connect::PoolerError),
+    /// `target_session_attrs=read-write` and the server is read-only: a standby (which a
+    /// promotion may turn into the primary), or `default_transaction_read_only` is on.
+    #[error(
+        "the server is read-only (a standby?) and target_session_attrs=read-write asks for \
+         the primary"
+    )]
+    ReadOnly,
     /// The server closed the connection without an error message.
     #[error("the server closed the replication connection")]
     Closed,
@@ -69,7 +76,7 @@ impl ReplicationError {
     /// surprise stops the process with a clear message instead of looping forever.
     pub fn is_transient(&self) -> bool {
         match self {
-            ReplicationError::Io(_) | ReplicationError::Closed => true,
+            ReplicationError::Io(_) | ReplicationError::Closed | ReplicationError::ReadOnly => true,
             ReplicationError::Tls(e) => e.is_transient(),
             ReplicationError::Server { code, .. } => crate::error::transient_sqlstate(code),
             ReplicationError::Protocol(_)

@@ -36,7 +36,7 @@ use postgres_protocol::message::backend::{DataRowBody, Message, ParameterStatusB
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio_postgres::config::{ChannelBinding, Host, SslMode, SslNegotiation};
+use tokio_postgres::config::{ChannelBinding, Host, SslMode, SslNegotiation, TargetSessionAttrs};
 
 use crate::change::Lsn;
 use crate::source::connect::{
@@ -101,7 +101,9 @@ pub struct ReplicationClient {
 }
 
 impl ReplicationClient {
-    /// Connects to the first host of `config` in `replication=database` mode and authenticates.
+    /// Connects in `replication=database` mode and authenticates, to the first host of `config`
+    /// that answers, as libpq does with several hosts (`host=a,b`, `postgres://a:1,b:2/db`);
+    /// with `target_session_attrs=read-write`, to the first that is not read-only (a standby).
     ///
     /// `application_name` overrides the one in `config`, so that operators can recognise the
     /// sidecar in `pg_stat_replication`. The config's connect timeout, if any, bounds the whole
@@ -141,22 +143,35 @@ impl ReplicationClient {
             return Err(pooler.into());
         }
         let tls = (ca_file, check_host);
-        let connected = tokio::time::timeout(limit, connect(config, application_name, tls))
-            .await
-            .map_err(|_| {
-                ReplicationError::Io(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    format!("connecting to postgres timed out after {limit:?}"),
-                ))
-            })?;
-        match connected {
-            Err(ReplicationError::Server { message, .. })
-                if let Some(pooler) = connect::pooler_refusal(config, &message, true) =>
-            {
-                Err(pooler.into())
+        // Like libpq: each host in turn, each within the timeout, until one takes us; the
+        // last failure is the answer when none does.
+        let mut last = None;
+        for candidate in 0..candidates(config) {
+            let connected =
+                tokio::time::timeout(limit, connect(config, candidate, application_name, tls))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(ReplicationError::Io(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!("connecting to postgres timed out after {limit:?}"),
+                        )))
+                    });
+            match connected {
+                Err(ReplicationError::Server { message, .. })
+                    if let Some(pooler) = connect::pooler_refusal(config, &message, true) =>
+                {
+                    return Err(pooler.into());
+                }
+                Err(err) => {
+                    tracing::debug!(host = candidate, error = %err, "postgres host refused");
+                    last = Some(err);
+                }
+                Ok(client) => return Ok(client),
             }
-            other => other,
         }
+        Err(last.unwrap_or_else(|| {
+            ReplicationError::Invalid("the connection settings name no host".to_owned())
+        }))
     }
 
     /// A server parameter reported at startup or since, e.g. `server_version`.
@@ -314,9 +329,22 @@ impl ReplicationClient {
     }
 }
 
-/// Opens the socket, sends the startup message, authenticates and waits until the server is ready.
+/// How many hosts `config` names: each of `host` and `hostaddr` lists them (tokio-postgres
+/// checks that both lists, when given, are as long); one for neither, the default host.
+fn candidates(config: &tokio_postgres::Config) -> usize {
+    config
+        .get_hosts()
+        .len()
+        .max(config.get_hostaddrs().len())
+        .max(1)
+}
+
+/// Opens the socket to host number `candidate`, sends the startup message, authenticates and
+/// waits until the server is ready; refuses a read-only server when `target_session_attrs`
+/// asks for read-write.
 async fn connect(
     config: &tokio_postgres::Config,
+    candidate: usize,
     application_name: &str,
     tls: (Option<&Path>, bool),
 ) -> Result<ReplicationClient, ReplicationError> {
@@ -328,7 +356,7 @@ async fn connect(
     let user = config.get_user().ok_or_else(|| {
         ReplicationError::Invalid("the connection settings name no user".to_owned())
     })?;
-    let (socket, host) = open_socket(config).await?;
+    let (socket, host) = open_socket(config, candidate).await?;
     let socket = match host {
         Some(host) => negotiate_tls(config, tls, &host, socket).await?,
         // Postgres has no TLS on Unix sockets; like libpq, sslmode does not apply there.
@@ -372,25 +400,48 @@ async fn connect(
             Backend::Message(Message::ErrorResponse(body)) => {
                 return Err(server_error(body.fields()));
             }
-            Backend::Message(Message::ReadyForQuery(_)) => {
-                tracing::debug!(
-                    pid = client.process_id,
-                    server_version = client.parameter("server_version").unwrap_or("unknown"),
-                    "replication connection ready"
-                );
-                return Ok(client);
-            }
+            Backend::Message(Message::ReadyForQuery(_)) => break,
             other => return Err(unexpected(&other, "after authentication")),
         }
     }
+    if config.get_target_session_attrs() == TargetSessionAttrs::ReadWrite {
+        // What libpq asks too; a standby answers `on` (and so does a server whose
+        // default_transaction_read_only is on: it could not run setup either).
+        let rows = client.simple_query("SHOW transaction_read_only").await?;
+        if rows
+            .first()
+            .and_then(|row| row.first())
+            .cloned()
+            .flatten()
+            .as_deref()
+            != Some("off")
+        {
+            // Best effort: the refusal is the answer, however the goodbye goes.
+            let _ = client.conn.terminate().await;
+            return Err(ReplicationError::ReadOnly);
+        }
+    }
+    tracing::debug!(
+        pid = client.process_id,
+        server_version = client.parameter("server_version").unwrap_or("unknown"),
+        "replication connection ready"
+    );
+    Ok(client)
 }
 
-/// Connects to the first host (or `hostaddr`) and port of the configuration; returns the socket
-/// and, for TCP, the name the server's certificate must carry (the host, else the address).
+/// Connects to host (or `hostaddr`) number `candidate` of the configuration, on its port (one
+/// port given is every host's); returns the socket and, for TCP, the name the server's
+/// certificate must carry (the host, else the address).
 async fn open_socket(
     config: &tokio_postgres::Config,
+    candidate: usize,
 ) -> Result<(Box<dyn Socket>, Option<String>), ReplicationError> {
-    let port = config.get_ports().first().copied().unwrap_or(DEFAULT_PORT);
+    let ports = config.get_ports();
+    let port = ports
+        .get(candidate)
+        .or(ports.first())
+        .copied()
+        .unwrap_or(DEFAULT_PORT);
     let tcp = |stream: TcpStream,
                name: String|
      -> Result<(Box<dyn Socket>, Option<String>), ReplicationError> {
@@ -398,8 +449,8 @@ async fn open_socket(
         stream.set_nodelay(true)?;
         Ok((Box::new(stream), Some(name)))
     };
-    let host = config.get_hosts().first();
-    if let Some(addr) = config.get_hostaddrs().first() {
+    let host = config.get_hosts().get(candidate);
+    if let Some(addr) = config.get_hostaddrs().get(candidate) {
         let name = match host {
             Some(Host::Tcp(host)) => host.clone(),
             _ => addr.to_string(),
@@ -688,11 +739,6 @@ impl ReplicationStream {
                 _ => {}
             }
         }
-        self.conn.encode(|buf| {
-            frontend::terminate(buf);
-            Ok(())
-        })?;
-        self.conn.flush().await?;
-        self.conn.shutdown().await
+        self.conn.terminate().await
     }
 }
