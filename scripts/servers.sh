@@ -6,7 +6,9 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 # initdb refuses to run as root: run the server as the postgres user when we are root.
 as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
 
-bindir=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)
+# PG_BINDIR picks another server (its initdb and pg_ctl), e.g. one the tests fetched for
+# TEST_PG_VERSION under target/postgres/<version>/package/native/bin.
+bindir=${PG_BINDIR:-$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)}
 if [ -z "$bindir" ] || ! command -v redis-server >/dev/null; then
   echo "needs PostgreSQL and Redis: apt-get install -y postgresql redis-server" >&2
   exit 1

@@ -29,6 +29,10 @@ const UNTOUCHED: &str = "item:999";
 /// How long any one condition may take to come true.
 const DEADLINE: Duration = Duration::from_secs(60);
 
+/// How long the standby may take to synchronize the slot: its worker sleeps up to 30 s between
+/// rounds while nothing changes, and a new slot takes two rounds (created, then persisted).
+const SYNC_DEADLINE: Duration = Duration::from_secs(120);
+
 /// The physical slot the standby streams through.
 const STANDBY_SLOT: &str = "standby1";
 
@@ -87,16 +91,20 @@ fn fail_over(synchronize: bool) -> bool {
     primary.psql(&db, "INSERT INTO items VALUES (1, 'a')");
     wait_gone(&redis, &sidecar, "item:1");
     if synchronize {
-        wait_until(DEADLINE, "the standby holds the synchronized slot", || {
-            standby.psql(
-                "postgres",
-                &format!(
-                    "SELECT synced AND NOT temporary FROM pg_replication_slots \
+        wait_until(
+            SYNC_DEADLINE,
+            "the standby holds the synchronized slot",
+            || {
+                standby.psql(
+                    "postgres",
+                    &format!(
+                        "SELECT synced AND NOT temporary FROM pg_replication_slots \
                      WHERE slot_name = '{}'",
-                    setup.slot
-                ),
-            ) == "t"
-        });
+                        setup.slot
+                    ),
+                ) == "t"
+            },
+        );
     }
 
     // A commit the standby has and the sidecar has not confirmed, then the failover.
