@@ -100,6 +100,15 @@ async fn reset_slot(
             setup::quote_literal(slot)
         ))
         .await?;
+    // The copy never carries the failover flag (and a temporary slot cannot have it).
+    if setup::has_failover_slots(client).await? {
+        client
+            .simple_query(&format!(
+                "ALTER_REPLICATION_SLOT {} (FAILOVER true)",
+                setup::quote_ident(slot)
+            ))
+            .await?;
+    }
     client
         .simple_query(&format!(
             "SELECT pg_drop_replication_slot({})",
