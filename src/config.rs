@@ -282,6 +282,12 @@ struct RawLog {
 pub const DEFAULT_PATH: &str = "invalidator.toml";
 
 impl Config {
+    /// Every Redis URL deletes go to: `[redis] url` first, then each `[[redis.targets]]`.
+    pub fn redis_urls(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.redis_url.as_str())
+            .chain(self.redis_targets.iter().map(|t| t.url.as_str()))
+    }
+
     /// Loads the configuration from the process environment and, when it exists, `path`.
     ///
     /// An explicit path that does not exist is an error; the default path may be absent, in

@@ -10,6 +10,7 @@ mod dry_run;
 mod e2e;
 mod exodrive;
 mod faults;
+mod guarded_fill;
 mod identifiers;
 mod invalidate;
 mod memory;
