@@ -110,6 +110,9 @@ pub struct Committed {
     pub end_lsn: Lsn,
     /// Commit time, microseconds since the Unix epoch.
     pub commit_time_us: i64,
+    /// The transaction id of a transaction read from the WAL, which its deletes wait to see
+    /// visible (`source::visibility`); `None` for what needs no wait.
+    pub xid: Option<u32>,
     /// What to delete.
     pub inv: Invalidation,
 }
@@ -188,6 +191,8 @@ pub struct Links {
     /// The configured prefixes manual invalidation may delete under, besides the rules' own
     /// (see [`invalidate::Allowed`]).
     pub invalidate_prefixes: Arc<[String]>,
+    /// Where each reported position is published for `/wait` (issue 15).
+    pub health: Arc<Health>,
 }
 
 impl Links {
@@ -608,6 +613,8 @@ async fn report<S: WalStream>(
     let flush = flush.max(links.reported).min(written);
     stream.send_status(flush).await?;
     links.reported = flush;
+    // issue 15: `/wait` answers up to the acknowledged position.
+    links.health.acknowledge(flush);
     metrics::gauge!(telemetry::CONFIRMED_LSN).set(flush.0 as f64);
     if links.catch_up.as_mut().is_some_and(|c| c.observe(flush)) {
         links.catch_up = None;
@@ -623,7 +630,11 @@ fn apply(
     data: &[u8],
 ) -> Result<(), DecodeError> {
     decoder.apply(data, |event| match event {
-        Event::Begin { commit_time_us, .. } => {
+        Event::Begin {
+            commit_time_us,
+            xid,
+            ..
+        } => {
             // Between transactions: the one place new rules may take over.
             rules.refresh();
             state.open = Some(Open {
@@ -631,6 +642,8 @@ fn apply(
                     history: state.history,
                     end_lsn: Lsn(0),
                     commit_time_us,
+                    // issue 15: the visibility gate waits for this xid before deleting.
+                    xid: Some(xid),
                     inv: Invalidation::default(),
                 },
                 tables: Vec::new(),
@@ -1192,6 +1205,7 @@ mod tests {
     /// Settings for tests: a long status interval (time is paused) and `max_transaction_keys`.
     fn settings(max_transaction_keys: usize) -> PipelineConfig {
         PipelineConfig {
+            wait_visible: false,
             max_batch_keys: 10_000,
             status_interval: Duration::from_secs(1),
             max_transaction_keys,
@@ -1234,6 +1248,7 @@ mod tests {
                 dry_run: false,
                 catch_up: None,
                 invalidate_prefixes: ["user:", "weird", "k:"].map(str::to_owned).into(),
+                health: Health::new(),
             };
             let deleter = {
                 let (sink, cancel, settings) = (sink.clone(), cancel.clone(), settings.clone());
@@ -1394,6 +1409,7 @@ mod tests {
         let sink = RecordingSink::default();
         let max_batch_keys = 6;
         let settings = PipelineConfig {
+            wait_visible: false,
             max_batch_keys,
             ..settings(100_000)
         };

@@ -23,7 +23,7 @@ use crate::source::replication::{
     ReplicationClient, ReplicationError, ReplicationMessage, ReplicationStream,
 };
 use crate::source::setup::{self, SetupError, SlotReset};
-use crate::source::{connect, drift, invalidate};
+use crate::source::{connect, drift, invalidate, visibility};
 use crate::targets::{self, Target};
 use crate::telemetry::{self, Health};
 
@@ -133,6 +133,14 @@ pub async fn run(
     );
 
     let (queue_tx, queue_rx) = mpsc::channel(pipeline::QUEUE_DEPTH);
+    // issue 15: deletes wait until their transactions are visible to new snapshots.
+    let gate =
+        config.postgres.mode == Mode::Replication && !dry_run && config.pipeline.wait_visible;
+    let queue_rx = if gate {
+        visibility::gated(queue_rx, config.postgres.clone(), cancel.clone())
+    } else {
+        queue_rx
+    };
     let (confirmed_tx, confirmed_rx) = watch::channel(pipeline::Position::default());
     let deleter_done = CancellationToken::new();
     let delete_loop = {
@@ -202,6 +210,8 @@ pub async fn run(
         dry_run,
         catch_up: None,
         invalidate_prefixes: config.invalidate.prefixes.clone().into(),
+        // issue 15: for `/wait`.
+        health: health.clone(),
     };
     let (rules_tx, rules_rx) = watch::channel(rules);
     let mut live = LiveRules::watching(rules_rx);
@@ -528,6 +538,8 @@ async fn flush_everything(rules: &RuleSet, links: &Links) {
         // Acknowledges nothing by itself; the new slot's transactions queue behind it.
         end_lsn: Lsn(0),
         commit_time_us: pipeline::unix_micros(),
+        // issue 15: the sidecar's own flush; no transaction to wait for.
+        xid: None,
         inv: rules.everything(),
     };
     // The queue closes only when the delete loop has stopped, and then nothing is acknowledged.

@@ -30,3 +30,4 @@ mod teardown;
 mod text_form;
 mod tls;
 mod unknown_names;
+mod wait;

@@ -206,6 +206,8 @@ pub async fn repair(
         history: 0,
         end_lsn: Lsn(0),
         commit_time_us: pipeline::unix_micros(),
+        // issue 15: the sidecar's own flush; no transaction to wait for.
+        xid: None,
         inv: flush,
     };
     // The queue closes only when the delete loop has stopped, and then nothing is acknowledged.

@@ -10,6 +10,7 @@ pub mod notify;
 pub mod replication;
 pub mod setup;
 pub mod teardown;
+pub mod visibility;
 
 /// The settings that decide how Postgres writes a value as text, pinned wherever keys are
 /// rendered from values: the walsender's session (replication mode), the trigger function

@@ -448,6 +448,8 @@ pub async fn repair_partitions(
             history: 0,
             end_lsn: Lsn(0),
             commit_time_us: crate::pipeline::unix_micros(),
+            // issue 15: the sidecar's own flush; no transaction to wait for.
+            xid: None,
             inv: flush,
         })
         .await;
@@ -610,6 +612,9 @@ impl From<tokio_postgres::Error> for NotifyError {
 pub struct Progress {
     /// Rounds handed out and not yet confirmed: sequence number and outbox ids, in order.
     in_flight: VecDeque<(Lsn, Vec<i64>)>,
+    /// issue 15: per round that read every row its snapshot saw (not a full one), the WAL
+    /// position `/wait` may report once it is confirmed (see [`read_round`]).
+    positions: VecDeque<(Lsn, Lsn)>,
     /// A planned round the queue had no room for yet (its ids are in `in_flight`).
     pending: Option<Committed>,
     /// Outbox ids whose deletes Redis confirmed, to delete from the outbox.
@@ -619,8 +624,9 @@ pub struct Progress {
 }
 
 impl Progress {
-    /// Moves the rounds up to `confirmed` to `done`.
-    fn confirm(&mut self, confirmed: Lsn) {
+    /// Moves the rounds up to `confirmed` to `done`; returns the WAL position of the last of
+    /// them that has one, for `/wait`.
+    fn confirm(&mut self, confirmed: Lsn) -> Option<Lsn> {
         while self
             .in_flight
             .front()
@@ -630,6 +636,15 @@ impl Progress {
                 self.done.extend(ids);
             }
         }
+        let mut wal = None;
+        while let Some(&(round, at)) = self.positions.front() {
+            if round > confirmed {
+                break;
+            }
+            wal = Some(at);
+            self.positions.pop_front();
+        }
+        wal
     }
 
     /// Every id read and still in the outbox: never read again while held.
@@ -744,7 +759,9 @@ pub async fn stream(
     progress: &mut Progress,
 ) -> Result<SourceEnd, NotifyError> {
     // Confirmations that arrived while disconnected.
-    progress.confirm(links.confirmed_lsn());
+    if let Some(wal) = progress.confirm(links.confirmed_lsn()) {
+        links.health.acknowledge(wal);
+    }
     acknowledge(client, progress).await?;
     let queue = links.queue.clone();
     let mut poll = tokio::time::interval(POLL);
@@ -761,8 +778,13 @@ pub async fn stream(
             biased;
             // Acknowledge first: it is what keeps the outbox short.
             changed = links.confirmed.changed() => {
-                progress.confirm(links.confirmed_lsn());
+                if let Some(wal) = progress.confirm(links.confirmed_lsn()) {
+                    links.health.acknowledge(wal);
+                }
                 acknowledge(client, progress).await?;
+                // issue 15: a round right after, so `/wait` learns a position past the
+                // commits just confirmed without waiting for the poll.
+                read_now = true;
                 if changed.is_err() {
                     // The delete loop has stopped (shutdown): that was the last confirmation.
                     return Ok(SourceEnd::DeleterStopped);
@@ -777,7 +799,8 @@ pub async fn stream(
             }
             () = std::future::ready(()), if reading && read_now => {
                 // A full round means a backlog: read the next one straight away.
-                read_now = read_round(client, rules, progress, &links.invalidate_prefixes).await?;
+                let prefixes = &links.invalidate_prefixes;
+                read_now = read_round(client, rules, progress, prefixes, &links.health).await?;
             }
             hint = hints.recv(), if reading => {
                 if hint.is_none() {
@@ -819,12 +842,26 @@ async fn acknowledge(
 
 /// Reads one round of outbox rows not held already and plans it into `progress.pending`;
 /// returns whether the round was full.
+///
+/// issue 15, `/wait` in notify mode: the WAL position P is read in a statement before the
+/// round's. An application that read X = `pg_current_wal_lsn()` after its commit returned, with
+/// X < P, read it before P was read, so its commit was visible to the round's snapshot: once a
+/// round that read every row it saw is confirmed, every change before P is invalidated, and
+/// P - 1 is what `/wait` reports.
 async fn read_round(
     client: &tokio_postgres::Client,
     rules: &mut LiveRules,
     progress: &mut Progress,
     invalidate_prefixes: &[String],
+    health: &crate::telemetry::Health,
 ) -> Result<bool, NotifyError> {
+    let position: String = client
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await?
+        .get(0);
+    let before = position
+        .parse::<Lsn>()
+        .map_or(Lsn(0), |p| Lsn(p.0.saturating_sub(1)));
     let held = progress.held();
     let rows = client
         .query(
@@ -835,6 +872,16 @@ async fn read_round(
         )
         .await?;
     if rows.is_empty() {
+        // Nothing in flight either: everything before P is done.
+        if progress.in_flight.is_empty() && progress.pending.is_none() {
+            health.acknowledge(before);
+            // On an idle server P stands still, and an X equal to it is never passed: while
+            // someone waits, a transaction with an xid writes a commit record, so the next
+            // round's P is past it (at most one a poll).
+            if health.has_waiters() {
+                client.batch_execute("SELECT txid_current()").await?;
+            }
+        }
         return Ok(false);
     }
     let full = rows.len() as i64 >= ROUND_ROWS;
@@ -843,12 +890,18 @@ async fn read_round(
     progress.last_round += 1;
     let round = Lsn(progress.last_round);
     progress.in_flight.push_back((round, ids));
+    if !full {
+        progress.positions.push_back((round, before));
+    }
     // Even a round with nothing to delete is queued: its confirmation acknowledges its rows.
     progress.pending = Some(Committed {
         // Notify mode never starts a new history: the outbox is the truth.
         history: 0,
         end_lsn: round,
         commit_time_us: first_time,
+        // issue 15: read through a snapshot that sees these commits, so every later snapshot
+        // does too: nothing to wait for (see `source::visibility`).
+        xid: None,
         inv,
     });
     Ok(full)
