@@ -23,6 +23,7 @@ mod reload;
 mod replication;
 mod sidecar;
 mod slots;
+mod snippets;
 mod standby;
 mod support;
 mod targets;
