@@ -300,3 +300,86 @@ in_both_modes_and_on_a_cluster! {
         assert_eq!((tag.as_str(), redis::from_redis_value::<String>(value).unwrap().as_str()), ("hit", "new"));
     }
 }
+
+/// The visibility window held open: with `synchronous_standby_names` naming a standby that never
+/// comes, a commit is flushed (so the walsender sends it and the sidecar decodes it) but waits
+/// before it leaves the proc array, invisible to new snapshots, until its wait is cancelled.
+/// Whenever the key is gone, a new snapshot must already read the new row: otherwise a reader
+/// taking its lease after the delete would fill the old one.
+// Multi-threaded: the writer's connection runs while the test blocks on psql.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_is_deleted_only_once_its_commit_is_visible_to_new_snapshots() {
+    let cluster = crate::support::PgCluster::start_with(&[
+        ("synchronous_standby_names", "'nobody'"),
+        ("synchronous_commit", "local"),
+    ]);
+    let url = cluster.create_database("visible");
+    cluster.psql("visible", SCHEMA);
+    cluster.psql("visible", "INSERT INTO items VALUES (1, 'old', 'c', 1)");
+    let redis = RedisServer::start();
+    let setup = crate::sidecar::Setup::new(&url, &redis.url(), RULES);
+    let _sidecar = setup.start();
+    let cache = Cache::Single(redis);
+    let f = |sql: &str| cluster.psql("visible", sql).trim().to_owned();
+
+    let (writer, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .expect("connect the writer");
+    tokio::spawn(connection);
+    let pid: i32 = writer
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    writer
+        .batch_execute("SET synchronous_commit = on")
+        .await
+        .unwrap();
+    cache
+        .query::<()>(redis::cmd("SET").arg("item:1").arg("old"))
+        .unwrap();
+    let update = tokio::spawn(async move {
+        writer
+            .execute("UPDATE items SET name = 'new' WHERE id = 1", &[])
+            .await
+            .map(|_| ())
+    });
+    crate::support::wait_until(
+        std::time::Duration::from_secs(30),
+        "the commit is flushed, sent to the sidecar, and waits for the standby",
+        || {
+            f(&format!(
+                "SELECT wait_event = 'SyncRep' FROM pg_stat_activity WHERE pid = {pid}"
+            )) == "t"
+                && f(
+                    "SELECT count(*) > 0 AND bool_and(sent_lsn >= pg_current_wal_flush_lsn()) \
+                      FROM pg_stat_replication",
+                ) == "t"
+        },
+    );
+    // The sidecar has the commit; give it the time it needs to delete without the wait.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(
+        f("SELECT name FROM items WHERE id = 1"),
+        "old",
+        "still invisible"
+    );
+    assert!(
+        cache
+            .query::<bool>(redis::cmd("EXISTS").arg("item:1"))
+            .unwrap(),
+        "the key was deleted while its commit was invisible: a reader could fill the old row"
+    );
+    f(&format!("SELECT pg_cancel_backend({pid})"));
+    update.await.unwrap().expect("the update committed locally");
+    crate::support::wait_until(
+        std::time::Duration::from_secs(30),
+        "item:1 is deleted",
+        || {
+            !cache
+                .query::<bool>(redis::cmd("EXISTS").arg("item:1"))
+                .unwrap()
+        },
+    );
+    assert_eq!(f("SELECT name FROM items WHERE id = 1"), "new");
+}
