@@ -269,9 +269,16 @@ impl Target {
         };
         let mut lines = Vec::new();
         if self.needs_load() {
+            // A single server is the target itself: no need to name it twice.
             let was = nodes
                 .iter()
-                .map(|n| format!("{}: {}", n.node, n.state.describe()))
+                .map(|n| {
+                    if n.node == self.target {
+                        n.state.describe()
+                    } else {
+                        format!("{}: {}", n.node, n.state.describe())
+                    }
+                })
                 .collect::<Vec<_>>()
                 .join("; ");
             let why = format!(
