@@ -37,8 +37,6 @@ const WRITE_PAUSE: Duration = Duration::from_millis(5);
 const FILL_DELAY: Duration = Duration::from_millis(5);
 /// How long each run's load lasts.
 const RUN: Duration = Duration::from_secs(20);
-/// A cached value older than a commit that returned this long before the read is a stale read.
-const WINDOW: Duration = Duration::from_millis(100);
 /// The lease a guarded reader asks for.
 const LEASE_MS: u64 = 2_000;
 /// Commits of the latency probe, one at a time on an idle system.
@@ -84,7 +82,8 @@ pub struct Run {
     stale_keys: u64,
     /// Keys cached at the end.
     cached_keys: u64,
-    /// Hits that returned a value older than a commit that had returned [`WINDOW`] before.
+    /// Hits that returned a value older than a commit the sidecar had acknowledged (its slot's
+    /// `confirmed_flush_lsn` past the commit) before the read: stale after the invalidation.
     stale_reads: u64,
     /// Reads answered (hits and database reads).
     reads: u64,
@@ -185,9 +184,12 @@ async fn run(fill: Fill, db_url: &str, redis: &RedisServer, work: &Path, rules: 
         assert!(Instant::now() < deadline, "the sidecar did not get ready");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // The driver's default 500 ms response timeout is too short on a busy machine.
+    let options =
+        redis::AsyncConnectionConfig::new().set_response_timeout(Some(Duration::from_secs(30)));
     let redis_con = redis
         .client()
-        .get_multiplexed_async_connection()
+        .get_multiplexed_async_connection_with_config(&options)
         .await
         .expect("connect to redis");
     let latency = if fill == Fill::Plain {
@@ -206,6 +208,32 @@ async fn run(fill: Fill, db_url: &str, redis: &RedisServer, work: &Path, rules: 
     let versions: Versions = Arc::default();
     let stop_writes = Arc::new(AtomicBool::new(false));
     let stop_reads = Arc::new(AtomicBool::new(false));
+    // What the sidecar has acknowledged, polled from its slot: the end of the invalidation
+    // window of every commit before it.
+    let acknowledged = Arc::new(AtomicU64::new(0));
+    let poller = {
+        let (db, acknowledged, stop, slot) = (
+            connect_pg(db_url).await,
+            acknowledged.clone(),
+            stop_reads.clone(),
+            slot.clone(),
+        );
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let row = db
+                    .query_one(
+                        "SELECT confirmed_flush_lsn::text FROM pg_replication_slots \
+                         WHERE slot_name = $1",
+                        &[&slot],
+                    )
+                    .await
+                    .expect("poll the slot");
+                let lsn: Option<String> = row.get(0);
+                acknowledged.store(lsn.map_or(0, |l| parse_lsn(&l)), Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+    };
     let mut writers = Vec::new();
     for w in 0..WRITERS {
         let (db, versions, stop, counters) = (
@@ -226,7 +254,12 @@ async fn run(fill: Fill, db_url: &str, redis: &RedisServer, work: &Path, rules: 
                     .await
                     .expect("update");
                 let v: i64 = row.get(0);
-                let at = Instant::now();
+                let at: String = db
+                    .query_one("SELECT pg_current_wal_lsn()::text", &[])
+                    .await
+                    .expect("pg_current_wal_lsn")
+                    .get(0);
+                let at = parse_lsn(&at);
                 versions
                     .lock()
                     .unwrap()
@@ -240,22 +273,25 @@ async fn run(fill: Fill, db_url: &str, redis: &RedisServer, work: &Path, rules: 
     }
     let mut readers = Vec::new();
     for r in 0..READERS {
-        let (db, mut con, versions, stop, counters) = (
+        let (db, mut con, versions, stop, counters, acknowledged) = (
             connect_pg(db_url).await,
             redis_con.clone(),
             versions.clone(),
             stop_reads.clone(),
             counters.clone(),
+            acknowledged.clone(),
         );
         readers.push(tokio::spawn(async move {
             let mut rng = Rng(0x5851_F42D + r as u64);
             while !stop.load(Ordering::Relaxed) {
                 let id = 1 + (rng.next() % ROWS as u64) as i32;
-                let asked = Instant::now();
+                let asked = acknowledged.load(Ordering::Relaxed);
                 if let Some(v) = read(fill, &db, &mut con, id, &counters).await {
-                    let newer = versions.lock().unwrap().get(&id).is_some_and(|list| {
-                        list.iter().any(|&(w, at)| w > v && at + WINDOW < asked)
-                    });
+                    let newer = versions
+                        .lock()
+                        .unwrap()
+                        .get(&id)
+                        .is_some_and(|list| list.iter().any(|&(w, at)| w > v && at <= asked));
                     if newer {
                         counters.stale_reads.fetch_add(1, Ordering::Relaxed);
                     }
@@ -288,6 +324,7 @@ async fn run(fill: Fill, db_url: &str, redis: &RedisServer, work: &Path, rules: 
     for reader in readers {
         reader.await.expect("reader");
     }
+    poller.await.expect("poller");
 
     let rows = admin
         .query("SELECT id, v FROM fresh WHERE id > 0", &[])
@@ -337,8 +374,8 @@ async fn run(fill: Fill, db_url: &str, redis: &RedisServer, work: &Path, rules: 
     }
 }
 
-/// Each row's committed values and when their commit returned, written by the writers.
-type Versions = Arc<Mutex<HashMap<i32, Vec<(i64, Instant)>>>>;
+/// Each row's committed values and the WAL position read after each commit returned.
+type Versions = Arc<Mutex<HashMap<i32, Vec<(i64, u64)>>>>;
 
 /// The counters the readers and writers share.
 #[derive(Default)]
@@ -522,13 +559,12 @@ pub fn print(out: &mut String, runs: &[Run]) {
         out,
         "**5. Consistency**: {READERS} readers doing cache-aside on {ROWS} rows, {WRITERS} \
          writers updating them ({} ms apart each), {} ms injected between a reader's database \
-         read and its fill, {} s per run; stale reads are hits older than a commit that returned \
-         {} ms before; stale keys are compared with the rows once `/wait` says the sidecar has \
-         caught up\n",
+         read and its fill, {} s per run; a stale read is a hit older than a commit the \
+         sidecar had already acknowledged (its slot past the commit) when the read began; \
+         stale keys are compared with the rows once `/wait` says the sidecar has caught up\n",
         WRITE_PAUSE.as_millis(),
         FILL_DELAY.as_millis(),
         RUN.as_secs(),
-        WINDOW.as_millis()
     );
     let _ = writeln!(
         out,
