@@ -13,7 +13,13 @@
 //! 3. wildcards: 200 `slots:{id}:*` patterns in one transaction over 1M keys, against one bare
 //!    SCAN pass, a SCAN per pattern and the KEYS strategy.
 //! 4. resources: CPU, peak and steady memory of each consumer.
+//! 5. consistency: cache-aside readers racing writers, plain fill against guarded fill, with and
+//!    without deletes waiting for visibility (`consistency.rs`).
+//!
+//! `cargo bench -- NAME...` runs only the named sections (drain, latency, wildcards,
+//! consistency); resources come with drain and latency.
 
+mod consistency;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
@@ -82,17 +88,35 @@ async fn run() {
     let header = bench.header().await;
     eprintln!("{header}");
 
-    let drain = drain_section(&bench).await;
-    let latency = latency_section(&bench).await;
-    let wildcards = wildcard_section(&bench).await;
-
+    let named: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let wants = |section: &str| named.is_empty() || named.iter().any(|n| n == section);
     let mut out = String::new();
     writeln!(out, "{header}\n").expect("write to a string");
     let peer_missing = bench.peer.as_ref().err().map(String::as_str);
-    print_drain(&mut out, &drain, peer_missing);
-    print_latency(&mut out, &latency, peer_missing);
-    print_wildcards(&mut out, &wildcards);
-    print_resources(&mut out, &drain, &latency);
+    if wants("drain") && wants("latency") {
+        let drain = drain_section(&bench).await;
+        let latency = latency_section(&bench).await;
+        print_drain(&mut out, &drain, peer_missing);
+        print_latency(&mut out, &latency, peer_missing);
+        print_resources(&mut out, &drain, &latency);
+    }
+    if wants("wildcards") {
+        let wildcards = wildcard_section(&bench).await;
+        print_wildcards(&mut out, &wildcards);
+    }
+    if wants("consistency") {
+        let runs = consistency::section(
+            &bench.cluster,
+            &bench.db_url,
+            &bench.redis,
+            bench.work.path(),
+        )
+        .await;
+        consistency::print(&mut out, &runs);
+    }
     println!("{out}");
     eprintln!(
         "benchmark finished in {:.0} s",

@@ -311,6 +311,10 @@ pub enum Step {
         /// Its commit time (notify mode: the time of its oldest outbox row), microseconds
         /// since the Unix epoch.
         commit_time_us: i64,
+        /// Its transaction id, when it was read from the WAL: its deletes wait until a new
+        /// snapshot sees it (a commit reaches the walsender before it is visible). `None` when
+        /// it was read through a snapshot already (the outbox) or is the sidecar's own.
+        xid: Option<u32>,
     },
     /// A row change of the open transaction.
     Change {

@@ -18,6 +18,7 @@ use serde_json::json;
 
 use crate::change::TableName;
 use crate::config::PostgresConfig;
+use crate::redis::library;
 use crate::rules::{Rule, RuleErrors, RuleSet};
 use crate::source::setup::{SetupError, Sql};
 
@@ -66,6 +67,8 @@ pub enum Kind {
     Publication,
     /// Notify mode's outbox, trigger function or triggers are missing or out of date.
     NotifySetup,
+    /// The Redis Functions library for guarded fill is missing, out of date, or unchecked.
+    RedisLibrary,
 }
 
 impl Kind {
@@ -87,6 +90,7 @@ impl Kind {
             Kind::OutputPlugin => "output_plugin",
             Kind::Publication => "publication",
             Kind::NotifySetup => "notify_setup",
+            Kind::RedisLibrary => "redis_library",
         }
     }
 }
@@ -428,6 +432,62 @@ pub async fn check(
     let mut findings = analysis::findings(rules);
     findings.extend(database::findings(db, rules, postgres).await?);
     Ok(Report::new(findings))
+}
+
+/// What each Redis has of the guarded-fill library: an error where a primary has an older (or
+/// edited) text, whose replies may differ from the documented ones; a warning where it is
+/// missing (`FCALL` fails loudly there), newer than this build, without Redis Functions, or
+/// could not be reached.
+pub fn library_findings(targets: &[library::Target]) -> Vec<Finding> {
+    let mut findings = Vec::new();
+    for target in targets {
+        let nodes = match &target.nodes {
+            Ok(nodes) => nodes,
+            Err(reason) => {
+                findings.push(Finding::general(
+                    Severity::Warning,
+                    Kind::RedisLibrary,
+                    None,
+                    format!(
+                        "redis {} could not be reached, so the Redis Functions library {} was \
+                         not checked there: {reason}",
+                        target.target,
+                        library::NAME
+                    ),
+                    "run check again once it answers".to_owned(),
+                ));
+                continue;
+            }
+        };
+        for node in nodes {
+            let (severity, fix) = match node.state {
+                library::State::Current => continue,
+                // Loud, not wrong: a client calling it gets "Function not found".
+                library::State::Missing => (Severity::Warning, "invalidator setup"),
+                // Quiet: a client gets other replies than the ones this build documents.
+                library::State::Older(_) | library::State::Changed => {
+                    (Severity::Error, "invalidator setup")
+                }
+                library::State::Newer(_) => (Severity::Warning, "upgrade this invalidator"),
+                library::State::Unsupported => (Severity::Warning, "upgrade Redis to 7 or later"),
+            };
+            findings.push(Finding::general(
+                severity,
+                Kind::RedisLibrary,
+                None,
+                format!(
+                    "the Redis Functions library {} on {}: {} (FCALL invalidator_get and \
+                     invalidator_fill need version {})",
+                    library::NAME,
+                    node.node,
+                    node.state.describe(),
+                    library::version()
+                ),
+                fix.to_owned(),
+            ));
+        }
+    }
+    findings
 }
 
 /// The rules' tables that do not exist, and the rules naming a column (in a placeholder or in

@@ -12,6 +12,7 @@ use invalidator::change::{Op, TableName};
 use invalidator::check;
 use invalidator::config::{Config, LogFormat, Mode};
 use invalidator::explain::OldRow;
+use invalidator::redis::library;
 use invalidator::rules::RuleSet;
 use invalidator::source::{invalidate, notify, setup};
 use invalidator::teardown;
@@ -271,7 +272,15 @@ pub async fn execute(command: Command, loaded: Loaded) -> anyhow::Result<ExitCod
                 (check::offline(&rules), "checked offline")
             } else {
                 let mut db = connect(&config).await?;
-                let report = check::check(&mut db, &rules, &config.postgres).await?;
+                let mut report = check::check(&mut db, &rules, &config.postgres).await?;
+                let redis = library::inspect(&config).await?;
+                report = check::Report::new(
+                    report
+                        .findings
+                        .into_iter()
+                        .chain(check::library_findings(&redis))
+                        .collect(),
+                );
                 (report, "checked against the database")
             };
             match format {
@@ -309,6 +318,11 @@ pub async fn execute(command: Command, loaded: Loaded) -> anyhow::Result<ExitCod
             let unknown = check::unknown_names(&mut db, &rules).await?;
             if !unknown.is_empty() {
                 return Err(check::UnknownNames(unknown).into());
+            }
+            // Before anything changes: a Redis that cannot take the library stops setup here.
+            let mut redis = library::inspect(&config).await?;
+            for target in &redis {
+                target.loadable()?;
             }
             let mut tables: BTreeSet<TableName> = rules.tables().cloned().collect();
             if invalidate::has_requests(&mut db).await? {
@@ -351,7 +365,8 @@ pub async fn execute(command: Command, loaded: Loaded) -> anyhow::Result<ExitCod
                     );
                     (
                         actions,
-                        "publication, slot and invalidator.invalidate() are in place; nothing to do",
+                        "publication, slot, invalidator.invalidate() and the Redis Functions \
+                         library are in place; nothing to do",
                     )
                 }
                 Mode::Notify => (
@@ -370,10 +385,12 @@ pub async fn execute(command: Command, loaded: Loaded) -> anyhow::Result<ExitCod
                         );
                         actions
                     },
-                    "outbox, triggers and invalidator.invalidate() are in place; nothing to do",
+                    "outbox, triggers, invalidator.invalidate() and the Redis Functions \
+                     library are in place; nothing to do",
                 ),
             };
-            if actions.is_empty() {
+            let loaded = redis.iter().all(|t| t.nodes.is_ok());
+            if actions.is_empty() && loaded && !redis.iter().any(library::Target::needs_load) {
                 println!("{in_place}");
             } else if dry_run {
                 for action in &actions {
@@ -384,6 +401,12 @@ pub async fn execute(command: Command, loaded: Loaded) -> anyhow::Result<ExitCod
                 for action in &actions {
                     println!("done: {}", action.why);
                 }
+                for target in &mut redis {
+                    target.apply().await?;
+                }
+            }
+            for line in redis.iter().flat_map(|target| target.lines(dry_run)) {
+                println!("{line}");
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -148,6 +148,10 @@ pub struct PipelineConfig {
     /// Past this many distinct keys and patterns, one transaction's invalidations are replaced by
     /// every pattern of the rules of the tables it changed, so memory stays bounded.
     pub max_transaction_keys: usize,
+    /// Replication mode: before a batch is deleted, wait until its transactions are visible to
+    /// new snapshots (see `source::visibility`), so no reader can read the old row after the
+    /// delete. On by default; off only to measure what it buys.
+    pub wait_visible: bool,
 }
 
 /// The `[log]` section.
@@ -269,6 +273,7 @@ struct RawPipeline {
     max_batch_keys: Option<usize>,
     status_interval_ms: Option<u64>,
     max_transaction_keys: Option<usize>,
+    wait_visible: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -282,6 +287,12 @@ struct RawLog {
 pub const DEFAULT_PATH: &str = "invalidator.toml";
 
 impl Config {
+    /// Every Redis URL deletes go to: `[redis] url` first, then each `[[redis.targets]]`.
+    pub fn redis_urls(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.redis_url.as_str())
+            .chain(self.redis_targets.iter().map(|t| t.url.as_str()))
+    }
+
     /// Loads the configuration from the process environment and, when it exists, `path`.
     ///
     /// An explicit path that does not exist is an error; the default path may be absent, in
@@ -421,6 +432,12 @@ fn apply_env(raw: &mut RawConfig, name: &str, value: &str) -> Result<(), ConfigE
         }
         "INVALIDATOR_PIPELINE_MAX_TRANSACTION_KEYS" => {
             raw.pipeline.max_transaction_keys = Some(number(value)?)
+        }
+        "INVALIDATOR_PIPELINE_WAIT_VISIBLE" => {
+            raw.pipeline.wait_visible = Some(value.parse().map_err(|_| ConfigError::Invalid {
+                origin: name.to_owned(),
+                message: format!("expected true or false, got {value:?}"),
+            })?)
         }
         "INVALIDATOR_LOG_FORMAT" => raw.log.format = v,
         "INVALIDATOR_LOG_LEVEL" => raw.log.level = v,
@@ -646,6 +663,7 @@ fn validate(raw: RawConfig, origins: &Origins) -> Result<Config, ConfigError> {
                 raw.pipeline.status_interval_ms.unwrap_or(10_000).max(100),
             ),
             max_transaction_keys,
+            wait_visible: raw.pipeline.wait_visible.unwrap_or(true),
         },
         log: LogConfig {
             format,

@@ -232,6 +232,7 @@ mod tests {
             history: 0,
             end_lsn: Lsn(end),
             commit_time_us: 1,
+            xid: None,
             inv,
             tables: Vec::new(),
         }

@@ -24,10 +24,9 @@ use crate::source::setup::{
     self, Action, SetupError, Sql, created_by_invalidator, quote_ident, quote_literal,
 };
 
-/// The name of the Redis Functions library invalidator would load. None is loaded today;
-/// teardown removes one of that name wherever it finds it, so a version that loads one is
-/// retired by the same command.
-pub const REDIS_LIBRARY: &str = "invalidator";
+/// The name of the Redis Functions library `setup` loads; teardown removes it from every
+/// primary of every target where it finds it.
+pub const REDIS_LIBRARY: &str = crate::redis::library::NAME;
 
 /// Teardown cannot go ahead.
 #[derive(Debug, thiserror::Error)]
@@ -351,7 +350,7 @@ impl RedisTarget {
             Err(e) if e.is_transient() => return Ok(unreachable(e)),
             Err(e) => return Err(e),
         };
-        let finding = match deleter.has_library(REDIS_LIBRARY).await {
+        let finding = match deleter.has_library().await {
             Ok(true) => RedisFinding::Library,
             Ok(false) => RedisFinding::Nothing,
             Err(e) if e.is_transient() => return Ok(unreachable(e)),
@@ -372,7 +371,7 @@ impl RedisTarget {
     /// Removes what was found.
     pub async fn remove(&mut self) -> Result<(), DeleteError> {
         match (&self.finding, self.deleter.as_mut()) {
-            (RedisFinding::Library, Some(deleter)) => deleter.delete_library(REDIS_LIBRARY).await,
+            (RedisFinding::Library, Some(deleter)) => deleter.delete_library().await,
             _ => Ok(()),
         }
     }
@@ -437,8 +436,7 @@ pub async fn teardown(config: &Config, dry_run: bool) -> Result<Report, Teardown
     let plan = plan(&mut db, &config.postgres).await?;
     let options = DeleterOptions::from_config(&config.redis)?;
     let mut redis = Vec::new();
-    for url in std::iter::once(&config.redis_url).chain(config.redis_targets.iter().map(|t| &t.url))
-    {
+    for url in config.redis_urls() {
         redis.push(RedisTarget::inspect(url, &options).await?);
     }
     if !dry_run {

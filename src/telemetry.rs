@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
@@ -10,6 +11,8 @@ use axum::http::StatusCode;
 use axum::routing::get;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio_util::sync::CancellationToken;
+
+use crate::change::Lsn;
 
 /// Row changes read from the source, labelled `table` and `op`.
 pub const CHANGES_TOTAL: &str = "invalidator_changes_total";
@@ -66,6 +69,13 @@ pub const RULES_RELOADS_TOTAL: &str = "invalidator_rules_reloads_total";
 /// Rules reloads rejected (broken rules, or the database could not take them); the running
 /// rules stayed in effect.
 pub const RULES_RELOAD_ERRORS_TOTAL: &str = "invalidator_rules_reload_errors_total";
+
+/// Replication mode: batches whose deletes waited for a new snapshot to see their transactions
+/// (the first snapshot did not yet).
+pub const VISIBILITY_WAITS_TOTAL: &str = "invalidator_visibility_waits_total";
+/// Replication mode: batches let through unseen after the longest wait (Postgres did not
+/// answer, or a transaction stayed invisible): their readers may cache an old row.
+pub const VISIBILITY_TIMEOUTS_TOTAL: &str = "invalidator_visibility_timeouts_total";
 
 /// Notify mode: rows waiting in the outbox, measured once a second.
 pub const OUTBOX_ROWS: &str = "invalidator_outbox_rows";
@@ -129,6 +139,8 @@ pub fn install_metrics() -> PrometheusHandle {
                 metrics::counter!(ERRORS_TOTAL, "kind" => *kind).absolute(0);
             }
             metrics::counter!(PUBLICATION_REPAIRS_TOTAL).absolute(0);
+            metrics::counter!(VISIBILITY_WAITS_TOTAL).absolute(0);
+            metrics::counter!(VISIBILITY_TIMEOUTS_TOTAL).absolute(0);
             for ignored in crate::source::invalidate::Ignored::ALL {
                 metrics::counter!(IGNORED_INVALIDATIONS_TOTAL, "reason" => ignored.label())
                     .absolute(0);
@@ -150,9 +162,21 @@ pub fn install_metrics() -> PrometheusHandle {
 #[derive(Debug, Default)]
 pub struct Health {
     state: Mutex<HealthState>,
+    /// The WAL position up to which every change is invalidated, for `/wait`.
+    acknowledged: Acknowledged,
     /// Commit time (microseconds since the Unix epoch) of the oldest transaction read and not
     /// yet confirmed; 0 when there is none. Written by the delete loop once per batch.
     oldest_unconfirmed_us: AtomicI64,
+}
+
+/// The position of [`Health::acknowledge`], watched by `/wait`.
+#[derive(Debug)]
+struct Acknowledged(tokio::sync::watch::Sender<Lsn>);
+
+impl Default for Acknowledged {
+    fn default() -> Self {
+        Acknowledged(tokio::sync::watch::Sender::new(Lsn(0)))
+    }
 }
 
 #[derive(Debug, Default)]
@@ -258,6 +282,30 @@ impl Health {
         }
     }
 
+    /// Records that every change up to `lsn` is invalidated (positions only go forwards), and
+    /// answers the `/wait` requests it satisfies.
+    pub fn acknowledge(&self, lsn: Lsn) {
+        self.acknowledged.0.send_if_modified(|current| {
+            let advance = lsn > *current;
+            if advance {
+                *current = lsn;
+            }
+            advance
+        });
+    }
+
+    /// Whether a `/wait` request is waiting.
+    pub fn has_waiters(&self) -> bool {
+        self.acknowledged.0.receiver_count() > 0
+    }
+
+    /// Waits until [`Health::acknowledge`] reached `lsn`; false after `timeout`.
+    pub async fn wait_acknowledged(&self, lsn: Lsn, timeout: Duration) -> bool {
+        let mut acknowledged = self.acknowledged.0.subscribe();
+        let reached = acknowledged.wait_for(|at| *at >= lsn);
+        matches!(tokio::time::timeout(timeout, reached).await, Ok(Ok(_)))
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HealthState> {
         // The state is two strings; a panic while holding the lock cannot leave it torn.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
@@ -286,6 +334,7 @@ pub async fn serve(
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(render_metrics))
+        .route("/wait", get(wait))
         .with_state(AppState { metrics, health });
     axum::serve(listener, app)
         .with_graceful_shutdown(async move { cancel.cancelled().await })
@@ -296,6 +345,58 @@ async fn readyz(State(state): State<AppState>) -> (StatusCode, String) {
     match state.health.readiness() {
         Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
         Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, format!("{reason}\n")),
+    }
+}
+
+/// The longest `/wait` may be asked to wait.
+pub const MAX_WAIT_MS: u64 = 600_000;
+
+/// `GET /wait?lsn=X/Y&timeout_ms=N`: 200 once every change up to the position is invalidated,
+/// 504 after the timeout, 400 for a query that is not that.
+async fn wait(
+    State(state): State<AppState>,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+) -> (StatusCode, String) {
+    let bad = |why: String| (StatusCode::BAD_REQUEST, format!("{why}\n"));
+    let (mut lsn, mut timeout_ms) = (None, None);
+    for (name, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        match &*name {
+            "lsn" => lsn = Some(value.into_owned()),
+            "timeout_ms" => timeout_ms = Some(value.into_owned()),
+            other => {
+                return bad(format!(
+                    "unknown parameter {other:?}: expected lsn and timeout_ms"
+                ));
+            }
+        }
+    }
+    let lsn = match lsn.as_deref().map(str::parse::<Lsn>) {
+        Some(Ok(lsn)) => lsn,
+        Some(Err(e)) => return bad(format!("lsn: {e}")),
+        None => {
+            return bad("lsn is missing: /wait?lsn=<pg_lsn>&timeout_ms=<milliseconds>".to_owned());
+        }
+    };
+    let timeout_ms = match timeout_ms.as_deref().map(str::parse::<u64>) {
+        Some(Ok(ms)) if ms <= MAX_WAIT_MS => ms,
+        Some(_) => {
+            return bad(format!(
+                "timeout_ms: expected milliseconds from 0 to {MAX_WAIT_MS}"
+            ));
+        }
+        None => return bad("timeout_ms is missing".to_owned()),
+    };
+    if state
+        .health
+        .wait_acknowledged(lsn, Duration::from_millis(timeout_ms))
+        .await
+    {
+        (StatusCode::OK, format!("invalidated up to {lsn}\n"))
+    } else {
+        (
+            StatusCode::GATEWAY_TIMEOUT,
+            format!("not yet invalidated up to {lsn} after {timeout_ms} ms\n"),
+        )
     }
 }
 

@@ -7,7 +7,7 @@ use std::process::Command;
 use serde_json::Value as Json;
 
 use crate::sidecar::{Setup, binary};
-use crate::support::{PgCluster, unique_name};
+use crate::support::{PgCluster, RedisServer, unique_name};
 
 /// A table per case: `items` (REPLICA IDENTITY FULL), `plain` (DEFAULT, key `id`), `docs` (a
 /// text column, DEFAULT), `flags` (a boolean and a date).
@@ -111,7 +111,9 @@ fn check_passes_the_exodrive_rules_on_their_migrations() {
     for file in files {
         cluster.psql(&db, &std::fs::read_to_string(file).unwrap());
     }
-    let setup = Config(Setup::new(&url, "redis://127.0.0.1:1/0", ""));
+    // A Redis of its own: `setup` loads the guarded-fill library there, and `check` finds it.
+    let redis = RedisServer::start();
+    let setup = Config(Setup::new(&url, &redis.url(), ""));
     let rules = setup.dir.path().join("rules");
     std::fs::remove_file(rules.join("rules.toml")).unwrap();
     for entry in std::fs::read_dir(format!("{root}/rules")).unwrap() {
@@ -134,8 +136,23 @@ fn check_passes_the_exodrive_rules_on_their_migrations() {
         "{doc}"
     );
 
+    // Nor is the guarded-fill library loaded in Redis: setup loads it.
+    let library = of_kind(&doc, "warnings", "redis_library");
+    assert_eq!(library.len(), 1, "{doc}");
+    assert!(
+        library[0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not loaded"),
+        "{doc}"
+    );
+
     let (code, out, err) = invalidator(&setup, &["setup"]);
     assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("done: load the Redis Functions library invalidator version 1"),
+        "{out}"
+    );
     let (code, out, err) = invalidator(&setup, &["check"]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(

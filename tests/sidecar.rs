@@ -387,6 +387,17 @@ impl Cache {
         }
     }
 
+    /// Runs `command` (routed by its key, in a cluster) and returns the reply.
+    pub fn query<T: redis::FromRedisValue>(&self, command: &redis::Cmd) -> redis::RedisResult<T> {
+        match self {
+            Cache::Single(server) => command.query(&mut server.connection()),
+            Cache::Cluster(cluster) => {
+                let mut connection = cluster.client().get_connection()?;
+                command.query(&mut connection)
+            }
+        }
+    }
+
     /// Kills the single server (see [`RedisServer::kill`]).
     pub fn kill(&self) {
         self.server().kill();

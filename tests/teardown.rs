@@ -6,7 +6,8 @@ use crate::e2e::{RULES, SCHEMA};
 use crate::sidecar::{Fixture, Mode, in_both_modes};
 
 /// Sets up `mode` as a user would (`setup`, then a `run` that processed one change and stopped)
-/// and loads a Redis Functions library called `invalidator`.
+/// and replaces the Redis Functions library `setup` loaded with another of its name (as an
+/// older version would have left it).
 fn installed(mode: Mode) -> Fixture {
     let f = Fixture::with_mode(SCHEMA, RULES, mode);
     let (status, out) = f.setup.command(&["setup"]);
@@ -18,6 +19,7 @@ fn installed(mode: Mode) -> Fixture {
     sidecar.terminate();
     let _: String = redis::cmd("FUNCTION")
         .arg("LOAD")
+        .arg("REPLACE")
         .arg("#!lua name=invalidator\nredis.register_function('noop', function() return 1 end)")
         .query(&mut f.redis.server().connection())
         .expect("FUNCTION LOAD");

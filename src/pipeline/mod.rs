@@ -11,6 +11,8 @@
 //! - [`source_loop`]: one loop for every [`Source`](crate::source::Source): plans, bounds each
 //!   transaction (`pipeline.max_transaction_keys`), counts changes, queues, acknowledges.
 //! - [`deliver`]: the delete loop of one [`Sink`], with retries, readiness and metrics.
+//! - [`visibility`]: in replication mode, between the two, holds each transaction until a new
+//!   snapshot sees it.
 //!
 //! The confirmed position is owned by the delete loop: it moves only after Redis confirmed every
 //! delete of a transaction, and only forwards. The source loop only passes it on. While the
@@ -21,6 +23,7 @@ mod deliver;
 mod source_loop;
 #[cfg(test)]
 mod tests;
+mod visibility;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -36,6 +39,7 @@ use crate::rules::Invalidation;
 
 pub use deliver::{Queued, Reporting, deliver, run_deleter};
 pub use source_loop::{SourceEnd, run_source};
+pub use visibility::gated;
 
 /// Transactions that may wait between the source and the delete loop. Small on purpose: the WAL
 /// is the buffer, and what is queued is not yet acknowledged.
@@ -91,6 +95,9 @@ pub struct Committed {
     pub end_lsn: Lsn,
     /// Commit time, microseconds since the Unix epoch.
     pub commit_time_us: i64,
+    /// The transaction id its deletes wait to see visible (see [`visibility`]); `None` when
+    /// there is nothing to wait for.
+    pub xid: Option<u32>,
     /// What to delete.
     pub inv: Invalidation,
     /// The tables with rules it changed (none for a flush), for the dry run's log.
@@ -153,6 +160,8 @@ pub async fn queue_flush(queue: &mpsc::Sender<Committed>, history: u64, inv: Inv
         history,
         end_lsn: Lsn(0),
         commit_time_us: crate::change::unix_micros(),
+        // The sidecar's own delete: no transaction to wait for.
+        xid: None,
         inv,
         tables: Vec::new(),
     };

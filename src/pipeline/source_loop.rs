@@ -79,12 +79,13 @@ struct Open {
 
 impl Open {
     /// A transaction of `history` committed at `commit_time_us`, with nothing planned yet.
-    fn new(history: u64, commit_time_us: i64) -> Open {
+    fn new(history: u64, commit_time_us: i64, xid: Option<u32>) -> Open {
         Open {
             committed: Committed {
                 history,
                 end_lsn: Lsn(0),
                 commit_time_us,
+                xid,
                 inv: Invalidation::default(),
                 tables: Vec::new(),
             },
@@ -282,10 +283,13 @@ async fn take<S: Source>(
             return Ok(());
         };
         match step {
-            Step::Begin { commit_time_us } => {
+            Step::Begin {
+                commit_time_us,
+                xid,
+            } => {
                 // Between transactions: the one place new rules may take over.
                 rules.refresh();
-                state.open = Some(Open::new(state.history, commit_time_us));
+                state.open = Some(Open::new(state.history, commit_time_us, xid));
             }
             Step::Change { change, ancestors } => {
                 state.counters.count(&change.table, change.op);

@@ -170,6 +170,7 @@ const ITEM_RULES: &str = "[[rule]]\ntable = \"items\"\nkeys = [\"item:{id}\"]\n"
 /// Settings for tests: a long status interval (time is paused) and `max_transaction_keys`.
 fn settings(max_transaction_keys: usize) -> PipelineConfig {
     PipelineConfig {
+        wait_visible: false,
         max_batch_keys: 10_000,
         status_interval: Duration::from_secs(1),
         max_transaction_keys,
@@ -219,7 +220,9 @@ impl Harness {
         };
         let source = tokio::spawn(async move {
             let (mut ancestry, mut progress) = (NoPartitions, WalProgress::default());
-            let mut source = ReplicationSource::new(&mut stream, &mut ancestry, &mut progress);
+            let health = Health::new();
+            let mut source =
+                ReplicationSource::new(&mut stream, &mut ancestry, &mut progress, &health);
             run_source(&mut source, &mut rules, &mut links, &settings).await
         });
         wal_tx.send(xlog(relation())).unwrap();

@@ -341,17 +341,43 @@ impl Handle {
         }
     }
 
-    /// Runs `command` on the server, or on every primary of a cluster with their array replies
-    /// combined: for commands about the server itself, such as `FUNCTION`.
-    pub(super) async fn on_primaries(&mut self, command: Cmd) -> RedisResult<Value> {
+    /// Runs `command` on the server (named `None`), or on every primary of a cluster (each named
+    /// by its address), and returns each one's reply: for commands about the server itself, such
+    /// as `FUNCTION`, whose answer may differ from primary to primary.
+    pub(super) async fn on_primaries(
+        &mut self,
+        command: Cmd,
+    ) -> RedisResult<Vec<(Option<String>, RedisResult<Value>)>> {
         match self {
-            Handle::Single(manager) => command.query_async(manager).await,
+            Handle::Single(manager) => Ok(vec![(None, command.query_async(manager).await)]),
             Handle::Cluster(connection) => {
-                let routing = RoutingInfo::MultiNode((
-                    MultipleNodeRoutingInfo::AllMasters,
-                    Some(ResponsePolicy::CombineArrays),
-                ));
-                connection.route_command(command, routing).await
+                // Without a response policy the driver answers with a map of address to reply,
+                // errors included, instead of failing the whole command for one primary.
+                let routing = RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None));
+                let reply = connection.route_command(command, routing).await?;
+                let Value::Map(replies) = reply else {
+                    return Err((
+                        ::redis::ErrorKind::UnexpectedReturnType,
+                        "expected one reply per primary",
+                    )
+                        .into());
+                };
+                Ok(replies
+                    .into_iter()
+                    .map(|(address, reply)| {
+                        let address = match address {
+                            Value::BulkString(bytes) => {
+                                String::from_utf8_lossy(&bytes).into_owned()
+                            }
+                            other => format!("{other:?}"),
+                        };
+                        let reply = match reply {
+                            Value::ServerError(e) => Err(e.into()),
+                            value => Ok(value),
+                        };
+                        (Some(address), reply)
+                    })
+                    .collect())
             }
         }
     }

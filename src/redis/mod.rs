@@ -7,6 +7,7 @@
 
 mod connection;
 mod error;
+pub mod library;
 mod plan;
 pub mod slot;
 
@@ -99,34 +100,6 @@ pub struct DeleteStats {
 /// A driver error and what the deleter was doing when it came, from a task that cannot wrap it.
 type Failure = (&'static str, ::redis::RedisError);
 
-/// The `library_name` of one entry of a `FUNCTION LIST` reply (RESP2 flat pairs or a RESP3 map).
-fn library_name(library: &::redis::Value) -> Option<&str> {
-    use ::redis::Value;
-    fn text(v: &Value) -> Option<&str> {
-        match v {
-            Value::BulkString(bytes) => std::str::from_utf8(bytes).ok(),
-            Value::SimpleString(s) => Some(s.as_str()),
-            _ => None,
-        }
-    }
-    match library {
-        Value::Array(fields) => fields
-            .chunks(2)
-            .find(|pair| text(&pair[0]) == Some("library_name"))
-            .and_then(|pair| pair.get(1).and_then(text)),
-        Value::Map(fields) => fields
-            .iter()
-            .find(|(k, _)| text(k) == Some("library_name"))
-            .and_then(|(_, v)| text(v)),
-        _ => None,
-    }
-}
-
-/// Whether Redis refused a command it does not know (`FUNCTION` before Redis 7).
-fn unknown_command(err: &::redis::RedisError) -> bool {
-    err.to_string().to_lowercase().contains("unknown command")
-}
-
 /// Deletes keys from one Redis server or cluster, reconnecting after errors.
 pub struct Deleter {
     /// The URL with its password hidden, for errors and logs.
@@ -190,38 +163,6 @@ impl Deleter {
     pub async fn ping(&mut self) -> Result<(), DeleteError> {
         let result = self.connection.ping().await;
         result.map_err(|source| self.failed("PING", source))
-    }
-
-    /// Whether a Redis Functions library called `name` is loaded (on any primary of a
-    /// cluster); `false` on a server without Redis Functions (before Redis 7).
-    pub async fn has_library(&mut self, name: &str) -> Result<bool, DeleteError> {
-        let mut list = ::redis::cmd("FUNCTION");
-        list.arg("LIST").arg("LIBRARYNAME").arg(name);
-        let handle = self.connection.handle().await;
-        let mut handle = handle.map_err(|source| self.failed("connect", source))?;
-        match handle.on_primaries(list).await {
-            // LIBRARYNAME matches by substring: only an exact name counts.
-            Ok(::redis::Value::Array(libraries)) => Ok(libraries
-                .iter()
-                .any(|library| library_name(library) == Some(name))),
-            Ok(_) => Ok(false),
-            Err(e) if unknown_command(&e) => Ok(false),
-            Err(source) => Err(self.failed("FUNCTION LIST", source)),
-        }
-    }
-
-    /// Deletes the Redis Functions library `name` (from every primary of a cluster); a
-    /// library that is not there is no error.
-    pub async fn delete_library(&mut self, name: &str) -> Result<(), DeleteError> {
-        let mut delete = ::redis::cmd("FUNCTION");
-        delete.arg("DELETE").arg(name);
-        let handle = self.connection.handle().await;
-        let mut handle = handle.map_err(|source| self.failed("connect", source))?;
-        match handle.on_primaries(delete).await {
-            Ok(_) => Ok(()),
-            Err(e) if e.to_string().to_lowercase().contains("library not found") => Ok(()),
-            Err(source) => Err(self.failed("FUNCTION DELETE", source)),
-        }
     }
 
     /// Deletes the literal `keys` and every key matching one of `patterns` (Redis globs).
@@ -391,23 +332,7 @@ fn host_of(url: &str) -> &str {
 
 #[cfg(test)]
 mod tests {
-    use super::{host_of, library_name};
-    use ::redis::Value;
-
-    #[test]
-    fn a_function_list_entry_names_its_library_in_resp2_and_resp3() {
-        let name = |s: &str| Value::BulkString(s.as_bytes().to_vec());
-        let resp2 = Value::Array(vec![
-            name("library_name"),
-            name("invalidator"),
-            name("engine"),
-            name("LUA"),
-        ]);
-        assert_eq!(library_name(&resp2), Some("invalidator"));
-        let resp3 = Value::Map(vec![(name("library_name"), name("other"))]);
-        assert_eq!(library_name(&resp3), Some("other"));
-        assert_eq!(library_name(&Value::Nil), None);
-    }
+    use super::host_of;
 
     #[test]
     fn host_of_skips_credentials_port_and_path() {

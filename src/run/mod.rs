@@ -25,6 +25,7 @@ use crate::source::history::Seen;
 use crate::source::notify::{self, NotifyError};
 use crate::source::replication::{ReplicationError, SourceError, WalProgress};
 use crate::source::setup::{self, SetupError};
+use crate::source::visibility::Gate;
 use crate::source::{connect, invalidate};
 use crate::targets::{self, Target};
 use crate::telemetry::{self, Health};
@@ -86,6 +87,15 @@ pub async fn run(
     );
 
     let (queue_tx, queue_rx) = mpsc::channel(pipeline::QUEUE_DEPTH);
+    // Deletes wait until their transactions are visible to new snapshots; the outbox is read
+    // through a snapshot, so notify mode's already are, and a dry run deletes nothing.
+    let gate =
+        config.postgres.mode == Mode::Replication && !dry_run && config.pipeline.wait_visible;
+    let queue_rx = if gate {
+        pipeline::gated(queue_rx, Gate::new(config.postgres.clone()), cancel.clone())
+    } else {
+        queue_rx
+    };
     let (confirmed_tx, confirmed_rx) = watch::channel(pipeline::Position::default());
     let deleter_done = CancellationToken::new();
     let loops = (cancel.clone(), deleter_done.clone());

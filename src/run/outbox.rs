@@ -55,7 +55,7 @@ pub(super) async fn outbox_once(
     health.set_source(None);
     tracing::info!(channel = notify::CHANNEL, "reading the outbox");
     let (rules, queued) = (live.subscribe(), links.last_queued);
-    let mut source = notify::OutboxSource::owner(&client, &mut hints, rules, progress, queued);
+    let mut source = notify::OutboxSource::owner(&client, &mut hints, rules, progress, queued, health);
     let outcome = pipeline::run_source(&mut source, live, links, &config.pipeline).await;
     health.set_source(Some("reconnecting to postgres".to_owned()));
     match outcome? {
@@ -97,7 +97,7 @@ pub(super) async fn dry_outbox_once(
     let mut progress = notify::Progress::default();
     let rules = live.subscribe();
     let mut source =
-        notify::OutboxSource::preview(&client, &mut hints, rules, &mut progress).await?;
+        notify::OutboxSource::preview(&client, &mut hints, rules, &mut progress, health).await?;
     let outcome = pipeline::run_source(&mut source, live, links, &config.pipeline).await;
     health.set_source(Some("reconnecting to postgres".to_owned()));
     match outcome? {

@@ -256,7 +256,7 @@ async fn stream_until_end(
     *streamed = true;
     health.set_source(None);
     let mut ancestry = drift::Catalog::new(&catalog, &recheck);
-    let mut source = ReplicationSource::new(&mut stream, &mut ancestry, wal);
+    let mut source = ReplicationSource::new(&mut stream, &mut ancestry, wal, health);
     let source = pipeline::run_source(&mut source, live, links, &config.pipeline);
     let watcher = async {
         // A dry run changes nothing, so it does not repair the publication.

@@ -10,6 +10,7 @@ pub mod invalidate;
 pub mod notify;
 pub mod replication;
 pub mod setup;
+pub mod visibility;
 
 use std::future::Future;
 

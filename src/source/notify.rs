@@ -30,7 +30,7 @@ use crate::source::connect::ConnectError;
 use crate::source::invalidate;
 use crate::source::setup::notify::partition_plan;
 use crate::source::setup::{self, SetupError, Sql};
-use crate::telemetry;
+use crate::telemetry::{self, Health};
 
 /// The schema that holds the outbox and the trigger function.
 pub const SCHEMA: &str = crate::source::invalidate::SCHEMA;
@@ -274,6 +274,9 @@ impl From<tokio_postgres::Error> for NotifyError {
 pub struct Progress {
     /// Rounds handed out and not yet confirmed: sequence number and outbox ids, in order.
     in_flight: VecDeque<(Lsn, Vec<i64>)>,
+    /// Of the rounds in flight that read every row their snapshot saw (not a full one), the
+    /// WAL position every change before which they cover (see [`OutboxSource::read_round`]).
+    positions: VecDeque<(Lsn, Lsn)>,
     /// Outbox ids whose deletes Redis confirmed, to delete from the outbox.
     done: Vec<i64>,
     /// Sequence number of the last round read.
@@ -281,8 +284,9 @@ pub struct Progress {
 }
 
 impl Progress {
-    /// Moves the rounds up to `confirmed` to `done`.
-    fn confirm(&mut self, confirmed: Lsn) {
+    /// Moves the rounds up to `confirmed` to `done`; returns the WAL position the last of them
+    /// covers, if it has one.
+    fn confirm(&mut self, confirmed: Lsn) -> Option<Lsn> {
         while self
             .in_flight
             .front()
@@ -292,6 +296,15 @@ impl Progress {
                 self.done.extend(ids);
             }
         }
+        let mut covered = None;
+        while let Some(&(round, wal)) = self.positions.front() {
+            if round > confirmed {
+                break;
+            }
+            covered = Some(wal);
+            self.positions.pop_front();
+        }
+        covered
     }
 
     /// Forgets the rounds after `queued`, the last one the pipeline queued: they went with a
@@ -299,6 +312,7 @@ impl Progress {
     /// again, and every later round from being confirmed.
     fn forget_unqueued(&mut self, queued: Lsn) {
         self.in_flight.retain(|(round, _)| *round <= queued);
+        self.positions.retain(|(round, _)| *round <= queued);
     }
 
     /// Every id read and still in the outbox: never read again while held.
@@ -436,6 +450,9 @@ pub struct OutboxSource<'a> {
     repair_due: bool,
     /// Steps of the last round (or repair) not yet given.
     steps: VecDeque<Step>,
+    /// Where the WAL position up to which every change is invalidated is published, for
+    /// `/wait`.
+    health: &'a Health,
 }
 
 impl<'a> OutboxSource<'a> {
@@ -449,9 +466,10 @@ impl<'a> OutboxSource<'a> {
         rules: watch::Receiver<Arc<RuleSet>>,
         progress: &'a mut Progress,
         queued: Lsn,
+        health: &'a Health,
     ) -> OutboxSource<'a> {
         progress.forget_unqueued(queued);
-        OutboxSource::new(client, hints, rules, progress, Reading::Owner)
+        OutboxSource::new(client, hints, rules, progress, Reading::Owner, health)
     }
 
     /// `run --dry-run`: reads the outbox rows newer than the newest one now, deletes none and
@@ -463,6 +481,7 @@ impl<'a> OutboxSource<'a> {
         hints: &'a mut mpsc::UnboundedReceiver<()>,
         rules: watch::Receiver<Arc<RuleSet>>,
         progress: &'a mut Progress,
+        health: &'a Health,
     ) -> Result<OutboxSource<'a>, NotifyError> {
         let newest: i64 = client
             .query_one("SELECT coalesce(max(id), 0) FROM invalidator.outbox", &[])
@@ -473,7 +492,7 @@ impl<'a> OutboxSource<'a> {
             "dry run: reading outbox rows newer than the newest one now; deleting none"
         );
         let preview = Reading::Preview(newest);
-        Ok(OutboxSource::new(client, hints, rules, progress, preview))
+        Ok(OutboxSource::new(client, hints, rules, progress, preview, health))
     }
 
     fn new(
@@ -482,6 +501,7 @@ impl<'a> OutboxSource<'a> {
         rules: watch::Receiver<Arc<RuleSet>>,
         progress: &'a mut Progress,
         reading: Reading,
+        health: &'a Health,
     ) -> OutboxSource<'a> {
         let interval = |period| {
             let mut interval = tokio::time::interval(period);
@@ -499,6 +519,7 @@ impl<'a> OutboxSource<'a> {
             read_now: true,
             repair_due: false,
             steps: VecDeque::new(),
+            health,
         }
     }
 
@@ -510,7 +531,21 @@ impl<'a> OutboxSource<'a> {
 
     /// Reads one round of outbox rows not held already and turns it into steps; returns
     /// whether the round was full.
+    ///
+    /// For `/wait`, the WAL position P is read in a statement before the round's. An
+    /// application that read X = `pg_current_wal_lsn()` after its commit returned, with X < P,
+    /// read it before P was read, so its commit is visible to the round's snapshot: once a
+    /// round that read every row it saw is confirmed, every change before P is invalidated, and
+    /// P - 1 is what `/wait` may report.
     async fn read_round(&mut self) -> Result<bool, NotifyError> {
+        let wal: String = self
+            .client
+            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .await?
+            .get(0);
+        let before = wal
+            .parse::<Lsn>()
+            .map_or(Lsn(0), |p| Lsn(p.0.saturating_sub(1)));
         let columns = "SELECT id, table_schema, table_name, op, old::text, new::text, \
                        (extract(epoch FROM created_at) * 1000000)::bigint FROM invalidator.outbox";
         let rows = match self.reading {
@@ -525,6 +560,16 @@ impl<'a> OutboxSource<'a> {
             }
         };
         if rows.is_empty() {
+            // Nothing in flight either: every change before P is invalidated.
+            if self.progress.in_flight.is_empty() {
+                self.health.acknowledge(before);
+                // On an idle server P stands still, and an X equal to it is never passed:
+                // while someone waits, a transaction with an xid writes a commit record, so
+                // the next round's P is past it (at most one a poll).
+                if self.health.has_waiters() {
+                    self.client.batch_execute("SELECT txid_current()").await?;
+                }
+            }
             return Ok(false);
         }
         let full = rows.len() as i64 >= ROUND_ROWS;
@@ -541,13 +586,20 @@ impl<'a> OutboxSource<'a> {
         // queued, since its confirmation acknowledges its rows.
         self.steps.push_back(Step::Begin {
             commit_time_us: first_time,
+            // Read through a snapshot that sees these commits, so every later one does too.
+            xid: None,
         });
         for row in rows {
             self.steps.extend(row.steps(&ancestors));
         }
         self.steps.push_back(Step::Commit { position: round });
         match self.reading {
-            Reading::Owner => self.progress.in_flight.push_back((round, ids)),
+            Reading::Owner => {
+                self.progress.in_flight.push_back((round, ids));
+                if !full {
+                    self.progress.positions.push_back((round, before));
+                }
+            }
             Reading::Preview(seen) => {
                 self.reading = Reading::Preview(ids.last().copied().unwrap_or(seen));
             }
@@ -567,6 +619,7 @@ impl<'a> OutboxSource<'a> {
         }
         let mut steps = vec![Step::Begin {
             commit_time_us: crate::change::unix_micros(),
+            xid: None,
         }];
         for (table, action) in repairs {
             setup::apply(&mut db, std::slice::from_ref(&action)).await?;
@@ -633,7 +686,12 @@ impl Source for OutboxSource<'_> {
         if self.reading != Reading::Owner {
             return Ok(());
         }
-        self.progress.confirm(position);
+        if let Some(covered) = self.progress.confirm(position) {
+            self.health.acknowledge(covered);
+            // A round right after, so `/wait` learns a position past the commits just
+            // confirmed without waiting for the poll.
+            self.read_now = true;
+        }
         if self.progress.done.is_empty() {
             return Ok(());
         }

@@ -19,7 +19,7 @@ use crate::source::Source;
 use crate::source::invalidate::{self, MESSAGE_PREFIX};
 use crate::source::replication::{ReplicationError, ReplicationMessage, ReplicationStream};
 use crate::source::setup::SetupError;
-use crate::telemetry;
+use crate::telemetry::{self, Health};
 
 /// A stream of WAL messages that accepts standby status updates: the replication connection,
 /// or hand-built WAL in tests.
@@ -206,14 +206,18 @@ pub struct ReplicationSource<'a, S, A> {
     arrived: Option<ReplicationMessage>,
     /// Steps decoded and not yet given.
     steps: VecDeque<Step>,
+    /// Where each acknowledged position is published, for `/wait`.
+    health: &'a Health,
 }
 
 impl<'a, S: WalStream, A: Ancestry> ReplicationSource<'a, S, A> {
-    /// Reads `stream`, looking up partitions with `ancestry`.
+    /// Reads `stream`, looking up partitions with `ancestry`; publishes what it acknowledges
+    /// to `health`.
     pub fn new(
         stream: &'a mut S,
         ancestry: &'a mut A,
         progress: &'a mut WalProgress,
+        health: &'a Health,
     ) -> ReplicationSource<'a, S, A> {
         ReplicationSource {
             stream,
@@ -223,6 +227,7 @@ impl<'a, S: WalStream, A: Ancestry> ReplicationSource<'a, S, A> {
             ancestors: HashMap::new(),
             arrived: None,
             steps: VecDeque::new(),
+            health,
         }
     }
 
@@ -285,7 +290,14 @@ impl<'a, S: WalStream, A: Ancestry> ReplicationSource<'a, S, A> {
     fn decode(&mut self, data: &[u8]) -> Result<(), DecodeError> {
         let (steps, ancestors) = (&mut self.steps, &self.ancestors);
         self.decoder.apply(data, |event| match event {
-            Event::Begin { commit_time_us, .. } => steps.push_back(Step::Begin { commit_time_us }),
+            Event::Begin {
+                commit_time_us,
+                xid,
+                ..
+            } => steps.push_back(Step::Begin {
+                commit_time_us,
+                xid: Some(xid),
+            }),
             Event::Change(change)
                 if change.table.schema == invalidate::SCHEMA
                     && change.table.name == invalidate::REQUESTS =>
@@ -359,6 +371,8 @@ impl<S: WalStream, A: Ancestry> Source for ReplicationSource<'_, S, A> {
         let flush = position.max(progress.reported).min(progress.server_end);
         self.stream.send_status(flush).await?;
         progress.reported = flush;
+        // Every change before it is invalidated: what `/wait` answers from.
+        self.health.acknowledge(flush);
         metrics::gauge!(telemetry::CONFIRMED_LSN).set(flush.0 as f64);
         if progress.catch_up.as_mut().is_some_and(|c| c.observe(flush)) {
             progress.catch_up = None;
