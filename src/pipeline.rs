@@ -18,8 +18,11 @@
 //! replaced by every pattern the rules of its tables can produce (each placeholder `*`), a
 //! superset that never misses; from then on its rows are no longer planned one by one.
 
+mod flights;
+
 use std::collections::HashMap;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -82,12 +85,28 @@ pub trait Sink: Send + 'static {
         inv: &Invalidation,
     ) -> impl Future<Output = Result<DeleteStats, Self::Error>> + Send;
 
+    /// Starts deleting and returns what finishes it, so the delete loop takes the next batch
+    /// while this one's patterns are still being resolved (see [`crate::redis::Resolution`]);
+    /// batches are confirmed in order as they finish. The default deletes everything here.
+    fn start(
+        &mut self,
+        inv: &Invalidation,
+    ) -> impl Future<Output = Result<Finish<Self::Error>, Self::Error>> + Send {
+        async move {
+            let stats = self.delete(inv).await?;
+            Ok(Box::pin(std::future::ready(Ok(stats))) as Finish<Self::Error>)
+        }
+    }
+
     /// Checks that Redis answers, so readiness is right while no change flows.
     fn ping(&mut self) -> impl Future<Output = Result<(), Self::Error>> + Send;
 
     /// Whether retrying the failed call can succeed.
     fn is_transient(error: &Self::Error) -> bool;
 }
+
+/// The rest of a started delete (see [`Sink::start`]).
+pub type Finish<E> = Pin<Box<dyn Future<Output = Result<DeleteStats, E>> + Send>>;
 
 /// A confirmed position in one history of the server. `history` counts the times the sidecar
 /// started over (a lost slot, a restore, a failover): an LSN of an earlier history says nothing
@@ -903,11 +922,19 @@ pub async fn deliver<K: Sink, T: Queued>(
 ) -> Result<(), K::Error> {
     let mut ping = tokio::time::interval(Duration::from_secs(5));
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut flights = flights::Flights::new(max_batch_keys);
     loop {
         let first = tokio::select! {
             biased;
-            _ = cancel.cancelled() => return Ok(()),
-            next = queue.recv() => match next {
+            _ = cancel.cancelled() => return flights.land_all(&mut sink, &confirmed, report).await,
+            outcome = flights.landed() => {
+                let empty = queue.is_empty();
+                if !flights.land(outcome, &mut sink, &confirmed, report, empty, &cancel).await? {
+                    return Ok(());
+                }
+                continue;
+            }
+            next = queue.recv(), if !flights.is_full() => match next {
                 Some(committed) => committed,
                 None => return Ok(()),
             },
@@ -922,7 +949,9 @@ pub async fn deliver<K: Sink, T: Queued>(
         };
         // The queue is in commit order: the first is the oldest unconfirmed transaction.
         let head = first.committed();
-        report.set_oldest_unconfirmed(Some(head.commit_time_us));
+        if flights.is_empty() {
+            report.set_oldest_unconfirmed(Some(head.commit_time_us));
+        }
         // Latency first: the batch is what is already waiting, never a wait for more.
         let mut end = head.position();
         let mut commits = vec![(head.end_lsn, head.commit_time_us)];
@@ -941,53 +970,37 @@ pub async fn deliver<K: Sink, T: Queued>(
         if !batch.inv().is_empty() {
             report.batch_keys.record(batch.inv().len() as f64);
         }
-        if !delete_with_retry(&mut sink, batch.inv(), report, &cancel).await? {
+        let Some(finish) = delete_with_retry(&mut sink, batch.inv(), report, &cancel).await? else {
             return Ok(());
-        }
-        drop(batch);
-        if queue.is_empty() {
-            // Otherwise the next batch, taken at once, records its own.
-            report.set_oldest_unconfirmed(None);
-        }
-        confirmed.send_if_modified(|c| {
-            let advance = end > *c;
-            if advance {
-                *c = end;
-            }
-            advance
+        };
+        flights.push(flights::Flight {
+            end,
+            commits,
+            batch,
+            finish,
         });
-        // After the acknowledgement is on its way, so measuring never delays it.
-        let now = unix_micros();
-        for &(lsn, commit_time_us) in &commits {
-            let delay_us = (now - commit_time_us).max(0);
-            report.delay.record(delay_us as f64 / 1e6);
-            tracing::debug!(%lsn, target = report.target.as_deref(),
-                commit_to_confirmed_us = delay_us, "transaction confirmed");
-        }
-        report.transactions.increment(commits.len() as u64);
     }
 }
 
-/// Deletes until Redis confirms. `Ok(false)`: shutdown came while Redis was failing, so nothing
-/// may be acknowledged.
+/// Starts the delete until Redis takes it. `Ok(None)`: shutdown came while Redis was failing,
+/// so nothing may be acknowledged.
 async fn delete_with_retry<K: Sink>(
     sink: &mut K,
     inv: &Invalidation,
     report: &Reporting,
     cancel: &CancellationToken,
-) -> Result<bool, K::Error> {
+) -> Result<Option<Finish<K::Error>>, K::Error> {
     if inv.is_empty() {
-        return Ok(true);
+        return Ok(Some(Box::pin(std::future::ready(Ok(
+            DeleteStats::default(),
+        )))));
     }
     let mut delays = backoff();
     loop {
-        match sink.delete(inv).await {
-            Ok(stats) => {
+        match sink.start(inv).await {
+            Ok(finish) => {
                 report.set_redis(None);
-                report.keys_deleted.increment(stats.keys_deleted);
-                report.patterns.increment(stats.patterns_scanned);
-                report.scan_calls.increment(stats.scan_calls);
-                return Ok(true);
+                return Ok(Some(finish));
             }
             Err(e) if K::is_transient(&e) => {
                 report.errors.increment(1);
@@ -998,7 +1011,7 @@ async fn delete_with_retry<K: Sink>(
                     "redis delete failed; not acknowledging");
                 tokio::select! {
                     biased;
-                    _ = cancel.cancelled() => return Ok(false),
+                    _ = cancel.cancelled() => return Ok(None),
                     _ = tokio::time::sleep(delay) => {}
                     // A long backoff should not outlast the outage: retry as soon as Redis
                     // answers again.

@@ -79,6 +79,15 @@ impl pipeline::Sink for Deleter {
         Deleter::delete(self, &inv.keys, &inv.patterns).await
     }
 
+    async fn start(
+        &mut self,
+        inv: &crate::rules::Invalidation,
+    ) -> Result<pipeline::Finish<DeleteError>, DeleteError> {
+        Ok(Box::pin(
+            Deleter::start(self, &inv.keys, &inv.patterns).await?,
+        ))
+    }
+
     async fn ping(&mut self) -> Result<(), DeleteError> {
         Deleter::ping(self).await
     }
