@@ -13,9 +13,16 @@
 //! 3. wildcards: 200 `slots:{id}:*` patterns in one transaction over 1M keys, against one bare
 //!    SCAN pass, a SCAN per pattern and the KEYS strategy.
 //! 4. resources: CPU, peak and steady memory of each consumer.
+//! 5. patterns and 6. pgbench: see `patterns.rs`.
+//!
+//! `cargo bench -- patterns pgbench` runs only the sections named (drain, latency, wildcards,
+//! patterns, pgbench; resources come with drain and latency); no names run them all.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
+
+#[path = "sections/patterns.rs"]
+mod patterns;
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -82,17 +89,33 @@ async fn run() {
     let header = bench.header().await;
     eprintln!("{header}");
 
-    let drain = drain_section(&bench).await;
-    let latency = latency_section(&bench).await;
-    let wildcards = wildcard_section(&bench).await;
-
+    let named: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let wanted = |section: &str| named.is_empty() || named.iter().any(|n| n == section);
     let mut out = String::new();
     writeln!(out, "{header}\n").expect("write to a string");
     let peer_missing = bench.peer.as_ref().err().map(String::as_str);
-    print_drain(&mut out, &drain, peer_missing);
-    print_latency(&mut out, &latency, peer_missing);
-    print_wildcards(&mut out, &wildcards);
-    print_resources(&mut out, &drain, &latency);
+    if wanted("drain") || wanted("latency") {
+        let drain = drain_section(&bench).await;
+        let latency = latency_section(&bench).await;
+        print_drain(&mut out, &drain, peer_missing);
+        print_latency(&mut out, &latency, peer_missing);
+        print_resources(&mut out, &drain, &latency);
+    }
+    if wanted("wildcards") {
+        let wildcards = wildcard_section(&bench).await;
+        print_wildcards(&mut out, &wildcards);
+    }
+    if wanted("patterns") {
+        let results = patterns::patterns_section(&bench).await;
+        patterns::print_patterns(&mut out, &results);
+    }
+    if wanted("pgbench") {
+        let results = patterns::pgbench_section(&bench).await;
+        patterns::print_pgbench(&mut out, &results);
+    }
     println!("{out}");
     eprintln!(
         "benchmark finished in {:.0} s",
@@ -366,18 +389,7 @@ impl Bench {
             Consumer::Invalidator => {
                 let (config, port) = self.invalidator_config(slot);
                 http = Some(port);
-                cmd = Command::new(env!("CARGO_BIN_EXE_invalidator"));
-                cmd.arg("run").arg("--config").arg(config);
-                // Unknown INVALIDATOR_* variables are errors for the binary, and the bench's own
-                // INVALIDATOR_BENCH_PEER_DIR is one; URLs come from the config only.
-                for (name, _) in std::env::vars_os() {
-                    if name.to_string_lossy().starts_with("INVALIDATOR_") {
-                        cmd.env_remove(name);
-                    }
-                }
-                cmd.env_remove("DATABASE_URL")
-                    .env_remove("REDIS_URL")
-                    .env_remove("RUST_LOG");
+                cmd = invalidator_command(&config);
                 if debug_log {
                     cmd.env("RUST_LOG", "info,invalidator::pipeline=debug")
                         .env("INVALIDATOR_LOG_FORMAT", "json");
@@ -410,6 +422,28 @@ impl Bench {
                 }
             }
         }
+        self.launch(consumer, cmd, log, http)
+    }
+
+    /// Starts `invalidator run` with `config` (its HTTP port `http`), for a section with rules
+    /// and a database of its own; the log is named after `slot`.
+    fn spawn_invalidator(&self, slot: &str, config: &Path, http: u16) -> Result<Proc, String> {
+        let log = self
+            .work
+            .path()
+            .join(format!("{slot}-{}.log", unique_name("run")));
+        let cmd = invalidator_command(config);
+        self.launch(Consumer::Invalidator, cmd, log, Some(http))
+    }
+
+    /// Spawns `cmd` for `consumer` with its stderr in `log`.
+    fn launch(
+        &self,
+        consumer: Consumer,
+        mut cmd: Command,
+        log: PathBuf,
+        http: Option<u16>,
+    ) -> Result<Proc, String> {
         let stderr = std::fs::File::create(&log).map_err(|e| format!("create {log:?}: {e}"))?;
         let child = cmd
             .stdin(Stdio::null())
@@ -430,6 +464,23 @@ impl Bench {
     fn redis(&self) -> MultiplexedConnection {
         self.redis_con.clone()
     }
+}
+
+/// `invalidator run --config <config>` with none of the caller's INVALIDATOR_* variables:
+/// unknown ones are errors for the binary, and the bench's own INVALIDATOR_BENCH_PEER_DIR is
+/// one; URLs come from the config only.
+fn invalidator_command(config: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_invalidator"));
+    cmd.arg("run").arg("--config").arg(config);
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("INVALIDATOR_") {
+            cmd.env_remove(name);
+        }
+    }
+    cmd.env_remove("DATABASE_URL")
+        .env_remove("REDIS_URL")
+        .env_remove("RUST_LOG");
+    cmd
 }
 
 /// Connects to Postgres and drives the connection in the background.

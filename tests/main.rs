@@ -29,3 +29,4 @@ mod teardown;
 mod text_form;
 mod tls;
 mod unknown_names;
+mod walk;

@@ -177,9 +177,70 @@ struct Joiner {
 }
 
 impl Joiner {
-    /// Whether the walk, about to send `cursor`, has covered a full iteration since the join.
-    fn complete_at(&self, cursor: &str) -> bool {
-        self.laps >= 2 || (self.laps == 1 && cursor == self.start)
+    /// Whether the walk of a server with cursor `order`, about to send `cursor`, has covered a
+    /// full iteration since the join.
+    fn complete_at(&self, cursor: &str, order: Order) -> bool {
+        self.laps >= 2 || (self.laps == 1 && order.reached(cursor, &self.start))
+    }
+}
+
+/// How a server's SCAN cursors are ordered, so a walk knows when its second lap has passed the
+/// cursor a pattern joined at: the pages of the second lap end elsewhere than those of the
+/// first, because the walk deletes keys and others write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Order {
+    /// One hash table walked in reverse binary order of the bucket index (Redis; in cluster
+    /// mode before 7.4): the position of a cursor is its bits reversed.
+    Reversed,
+    /// One table per slot (Redis 7.4 and later in cluster mode): the low 14 bits of the cursor
+    /// are the slot, walked upwards, and the rest is that table's reverse binary cursor.
+    SlotThenReversed,
+    /// Not known (another server): only the very cursor it joined at counts, or the end of
+    /// the next lap.
+    Exact,
+}
+
+impl Order {
+    /// The order of a server from its `INFO server` text; `cluster` for a cluster primary.
+    fn of(info: &str, cluster: bool) -> Order {
+        let field = |name: &str| {
+            info.lines()
+                .find_map(|line| line.trim_end().strip_prefix(name))
+                .map(str::to_owned)
+        };
+        if field("server_name:").is_some_and(|name| name != "redis")
+            || field("valkey_version:").is_some()
+        {
+            return Order::Exact;
+        }
+        let Some(version) = field("redis_version:") else {
+            return Order::Exact;
+        };
+        let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+        let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+        if cluster && (major, minor) >= (7, 4) {
+            Order::SlotThenReversed
+        } else {
+            Order::Reversed
+        }
+    }
+
+    /// The place of `cursor` in a lap; `None` when it does not parse.
+    fn position(self, cursor: &str) -> Option<(u64, u64)> {
+        let value: u64 = cursor.parse().ok()?;
+        match self {
+            Order::Reversed => Some((0, value.reverse_bits())),
+            Order::SlotThenReversed => Some((value & 0x3FFF, (value >> 14).reverse_bits())),
+            Order::Exact => None,
+        }
+    }
+
+    /// Whether a lap about to send `cursor` has covered every bucket before `start`.
+    fn reached(self, cursor: &str, start: &str) -> bool {
+        match (self.position(cursor), self.position(start)) {
+            (Some(now), Some(then)) => now >= then,
+            _ => cursor == start,
+        }
     }
 }
 
@@ -189,6 +250,8 @@ struct NodeWalk {
     node: Node,
     /// The `run_id` of the server process the cursor belongs to; `None` before it is read.
     run_id: Option<String>,
+    /// How that server orders its cursors.
+    order: Order,
     /// Whether `run_id` must be read again before the next SCAN (after an error).
     verify: bool,
     /// The cursor to send next.
@@ -205,6 +268,7 @@ impl NodeWalk {
         NodeWalk {
             node,
             run_id: None,
+            order: Order::Exact,
             verify: true,
             cursor: "0".to_owned(),
             joiners: Vec::new(),
@@ -223,6 +287,28 @@ impl NodeWalk {
             let patterns: Vec<&str> = patterns.into_iter().collect();
             plan::shared_pass(&patterns, crate::rules::glob::matches)
         })
+    }
+
+    /// Whether a joiner has covered a full iteration.
+    fn any_complete(&self) -> bool {
+        self.joiners
+            .iter()
+            .any(|j| j.complete_at(&self.cursor, self.order))
+    }
+
+    /// Records the server it talks to, and starts over when that is another process.
+    fn serves(&mut self, server: Server) {
+        if self
+            .run_id
+            .as_ref()
+            .is_some_and(|known| *known != server.run_id)
+        {
+            self.restart(server.run_id);
+        } else {
+            self.run_id = Some(server.run_id);
+        }
+        self.order = server.order;
+        self.verify = false;
     }
 
     /// Starts the walk over: the cursor belongs to a server process that is gone.
@@ -375,16 +461,9 @@ impl Walker {
         self.complete(&mut handle).await?;
         self.finish(&mut handle).await?;
         for node in self.nodes.iter_mut().filter(|n| n.verify) {
-            if node.joiners.is_empty() {
-                continue;
+            if !node.joiners.is_empty() {
+                node.serves(server(&mut handle, &node.node).await?);
             }
-            let run_id = run_id(&mut handle, &node.node).await?;
-            if node.run_id.as_ref().is_some_and(|known| *known != run_id) {
-                node.restart(run_id);
-            } else {
-                node.run_id = Some(run_id);
-            }
-            node.verify = false;
         }
         let steps = join_all(
             self.nodes
@@ -512,27 +591,23 @@ impl Walker {
     /// Removes the joiners whose full iteration is done, once their keys are unlinked and the
     /// server is proven to be the one they joined.
     async fn complete(&mut self, handle: &mut Handle) -> Result<(), Failure> {
-        let due = self
-            .nodes
-            .iter()
-            .any(|n| n.joiners.iter().any(|j| j.complete_at(&n.cursor)));
-        if !due {
+        if !self.nodes.iter().any(NodeWalk::any_complete) {
             return Ok(());
         }
         self.unlink(handle).await?;
         for node in &mut self.nodes {
-            let cursor = node.cursor.clone();
-            if !node.joiners.iter().any(|j| j.complete_at(&cursor)) {
+            if !node.any_complete() {
                 continue;
             }
-            let now = run_id(handle, &node.node).await?;
-            if node.run_id.as_ref() != Some(&now) {
-                node.restart(now);
+            let known = node.run_id.clone();
+            node.serves(server(handle, &node.node).await?);
+            if node.run_id != known {
                 continue;
             }
+            let (cursor, order) = (node.cursor.clone(), node.order);
             let (done, walking): (Vec<Joiner>, Vec<Joiner>) = std::mem::take(&mut node.joiners)
                 .into_iter()
-                .partition(|j| j.complete_at(&cursor));
+                .partition(|j| j.complete_at(&cursor, order));
             node.joiners = walking;
             node.pass = None;
             for joiner in done {
@@ -655,18 +730,29 @@ impl Walker {
     }
 }
 
-/// The `run_id` of `node`'s server process (`INFO server`).
-async fn run_id(handle: &mut Handle, node: &Node) -> Result<String, Failure> {
+/// The server process a walk talks to.
+struct Server {
+    /// Its `run_id`: another process has another one.
+    run_id: String,
+    /// How it orders its cursors.
+    order: Order,
+}
+
+/// Reads `INFO server` of `node`.
+async fn server(handle: &mut Handle, node: &Node) -> Result<Server, Failure> {
     let mut info = ::redis::cmd("INFO");
     info.arg("server");
     let text: String = query(handle, node, info, "INFO server").await?;
-    text.lines()
+    let run_id = text
+        .lines()
         .find_map(|line| line.trim_end().strip_prefix("run_id:"))
         .map(str::to_owned)
         .ok_or((
             "INFO server",
             ::redis::RedisError::from((::redis::ErrorKind::Parse, "INFO server has no run_id")),
-        ))
+        ))?;
+    let order = Order::of(&text, matches!(node, Node::Primary { .. }));
+    Ok(Server { run_id, order })
 }
 
 /// Every key of `slot` on `node`.
@@ -734,31 +820,59 @@ pub(super) fn coalesced(patterns: &HashSet<String>) -> Vec<String> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_joiner_completes_back_at_its_cursor_or_after_a_second_lap() {
-        let mut joiner = Joiner {
+    fn joiner(start: &str, laps: u8) -> Joiner {
+        Joiner {
             ticket: 0,
             patterns: Vec::new(),
-            start: "96".to_owned(),
-            laps: 0,
-        };
-        assert!(!joiner.complete_at("96"));
-        joiner.laps = 1;
-        assert!(!joiner.complete_at("32"));
-        assert!(joiner.complete_at("96"));
-        joiner.laps = 2;
-        assert!(joiner.complete_at("32"));
+            start: start.to_owned(),
+            laps,
+        }
+    }
+
+    #[test]
+    fn a_joiner_completes_once_the_next_lap_passes_its_cursor_or_ends() {
+        // In a table of 8 buckets the reverse binary order is 0 4 2 6 1 5 3 7.
+        let at_two = joiner("2", 1);
+        for order in [Order::Reversed, Order::Exact] {
+            assert!(!joiner("2", 0).complete_at("2", order));
+            assert!(!at_two.complete_at("4", order));
+            assert!(at_two.complete_at("2", order));
+            assert!(joiner("2", 2).complete_at("4", order));
+        }
+        // Past it without landing on it: pages of the second lap end elsewhere.
+        assert!(at_two.complete_at("6", Order::Reversed));
+        assert!(at_two.complete_at("1", Order::Reversed));
+        assert!(!at_two.complete_at("6", Order::Exact));
     }
 
     #[test]
     fn a_joiner_at_cursor_zero_completes_at_the_end_of_its_lap() {
-        let joiner = Joiner {
-            ticket: 0,
-            patterns: Vec::new(),
-            start: "0".to_owned(),
-            laps: 1,
-        };
-        assert!(joiner.complete_at("0"));
+        for order in [Order::Reversed, Order::SlotThenReversed, Order::Exact] {
+            assert!(joiner("0", 1).complete_at("0", order));
+        }
+    }
+
+    #[test]
+    fn per_slot_cursors_go_slot_by_slot() {
+        let cursor = |slot: u64, inner: u64| ((inner << 14) | slot).to_string();
+        let start = joiner(&cursor(5, 4), 1);
+        let order = Order::SlotThenReversed;
+        assert!(!start.complete_at(&cursor(4, 7), order));
+        assert!(!start.complete_at(&cursor(5, 0), order));
+        assert!(start.complete_at(&cursor(5, 2), order));
+        assert!(start.complete_at(&cursor(6, 0), order));
+    }
+
+    #[test]
+    fn the_cursor_order_follows_the_server_and_its_version() {
+        let info = |v: &str| format!("# Server\r\nredis_version:{v}\r\nrun_id:abc\r\n");
+        assert_eq!(Order::of(&info("7.0.15"), true), Order::Reversed);
+        assert_eq!(Order::of(&info("7.4.1"), false), Order::Reversed);
+        assert_eq!(Order::of(&info("7.4.1"), true), Order::SlotThenReversed);
+        assert_eq!(Order::of(&info("8.0.2"), true), Order::SlotThenReversed);
+        let valkey = "redis_version:7.2.4\r\nserver_name:valkey\r\nvalkey_version:8.1.0\r\n";
+        assert_eq!(Order::of(valkey, false), Order::Exact);
+        assert_eq!(Order::of("run_id:x", false), Order::Exact);
     }
 
     #[test]
