@@ -10,7 +10,7 @@ use std::time::Duration;
 use invalidator::redis::slot::key_slot;
 use invalidator::redis::{DeleteError, Deleter, DeleterOptions, Resolution};
 
-use crate::deleter::{chain, set};
+use crate::deleter::{chain, delete_until_ok, set};
 use crate::support::{CutMode, RedisCluster, RedisServer, TcpProxy};
 
 /// A small deterministic generator (xorshift64*), so a failing keyspace can be replayed.
@@ -432,4 +432,47 @@ async fn keys_of_a_slot_migrated_mid_walk_are_not_missed_by_both_primaries() {
         "{spread_moving} moved"
     );
     assert_eq!(cluster.scan_keys("slots:*").len(), 299_900, "nothing else");
+}
+
+/// The `cmdstat_scan` calls of a server since its last `CONFIG RESETSTAT`.
+fn scan_calls(redis: &RedisServer) -> u64 {
+    redis
+        .command_stats()
+        .lines()
+        .find_map(|l| l.strip_prefix("cmdstat_scan:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lone_pattern_costs_at_most_one_pass() {
+    let redis = RedisServer::start();
+    let keys: Vec<String> = (0..100_000)
+        .map(|i| format!("lone:{}:{i}", i % 100))
+        .collect();
+    load(&redis, &keys);
+    let mut deleter = Deleter::connect(&redis.url()).await.expect("connect");
+    // Pages of one pass with the deleter's page size, measured by per-pattern SCAN.
+    let reset = || {
+        redis::cmd("CONFIG")
+            .arg("RESETSTAT")
+            .exec(&mut redis.connection())
+            .expect("RESETSTAT");
+    };
+    reset();
+    delete_until_ok(&mut deleter, &HashSet::new(), &set(["lone:0:*"])).await;
+    let one_pass = scan_calls(&redis);
+    for group in 1..6 {
+        reset();
+        let pattern = format!("lone:{group}:*");
+        resolve_all(start_one_by_one(&mut deleter, std::slice::from_ref(&pattern)).await).await;
+        let calls = scan_calls(&redis);
+        assert!(redis.scan_keys(&pattern).is_empty(), "{pattern} left keys");
+        // Joined wherever the walk stopped last: one lap, and at most the page it joined on.
+        assert!(
+            calls <= one_pass + 1,
+            "{calls} SCAN calls for a lone pattern; one pass is {one_pass}"
+        );
+    }
 }

@@ -176,3 +176,124 @@ async fn fails<K: Sink>(sink: &mut K) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use tokio::sync::{mpsc, oneshot, watch};
+    use tokio_util::sync::CancellationToken;
+
+    use super::super::{Committed, Finish, Position, Sink, run_deleter};
+    use crate::change::Lsn;
+    use crate::redis::DeleteStats;
+    use crate::rules::Invalidation;
+    use crate::telemetry::Health;
+
+    /// A sink whose started deletes finish only when the test opens their gate, as patterns
+    /// that wait for the shared walk.
+    #[derive(Clone, Default)]
+    struct Gated {
+        /// The gate of each started delete: the sender that finishes it.
+        started: Arc<Mutex<Vec<Option<oneshot::Sender<()>>>>>,
+    }
+
+    impl Gated {
+        fn count(&self) -> usize {
+            self.started.lock().unwrap().len()
+        }
+
+        fn open(&self, i: usize) {
+            let gate = self.started.lock().unwrap()[i].take();
+            gate.expect("a gate opens once").send(()).unwrap();
+        }
+    }
+
+    impl Sink for Gated {
+        type Error = std::io::Error;
+
+        async fn delete(&mut self, _: &Invalidation) -> Result<DeleteStats, std::io::Error> {
+            unreachable!("deletes are started")
+        }
+
+        fn start(
+            &mut self,
+            _: &Invalidation,
+        ) -> impl Future<Output = Result<Finish<std::io::Error>, std::io::Error>> + Send {
+            let (gate, opened) = oneshot::channel();
+            self.started.lock().unwrap().push(Some(gate));
+            async move {
+                let finish = async move {
+                    let _ = opened.await;
+                    Ok(DeleteStats::default())
+                };
+                Ok(Box::pin(finish) as Finish<std::io::Error>)
+            }
+        }
+
+        async fn ping(&mut self) -> Result<(), std::io::Error> {
+            Ok(())
+        }
+
+        fn is_transient(_: &std::io::Error) -> bool {
+            true
+        }
+    }
+
+    fn pattern_commit(end: u64, pattern: &str) -> Committed {
+        let mut inv = Invalidation::default();
+        inv.patterns.insert(pattern.to_owned());
+        Committed {
+            history: 0,
+            end_lsn: Lsn(end),
+            commit_time_us: 0,
+            inv,
+        }
+    }
+
+    async fn until(what: &str, mut done: impl FnMut() -> bool) {
+        for _ in 0..10_000 {
+            if done() {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        panic!("timed out waiting until {what}");
+    }
+
+    #[tokio::test]
+    async fn a_batch_starts_while_an_earlier_one_resolves_and_acks_stay_in_commit_order() {
+        let sink = Gated::default();
+        let (queue, queue_rx) = mpsc::channel(8);
+        let (confirmed_tx, confirmed) = watch::channel(Position::default());
+        let cancel = CancellationToken::new();
+        let deleter = tokio::spawn(run_deleter(
+            sink.clone(),
+            queue_rx,
+            confirmed_tx,
+            Health::new(),
+            10_000,
+            cancel.clone(),
+        ));
+        queue.send(pattern_commit(10, "a:*")).await.unwrap();
+        until("the first batch starts", || sink.count() == 1).await;
+        queue.send(pattern_commit(20, "b:*")).await.unwrap();
+        until("the second batch starts beside it", || sink.count() == 2).await;
+        sink.open(1);
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(
+            confirmed.borrow().lsn,
+            Lsn(0),
+            "acknowledged past a pending batch"
+        );
+        sink.open(0);
+        until("both are acknowledged", || {
+            confirmed.borrow().lsn == Lsn(20)
+        })
+        .await;
+        cancel.cancel();
+        deleter.await.unwrap().unwrap();
+    }
+}
