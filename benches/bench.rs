@@ -15,13 +15,18 @@
 //! 4. resources: CPU, peak and steady memory of each consumer.
 //! 5. consistency: cache-aside readers racing writers, plain fill against guarded fill, with and
 //!    without deletes waiting for visibility (`consistency.rs`).
+//! 6. patterns and 7. pgbench: see `patterns.rs`.
 //!
 //! `cargo bench -- NAME...` runs only the named sections (drain, latency, wildcards,
-//! consistency); resources come with drain and latency.
+//! consistency, patterns, pgbench; resources come with drain and latency); no names run them
+//! all.
 
 mod consistency;
 #[path = "../tests/support/mod.rs"]
 mod support;
+
+#[path = "sections/patterns.rs"]
+mod patterns;
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -92,22 +97,22 @@ async fn run() {
         .skip(1)
         .filter(|a| !a.starts_with('-'))
         .collect();
-    let wants = |section: &str| named.is_empty() || named.iter().any(|n| n == section);
+    let wanted = |section: &str| named.is_empty() || named.iter().any(|n| n == section);
     let mut out = String::new();
     writeln!(out, "{header}\n").expect("write to a string");
     let peer_missing = bench.peer.as_ref().err().map(String::as_str);
-    if wants("drain") && wants("latency") {
+    if wanted("drain") || wanted("latency") {
         let drain = drain_section(&bench).await;
         let latency = latency_section(&bench).await;
         print_drain(&mut out, &drain, peer_missing);
         print_latency(&mut out, &latency, peer_missing);
         print_resources(&mut out, &drain, &latency);
     }
-    if wants("wildcards") {
+    if wanted("wildcards") {
         let wildcards = wildcard_section(&bench).await;
         print_wildcards(&mut out, &wildcards);
     }
-    if wants("consistency") {
+    if wanted("consistency") {
         let runs = consistency::section(
             &bench.cluster,
             &bench.db_url,
@@ -116,6 +121,14 @@ async fn run() {
         )
         .await;
         consistency::print(&mut out, &runs);
+    }
+    if wanted("patterns") {
+        let results = patterns::patterns_section(&bench).await;
+        patterns::print_patterns(&mut out, &results);
+    }
+    if wanted("pgbench") {
+        let results = patterns::pgbench_section(&bench).await;
+        patterns::print_pgbench(&mut out, &results);
     }
     println!("{out}");
     eprintln!(
@@ -390,18 +403,7 @@ impl Bench {
             Consumer::Invalidator => {
                 let (config, port) = self.invalidator_config(slot);
                 http = Some(port);
-                cmd = Command::new(env!("CARGO_BIN_EXE_invalidator"));
-                cmd.arg("run").arg("--config").arg(config);
-                // Unknown INVALIDATOR_* variables are errors for the binary, and the bench's own
-                // INVALIDATOR_BENCH_PEER_DIR is one; URLs come from the config only.
-                for (name, _) in std::env::vars_os() {
-                    if name.to_string_lossy().starts_with("INVALIDATOR_") {
-                        cmd.env_remove(name);
-                    }
-                }
-                cmd.env_remove("DATABASE_URL")
-                    .env_remove("REDIS_URL")
-                    .env_remove("RUST_LOG");
+                cmd = invalidator_command(&config);
                 if debug_log {
                     cmd.env("RUST_LOG", "info,invalidator::pipeline=debug")
                         .env("INVALIDATOR_LOG_FORMAT", "json");
@@ -434,6 +436,28 @@ impl Bench {
                 }
             }
         }
+        self.launch(consumer, cmd, log, http)
+    }
+
+    /// Starts `invalidator run` with `config` (its HTTP port `http`), for a section with rules
+    /// and a database of its own; the log is named after `slot`.
+    fn spawn_invalidator(&self, slot: &str, config: &Path, http: u16) -> Result<Proc, String> {
+        let log = self
+            .work
+            .path()
+            .join(format!("{slot}-{}.log", unique_name("run")));
+        let cmd = invalidator_command(config);
+        self.launch(Consumer::Invalidator, cmd, log, Some(http))
+    }
+
+    /// Spawns `cmd` for `consumer` with its stderr in `log`.
+    fn launch(
+        &self,
+        consumer: Consumer,
+        mut cmd: Command,
+        log: PathBuf,
+        http: Option<u16>,
+    ) -> Result<Proc, String> {
         let stderr = std::fs::File::create(&log).map_err(|e| format!("create {log:?}: {e}"))?;
         let child = cmd
             .stdin(Stdio::null())
@@ -454,6 +478,23 @@ impl Bench {
     fn redis(&self) -> MultiplexedConnection {
         self.redis_con.clone()
     }
+}
+
+/// `invalidator run --config <config>` with none of the caller's INVALIDATOR_* variables:
+/// unknown ones are errors for the binary, and the bench's own INVALIDATOR_BENCH_PEER_DIR is
+/// one; URLs come from the config only.
+fn invalidator_command(config: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_invalidator"));
+    cmd.arg("run").arg("--config").arg(config);
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("INVALIDATOR_") {
+            cmd.env_remove(name);
+        }
+    }
+    cmd.env_remove("DATABASE_URL")
+        .env_remove("REDIS_URL")
+        .env_remove("RUST_LOG");
+    cmd
 }
 
 /// Connects to Postgres and drives the connection in the background.

@@ -34,3 +34,4 @@ mod tls;
 mod two_phase;
 mod unknown_names;
 mod wait;
+mod walk;

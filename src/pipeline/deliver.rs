@@ -7,8 +7,9 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::{Batch, Committed, Position, Sink, backoff};
-use crate::change::{TableName, unix_micros};
+use super::flights::{Flight, Flights};
+use super::{Batch, Committed, Finish, Position, Sink, backoff};
+use crate::change::TableName;
 use crate::redis::{DeleteError, DeleteStats, Deleter};
 use crate::rules::Invalidation;
 use crate::telemetry::{self, Health};
@@ -70,6 +71,11 @@ impl Sink for Deleter {
         Deleter::delete(self, &batch.inv.keys, &batch.inv.patterns).await
     }
 
+    async fn start(&mut self, batch: &Batch<'_>) -> Result<Finish<DeleteError>, DeleteError> {
+        let resolution = Deleter::start(self, &batch.inv.keys, &batch.inv.patterns).await?;
+        Ok(Box::pin(resolution))
+    }
+
     async fn ping(&mut self) -> Result<(), DeleteError> {
         Deleter::ping(self).await
     }
@@ -77,7 +83,7 @@ impl Sink for Deleter {
 
 /// One batch of a delete loop: a single transaction as received (nothing copied), or several
 /// merged.
-enum Taken<T> {
+pub(super) enum Taken<T> {
     /// The first transaction alone.
     One(T),
     /// Several transactions' invalidations merged, and the tables they changed.
@@ -86,7 +92,7 @@ enum Taken<T> {
 
 impl<T: Queued> Taken<T> {
     /// What the batch deletes.
-    fn inv(&self) -> &Invalidation {
+    pub(super) fn inv(&self) -> &Invalidation {
         match self {
             Taken::One(first) => &first.committed().inv,
             Taken::Merged(inv, _) => inv,
@@ -94,7 +100,7 @@ impl<T: Queued> Taken<T> {
     }
 
     /// The batch as the sink sees it, confirmed at `end`.
-    fn batch(&self, end: Position) -> Batch<'_> {
+    pub(super) fn batch(&self, end: Position) -> Batch<'_> {
         let tables = match self {
             Taken::One(first) => &first.committed().tables,
             Taken::Merged(_, tables) => tables,
@@ -130,23 +136,23 @@ impl<T: Queued> Taken<T> {
 /// labelled `target` when there are several Redis targets.
 pub struct Reporting {
     /// Readiness and lag.
-    health: Arc<Health>,
+    pub(super) health: Arc<Health>,
     /// The target's name when there are several; `None` for the one `[redis] url`.
-    target: Option<String>,
+    pub(super) target: Option<String>,
     /// [`telemetry::KEYS_DELETED_TOTAL`].
-    keys_deleted: metrics::Counter,
+    pub(super) keys_deleted: metrics::Counter,
     /// [`telemetry::PATTERNS_TOTAL`].
-    patterns: metrics::Counter,
+    pub(super) patterns: metrics::Counter,
     /// [`telemetry::SCAN_CALLS_TOTAL`].
-    scan_calls: metrics::Counter,
+    pub(super) scan_calls: metrics::Counter,
     /// [`telemetry::ERRORS_TOTAL`] of kind `redis`.
-    errors: metrics::Counter,
+    pub(super) errors: metrics::Counter,
     /// [`telemetry::TRANSACTIONS_TOTAL`].
-    transactions: metrics::Counter,
+    pub(super) transactions: metrics::Counter,
     /// [`telemetry::BATCH_KEYS`].
-    batch_keys: metrics::Histogram,
+    pub(super) batch_keys: metrics::Histogram,
     /// [`telemetry::COMMIT_TO_DELETE_SECONDS`].
-    delay: metrics::Histogram,
+    pub(super) delay: metrics::Histogram,
 }
 
 impl Reporting {
@@ -204,7 +210,7 @@ impl Reporting {
     }
 
     /// Records the commit time of this target's oldest unconfirmed transaction.
-    fn set_oldest_unconfirmed(&self, commit_time_us: Option<i64>) {
+    pub(super) fn set_oldest_unconfirmed(&self, commit_time_us: Option<i64>) {
         match &self.target {
             None => self.health.set_oldest_unconfirmed(commit_time_us),
             Some(name) => self
@@ -225,11 +231,19 @@ pub async fn deliver<K: Sink, T: Queued>(
 ) -> Result<(), K::Error> {
     let mut ping = tokio::time::interval(Duration::from_secs(5));
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut flights = Flights::new(max_batch_keys);
     loop {
         let first = tokio::select! {
             biased;
-            _ = cancel.cancelled() => return Ok(()),
-            next = queue.recv() => match next {
+            _ = cancel.cancelled() => return flights.land_all(&mut sink, &confirmed, report).await,
+            outcome = flights.landed() => {
+                let empty = queue.is_empty();
+                if !flights.land(outcome, &mut sink, &confirmed, report, empty, &cancel).await? {
+                    return Ok(());
+                }
+                continue;
+            }
+            next = queue.recv(), if !flights.is_full() => match next {
                 Some(committed) => committed,
                 None => return Ok(()),
             },
@@ -244,7 +258,9 @@ pub async fn deliver<K: Sink, T: Queued>(
         };
         // The queue is in commit order: the first is the oldest unconfirmed transaction.
         let head = first.committed();
-        report.set_oldest_unconfirmed(Some(head.commit_time_us));
+        if flights.is_empty() {
+            report.set_oldest_unconfirmed(Some(head.commit_time_us));
+        }
         // Latency first: the batch is what is already waiting, never a wait for more.
         let mut end = head.position();
         let mut commits = vec![(head.end_lsn, head.commit_time_us)];
@@ -263,53 +279,38 @@ pub async fn deliver<K: Sink, T: Queued>(
         if !batch.inv().is_empty() {
             report.batch_keys.record(batch.inv().len() as f64);
         }
-        if !delete_with_retry(&mut sink, &batch.batch(end), report, &cancel).await? {
+        let Some(finish) = delete_with_retry(&mut sink, &batch.batch(end), report, &cancel).await?
+        else {
             return Ok(());
-        }
-        drop(batch);
-        if queue.is_empty() {
-            // Otherwise the next batch, taken at once, records its own.
-            report.set_oldest_unconfirmed(None);
-        }
-        confirmed.send_if_modified(|c| {
-            let advance = end > *c;
-            if advance {
-                *c = end;
-            }
-            advance
+        };
+        flights.push(Flight {
+            end,
+            commits,
+            batch,
+            finish,
         });
-        // After the acknowledgement is on its way, so measuring never delays it.
-        let now = unix_micros();
-        for &(lsn, commit_time_us) in &commits {
-            let delay_us = (now - commit_time_us).max(0);
-            report.delay.record(delay_us as f64 / 1e6);
-            tracing::debug!(%lsn, target = report.target.as_deref(),
-                commit_to_confirmed_us = delay_us, "transaction confirmed");
-        }
-        report.transactions.increment(commits.len() as u64);
     }
 }
 
-/// Deletes until Redis confirms. `Ok(false)`: shutdown came while Redis was failing, so nothing
-/// may be acknowledged.
-async fn delete_with_retry<K: Sink>(
+/// Starts the delete until Redis takes it. `Ok(None)`: shutdown came while Redis was failing,
+/// so nothing may be acknowledged.
+pub(super) async fn delete_with_retry<K: Sink>(
     sink: &mut K,
     batch: &Batch<'_>,
     report: &Reporting,
     cancel: &CancellationToken,
-) -> Result<bool, K::Error> {
+) -> Result<Option<Finish<K::Error>>, K::Error> {
     if batch.inv.is_empty() {
-        return Ok(true);
+        return Ok(Some(Box::pin(std::future::ready(Ok(
+            DeleteStats::default(),
+        )))));
     }
     let mut delays = backoff();
     loop {
-        match sink.delete(batch).await {
-            Ok(stats) => {
+        match sink.start(batch).await {
+            Ok(finish) => {
                 report.set_redis(None);
-                report.keys_deleted.increment(stats.keys_deleted);
-                report.patterns.increment(stats.patterns_scanned);
-                report.scan_calls.increment(stats.scan_calls);
-                return Ok(true);
+                return Ok(Some(finish));
             }
             Err(e) if K::is_transient(&e) => {
                 report.errors.increment(1);
@@ -320,7 +321,7 @@ async fn delete_with_retry<K: Sink>(
                     "redis delete failed; not acknowledging");
                 tokio::select! {
                     biased;
-                    _ = cancel.cancelled() => return Ok(false),
+                    _ = cancel.cancelled() => return Ok(None),
                     _ = tokio::time::sleep(delay) => {}
                     // A long backoff should not outlast the outage: retry as soon as Redis
                     // answers again.

@@ -20,12 +20,14 @@
 //! walsender neither times out nor races ahead.
 
 mod deliver;
+mod flights;
 mod source_loop;
 #[cfg(test)]
 mod tests;
 mod visibility;
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -67,12 +69,28 @@ pub trait Sink: Send + 'static {
         batch: &Batch<'_>,
     ) -> impl Future<Output = Result<DeleteStats, Self::Error>> + Send;
 
+    /// Starts deleting and returns what finishes it, so the delete loop takes the next batch
+    /// while this one's patterns are still being resolved (see [`crate::redis::Resolution`]);
+    /// batches are confirmed in order as they finish. The default deletes everything here.
+    fn start(
+        &mut self,
+        batch: &Batch<'_>,
+    ) -> impl Future<Output = Result<Finish<Self::Error>, Self::Error>> + Send {
+        async move {
+            let stats = self.delete(batch).await?;
+            Ok(Box::pin(std::future::ready(Ok(stats))) as Finish<Self::Error>)
+        }
+    }
+
     /// Checks that Redis answers, so readiness is right while no change flows.
     fn ping(&mut self) -> impl Future<Output = Result<(), Self::Error>> + Send;
 
     /// Whether retrying the failed call can succeed.
     fn is_transient(error: &Self::Error) -> bool;
 }
+
+/// The rest of a started delete (see [`Sink::start`]).
+pub type Finish<E> = Pin<Box<dyn Future<Output = Result<DeleteStats, E>> + Send>>;
 
 /// A confirmed position in one history of the server. `history` counts the times the sidecar
 /// started over (a lost slot, a restore, a failover): an LSN of an earlier history says nothing

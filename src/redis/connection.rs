@@ -258,6 +258,33 @@ impl Connection {
         })))
     }
 
+    /// A second connection with the same settings, opened at its first request: the shared
+    /// walk's own, so that its long SCAN walks and reconnects never stall the literal deletes.
+    pub(super) fn duplicate(&self) -> Connection {
+        match self {
+            Connection::Single(single) => Connection::Single(Box::new(Single {
+                client: single.client.clone(),
+                config: single.config.clone(),
+                // A lazy manager fails only on settings that already worked; sharing the open
+                // one is the fallback that still works.
+                manager: ConnectionManager::new_lazy_with_config(
+                    single.client.clone(),
+                    single.config.clone(),
+                )
+                .unwrap_or_else(|_| single.manager.clone()),
+            })),
+            Connection::Cluster(cluster) => Connection::Cluster(Box::new(Cluster {
+                client: cluster.client.clone(),
+                connection: None,
+                seed_url: cluster.seed_url.clone(),
+                options: cluster.options.clone(),
+                certificates: cluster.certificates.clone(),
+                known: cluster.known.clone(),
+                reseed: cluster.reseed,
+            })),
+        }
+    }
+
     /// Whether this is a cluster connection (configured or detected).
     pub(super) fn is_cluster(&self) -> bool {
         matches!(self, Connection::Cluster(_))
@@ -444,19 +471,24 @@ impl Handle {
             scan.arg("MATCH").arg(pattern);
         }
         scan.arg("COUNT").arg(SCAN_COUNT);
+        Ok(::redis::from_redis_value(self.on_node(node, scan).await?)?)
+    }
+
+    /// Runs `command` on `node` itself (not routed by key): for SCAN, INFO and the cluster's
+    /// per-node commands.
+    pub(super) async fn on_node(&mut self, node: &Node, command: Cmd) -> RedisResult<Value> {
         match (self, node) {
             (Handle::Cluster(connection), Node::Primary { host, port, .. }) => {
                 let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
                     host: host.clone(),
                     port: *port,
                 });
-                let reply = connection.route_command(scan, routing).await?;
-                Ok(::redis::from_redis_value(reply)?)
+                connection.route_command(command, routing).await
             }
-            (Handle::Single(manager), _) => scan.query_async(manager).await,
+            (Handle::Single(manager), _) => command.query_async(manager).await,
             (Handle::Cluster(_), Node::Only) => Err(::redis::RedisError::from((
                 ::redis::ErrorKind::Client,
-                "a cluster SCAN needs a primary to run on",
+                "a cluster command needs a primary to run on",
             ))),
         }
     }

@@ -35,6 +35,13 @@ pub enum DeleteError {
         /// Replicas wanted.
         wanted: u32,
     },
+    /// The shared walk's task stopped before it answered (it panicked): the patterns are not
+    /// known to be deleted and are handed to a new walk.
+    #[error("redis {target}: the shared SCAN walk stopped")]
+    WalkStopped {
+        /// The URL with its password hidden.
+        target: String,
+    },
 }
 
 impl DeleteError {
@@ -47,6 +54,7 @@ impl DeleteError {
             DeleteError::Redis { source, .. } => is_transient(source),
             // Replicas catch up or come back; a replica that never does is for the alerts.
             DeleteError::NotReplicated { .. } => true,
+            DeleteError::WalkStopped { .. } => true,
         }
     }
 }

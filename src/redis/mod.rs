@@ -10,9 +10,11 @@ mod error;
 pub mod library;
 mod plan;
 pub mod slot;
+mod walk;
 
 pub use self::error::DeleteError;
 pub use self::plan::SHARED_PASS_THRESHOLD;
+pub use self::walk::Resolution;
 
 use self::connection::{Connection, Handle, Node};
 use crate::redact::redact;
@@ -114,6 +116,8 @@ pub struct Deleter {
     /// timeout if that is shorter, so a missing replica is a clear "not replicated" rather than
     /// a timed-out request.
     wait_timeout_ms: u64,
+    /// The shared walk that [`Deleter::start`] hands patterns to, started with the first.
+    walk: Option<walk::Walk>,
 }
 
 impl fmt::Debug for Deleter {
@@ -146,6 +150,7 @@ impl Deleter {
             wait_timeout_ms: (options.response_timeout / 2)
                 .min(Duration::from_secs(1))
                 .as_millis() as u64,
+            walk: None,
         })
     }
 
@@ -232,6 +237,35 @@ impl Deleter {
         Ok(stats)
     }
 
+    /// Deletes the literal `keys` now and hands `patterns` to the shared walk (see
+    /// [`walk`](self::walk)): the [`Resolution`] resolves once their keys are deleted too. A
+    /// pattern joins the walk where it is, so patterns that arrive while others are pending
+    /// share its pass instead of each walking the keyspace. On error nothing was handed over and
+    /// the call is safe to repeat.
+    pub async fn start(
+        &mut self,
+        keys: &HashSet<String>,
+        patterns: &HashSet<String>,
+    ) -> Result<Resolution, DeleteError> {
+        let literal = self.delete(keys, &HashSet::new()).await?;
+        let patterns = walk::coalesced(patterns);
+        if patterns.is_empty() {
+            return Ok(Resolution::done(literal));
+        }
+        let walk = self.walk.get_or_insert_with(|| {
+            walk::Walk::spawn(
+                self.connection.duplicate(),
+                walk::Settings {
+                    target: self.target.clone(),
+                    seed_host: self.seed_host.clone(),
+                    wait_replicas: self.wait_replicas,
+                    wait_timeout_ms: self.wait_timeout_ms,
+                },
+            )
+        });
+        Ok(walk.join(patterns, literal))
+    }
+
     /// Wraps a driver error and, when it is transient, replaces the connection so the next call
     /// starts on a fresh one.
     fn failed(&mut self, action: &'static str, source: ::redis::RedisError) -> DeleteError {
@@ -253,27 +287,28 @@ impl Deleter {
 /// [`slot::pattern_slot`]) goes only to the primary that owns that slot. A slot that no primary
 /// claims (a cluster being set up) sends its pattern everywhere, as if it had no tag.
 fn walks<'n>(patterns: &[&str], nodes: &'n [Node]) -> Vec<(&'n Node, Vec<plan::ScanPass>)> {
-    let cluster = nodes.len() > 1 || nodes.iter().any(|n| matches!(n, Node::Primary { .. }));
     nodes
         .iter()
         .filter_map(|node| {
             let mine: Vec<&str> = patterns
                 .iter()
                 .copied()
-                .filter(|pattern| {
-                    let slot = cluster.then(|| slot::pattern_slot(pattern.as_bytes()));
-                    match slot.flatten() {
-                        Some(slot) => {
-                            node.owns(slot) || !nodes.iter().any(|other| other.owns(slot))
-                        }
-                        None => true,
-                    }
-                })
+                .filter(|pattern| walks_on(pattern, node, nodes))
                 .collect();
             let passes = plan::passes(&mine, crate::glob::matches);
             (!passes.is_empty()).then_some((node, passes))
         })
         .collect()
+}
+
+/// Whether `node`, one of `nodes`, must be walked for `pattern` (see [`walks`]).
+fn walks_on(pattern: &str, node: &Node, nodes: &[Node]) -> bool {
+    let cluster = nodes.len() > 1 || nodes.iter().any(|n| matches!(n, Node::Primary { .. }));
+    let slot = cluster.then(|| slot::pattern_slot(pattern.as_bytes()));
+    match slot.flatten() {
+        Some(slot) => node.owns(slot) || !nodes.iter().any(|other| other.owns(slot)),
+        None => true,
+    }
 }
 
 /// Walks `node` with SCAN for each of `passes` and unlinks the wanted keys in full UNLINK chunks:

@@ -119,10 +119,21 @@ pub fn passes(patterns: &[&str], matcher: GlobMatcher) -> Vec<ScanPass> {
             })
             .collect();
     }
-    let common = common_prefix(patterns.iter().map(|p| literal_prefix(p.as_bytes())));
-    // Every pattern begins with `common` literally, so `common*` returns a superset of the
-    // matches; an empty prefix would make MATCH `*`, which only costs comparisons.
-    let match_arg = (!common.is_empty()).then(|| [common, b"*"].concat());
+    vec![shared_pass(patterns, matcher)]
+}
+
+/// One pass for all of `patterns` (coalesced or not), filtered on the client with `matcher`;
+/// a lone pattern is its own MATCH, so the server sends back only its matches.
+pub fn shared_pass(patterns: &[&str], matcher: GlobMatcher) -> ScanPass {
+    let match_arg = match patterns {
+        [one] => Some(one.as_bytes().to_vec()),
+        _ => {
+            let common = common_prefix(patterns.iter().map(|p| literal_prefix(p.as_bytes())));
+            // Every pattern begins with `common` literally, so `common*` returns a superset of
+            // the matches; an empty prefix would make MATCH `*`, which only costs comparisons.
+            (!common.is_empty()).then(|| [common, b"*"].concat())
+        }
+    };
     let mut prefixes = Vec::new();
     let mut globs = Vec::new();
     for pattern in patterns {
@@ -131,14 +142,14 @@ pub fn passes(patterns: &[&str], matcher: GlobMatcher) -> Vec<ScanPass> {
             None => globs.push(pattern.as_bytes().to_vec()),
         }
     }
-    vec![ScanPass {
+    ScanPass {
         match_arg,
         filter: Some(KeyFilter {
             prefixes: prefix_free(prefixes),
             globs,
             matcher,
         }),
-    }]
+    }
 }
 
 /// For a pattern of the form `L*` with no glob byte in `L`, returns `L`.
