@@ -22,7 +22,8 @@
 //! - [`config`]: the TOML file and environment overrides, validated; opens no connections.
 //! - [`endpoint`]: a Postgres URL as the connections read it and CA files, below both `config`
 //!   and the connections.
-//! - [`error`]: the one place that says what a Postgres error code means for retrying.
+//! - [`error`]: the one place that says what a Postgres failure means for the run (reconnect,
+//!   wait as a standby, stop): the SQLSTATE table and the [`error::Classify`] trait.
 //! - [`glob`]: Redis glob patterns: the matcher, escaping, literal prefixes.
 //! - [`pgoutput`]: decode (and, for tests, encode) pgoutput protocol v1 messages; no I/O.
 //! - [`rules`]: load and compile `rules/*.toml`, plan a change into keys and patterns; no I/O.

@@ -16,6 +16,7 @@ use crate::change::Lsn;
 use crate::check;
 use crate::config::{Config, Mode, PRIMARY_TARGET};
 use crate::dry_run::LogDeletes;
+use crate::error::{Classify, Verdict};
 use crate::pipeline::{self, Links};
 use crate::redact::redact;
 use crate::redis::{DeleteError, Deleter, DeleterOptions};
@@ -267,9 +268,11 @@ async fn read_until_stopped(
                 _ = deleter_done.cancelled() => return Ok(()),
                 waited = wait_as_standby(config, &health) => match waited {
                     Ok(()) => continue,
-                    Err(Failure::Permanent(message)) => return Err(RunError::Postgres(message)),
-                    Err(Failure::UnknownNames(unknown)) => return Err(unknown.into()),
-                    Err(Failure::Transient { reason, .. }) => {
+                    Err(failure) if failure.verdict() == Verdict::Stop => {
+                        return Err(failure.stopped());
+                    }
+                    Err(failure) => {
+                        let reason = telemetry::chain(&failure);
                         metrics::counter!(telemetry::ERRORS_TOTAL, "kind" => "postgres")
                             .increment(1);
                         tracing::warn!(error = %reason, postgres = %redact(&config.postgres.url),
@@ -312,29 +315,24 @@ async fn after_attempt(
             health.set_source(Some("the server ended the replication stream".to_owned()));
             Next::Reconnect
         }
-        Err(Failure::Permanent(message)) => Next::Stop(Err(RunError::Postgres(
-            explain_refusal(config, message).await,
-        ))),
-        Err(Failure::UnknownNames(unknown)) => Next::Stop(Err(unknown.into())),
-        Err(Failure::Transient {
-            reason,
-            standby: true,
-        }) => {
-            health.set_source(Some(format!("standby: {reason}")));
-            Next::Standby
-        }
-        Err(Failure::Transient {
-            reason,
-            standby: false,
-        }) => {
-            metrics::counter!(telemetry::ERRORS_TOTAL, "kind" => "postgres").increment(1);
-            // The server by name (its password hidden): an i/o error alone does not say which
-            // of several hosts, or which of several databases, failed.
-            tracing::warn!(error = %reason, postgres = %redact(&config.postgres.url),
-                mode = ?config.postgres.mode, "postgres source interrupted; reconnecting");
-            health.set_source(Some(reason));
-            Next::Reconnect
-        }
+        Err(failure) => match failure.verdict() {
+            Verdict::Stop => Next::Stop(Err(explain_refusal(config, failure.stopped()).await)),
+            Verdict::Standby => {
+                let reason = telemetry::chain(&failure);
+                health.set_source(Some(format!("standby: {reason}")));
+                Next::Standby
+            }
+            Verdict::Reconnect => {
+                let reason = telemetry::chain(&failure);
+                metrics::counter!(telemetry::ERRORS_TOTAL, "kind" => "postgres").increment(1);
+                // The server by name (its password hidden): an i/o error alone does not say which
+                // of several hosts, or which of several databases, failed.
+                tracing::warn!(error = %reason, postgres = %redact(&config.postgres.url),
+                    mode = ?config.postgres.mode, "postgres source interrupted; reconnecting");
+                health.set_source(Some(reason));
+                Next::Reconnect
+            }
+        },
     }
 }
 
@@ -446,47 +444,73 @@ enum Streamed {
     Ended,
 }
 
-/// How one connection's stream failed.
+/// How one connection's attempt failed, as the error it was: [`after_attempt`] decides from its
+/// [`Verdict`].
+#[derive(Debug, thiserror::Error)]
 enum Failure {
-    /// Worth retrying; `standby` when another instance holds the slot.
-    Transient { reason: String, standby: bool },
-    /// Not worth retrying.
-    Permanent(String),
-    /// The rules name tables or columns the database lacks: not worth retrying either.
-    UnknownNames(check::UnknownNames),
+    /// Setup or a catalog query.
+    #[error(transparent)]
+    Setup(#[from] SetupError),
+    /// The replication connection.
+    #[error(transparent)]
+    Replication(#[from] ReplicationError),
+    /// An ordinary connection could not be opened.
+    #[error(transparent)]
+    Connect(#[from] connect::ConnectError),
+    /// The outbox reader.
+    #[error(transparent)]
+    Notify(#[from] NotifyError),
+    /// The replication source.
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    /// The rules name tables or columns the database lacks.
+    #[error(transparent)]
+    UnknownNames(#[from] check::UnknownNames),
+    /// Another instance holds the slot (notify mode: the reader lock).
+    #[error("{0}")]
+    Held(String),
+    /// `postgres.url` does not parse.
+    #[error("invalid postgres url: {0}")]
+    Url(tokio_postgres::Error),
+    /// Notify mode: `run` applies no DDL, and what `setup` would do is not done.
+    #[error(
+        "notify mode is not set up or out of date (setup would: {}); run `invalidator setup`",
+        .0.join("; ")
+    )]
+    NotSetUp(Vec<String>),
+    /// A dry run found no publication to read, and creates nothing.
+    #[error(
+        "dry run: publication {0} does not exist and a dry run creates nothing; run \
+         `invalidator setup` first"
+    )]
+    NoPublication(String),
 }
 
-impl From<SetupError> for Failure {
-    fn from(e: SetupError) -> Self {
-        classify(e.is_transient(), telemetry::chain(&e), None)
+/// The errors it carries say their own verdict; run's own conditions are said here.
+impl Classify for Failure {
+    fn verdict(&self) -> Verdict {
+        match self {
+            Failure::Setup(e) => e.verdict(),
+            Failure::Replication(e) => e.verdict(),
+            Failure::Connect(e) => e.verdict(),
+            Failure::Notify(e) => e.verdict(),
+            Failure::Source(e) => e.verdict(),
+            Failure::Held(_) => Verdict::Standby,
+            Failure::UnknownNames(_)
+            | Failure::Url(_)
+            | Failure::NotSetUp(_)
+            | Failure::NoPublication(_) => Verdict::Stop,
+        }
     }
 }
 
-impl From<ReplicationError> for Failure {
-    fn from(e: ReplicationError) -> Self {
-        classify(e.is_transient(), telemetry::chain(&e), e.code())
-    }
-}
-
-impl From<connect::ConnectError> for Failure {
-    fn from(e: connect::ConnectError) -> Self {
-        classify(e.is_transient(), telemetry::chain(&e), None)
-    }
-}
-
-impl From<NotifyError> for Failure {
-    fn from(e: NotifyError) -> Self {
-        classify(e.is_transient(), telemetry::chain(&e), None)
-    }
-}
-
-impl From<SourceError> for Failure {
-    fn from(e: SourceError) -> Self {
-        let code = match &e {
-            SourceError::Replication(r) => r.code(),
-            SourceError::Ancestry { .. } | SourceError::Decode { .. } => None,
-        };
-        classify(e.is_transient(), telemetry::chain(&e), code)
+impl Failure {
+    /// The run's error once this failure stops it.
+    fn stopped(self) -> RunError {
+        match self {
+            Failure::UnknownNames(unknown) => unknown.into(),
+            other => RunError::Postgres(telemetry::chain(&other)),
+        }
     }
 }
 
@@ -499,24 +523,27 @@ async fn check_names(db: &mut impl setup::Sql, rules: &RuleSet) -> Result<(), Fa
     if unknown.is_empty() {
         return Ok(());
     }
-    Err(Failure::UnknownNames(check::UnknownNames(unknown)))
+    Err(check::UnknownNames(unknown).into())
 }
 
-/// A permanent failure in replication mode, said in terms of its cause when the server's
-/// `output_plugin_libraries` does not allow pgoutput: the server's own answer is a bare
+/// A failure that stops the run in replication mode, said in terms of its cause when the
+/// server's `output_plugin_libraries` does not allow pgoutput: the server's own answer is a bare
 /// "permission denied" (42501) on slot creation or START_REPLICATION. Asked only once the run
-/// gives up, over an ordinary connection; when that cannot answer, `message` stands as it is.
-async fn explain_refusal(config: &Config, message: String) -> String {
+/// gives up, over an ordinary connection; when that cannot answer, the error stands as it is.
+async fn explain_refusal(config: &Config, error: RunError) -> RunError {
+    let RunError::Postgres(message) = error else {
+        return error;
+    };
     if config.postgres.mode != Mode::Replication {
-        return message;
+        return RunError::Postgres(message);
     }
     let Ok(mut client) = connect::connect(&config.postgres).await else {
-        return message;
+        return RunError::Postgres(message);
     };
-    match setup::plugin_allowlist(&mut client).await {
+    RunError::Postgres(match setup::plugin_allowlist(&mut client).await {
         Ok(list) => with_refusal(message, list.as_ref()),
         Err(_) => message,
-    }
+    })
 }
 
 /// `message` led by the refusal of `list` when there is one (see [`explain_refusal`]).
@@ -527,18 +554,6 @@ fn with_refusal(message: String, list: Option<&setup::PluginAllowlist>) -> Strin
             refusal.problem, refusal.fix
         ),
         None => message,
-    }
-}
-
-/// The one place that turns an error into "retry" or "give up".
-fn classify(transient: bool, reason: String, code: Option<&str>) -> Failure {
-    if transient {
-        Failure::Transient {
-            reason,
-            standby: crate::error::means_standby(code),
-        }
-    } else {
-        Failure::Permanent(reason)
     }
 }
 

@@ -10,6 +10,7 @@ use std::collections::BTreeSet;
 use std::future::Future;
 
 use crate::change::{Lsn, Op, TableName};
+use crate::error::{Classify, Verdict};
 use crate::rules::RuleSet;
 use crate::source::history::NewHistory;
 use crate::source::replication::{ReplicationClient, ReplicationError};
@@ -133,21 +134,20 @@ pub enum SetupError {
     Unexpected(String),
 }
 
-impl SetupError {
-    /// Whether trying again later can help.
-    pub fn is_transient(&self) -> bool {
+/// What the catalog says about our objects stays so until a person acts; a surprising answer
+/// reconnects.
+impl Classify for SetupError {
+    fn verdict(&self) -> Verdict {
         match self {
-            SetupError::Replication(e) => e.is_transient(),
-            SetupError::Postgres(e) => e
-                .as_db_error()
-                .is_none_or(|db| crate::error::transient_sqlstate(db.code().code())),
+            SetupError::Replication(e) => e.verdict(),
+            SetupError::Postgres(e) => e.verdict(),
             SetupError::MissingTables(_)
             | SetupError::MissingColumns(_)
             | SetupError::Hidden(_)
             | SetupError::BadSlot { .. }
             | SetupError::UntrustedSchema { .. }
-            | SetupError::UntrustedPublication { .. } => false,
-            SetupError::Unexpected(_) => true,
+            | SetupError::UntrustedPublication { .. } => Verdict::Stop,
+            SetupError::Unexpected(_) => Verdict::Reconnect,
         }
     }
 }
