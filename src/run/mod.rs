@@ -58,18 +58,24 @@ pub enum RunError {
     UnknownNames(#[from] check::UnknownNames),
 }
 
-/// Runs the sidecar until `cancel` fires (then finishes the batch in flight, acknowledges it
+/// Runs the sidecar until `shutdown` fires (then finishes the batch in flight, acknowledges it
 /// and returns `Ok`), or until a permanent error. With `dry_run`, see [`crate::dry_run`]: it
 /// logs what it would delete, deletes nothing, needs no Redis and never moves the real slot.
+///
+/// `shutdown` is the root of the run's one tree of tokens: HTTP stops on its child, and the
+/// pipeline (source loop and delete loop) on another, which also fires when the delete loop
+/// ends or the source gives up, so one side never runs on without the other; the rules
+/// watcher is the pipeline's child.
 pub async fn run(
     config: Config,
     rules: Arc<RuleSet>,
     dry_run: bool,
-    cancel: CancellationToken,
+    shutdown: CancellationToken,
 ) -> Result<(), RunError> {
     let health = Health::new();
-    let http_cancel = CancellationToken::new();
-    let http = serve_http(&config, &health, dry_run, &http_cancel).await?;
+    let http_stop = shutdown.child_token();
+    let pipeline_stop = shutdown.child_token();
+    let http = serve_http(&config, &health, dry_run, &http_stop).await?;
     tracing::info!(
         postgres = %redact(&config.postgres.url),
         redis = %redact(&config.redis_url),
@@ -88,30 +94,34 @@ pub async fn run(
 
     let (queue_tx, queue_rx) = mpsc::channel(pipeline::QUEUE_DEPTH);
     let (confirmed_tx, confirmed_rx) = watch::channel(pipeline::Position::default());
-    let deleter_done = CancellationToken::new();
-    let loops = (cancel.clone(), deleter_done.clone());
-    let delete_loop = spawn_delete_loop(&config, &health, dry_run, loops, queue_rx, confirmed_tx);
+    let delete_loop = spawn_delete_loop(
+        &config,
+        &health,
+        dry_run,
+        &pipeline_stop,
+        queue_rx,
+        confirmed_tx,
+    );
     let Some(delete_loop) = delete_loop.await? else {
-        http_cancel.cancel();
+        http_stop.cancel();
         return Ok(());
     };
     let links = Links {
         queue: queue_tx,
         confirmed: confirmed_rx,
-        cancel: cancel.clone(),
+        cancel: pipeline_stop.clone(),
         last_queued: Lsn(0),
         history: 0,
         invalidate_prefixes: config.invalidate.prefixes.clone().into(),
     };
     let (rules_tx, rules_rx) = watch::channel(rules);
-    let reload_cancel = CancellationToken::new();
     let reloader = Reloader {
         path: config.rules_path.clone(),
         postgres: config.postgres.clone(),
         dry_run,
         updates: rules_tx,
     };
-    let watcher = tokio::spawn(reload::watch_rules(reloader, reload_cancel.clone()));
+    let watcher = tokio::spawn(reload::watch_rules(reloader, pipeline_stop.child_token()));
     let mut session = Session {
         config: &config,
         live: LiveRules::watching(rules_rx),
@@ -122,15 +132,14 @@ pub async fn run(
         progress: notify::Progress::default(),
         dry_run,
     };
-    let source_result = read_until_stopped(&mut session, &deleter_done).await;
+    let source_result = read_until_stopped(&mut session, &pipeline_stop).await;
     // The source stopped: make sure the delete loop stops too, then collect its verdict.
-    cancel.cancel();
-    reload_cancel.cancel();
+    pipeline_stop.cancel();
     let _ = watcher.await;
     let deleted = delete_loop
         .await
         .unwrap_or_else(|e| panic!("delete loop panicked: {e}"));
-    http_cancel.cancel();
+    http_stop.cancel();
     if let Some(http) = http {
         let _ = http.await;
     }
@@ -169,25 +178,24 @@ async fn serve_http(
 }
 
 /// The delete loop's task, with its sink picked: the dry run's log, several Redis targets, or
-/// the one Redis (connected first; `None` on shutdown before it answered). `loops` is the
-/// shutdown token and the token the task fires when it ends.
+/// the one Redis (connected first; `None` on shutdown before it answered). It stops when `stop`
+/// fires, and fires it when it ends, whatever the reason.
 async fn spawn_delete_loop(
     config: &Config,
     health: &Arc<Health>,
     dry_run: bool,
-    (cancel, done): (CancellationToken, CancellationToken),
+    stop: &CancellationToken,
     queue: mpsc::Receiver<pipeline::Committed>,
     confirmed: watch::Sender<pipeline::Position>,
 ) -> Result<Option<DeleteLoop>, RunError> {
     let health = health.clone();
     let max = config.pipeline.max_batch_keys;
     let options = DeleterOptions::from_config(&config.redis)?;
+    let cancel = stop.clone();
     let task = if dry_run {
-        tokio::spawn(async move {
-            let result =
-                pipeline::run_deleter(LogDeletes, queue, confirmed, health, max, cancel).await;
-            done.cancel();
-            result.map_err(|never| match never {})
+        let deleted = pipeline::run_deleter(LogDeletes, queue, confirmed, health, max, cancel);
+        stopping(stop, async move {
+            deleted.await.map_err(|never| match never {})
         })
     } else if !config.redis_targets.is_empty() {
         let named = std::iter::once((PRIMARY_TARGET.to_owned(), config.redis_url.clone())).chain(
@@ -209,40 +217,49 @@ async fn spawn_delete_loop(
                 }
             })
             .collect();
-        tokio::spawn(async move {
-            let result = targets::run_targets(targets, queue, confirmed, health, max, cancel).await;
-            done.cancel();
-            result
-        })
+        let deleted = targets::run_targets(targets, queue, confirmed, health, max, cancel);
+        stopping(stop, deleted)
     } else {
         let Some(deleter) =
             connect_redis(&config.redis_url, &options, &health, None, &cancel).await?
         else {
             return Ok(None);
         };
-        tokio::spawn(async move {
-            let result =
-                pipeline::run_deleter(deleter, queue, confirmed, health, max, cancel).await;
-            done.cancel();
-            result
-        })
+        stopping(
+            stop,
+            pipeline::run_deleter(deleter, queue, confirmed, health, max, cancel),
+        )
     };
     Ok(Some(task))
+}
+
+/// Spawns the delete loop `deleting`, firing `stop` once it has ended.
+fn stopping(
+    stop: &CancellationToken,
+    deleting: impl Future<Output = Result<(), DeleteError>> + Send + 'static,
+) -> DeleteLoop {
+    let stop = stop.clone();
+    tokio::spawn(async move {
+        let result = deleting.await;
+        stop.cancel();
+        result
+    })
 }
 
 /// The delete loop's task: its verdict once it stops.
 type DeleteLoop = tokio::task::JoinHandle<Result<(), DeleteError>>;
 
 /// Reads from the source of the configured mode, reconnecting with backoff (a standby waits for
-/// the holder instead), until the delete loop stops or a permanent failure.
+/// the holder instead), until `stop` fires (shutdown, or the delete loop ended) or a permanent
+/// failure.
 async fn read_until_stopped(
     session: &mut Session<'_>,
-    deleter_done: &CancellationToken,
+    stop: &CancellationToken,
 ) -> Result<(), RunError> {
     let (config, dry_run, health) = (session.config, session.dry_run, session.health.clone());
     let mut delays = pipeline::backoff();
     loop {
-        if deleter_done.is_cancelled() {
+        if stop.is_cancelled() {
             return Ok(());
         }
         let mut streamed = false;
@@ -265,7 +282,7 @@ async fn read_until_stopped(
         if let Next::Standby = next {
             tokio::select! {
                 biased;
-                _ = deleter_done.cancelled() => return Ok(()),
+                _ = stop.cancelled() => return Ok(()),
                 waited = wait_as_standby(config, &health) => match waited {
                     Ok(()) => continue,
                     Err(failure) if failure.verdict() == Verdict::Stop => {
@@ -286,7 +303,7 @@ async fn read_until_stopped(
         let delay = delays.next().unwrap_or(std::time::Duration::from_secs(10));
         tokio::select! {
             biased;
-            _ = deleter_done.cancelled() => return Ok(()),
+            _ = stop.cancelled() => return Ok(()),
             _ = tokio::time::sleep(delay) => {}
         }
     }
