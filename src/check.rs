@@ -19,6 +19,7 @@ use serde_json::json;
 use crate::change::TableName;
 use crate::config::PostgresConfig;
 use crate::rules::{Rule, RuleErrors, RuleSet};
+use crate::source::connect::ConnectError;
 use crate::source::setup::{SetupError, Sql};
 
 mod analysis;
@@ -428,6 +429,32 @@ pub async fn check(
     let mut findings = analysis::findings(rules);
     findings.extend(database::findings(db, rules, postgres).await?);
     Ok(Report::new(findings))
+}
+
+/// Why `check` could not check against the database.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    /// No ordinary connection.
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    /// A catalog query failed.
+    #[error(transparent)]
+    Setup(#[from] SetupError),
+}
+
+/// `invalidator check`: the rules-only checks when `offline`, else every check against the
+/// database of `postgres`; with what the report was checked against, for its last line.
+pub async fn run(
+    postgres: &PostgresConfig,
+    rules: &RuleSet,
+    offline: bool,
+) -> Result<(Report, &'static str), CheckError> {
+    if offline {
+        return Ok((self::offline(rules), "checked offline"));
+    }
+    let mut db = crate::source::connect::connect(postgres).await?;
+    let report = check(&mut db, rules, postgres).await?;
+    Ok((report, "checked against the database"))
 }
 
 /// The rules' tables that do not exist, and the rules naming a column (in a placeholder or in

@@ -43,6 +43,8 @@
 //! - [`dry_run`]: `run --dry-run`: the sink that logs what would be deleted, and the temporary
 //!   slot it reads from.
 //! - [`check`], [`explain`]: the developer commands, on the same compiled rules as `run`.
+//! - [`setup`]: the `setup` command: what the mode needs for these rules, planned by `source`'s
+//!   setup and `invalidate`, and doing it; [`status`]: how far behind the slot or the outbox is.
 //! - [`init`]: a starter configuration and rules file for an existing database.
 //! - [`teardown`]: removes what setup made, in Postgres and Redis.
 //! - [`telemetry`]: metric names and the HTTP endpoints.
@@ -63,7 +65,9 @@ pub mod redis;
 pub mod reload;
 pub mod rules;
 pub mod run;
+pub mod setup;
 pub mod source;
+pub mod status;
 pub mod targets;
 pub mod teardown;
 pub mod telemetry;

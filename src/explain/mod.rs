@@ -7,6 +7,8 @@
 //! also planned on its own, so the output says which rule produced which key, and why a rule
 //! did not fire.
 
+pub mod command;
+
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::sync::Arc;
