@@ -100,6 +100,14 @@ pub(super) struct Origins {
 }
 
 impl Origins {
+    /// The error that the value of `key` is bad, naming where it came from.
+    pub(super) fn invalid(&self, key: &str, message: String) -> ConfigError {
+        ConfigError::Invalid {
+            origin: self.of(key),
+            message,
+        }
+    }
+
     /// Where the value of `key` came from, for an error about it.
     pub(super) fn of(&self, key: &str) -> String {
         match self.env.get(key) {

@@ -5,75 +5,11 @@ use super::env::Origins;
 use super::*;
 
 pub(super) fn validate(raw: RawConfig, origins: &Origins) -> Result<Config, ConfigError> {
-    let file = &origins.file;
-    let invalid = |key: &str, message: String| ConfigError::Invalid {
-        origin: origins.of(key),
-        message,
-    };
-    let mode = match raw.postgres.mode.as_deref().unwrap_or("replication") {
-        "replication" => Mode::Replication,
-        "notify" => Mode::Notify,
-        other => {
-            return Err(invalid(
-                "postgres.mode",
-                format!("unknown mode {other:?}: expected \"replication\" or \"notify\""),
-            ));
-        }
-    };
-    let slot = raw
-        .postgres
-        .slot
-        .unwrap_or_else(|| "invalidator".to_owned());
-    let publication = raw
-        .postgres
-        .publication
-        .unwrap_or_else(|| "invalidator".to_owned());
-    for (key, name) in [
-        ("postgres.slot", &slot),
-        ("postgres.publication", &publication),
-    ] {
-        if !is_identifier(name) {
-            return Err(invalid(
-                key,
-                format!("{name:?} is not a valid name: use 1-63 of a-z, 0-9 and _"),
-            ));
-        }
-    }
-    let url = raw
-        .postgres
-        .url
-        .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
-    if let Err(e) = crate::endpoint::parse_url(&url) {
-        return Err(invalid(
-            "postgres.url",
-            format!("{} is not a valid Postgres URL: {e}", redact(&url)),
-        ));
-    }
-    if let Some(ca) = &raw.postgres.ca_file {
-        crate::endpoint::load_ca_file(ca).map_err(|e| invalid("postgres.ca_file", e))?;
-    }
-    let redis_url = raw
-        .redis
-        .url
-        .unwrap_or_else(|| "redis://127.0.0.1:6379/0".to_owned());
-    if !is_redis_url(&redis_url) {
-        return Err(invalid(
-            "redis.url",
-            format!(
-                "{} is not a Redis URL: expected redis://, rediss:// or unix://",
-                redact(&redis_url)
-            ),
-        ));
-    }
-    let redis = RedisConnectConfig {
-        cluster: raw.redis.cluster,
-        ca_file: raw.redis.ca_file,
-        tls_cert_file: raw.redis.tls_cert_file,
-        tls_key_file: raw.redis.tls_key_file,
-        wait_replicas: raw.redis.wait_replicas.unwrap_or(0),
-    };
-    validate_redis_tls(&redis, &redis_url).map_err(|(key, message)| invalid(key, message))?;
-    let redis_targets = validate_targets(raw.redis.targets, file)?;
+    let invalid = |key: &str, message: String| origins.invalid(key, message);
+    // Section by section, in this order: the first bad value is the one reported.
+    let postgres = postgres(raw.postgres, origins)?;
+    let (redis_url, redis) = redis(&raw.redis, origins)?;
+    let redis_targets = validate_targets(raw.redis.targets, &origins.file)?;
     let listen = raw
         .http
         .listen
@@ -91,23 +27,124 @@ pub(super) fn validate(raw: RawConfig, origins: &Origins) -> Result<Config, Conf
         .unwrap_or("auto")
         .parse()
         .map_err(|message| invalid("log.format", message))?;
-    let max_batch_keys = raw.pipeline.max_batch_keys.unwrap_or(10_000);
+    let pipeline = pipeline(&raw.pipeline, origins)?;
+    let invalidate = invalidate(raw.invalidate, origins)?;
+    Ok(Config {
+        invalidate,
+        postgres,
+        redis_url,
+        redis_targets,
+        rules_path: raw.rules.path.unwrap_or_else(|| PathBuf::from("rules")),
+        http_listen,
+        pipeline,
+        log: LogConfig {
+            format,
+            level: raw.log.level.unwrap_or_else(|| "info".to_owned()),
+        },
+        redis,
+        file: origins.read.then(|| origins.file.clone()),
+    })
+}
+
+/// `[postgres]`: the mode, the slot's and publication's names, the URL and the CA file.
+fn postgres(raw: RawPostgres, origins: &Origins) -> Result<PostgresConfig, ConfigError> {
+    let invalid = |key: &str, message: String| origins.invalid(key, message);
+    let mode = match raw.mode.as_deref().unwrap_or("replication") {
+        "replication" => Mode::Replication,
+        "notify" => Mode::Notify,
+        other => {
+            return Err(invalid(
+                "postgres.mode",
+                format!("unknown mode {other:?}: expected \"replication\" or \"notify\""),
+            ));
+        }
+    };
+    let slot = raw.slot.unwrap_or_else(|| "invalidator".to_owned());
+    let publication = raw.publication.unwrap_or_else(|| "invalidator".to_owned());
+    for (key, name) in [
+        ("postgres.slot", &slot),
+        ("postgres.publication", &publication),
+    ] {
+        if !is_identifier(name) {
+            return Err(invalid(
+                key,
+                format!("{name:?} is not a valid name: use 1-63 of a-z, 0-9 and _"),
+            ));
+        }
+    }
+    let url = raw
+        .url
+        .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
+    if let Err(e) = crate::endpoint::parse_url(&url) {
+        return Err(invalid(
+            "postgres.url",
+            format!("{} is not a valid Postgres URL: {e}", redact(&url)),
+        ));
+    }
+    if let Some(ca) = &raw.ca_file {
+        crate::endpoint::load_ca_file(ca).map_err(|e| invalid("postgres.ca_file", e))?;
+    }
+    Ok(PostgresConfig {
+        url,
+        mode,
+        slot,
+        publication,
+        flush_on_slot_loss: raw.flush_on_slot_loss.unwrap_or(true),
+        ca_file: raw.ca_file,
+    })
+}
+
+/// `[redis]` without its targets: the URL and how to connect (cluster, TLS, replicas to wait for).
+fn redis(raw: &RawRedis, origins: &Origins) -> Result<(String, RedisConnectConfig), ConfigError> {
+    let invalid = |key: &str, message: String| origins.invalid(key, message);
+    let redis_url = raw
+        .url
+        .clone()
+        .unwrap_or_else(|| "redis://127.0.0.1:6379/0".to_owned());
+    if !is_redis_url(&redis_url) {
+        return Err(invalid(
+            "redis.url",
+            format!(
+                "{} is not a Redis URL: expected redis://, rediss:// or unix://",
+                redact(&redis_url)
+            ),
+        ));
+    }
+    let redis = RedisConnectConfig {
+        cluster: raw.cluster,
+        ca_file: raw.ca_file.clone(),
+        tls_cert_file: raw.tls_cert_file.clone(),
+        tls_key_file: raw.tls_key_file.clone(),
+        wait_replicas: raw.wait_replicas.unwrap_or(0),
+    };
+    validate_redis_tls(&redis, &redis_url).map_err(|(key, message)| invalid(key, message))?;
+    Ok((redis_url, redis))
+}
+
+/// `[pipeline]`: batch and transaction limits of at least one key, and the status interval.
+fn pipeline(raw: &RawPipeline, origins: &Origins) -> Result<PipelineConfig, ConfigError> {
+    let at_least_one = |key: &str| origins.invalid(key, "must be at least 1".to_owned());
+    let max_batch_keys = raw.max_batch_keys.unwrap_or(10_000);
     if max_batch_keys == 0 {
-        return Err(invalid(
-            "pipeline.max_batch_keys",
-            "must be at least 1".to_owned(),
-        ));
+        return Err(at_least_one("pipeline.max_batch_keys"));
     }
-    let max_transaction_keys = raw.pipeline.max_transaction_keys.unwrap_or(100_000);
+    let max_transaction_keys = raw.max_transaction_keys.unwrap_or(100_000);
     if max_transaction_keys == 0 {
-        return Err(invalid(
-            "pipeline.max_transaction_keys",
-            "must be at least 1".to_owned(),
-        ));
+        return Err(at_least_one("pipeline.max_transaction_keys"));
     }
+    Ok(PipelineConfig {
+        max_batch_keys,
+        status_interval: Duration::from_millis(raw.status_interval_ms.unwrap_or(10_000).max(100)),
+        max_transaction_keys,
+    })
+}
+
+/// `[invalidate]`: role names (never PUBLIC) and key prefixes (never empty).
+fn invalidate(raw: RawInvalidate, origins: &Origins) -> Result<InvalidateConfig, ConfigError> {
+    let invalid = |key: &str, message: String| origins.invalid(key, message);
     let invalidate = InvalidateConfig {
-        roles: raw.invalidate.roles.unwrap_or_default(),
-        prefixes: raw.invalidate.prefixes.unwrap_or_default(),
+        roles: raw.roles.unwrap_or_default(),
+        prefixes: raw.prefixes.unwrap_or_default(),
     };
     if let Some(role) = invalidate
         .roles
@@ -125,34 +162,7 @@ pub(super) fn validate(raw: RawConfig, origins: &Origins) -> Result<Config, Conf
             "an empty prefix would allow every key: name the start of the keys".to_owned(),
         ));
     }
-    Ok(Config {
-        invalidate,
-        postgres: PostgresConfig {
-            url,
-            mode,
-            slot,
-            publication,
-            flush_on_slot_loss: raw.postgres.flush_on_slot_loss.unwrap_or(true),
-            ca_file: raw.postgres.ca_file,
-        },
-        redis_url,
-        redis_targets,
-        rules_path: raw.rules.path.unwrap_or_else(|| PathBuf::from("rules")),
-        http_listen,
-        pipeline: PipelineConfig {
-            max_batch_keys,
-            status_interval: Duration::from_millis(
-                raw.pipeline.status_interval_ms.unwrap_or(10_000).max(100),
-            ),
-            max_transaction_keys,
-        },
-        log: LogConfig {
-            format,
-            level: raw.log.level.unwrap_or_else(|| "info".to_owned()),
-        },
-        redis,
-        file: origins.read.then(|| file.clone()),
-    })
+    Ok(invalidate)
 }
 
 /// Checks the `[redis]` TLS files (each readable and holding what it should, the certificate

@@ -76,22 +76,7 @@ pub async fn run(
     let http_stop = shutdown.child_token();
     let pipeline_stop = shutdown.child_token();
     let http = serve_http(&config, &health, dry_run, &http_stop).await?;
-    tracing::info!(
-        postgres = %redact(&config.postgres.url),
-        redis = %redact(&config.redis_url),
-        redis_targets = %config
-            .redis_targets
-            .iter()
-            .map(|t| format!("{}={}", t.name, redact(&t.url)))
-            .collect::<Vec<_>>()
-            .join(","),
-        http = %config.http_listen,
-        tables = rules.tables().count(),
-        rules = rules.rules().len(),
-        dry_run,
-        "starting"
-    );
-
+    log_start(&config, &rules, dry_run);
     let (queue_tx, queue_rx) = mpsc::channel(pipeline::QUEUE_DEPTH);
     let (confirmed_tx, confirmed_rx) = watch::channel(pipeline::Position::default());
     let delete_loop = spawn_delete_loop(
@@ -147,6 +132,25 @@ pub async fn run(
     deleted?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The first line of a run: where it reads and deletes (passwords hidden), and what it watches.
+fn log_start(config: &Config, rules: &RuleSet, dry_run: bool) {
+    tracing::info!(
+        postgres = %redact(&config.postgres.url),
+        redis = %redact(&config.redis_url),
+        redis_targets = %config
+            .redis_targets
+            .iter()
+            .map(|t| format!("{}={}", t.name, redact(&t.url)))
+            .collect::<Vec<_>>()
+            .join(","),
+        http = %config.http_listen,
+        tables = rules.tables().count(),
+        rules = rules.rules().len(),
+        dry_run,
+        "starting"
+    );
 }
 
 /// Serves `/metrics`, `/healthz` and `/readyz` until `cancel` fires; `None` when a dry run
