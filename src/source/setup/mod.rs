@@ -305,24 +305,7 @@ pub async fn plan(
         return Err(SetupError::MissingTables(missing));
     }
     let mut plan = Plan::default();
-    let (publication_existed, action) = publication_action(db, tables, publication).await?;
-    let marked = if publication_existed {
-        marked_not_created(db, publication, slot).await?
-    } else {
-        true
-    };
-    if let Some(mut action) = action {
-        if !publication_existed {
-            // One simple query is one transaction: the publication never exists unmarked.
-            action.sql = format!(
-                "{}; COMMENT ON PUBLICATION {} IS {}",
-                action.sql,
-                quote_ident(publication),
-                quote_literal(&not_created_yet(slot))
-            );
-        }
-        plan.actions.push(action);
-    }
+    let marked = plan_publication(db, tables, publication, slot, &mut plan).await?;
     let unmark = Action {
         why: format!("mark publication {publication} as created by invalidator, its slot now made"),
         sql: format!(
@@ -336,27 +319,15 @@ pub async fn plan(
         sql: format!("SELECT pg_drop_replication_slot({})", quote_literal(slot)),
     };
     let info = slot_info(db, slot).await?;
+    if let Some(info) = &info {
+        refuse_foreign_slot(slot, info)?;
+    }
     let reset = match &info {
         None => match history {
             Some(history) => Some(SlotReset::NewHistory(history)),
             None if marked => None,
             None => Some(SlotReset::Dropped),
         },
-        Some(info) if info.plugin.as_deref() != Some("pgoutput") => {
-            return Err(SetupError::BadSlot {
-                slot: slot.to_owned(),
-                problem: format!(
-                    "uses plugin {:?}, not pgoutput; drop it or choose another slot name",
-                    info.plugin.clone().unwrap_or_default()
-                ),
-            });
-        }
-        Some(info) if !info.same_database => {
-            return Err(SetupError::BadSlot {
-                slot: slot.to_owned(),
-                problem: "belongs to another database; choose another slot name".to_owned(),
-            });
-        }
         Some(info) if info.wal_status.as_deref() == Some("lost") => {
             plan.actions.push(drop("lost WAL it needed"));
             Some(SlotReset::Lost)
@@ -404,6 +375,55 @@ pub async fn plan(
             ),
         }),
     }
+}
+
+/// Plans the publication's creation (marked "slot not created yet" in the same transaction) or
+/// the tables it lacks; returns whether it is (or will be) marked, so the slot counts as never
+/// made rather than dropped.
+async fn plan_publication(
+    db: &mut impl Sql,
+    tables: &BTreeSet<TableName>,
+    publication: &str,
+    slot: &str,
+    plan: &mut Plan,
+) -> Result<bool, SetupError> {
+    let (publication_existed, action) = publication_action(db, tables, publication).await?;
+    let marked = if publication_existed {
+        marked_not_created(db, publication, slot).await?
+    } else {
+        true
+    };
+    if let Some(mut action) = action {
+        if !publication_existed {
+            // One simple query is one transaction: the publication never exists unmarked.
+            action.sql = format!(
+                "{}; COMMENT ON PUBLICATION {} IS {}",
+                action.sql,
+                quote_ident(publication),
+                quote_literal(&not_created_yet(slot))
+            );
+        }
+        plan.actions.push(action);
+    }
+    Ok(marked)
+}
+
+/// Refuses a slot of another plugin or another database: it is not ours to use or replace.
+fn refuse_foreign_slot(slot: &str, info: &SlotInfo) -> Result<(), SetupError> {
+    let problem = if info.plugin.as_deref() != Some("pgoutput") {
+        format!(
+            "uses plugin {:?}, not pgoutput; drop it or choose another slot name",
+            info.plugin.clone().unwrap_or_default()
+        )
+    } else if !info.same_database {
+        "belongs to another database; choose another slot name".to_owned()
+    } else {
+        return Ok(());
+    };
+    Err(SetupError::BadSlot {
+        slot: slot.to_owned(),
+        problem,
+    })
 }
 
 /// Whether `publication` carries the "slot not created yet" mark for `slot`, and this role
