@@ -210,24 +210,7 @@ pub async fn hidden(
             ),
         });
     }
-    let partitioned: Vec<&TableName> = {
-        let mut found = Vec::new();
-        for table in rules.tables() {
-            let partitioned = flag(
-                db,
-                &format!(
-                    "SELECT relkind = 'p' OR relispartition FROM pg_class \
-                     WHERE oid = to_regclass({})",
-                    quote_literal(&qualified(table))
-                ),
-            )
-            .await?;
-            if partitioned {
-                found.push(table);
-            }
-        }
-        found
-    };
+    let partitioned = partitioned(db, rules).await?;
     if via_root.as_deref() == Some("true") && !partitioned.is_empty() {
         out.push(Hidden {
             table: None,
@@ -243,9 +226,44 @@ pub async fn hidden(
             fix: format!("ALTER PUBLICATION {name} SET (publish_via_partition_root = false);"),
         });
     }
-    if version < 150_000 {
-        return Ok(out);
+    if version >= 150_000 {
+        out.extend(filtered(db, rules, publication).await?);
     }
+    Ok(out)
+}
+
+/// The rules' tables that are partitioned or partitions.
+async fn partitioned<'r>(
+    db: &mut impl Sql,
+    rules: &'r RuleSet,
+) -> Result<Vec<&'r TableName>, SetupError> {
+    let mut found = Vec::new();
+    for table in rules.tables() {
+        let partitioned = flag(
+            db,
+            &format!(
+                "SELECT relkind = 'p' OR relispartition FROM pg_class \
+                 WHERE oid = to_regclass({})",
+                quote_literal(&qualified(table))
+            ),
+        )
+        .await?;
+        if partitioned {
+            found.push(table);
+        }
+    }
+    Ok(found)
+}
+
+/// PostgreSQL 15 and later: the row filters and column lists of `publication` on the rules'
+/// tables (or their partitions or ancestors) that hide changes or columns the rules read.
+async fn filtered(
+    db: &mut impl Sql,
+    rules: &RuleSet,
+    publication: &str,
+) -> Result<Vec<Hidden>, SetupError> {
+    let name = quote_ident(publication);
+    let mut out = Vec::new();
     for table in rules.tables() {
         let oid = format!("to_regclass({})", quote_literal(&qualified(table)));
         let rows = db
