@@ -20,6 +20,7 @@ use crate::change::TableName;
 use crate::config::PostgresConfig;
 use crate::redis::library;
 use crate::rules::{Rule, RuleErrors, RuleSet};
+use crate::source::connect::ConnectError;
 use crate::source::setup::{SetupError, Sql};
 
 mod analysis;
@@ -488,6 +489,42 @@ pub fn library_findings(targets: &[library::Target]) -> Vec<Finding> {
         }
     }
     findings
+}
+
+/// Why `check` could not check against the database.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    /// No ordinary connection.
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    /// A catalog query failed.
+    #[error(transparent)]
+    Setup(#[from] SetupError),
+    /// A Redis refused the connection for good (credentials, settings).
+    #[error(transparent)]
+    Redis(#[from] crate::redis::DeleteError),
+}
+
+/// `invalidator check`: the rules-only checks when `offline`, else every check against the
+/// database and against each Redis's guarded-fill library; with what the report was checked
+/// against, for its last line.
+pub async fn run(
+    config: &crate::config::Config,
+    rules: &RuleSet,
+    offline: bool,
+) -> Result<(Report, &'static str), CheckError> {
+    if offline {
+        return Ok((self::offline(rules), "checked offline"));
+    }
+    let postgres = &config.postgres;
+    let mut db = crate::source::connect::connect(postgres).await?;
+    let report = check(&mut db, rules, postgres).await?;
+    let redis = library::inspect(config).await?;
+    let findings = report.findings.into_iter().chain(library_findings(&redis));
+    Ok((
+        Report::new(findings.collect()),
+        "checked against the database",
+    ))
 }
 
 /// The rules' tables that do not exist, and the rules naming a column (in a placeholder or in

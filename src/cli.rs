@@ -1,20 +1,15 @@
 //! The subcommands (see the README's Commands). Each arm loads what it needs and calls one library function;
 //! `main.rs` turns the outcome into an exit code.
 
-use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use anyhow::Context;
 use clap::{Parser, Subcommand};
-use invalidator::change::{Op, TableName};
+use invalidator::change::Op;
 use invalidator::check;
-use invalidator::config::{Config, LogFormat, Mode};
-use invalidator::explain::OldRow;
-use invalidator::redis::library;
+use invalidator::config::{Config, LogFormat};
 use invalidator::rules::RuleSet;
-use invalidator::source::{invalidate, notify, setup};
 use invalidator::teardown;
 use invalidator::{explain, run};
 use tokio_util::sync::CancellationToken;
@@ -268,30 +263,12 @@ pub async fn execute(command: Command, loaded: Loaded) -> anyhow::Result<ExitCod
         Command::Check {
             offline, format, ..
         } => {
-            let (report, what) = if offline {
-                (check::offline(&rules), "checked offline")
-            } else {
-                let mut db = connect(&config).await?;
-                let mut report = check::check(&mut db, &rules, &config.postgres).await?;
-                let redis = library::inspect(&config).await?;
-                report = check::Report::new(
-                    report
-                        .findings
-                        .into_iter()
-                        .chain(check::library_findings(&redis))
-                        .collect(),
-                );
-                (report, "checked against the database")
-            };
+            let (report, what) = check::run(&config, &rules, offline).await?;
             match format {
                 Format::Human => println!("{}", report.human(&rules, what)),
                 Format::Json => println!("{}", report.to_json()),
             }
-            Ok(if report.ok() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            })
+            Ok(success(report.ok()))
         }
         Command::Explain {
             table,
@@ -303,285 +280,66 @@ pub async fn execute(command: Command, loaded: Loaded) -> anyhow::Result<ExitCod
             format,
             ..
         } => {
-            let rows = Rows {
+            let request = explain::command::Request {
+                table,
+                op,
                 old,
                 new,
                 filter,
                 offline,
             };
-            explain_command(&config, &rules, &table, op, rows, format).await
+            print_explained(
+                explain::command::run(&config, &rules, request).await,
+                format,
+            )
         }
         Command::Setup { dry_run, .. } => {
-            let mut db = connect(&config).await?;
-            setup::refuse_untrusted_schemas(&mut db, config.postgres.mode == Mode::Notify).await?;
-            // Setting up for rules that `run` refuses would only defer the error.
-            let unknown = check::unknown_names(&mut db, &rules).await?;
-            if !unknown.is_empty() {
-                return Err(check::UnknownNames(unknown).into());
-            }
-            // Before anything changes: a Redis that cannot take the library stops setup here.
-            let mut redis = library::inspect(&config).await?;
-            for target in &redis {
-                target.loadable()?;
-            }
-            let mut tables: BTreeSet<TableName> = rules.tables().cloned().collect();
-            if invalidate::has_requests(&mut db).await? {
-                tables.insert(invalidate::requests_table());
-            }
-            let (actions, in_place) = match config.postgres.mode {
-                Mode::Replication => {
-                    let hidden =
-                        setup::hidden(&mut db, &rules, &config.postgres.publication).await?;
-                    let mut actions: Vec<setup::Action> = hidden
-                        .into_iter()
-                        .map(|h| setup::Action {
-                            why: format!("repair: {}", h.problem),
-                            sql: h.fix.trim_end_matches(';').to_owned(),
-                        })
-                        .collect();
-                    actions.extend(
-                        setup::plan(
-                            &mut db,
-                            &tables,
-                            &config.postgres.publication,
-                            &config.postgres.slot,
-                            setup::SlotLoss::Refuse,
-                            None,
-                        )
-                        .await?
-                        .actions,
-                    );
-                    // Only here, not in `run`: its role may lack CREATE on the database.
-                    actions.extend(
-                        invalidate::plan(
-                            &mut db,
-                            Mode::Replication,
-                            false,
-                            &rules,
-                            &config.invalidate,
-                            Some(&config.postgres.publication),
-                        )
-                        .await?,
-                    );
-                    (
-                        actions,
-                        "publication, slot, invalidator.invalidate() and the Redis Functions \
-                         library are in place; nothing to do",
-                    )
-                }
-                Mode::Notify => (
-                    {
-                        let mut actions = setup::notify::plan(&mut db, &rules).await?;
-                        actions.extend(
-                            invalidate::plan(
-                                &mut db,
-                                Mode::Notify,
-                                true,
-                                &rules,
-                                &config.invalidate,
-                                None,
-                            )
-                            .await?,
-                        );
-                        actions
-                    },
-                    "outbox, triggers, invalidator.invalidate() and the Redis Functions \
-                     library are in place; nothing to do",
-                ),
-            };
-            let loaded = redis.iter().all(|t| t.nodes.is_ok());
-            if actions.is_empty() && loaded && !redis.iter().any(library::Target::needs_load) {
-                println!("{in_place}");
-            } else if dry_run {
-                for action in &actions {
-                    println!("-- {}\n{};", action.why, action.sql);
-                }
-            } else {
-                setup::apply(&mut db, &actions).await?;
-                for action in &actions {
-                    println!("done: {}", action.why);
-                }
-                for target in &mut redis {
-                    target.apply().await?;
-                }
-            }
-            for line in redis.iter().flat_map(|target| target.lines(dry_run)) {
-                println!("{line}");
-            }
+            print!(
+                "{}",
+                invalidator::setup::setup(&config, &rules, dry_run).await?
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Teardown { .. } => unreachable!("teardown runs above, without rules"),
-        Command::Status { .. } if config.postgres.mode == Mode::Notify => {
-            let db = connect(&config).await?;
-            let (waiting, oldest) = notify::depth(&db)
-                .await
-                .context("reading invalidator.outbox (run `invalidator setup`)")?;
-            let age = oldest.map_or_else(|| "none".to_owned(), |s| format!("{s:.1} s"));
-            println!("outbox: {waiting} rows waiting, oldest {age}");
-            Ok(ExitCode::SUCCESS)
-        }
         Command::Status { .. } => {
-            let mut db = connect(&config).await?;
-            let slot = &config.postgres.slot;
-            let Some(info) = setup::slot_info(&mut db, slot).await? else {
-                println!("slot {slot}: does not exist (run `invalidator setup`)");
-                return Ok(ExitCode::FAILURE);
-            };
-            let state = match &info.active_pid {
-                Some(pid) if info.active => format!("active (pid {pid})"),
-                _ => "inactive".to_owned(),
-            };
-            let confirmed = info
-                .confirmed_flush
-                .map_or_else(|| "none".to_owned(), |l| l.to_string());
-            let lag = info
-                .lag_bytes
-                .map_or_else(|| "unknown".to_owned(), |b| b.to_string());
-            let wal_status = info.wal_status.unwrap_or_else(|| "unknown".to_owned());
-            println!(
-                "slot {slot}: {state}, confirmed {confirmed}, lag {lag} bytes, wal_status {wal_status}"
-            );
-            Ok(ExitCode::SUCCESS)
+            let status = invalidator::status::status(&config).await?;
+            println!("{status}");
+            Ok(success(status.ok()))
         }
     }
 }
 
-/// `explain`: usage problems (bad JSON, a table no rule watches, flags that do not go
-/// together) exit 2 like unusable rules; a database that cannot answer exits 1.
-async fn explain_command(
-    config: &Config,
-    rules: &RuleSet,
-    table: &str,
-    op: Op,
-    rows: Rows,
+/// Exit 0 for `ok`, else 1.
+fn success(ok: bool) -> ExitCode {
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// Prints what `explain` answered: usage problems (bad JSON, a table no rule watches, flags that
+/// do not go together) exit 2 like unusable rules; a database that cannot answer exits 1.
+fn print_explained(
+    answer: Result<explain::command::Answer, explain::command::CommandError>,
     format: Format,
 ) -> anyhow::Result<ExitCode> {
-    let Rows {
-        old,
-        new,
-        filter,
-        offline,
-    } = rows;
-    let usage = |message: String| {
-        eprintln!("error: {message}");
-        Ok(ExitCode::from(2))
+    let answer = match answer {
+        Ok(answer) => answer,
+        Err(explain::command::CommandError::Usage(message)) => {
+            eprintln!("error: {message}");
+            return Ok(ExitCode::from(2));
+        }
+        Err(e) => return Err(e.into()),
     };
-    let name = match TableName::parse(table) {
-        Ok(name) => name,
-        Err(e) => return usage(format!("--table {table:?}: {e}")),
-    };
-    if !rules.has_table(&name) {
-        let watched: Vec<String> = rules.tables().map(ToString::to_string).collect();
-        return usage(format!(
-            "no rule watches table {name} (tables with rules: {})",
-            watched.join(", ")
-        ));
+    if let Some(warning) = answer.warning {
+        eprintln!("warning: {warning}");
     }
-    let explained = match filter {
-        // Neither has an old row, so what the server sends of one does not matter.
-        None if matches!(op, Op::Insert | Op::Truncate) => {
-            match explain::change(
-                &name,
-                op,
-                None,
-                new.as_deref(),
-                &OldRow::Whole { notify: false },
-            ) {
-                Ok(change) => explain::explain_changes(rules, &name, op, &[change]),
-                Err(e) => return usage(e.to_string()),
-            }
-        }
-        None => {
-            let sent = old_row_sent(config, &name, offline).await;
-            match explain::change(&name, op, old.as_deref(), new.as_deref(), &sent) {
-                Ok(change) => {
-                    let mut explained = explain::explain_changes(rules, &name, op, &[change]);
-                    explained.old_row = Some(sent.describe(&name));
-                    explained
-                }
-                Err(e) => return usage(e.to_string()),
-            }
-        }
-        Some(_) if op == Op::Truncate => {
-            return usage("--where has no meaning for a truncate".to_owned());
-        }
-        Some(_) if offline => {
-            return usage(
-                "--offline and --where do not go together: --where reads the database".to_owned(),
-            );
-        }
-        Some(_) if old.is_some() => {
-            return usage(
-                "--old and --where do not go together: the row read is the old row".to_owned(),
-            );
-        }
-        Some(_) if new.is_some() && op == Op::Delete => {
-            return usage("--new has no meaning for a delete".to_owned());
-        }
-        Some(filter) => {
-            let overlay = match new.as_deref().map(|t| explain::row_from_json("new", t)) {
-                Some(Err(e)) => return usage(e.to_string()),
-                Some(Ok(row)) => Some(row),
-                None => None,
-            };
-            let mut db = connect(config).await?;
-            let fetched =
-                explain::rows_from_database(&mut db, &name, &filter, config.postgres.mode).await?;
-            let changes = explain::changes_from_rows(&name, op, &fetched, overlay.as_ref());
-            let mut explained = explain::explain_changes(rules, &name, op, &changes);
-            if op != Op::Insert {
-                explained.old_row = Some(fetched.old_row.describe(&name));
-            }
-            explained
-        }
-    };
     match format {
-        Format::Human => println!("{}", explained.human()),
-        Format::Json => println!("{}", explained.to_json()),
+        Format::Human => println!("{}", answer.explanation.human()),
+        Format::Json => println!("{}", answer.explanation.to_json()),
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// Where `explain` takes its rows from, as the flags give it.
-struct Rows {
-    /// `--old`.
-    old: Option<String>,
-    /// `--new`.
-    new: Option<String>,
-    /// `--where`.
-    filter: Option<String>,
-    /// `--offline`.
-    offline: bool,
-}
-
-/// What the server sends of `table`'s old rows, for `explain` of JSON rows: notify mode's
-/// triggers send them whole; in replication mode the table's REPLICA IDENTITY decides, read
-/// from the database unless `offline`. A database that cannot answer makes it an assumption,
-/// which the output states, rather than an error: the rules can still be explained.
-async fn old_row_sent(config: &Config, table: &TableName, offline: bool) -> OldRow {
-    if config.postgres.mode == Mode::Notify {
-        return OldRow::Whole { notify: true };
-    }
-    if offline {
-        return OldRow::Assumed("--offline".to_owned());
-    }
-    let mut db = match connect(config).await {
-        Ok(db) => db,
-        Err(e) => {
-            eprintln!("warning: explaining without the database: {e}");
-            return OldRow::Assumed(format!("the database could not be reached: {e}"));
-        }
-    };
-    match setup::table_info(&mut db, table).await {
-        Ok(Some(info)) => OldRow::of(config.postgres.mode, &info),
-        Ok(None) => OldRow::Assumed(format!("{table} does not exist in the database")),
-        Err(e) => OldRow::Assumed(format!("its catalog could not be read: {e}")),
-    }
-}
-
-/// An ordinary (non-replication) connection for setup, check and status.
-async fn connect(config: &Config) -> anyhow::Result<tokio_postgres::Client> {
-    Ok(invalidator::source::connect::connect(&config.postgres).await?)
 }
 
 /// Fires `cancel` on the first SIGTERM or SIGINT.

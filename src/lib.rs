@@ -22,7 +22,8 @@
 //! - [`config`]: the TOML file and environment overrides, validated; opens no connections.
 //! - [`endpoint`]: a Postgres URL as the connections read it and CA files, below both `config`
 //!   and the connections.
-//! - [`error`]: the one place that says what a Postgres error code means for retrying.
+//! - [`error`]: the one place that says what a Postgres failure means for the run (reconnect,
+//!   wait as a standby, stop): the SQLSTATE table and the [`error::Classify`] trait.
 //! - [`glob`]: Redis glob patterns: the matcher, escaping, literal prefixes.
 //! - [`pgoutput`]: decode (and, for tests, encode) pgoutput protocol v1 messages; no I/O.
 //! - [`rules`]: load and compile `rules/*.toml`, plan a change into keys and patterns; no I/O.
@@ -42,6 +43,8 @@
 //! - [`dry_run`]: `run --dry-run`: the sink that logs what would be deleted, and the temporary
 //!   slot it reads from.
 //! - [`check`], [`explain`]: the developer commands, on the same compiled rules as `run`.
+//! - [`setup`]: the `setup` command: what the mode needs for these rules, planned by `source`'s
+//!   setup and `invalidate`, and doing it; [`status`]: how far behind the slot or the outbox is.
 //! - [`init`]: a starter configuration and rules file for an existing database.
 //! - [`teardown`]: removes what setup made, in Postgres and Redis.
 //! - [`telemetry`]: metric names and the HTTP endpoints.
@@ -62,7 +65,9 @@ pub mod redis;
 pub mod reload;
 pub mod rules;
 pub mod run;
+pub mod setup;
 pub mod source;
+pub mod status;
 pub mod targets;
 pub mod teardown;
 pub mod telemetry;

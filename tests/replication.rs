@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use invalidator::change::Lsn;
+use invalidator::error::Classify;
 use invalidator::source::replication::{
     ReplicationClient, ReplicationError, ReplicationMessage, ReplicationStream,
 };

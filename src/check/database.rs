@@ -398,82 +398,8 @@ async fn publication(
         present.iter().cloned().collect()
     };
     if !lacking.is_empty() {
-        // Creating or extending a publication needs ownership of each table (and of the
-        // publication, or CREATE on the database to create it).
-        let mut may = if exists {
-            owns_publication
-        } else {
-            setup::flag(
-                db,
-                "SELECT has_database_privilege(current_database(), 'CREATE') OR \
-                 (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)",
-            )
-            .await?
-        };
-        for table in &lacking {
-            may &= setup::flag(
-                db,
-                &format!(
-                    "SELECT pg_has_role(relowner, 'USAGE') FROM pg_class \
-                     WHERE oid = to_regclass({})",
-                    quote_literal(&qualified(table))
-                ),
-            )
-            .await?;
-        }
-        let names: Vec<String> = lacking.iter().map(qualified).collect();
-        let (message, sql, verb) = if exists {
-            (
-                format!(
-                    "publication {name} lacks {}: their changes are not streamed",
-                    lacking
-                        .iter()
-                        .map(ToString::to_string)
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-                format!(
-                    "ALTER PUBLICATION {} ADD TABLE {};",
-                    quote_ident(name),
-                    names.join(", ")
-                ),
-                "adds them",
-            )
-        } else {
-            (
-                format!("publication {name} does not exist yet"),
-                format!(
-                    "CREATE PUBLICATION {} FOR TABLE {};",
-                    quote_ident(name),
-                    names.join(", ")
-                ),
-                "creates it",
-            )
-        };
-        if may {
-            out.push(Finding::general(
-                Severity::Warning,
-                Kind::Publication,
-                None,
-                format!(
-                    "{message}: `invalidator run` {verb} at start (this role may), or run \
-                     `invalidator setup` now"
-                ),
-                sql,
-            ));
-        } else {
-            out.push(Finding::general(
-                Severity::Error,
-                Kind::Publication,
-                None,
-                format!(
-                    "{message}, and this role cannot change that (it needs to own the tables{}), \
-                     so `invalidator run` would stop at start",
-                    if exists { " and the publication" } else { "" }
-                ),
-                format!("as the tables' owner: {sql} (or `invalidator setup` as the owner)"),
-            ));
-        }
+        let may = may_publish(db, exists, owns_publication, &lacking).await?;
+        out.push(lacking_finding(name, exists, &lacking, may));
     }
     // Partitions are published under their own names (publish_via_partition_root = false),
     // so every partition of a rule's table, present or future, is streamed and fires its rules.
@@ -490,6 +416,96 @@ async fn publication(
         ));
     }
     Ok(())
+}
+
+/// Whether this role may create (`exists` false) or extend the publication with `lacking`: it
+/// needs to own each table, and the publication, or CREATE on the database to create it.
+async fn may_publish(
+    db: &mut impl Sql,
+    exists: bool,
+    owns_publication: bool,
+    lacking: &[TableName],
+) -> Result<bool, SetupError> {
+    let mut may = if exists {
+        owns_publication
+    } else {
+        setup::flag(
+            db,
+            "SELECT has_database_privilege(current_database(), 'CREATE') OR \
+             (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)",
+        )
+        .await?
+    };
+    for table in lacking {
+        may &= setup::flag(
+            db,
+            &format!(
+                "SELECT pg_has_role(relowner, 'USAGE') FROM pg_class \
+                 WHERE oid = to_regclass({})",
+                quote_literal(&qualified(table))
+            ),
+        )
+        .await?;
+    }
+    Ok(may)
+}
+
+/// The finding that the publication `name` lacks tables (or does not exist), a warning when
+/// `run` may repair it and an error when it may not.
+fn lacking_finding(name: &str, exists: bool, lacking: &[TableName], may: bool) -> Finding {
+    let names: Vec<String> = lacking.iter().map(qualified).collect();
+    let (message, sql, verb) = if exists {
+        (
+            format!(
+                "publication {name} lacks {}: their changes are not streamed",
+                lacking
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            format!(
+                "ALTER PUBLICATION {} ADD TABLE {};",
+                quote_ident(name),
+                names.join(", ")
+            ),
+            "adds them",
+        )
+    } else {
+        (
+            format!("publication {name} does not exist yet"),
+            format!(
+                "CREATE PUBLICATION {} FOR TABLE {};",
+                quote_ident(name),
+                names.join(", ")
+            ),
+            "creates it",
+        )
+    };
+    if may {
+        Finding::general(
+            Severity::Warning,
+            Kind::Publication,
+            None,
+            format!(
+                "{message}: `invalidator run` {verb} at start (this role may), or run \
+                 `invalidator setup` now"
+            ),
+            sql,
+        )
+    } else {
+        Finding::general(
+            Severity::Error,
+            Kind::Publication,
+            None,
+            format!(
+                "{message}, and this role cannot change that (it needs to own the tables{}), \
+                 so `invalidator run` would stop at start",
+                if exists { " and the publication" } else { "" }
+            ),
+            format!("as the tables' owner: {sql} (or `invalidator setup` as the owner)"),
+        )
+    }
 }
 
 /// What notify mode's setup lacks: `run` refuses to start until `invalidator setup` applied it.

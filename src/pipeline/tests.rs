@@ -830,7 +830,11 @@ async fn hostile_wal_is_an_error_and_never_acknowledges_past_it() {
         let end = h.source.await.unwrap();
         match end {
             Err(e @ SourceError::Decode { .. }) => {
-                assert!(e.is_transient(), "{what}: a decode error must reconnect");
+                assert_eq!(
+                    crate::error::Classify::verdict(&e),
+                    crate::error::Verdict::Reconnect,
+                    "{what}: a decode error must reconnect"
+                );
                 assert!(e.to_string().contains("0/180"), "{what}: {e}");
             }
             other => panic!("{what}: expected a decode error, got {other:?}"),

@@ -257,48 +257,8 @@ fn compile_rule(
         }
     };
 
-    let mut ops = Vec::new();
-    let mut ops_complete = true;
-    match &raw.on {
-        None => ops.extend(Op::ALL),
-        Some(on) if on.get_ref().is_empty() => {
-            ops_complete = false;
-            report(on.span(), RuleErrorKind::EmptyOn);
-        }
-        Some(on) => {
-            for entry in on.get_ref() {
-                match entry.get_ref().parse::<Op>() {
-                    Ok(op) => ops.push(op),
-                    Err(_) => {
-                        ops_complete = false;
-                        let op = entry.get_ref().clone();
-                        report(entry.span(), RuleErrorKind::UnknownOp { op });
-                    }
-                }
-            }
-        }
-    }
-    ops.sort();
-    ops.dedup();
-
-    let mut changed = Vec::new();
-    if let Some(list) = &raw.changed {
-        if list.get_ref().is_empty() {
-            report(list.span(), RuleErrorKind::EmptyChanged);
-        }
-        // With a broken `on` we cannot tell whether updates were meant; its error says enough.
-        if ops_complete && !ops.contains(&Op::Update) {
-            report(list.span(), RuleErrorKind::ChangedWithoutUpdate);
-        }
-        for entry in list.get_ref() {
-            if let Some(column) = parse_column(entry.get_ref()) {
-                changed.push(column);
-            } else {
-                let column = entry.get_ref().clone();
-                report(entry.span(), RuleErrorKind::InvalidChangedColumn { column });
-            }
-        }
-    }
+    let (ops, ops_complete) = compile_ops(raw.on.as_ref(), &mut report);
+    let changed = compile_changed(raw.changed.as_ref(), &ops, ops_complete, &mut report);
 
     let mut templates = Vec::new();
     if raw.keys.get_ref().is_empty() {
@@ -324,6 +284,67 @@ fn compile_rule(
             templates,
         ));
     }
+}
+
+/// The rule's `on` (every operation when absent), sorted; `false` with it when an entry was
+/// reported, so later checks that depend on it stay quiet.
+fn compile_ops(
+    on: Option<&Spanned<Vec<Spanned<String>>>>,
+    report: &mut impl FnMut(Range<usize>, RuleErrorKind),
+) -> (Vec<Op>, bool) {
+    let mut ops = Vec::new();
+    let mut ops_complete = true;
+    match on {
+        None => ops.extend(Op::ALL),
+        Some(on) if on.get_ref().is_empty() => {
+            ops_complete = false;
+            report(on.span(), RuleErrorKind::EmptyOn);
+        }
+        Some(on) => {
+            for entry in on.get_ref() {
+                match entry.get_ref().parse::<Op>() {
+                    Ok(op) => ops.push(op),
+                    Err(_) => {
+                        ops_complete = false;
+                        let op = entry.get_ref().clone();
+                        report(entry.span(), RuleErrorKind::UnknownOp { op });
+                    }
+                }
+            }
+        }
+    }
+    ops.sort();
+    ops.dedup();
+    (ops, ops_complete)
+}
+
+/// The rule's `changed` columns, each reported when it is not a column name, and the list when
+/// it is empty or the rule does not fire on updates.
+fn compile_changed(
+    changed: Option<&Spanned<Vec<Spanned<String>>>>,
+    ops: &[Op],
+    ops_complete: bool,
+    report: &mut impl FnMut(Range<usize>, RuleErrorKind),
+) -> Vec<String> {
+    let mut columns = Vec::new();
+    if let Some(list) = changed {
+        if list.get_ref().is_empty() {
+            report(list.span(), RuleErrorKind::EmptyChanged);
+        }
+        // With a broken `on` we cannot tell whether updates were meant; its error says enough.
+        if ops_complete && !ops.contains(&Op::Update) {
+            report(list.span(), RuleErrorKind::ChangedWithoutUpdate);
+        }
+        for entry in list.get_ref() {
+            if let Some(column) = parse_column(entry.get_ref()) {
+                columns.push(column);
+            } else {
+                let column = entry.get_ref().clone();
+                report(entry.span(), RuleErrorKind::InvalidChangedColumn { column });
+            }
+        }
+    }
+    columns
 }
 
 #[cfg(test)]

@@ -16,6 +16,7 @@ use crate::change::Lsn;
 use crate::check;
 use crate::config::{Config, Mode, PRIMARY_TARGET};
 use crate::dry_run::LogDeletes;
+use crate::error::{Classify, Verdict};
 use crate::pipeline::{self, Links};
 use crate::redact::redact;
 use crate::redis::{DeleteError, Deleter, DeleterOptions};
@@ -58,18 +59,94 @@ pub enum RunError {
     UnknownNames(#[from] check::UnknownNames),
 }
 
-/// Runs the sidecar until `cancel` fires (then finishes the batch in flight, acknowledges it
+/// Runs the sidecar until `shutdown` fires (then finishes the batch in flight, acknowledges it
 /// and returns `Ok`), or until a permanent error. With `dry_run`, see [`crate::dry_run`]: it
 /// logs what it would delete, deletes nothing, needs no Redis and never moves the real slot.
+///
+/// `shutdown` is the root of the run's one tree of tokens: HTTP stops on its child, and the
+/// pipeline (source loop and delete loop) on another, which also fires when the delete loop
+/// ends or the source gives up, so one side never runs on without the other; the rules
+/// watcher is the pipeline's child.
 pub async fn run(
     config: Config,
     rules: Arc<RuleSet>,
     dry_run: bool,
-    cancel: CancellationToken,
+    shutdown: CancellationToken,
 ) -> Result<(), RunError> {
     let health = Health::new();
-    let http_cancel = CancellationToken::new();
-    let http = serve_http(&config, &health, dry_run, &http_cancel).await?;
+    let http_stop = shutdown.child_token();
+    let pipeline_stop = shutdown.child_token();
+    let http = serve_http(&config, &health, dry_run, &http_stop).await?;
+    log_start(&config, &rules, dry_run);
+    let (queue_tx, queue_rx) = mpsc::channel(pipeline::QUEUE_DEPTH);
+    // Deletes wait until their transactions are visible to new snapshots; the outbox is read
+    // through a snapshot, so notify mode's already are, and a dry run deletes nothing.
+    let gate =
+        config.postgres.mode == Mode::Replication && !dry_run && config.pipeline.wait_visible;
+    let queue_rx = if gate {
+        let visible = Gate::new(config.postgres.clone());
+        pipeline::gated(queue_rx, visible, pipeline_stop.child_token())
+    } else {
+        queue_rx
+    };
+    let (confirmed_tx, confirmed_rx) = watch::channel(pipeline::Position::default());
+    let delete_loop = spawn_delete_loop(
+        &config,
+        &health,
+        dry_run,
+        &pipeline_stop,
+        queue_rx,
+        confirmed_tx,
+    );
+    let Some(delete_loop) = delete_loop.await? else {
+        http_stop.cancel();
+        return Ok(());
+    };
+    let links = Links {
+        queue: queue_tx,
+        confirmed: confirmed_rx,
+        cancel: pipeline_stop.clone(),
+        last_queued: Lsn(0),
+        history: 0,
+        invalidate_prefixes: config.invalidate.prefixes.clone().into(),
+    };
+    let (rules_tx, rules_rx) = watch::channel(rules);
+    let reloader = Reloader {
+        path: config.rules_path.clone(),
+        postgres: config.postgres.clone(),
+        dry_run,
+        updates: rules_tx,
+    };
+    let watcher = tokio::spawn(reload::watch_rules(reloader, pipeline_stop.child_token()));
+    let mut session = Session {
+        config: &config,
+        live: LiveRules::watching(rules_rx),
+        links,
+        health: health.clone(),
+        wal: WalProgress::default(),
+        seen: None,
+        progress: notify::Progress::default(),
+        dry_run,
+    };
+    let source_result = read_until_stopped(&mut session, &pipeline_stop).await;
+    // The source stopped: make sure the delete loop stops too, then collect its verdict.
+    pipeline_stop.cancel();
+    let _ = watcher.await;
+    let deleted = delete_loop
+        .await
+        .unwrap_or_else(|e| panic!("delete loop panicked: {e}"));
+    http_stop.cancel();
+    if let Some(http) = http {
+        let _ = http.await;
+    }
+    source_result?;
+    deleted?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// The first line of a run: where it reads and deletes (passwords hidden), and what it watches.
+fn log_start(config: &Config, rules: &RuleSet, dry_run: bool) {
     tracing::info!(
         postgres = %redact(&config.postgres.url),
         redis = %redact(&config.redis_url),
@@ -85,68 +162,6 @@ pub async fn run(
         dry_run,
         "starting"
     );
-
-    let (queue_tx, queue_rx) = mpsc::channel(pipeline::QUEUE_DEPTH);
-    // Deletes wait until their transactions are visible to new snapshots; the outbox is read
-    // through a snapshot, so notify mode's already are, and a dry run deletes nothing.
-    let gate =
-        config.postgres.mode == Mode::Replication && !dry_run && config.pipeline.wait_visible;
-    let queue_rx = if gate {
-        pipeline::gated(queue_rx, Gate::new(config.postgres.clone()), cancel.clone())
-    } else {
-        queue_rx
-    };
-    let (confirmed_tx, confirmed_rx) = watch::channel(pipeline::Position::default());
-    let deleter_done = CancellationToken::new();
-    let loops = (cancel.clone(), deleter_done.clone());
-    let delete_loop = spawn_delete_loop(&config, &health, dry_run, loops, queue_rx, confirmed_tx);
-    let Some(delete_loop) = delete_loop.await? else {
-        http_cancel.cancel();
-        return Ok(());
-    };
-    let links = Links {
-        queue: queue_tx,
-        confirmed: confirmed_rx,
-        cancel: cancel.clone(),
-        last_queued: Lsn(0),
-        history: 0,
-        invalidate_prefixes: config.invalidate.prefixes.clone().into(),
-    };
-    let (rules_tx, rules_rx) = watch::channel(rules);
-    let reload_cancel = CancellationToken::new();
-    let reloader = Reloader {
-        path: config.rules_path.clone(),
-        postgres: config.postgres.clone(),
-        dry_run,
-        updates: rules_tx,
-    };
-    let watcher = tokio::spawn(reload::watch_rules(reloader, reload_cancel.clone()));
-    let mut session = Session {
-        config: &config,
-        live: LiveRules::watching(rules_rx),
-        links,
-        health: health.clone(),
-        wal: WalProgress::default(),
-        seen: None,
-        progress: notify::Progress::default(),
-        dry_run,
-    };
-    let source_result = read_until_stopped(&mut session, &deleter_done).await;
-    // The source stopped: make sure the delete loop stops too, then collect its verdict.
-    cancel.cancel();
-    reload_cancel.cancel();
-    let _ = watcher.await;
-    let deleted = delete_loop
-        .await
-        .unwrap_or_else(|e| panic!("delete loop panicked: {e}"));
-    http_cancel.cancel();
-    if let Some(http) = http {
-        let _ = http.await;
-    }
-    source_result?;
-    deleted?;
-    tracing::info!("stopped");
-    Ok(())
 }
 
 /// Serves `/metrics`, `/healthz` and `/readyz` until `cancel` fires; `None` when a dry run
@@ -178,25 +193,24 @@ async fn serve_http(
 }
 
 /// The delete loop's task, with its sink picked: the dry run's log, several Redis targets, or
-/// the one Redis (connected first; `None` on shutdown before it answered). `loops` is the
-/// shutdown token and the token the task fires when it ends.
+/// the one Redis (connected first; `None` on shutdown before it answered). It stops when `stop`
+/// fires, and fires it when it ends, whatever the reason.
 async fn spawn_delete_loop(
     config: &Config,
     health: &Arc<Health>,
     dry_run: bool,
-    (cancel, done): (CancellationToken, CancellationToken),
+    stop: &CancellationToken,
     queue: mpsc::Receiver<pipeline::Committed>,
     confirmed: watch::Sender<pipeline::Position>,
 ) -> Result<Option<DeleteLoop>, RunError> {
     let health = health.clone();
     let max = config.pipeline.max_batch_keys;
     let options = DeleterOptions::from_config(&config.redis)?;
+    let cancel = stop.clone();
     let task = if dry_run {
-        tokio::spawn(async move {
-            let result =
-                pipeline::run_deleter(LogDeletes, queue, confirmed, health, max, cancel).await;
-            done.cancel();
-            result.map_err(|never| match never {})
+        let deleted = pipeline::run_deleter(LogDeletes, queue, confirmed, health, max, cancel);
+        stopping(stop, async move {
+            deleted.await.map_err(|never| match never {})
         })
     } else if !config.redis_targets.is_empty() {
         let named = std::iter::once((PRIMARY_TARGET.to_owned(), config.redis_url.clone())).chain(
@@ -218,40 +232,49 @@ async fn spawn_delete_loop(
                 }
             })
             .collect();
-        tokio::spawn(async move {
-            let result = targets::run_targets(targets, queue, confirmed, health, max, cancel).await;
-            done.cancel();
-            result
-        })
+        let deleted = targets::run_targets(targets, queue, confirmed, health, max, cancel);
+        stopping(stop, deleted)
     } else {
         let Some(deleter) =
             connect_redis(&config.redis_url, &options, &health, None, &cancel).await?
         else {
             return Ok(None);
         };
-        tokio::spawn(async move {
-            let result =
-                pipeline::run_deleter(deleter, queue, confirmed, health, max, cancel).await;
-            done.cancel();
-            result
-        })
+        stopping(
+            stop,
+            pipeline::run_deleter(deleter, queue, confirmed, health, max, cancel),
+        )
     };
     Ok(Some(task))
+}
+
+/// Spawns the delete loop `deleting`, firing `stop` once it has ended.
+fn stopping(
+    stop: &CancellationToken,
+    deleting: impl Future<Output = Result<(), DeleteError>> + Send + 'static,
+) -> DeleteLoop {
+    let stop = stop.clone();
+    tokio::spawn(async move {
+        let result = deleting.await;
+        stop.cancel();
+        result
+    })
 }
 
 /// The delete loop's task: its verdict once it stops.
 type DeleteLoop = tokio::task::JoinHandle<Result<(), DeleteError>>;
 
 /// Reads from the source of the configured mode, reconnecting with backoff (a standby waits for
-/// the holder instead), until the delete loop stops or a permanent failure.
+/// the holder instead), until `stop` fires (shutdown, or the delete loop ended) or a permanent
+/// failure.
 async fn read_until_stopped(
     session: &mut Session<'_>,
-    deleter_done: &CancellationToken,
+    stop: &CancellationToken,
 ) -> Result<(), RunError> {
     let (config, dry_run, health) = (session.config, session.dry_run, session.health.clone());
     let mut delays = pipeline::backoff();
     loop {
-        if deleter_done.is_cancelled() {
+        if stop.is_cancelled() {
             return Ok(());
         }
         let mut streamed = false;
@@ -274,12 +297,14 @@ async fn read_until_stopped(
         if let Next::Standby = next {
             tokio::select! {
                 biased;
-                _ = deleter_done.cancelled() => return Ok(()),
+                _ = stop.cancelled() => return Ok(()),
                 waited = wait_as_standby(config, &health) => match waited {
                     Ok(()) => continue,
-                    Err(Failure::Permanent(message)) => return Err(RunError::Postgres(message)),
-                    Err(Failure::UnknownNames(unknown)) => return Err(unknown.into()),
-                    Err(Failure::Transient { reason, .. }) => {
+                    Err(failure) if failure.verdict() == Verdict::Stop => {
+                        return Err(failure.stopped());
+                    }
+                    Err(failure) => {
+                        let reason = telemetry::chain(&failure);
                         metrics::counter!(telemetry::ERRORS_TOTAL, "kind" => "postgres")
                             .increment(1);
                         tracing::warn!(error = %reason, postgres = %redact(&config.postgres.url),
@@ -293,7 +318,7 @@ async fn read_until_stopped(
         let delay = delays.next().unwrap_or(std::time::Duration::from_secs(10));
         tokio::select! {
             biased;
-            _ = deleter_done.cancelled() => return Ok(()),
+            _ = stop.cancelled() => return Ok(()),
             _ = tokio::time::sleep(delay) => {}
         }
     }
@@ -322,29 +347,24 @@ async fn after_attempt(
             health.set_source(Some("the server ended the replication stream".to_owned()));
             Next::Reconnect
         }
-        Err(Failure::Permanent(message)) => Next::Stop(Err(RunError::Postgres(
-            explain_refusal(config, message).await,
-        ))),
-        Err(Failure::UnknownNames(unknown)) => Next::Stop(Err(unknown.into())),
-        Err(Failure::Transient {
-            reason,
-            standby: true,
-        }) => {
-            health.set_source(Some(format!("standby: {reason}")));
-            Next::Standby
-        }
-        Err(Failure::Transient {
-            reason,
-            standby: false,
-        }) => {
-            metrics::counter!(telemetry::ERRORS_TOTAL, "kind" => "postgres").increment(1);
-            // The server by name (its password hidden): an i/o error alone does not say which
-            // of several hosts, or which of several databases, failed.
-            tracing::warn!(error = %reason, postgres = %redact(&config.postgres.url),
-                mode = ?config.postgres.mode, "postgres source interrupted; reconnecting");
-            health.set_source(Some(reason));
-            Next::Reconnect
-        }
+        Err(failure) => match failure.verdict() {
+            Verdict::Stop => Next::Stop(Err(explain_refusal(config, failure.stopped()).await)),
+            Verdict::Standby => {
+                let reason = telemetry::chain(&failure);
+                health.set_source(Some(format!("standby: {reason}")));
+                Next::Standby
+            }
+            Verdict::Reconnect => {
+                let reason = telemetry::chain(&failure);
+                metrics::counter!(telemetry::ERRORS_TOTAL, "kind" => "postgres").increment(1);
+                // The server by name (its password hidden): an i/o error alone does not say which
+                // of several hosts, or which of several databases, failed.
+                tracing::warn!(error = %reason, postgres = %redact(&config.postgres.url),
+                    mode = ?config.postgres.mode, "postgres source interrupted; reconnecting");
+                health.set_source(Some(reason));
+                Next::Reconnect
+            }
+        },
     }
 }
 
@@ -456,47 +476,73 @@ enum Streamed {
     Ended,
 }
 
-/// How one connection's stream failed.
+/// How one connection's attempt failed, as the error it was: [`after_attempt`] decides from its
+/// [`Verdict`].
+#[derive(Debug, thiserror::Error)]
 enum Failure {
-    /// Worth retrying; `standby` when another instance holds the slot.
-    Transient { reason: String, standby: bool },
-    /// Not worth retrying.
-    Permanent(String),
-    /// The rules name tables or columns the database lacks: not worth retrying either.
-    UnknownNames(check::UnknownNames),
+    /// Setup or a catalog query.
+    #[error(transparent)]
+    Setup(#[from] SetupError),
+    /// The replication connection.
+    #[error(transparent)]
+    Replication(#[from] ReplicationError),
+    /// An ordinary connection could not be opened.
+    #[error(transparent)]
+    Connect(#[from] connect::ConnectError),
+    /// The outbox reader.
+    #[error(transparent)]
+    Notify(#[from] NotifyError),
+    /// The replication source.
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    /// The rules name tables or columns the database lacks.
+    #[error(transparent)]
+    UnknownNames(#[from] check::UnknownNames),
+    /// Another instance holds the slot (notify mode: the reader lock).
+    #[error("{0}")]
+    Held(String),
+    /// `postgres.url` does not parse.
+    #[error("invalid postgres url: {0}")]
+    Url(tokio_postgres::Error),
+    /// Notify mode: `run` applies no DDL, and what `setup` would do is not done.
+    #[error(
+        "notify mode is not set up or out of date (setup would: {}); run `invalidator setup`",
+        .0.join("; ")
+    )]
+    NotSetUp(Vec<String>),
+    /// A dry run found no publication to read, and creates nothing.
+    #[error(
+        "dry run: publication {0} does not exist and a dry run creates nothing; run \
+         `invalidator setup` first"
+    )]
+    NoPublication(String),
 }
 
-impl From<SetupError> for Failure {
-    fn from(e: SetupError) -> Self {
-        classify(e.is_transient(), telemetry::chain(&e), None)
+/// The errors it carries say their own verdict; run's own conditions are said here.
+impl Classify for Failure {
+    fn verdict(&self) -> Verdict {
+        match self {
+            Failure::Setup(e) => e.verdict(),
+            Failure::Replication(e) => e.verdict(),
+            Failure::Connect(e) => e.verdict(),
+            Failure::Notify(e) => e.verdict(),
+            Failure::Source(e) => e.verdict(),
+            Failure::Held(_) => Verdict::Standby,
+            Failure::UnknownNames(_)
+            | Failure::Url(_)
+            | Failure::NotSetUp(_)
+            | Failure::NoPublication(_) => Verdict::Stop,
+        }
     }
 }
 
-impl From<ReplicationError> for Failure {
-    fn from(e: ReplicationError) -> Self {
-        classify(e.is_transient(), telemetry::chain(&e), e.code())
-    }
-}
-
-impl From<connect::ConnectError> for Failure {
-    fn from(e: connect::ConnectError) -> Self {
-        classify(e.is_transient(), telemetry::chain(&e), None)
-    }
-}
-
-impl From<NotifyError> for Failure {
-    fn from(e: NotifyError) -> Self {
-        classify(e.is_transient(), telemetry::chain(&e), None)
-    }
-}
-
-impl From<SourceError> for Failure {
-    fn from(e: SourceError) -> Self {
-        let code = match &e {
-            SourceError::Replication(r) => r.code(),
-            SourceError::Ancestry { .. } | SourceError::Decode { .. } => None,
-        };
-        classify(e.is_transient(), telemetry::chain(&e), code)
+impl Failure {
+    /// The run's error once this failure stops it.
+    fn stopped(self) -> RunError {
+        match self {
+            Failure::UnknownNames(unknown) => unknown.into(),
+            other => RunError::Postgres(telemetry::chain(&other)),
+        }
     }
 }
 
@@ -509,24 +555,27 @@ async fn check_names(db: &mut impl setup::Sql, rules: &RuleSet) -> Result<(), Fa
     if unknown.is_empty() {
         return Ok(());
     }
-    Err(Failure::UnknownNames(check::UnknownNames(unknown)))
+    Err(check::UnknownNames(unknown).into())
 }
 
-/// A permanent failure in replication mode, said in terms of its cause when the server's
-/// `output_plugin_libraries` does not allow pgoutput: the server's own answer is a bare
+/// A failure that stops the run in replication mode, said in terms of its cause when the
+/// server's `output_plugin_libraries` does not allow pgoutput: the server's own answer is a bare
 /// "permission denied" (42501) on slot creation or START_REPLICATION. Asked only once the run
-/// gives up, over an ordinary connection; when that cannot answer, `message` stands as it is.
-async fn explain_refusal(config: &Config, message: String) -> String {
+/// gives up, over an ordinary connection; when that cannot answer, the error stands as it is.
+async fn explain_refusal(config: &Config, error: RunError) -> RunError {
+    let RunError::Postgres(message) = error else {
+        return error;
+    };
     if config.postgres.mode != Mode::Replication {
-        return message;
+        return RunError::Postgres(message);
     }
     let Ok(mut client) = connect::connect(&config.postgres).await else {
-        return message;
+        return RunError::Postgres(message);
     };
-    match setup::plugin_allowlist(&mut client).await {
+    RunError::Postgres(match setup::plugin_allowlist(&mut client).await {
         Ok(list) => with_refusal(message, list.as_ref()),
         Err(_) => message,
-    }
+    })
 }
 
 /// `message` led by the refusal of `list` when there is one (see [`explain_refusal`]).
@@ -537,18 +586,6 @@ fn with_refusal(message: String, list: Option<&setup::PluginAllowlist>) -> Strin
             refusal.problem, refusal.fix
         ),
         None => message,
-    }
-}
-
-/// The one place that turns an error into "retry" or "give up".
-fn classify(transient: bool, reason: String, code: Option<&str>) -> Failure {
-    if transient {
-        Failure::Transient {
-            reason,
-            standby: crate::error::means_standby(code),
-        }
-    } else {
-        Failure::Permanent(reason)
     }
 }
 

@@ -33,18 +33,15 @@ pub(super) async fn outbox_once(
     actions.retain(|action| !repairs.iter().any(|(_, repair)| repair == action));
     warn_if_stale(&mut client, config, live.rules()).await?;
     if !actions.is_empty() {
-        let missing: Vec<&str> = actions.iter().map(|a| a.why.as_str()).collect();
-        return Err(Failure::Permanent(format!(
-            "notify mode is not set up or out of date (setup would: {}); run `invalidator setup`",
-            missing.join("; ")
-        )));
+        return Err(Failure::NotSetUp(
+            actions.into_iter().map(|action| action.why).collect(),
+        ));
     }
     // One reader at a time: the others wait as standbys until its session ends.
     if !notify::take_reader_lock(&client).await? {
-        return Err(Failure::Transient {
-            reason: "another instance reads the outbox".to_owned(),
-            standby: true,
-        });
+        return Err(Failure::Held(
+            "another instance reads the outbox".to_owned(),
+        ));
     }
     client
         .batch_execute(&format!("LISTEN {}", setup::quote_ident(notify::CHANNEL)))

@@ -133,13 +133,10 @@ pub(super) async fn stream_once(
     // Asked before anything else is done: a standby would otherwise log and be refused at
     // START_REPLICATION, an ERROR in the server's log, on every attempt.
     if let Some(pid) = setup::slot_holder(&mut client, &config.postgres.slot).await? {
-        return Err(Failure::Transient {
-            reason: format!(
-                "replication slot {} is held by pid {pid}",
-                config.postgres.slot
-            ),
-            standby: true,
-        });
+        return Err(Failure::Held(format!(
+            "replication slot {} is held by pid {pid}",
+            config.postgres.slot
+        )));
     }
     let system = client.identify_system().await?;
     tracing::info!(
@@ -227,8 +224,8 @@ async fn connect_replication(
     config: &Config,
     application_name: &str,
 ) -> Result<ReplicationClient, Failure> {
-    let (pg, check_host) = crate::endpoint::parse_url(&config.postgres.url)
-        .map_err(|e| Failure::Permanent(format!("invalid postgres url: {e}")))?;
+    let (pg, check_host) =
+        crate::endpoint::parse_url(&config.postgres.url).map_err(Failure::Url)?;
     let ca_file = config.postgres.ca_file.as_deref();
     Ok(ReplicationClient::connect_with_tls(&pg, application_name, ca_file, check_host).await?)
 }
@@ -311,10 +308,7 @@ pub(super) async fn dry_stream_once(
     let tables = live.rules().tables().cloned().collect();
     let (existed, action) = setup::publication_action(&mut client, &tables, publication).await?;
     if !existed {
-        return Err(Failure::Permanent(format!(
-            "dry run: publication {publication} does not exist and a dry run creates nothing; \
-             run `invalidator setup` first"
-        )));
+        return Err(Failure::NoPublication(publication.clone()));
     }
     if let Some(action) = action {
         tracing::warn!(publication = %publication, missing = %action.sql,

@@ -38,6 +38,7 @@ use tokio_postgres::tls::{ChannelBinding, MakeTlsConnect, TlsConnect};
 
 use crate::config::PostgresConfig;
 use crate::endpoint::{load_ca_file, parse_url};
+use crate::error::{Classify, Verdict};
 use crate::redact::redact;
 
 /// The ALPN protocol Postgres 17 expects with `sslnegotiation=direct`.
@@ -72,16 +73,14 @@ pub enum ConnectError {
     Pooler(#[from] PoolerError),
 }
 
-impl ConnectError {
-    /// Whether trying again later can help: TLS and URL problems need a person, as do server
-    /// errors outside the connection, shutdown and too-many-connections classes.
-    pub fn is_transient(&self) -> bool {
+/// TLS and URL problems need a person, and so does a pooler; the server's answer is judged by
+/// its code.
+impl Classify for ConnectError {
+    fn verdict(&self) -> Verdict {
         match self {
-            ConnectError::Url { .. } | ConnectError::Pooler(_) => false,
-            ConnectError::Tls(e) => e.is_transient(),
-            ConnectError::Postgres { source, .. } => source
-                .as_db_error()
-                .is_none_or(|db| crate::error::transient_sqlstate(db.code().code())),
+            ConnectError::Url { .. } | ConnectError::Pooler(_) => Verdict::Stop,
+            ConnectError::Tls(e) => e.verdict(),
+            ConnectError::Postgres { source, .. } => source.verdict(),
         }
     }
 }
@@ -179,11 +178,14 @@ pub enum TlsError {
     },
 }
 
-impl TlsError {
-    /// Only a broken socket is worth retrying; a refused certificate or a server without TLS
-    /// gives the same answer next time.
-    pub fn is_transient(&self) -> bool {
-        matches!(self, TlsError::Io { .. })
+/// Only a broken socket is worth retrying; a refused certificate or a server without TLS gives
+/// the same answer next time.
+impl Classify for TlsError {
+    fn verdict(&self) -> Verdict {
+        match self {
+            TlsError::Io { .. } => Verdict::Reconnect,
+            _ => Verdict::Stop,
+        }
     }
 }
 

@@ -466,57 +466,8 @@ pub async fn plan(
     if !schema_planned && !has_schema(db).await? {
         actions.push(create_schema());
     }
-    let schema = quote_ident(SCHEMA);
-    let requests = format!("{schema}.{}", quote_ident(REQUESTS));
     if mode == Mode::Replication {
-        let existed = has_requests(db).await?;
-        if !existed {
-            actions.push(Action {
-                why: format!("create the table {SCHEMA}.{REQUESTS} (manual invalidations)"),
-                sql: format!(
-                    "CREATE TABLE IF NOT EXISTS {requests} (id bigserial PRIMARY KEY, \
-                     key_or_pattern text NOT NULL, literal boolean NOT NULL, \
-                     {REPAIR_COLUMN} text); \
-                     REVOKE ALL ON TABLE {requests} FROM PUBLIC"
-                ),
-            });
-        } else if !has_repair_column(db).await? {
-            actions.push(Action {
-                why: format!(
-                    "add the column {REPAIR_COLUMN} to {SCHEMA}.{REQUESTS} (publication repairs \
-                     in the WAL)"
-                ),
-                sql: format!(
-                    "ALTER TABLE {requests} ADD COLUMN IF NOT EXISTS {REPAIR_COLUMN} text"
-                ),
-            });
-        }
-        if let Some(publication) = publication {
-            let tables: BTreeSet<TableName> = [requests_table()].into();
-            let all_tables = db
-                .query(&format!(
-                    "SELECT puballtables::text FROM pg_publication WHERE pubname = {}",
-                    quote_literal(publication)
-                ))
-                .await?;
-            let all = all_tables
-                .first()
-                .and_then(|r| r.first().cloned().flatten());
-            let unpublished = !existed
-                || (all.is_some()
-                    && !crate::source::setup::unpublished(db, &tables, publication)
-                        .await?
-                        .is_empty());
-            if all.as_deref() != Some("true") && unpublished {
-                actions.push(Action {
-                    why: format!("add {SCHEMA}.{REQUESTS} to publication {publication}"),
-                    sql: format!(
-                        "ALTER PUBLICATION {} ADD TABLE {requests}",
-                        quote_ident(publication)
-                    ),
-                });
-            }
-        }
+        actions.extend(requests_actions(db, publication).await?);
     }
     if mode == Mode::Notify
         && executors(db, "capture")
@@ -537,78 +488,150 @@ pub async fn plan(
     let mut wanted = config.roles.clone();
     wanted.sort();
     wanted.dedup();
-    for (name, arg, literal) in FUNCTIONS {
-        let body = body(mode, name, arg, literal, &allowed);
-        // The body and its settings: a function made before the settings were pinned is out
-        // of date too.
-        let current = db
+    for function in FUNCTIONS {
+        actions.extend(function_actions(db, mode, function, &allowed, &wanted).await?);
+    }
+    Ok(actions)
+}
+
+/// Replication mode: the requests table (created, or given its repair column) and its place in
+/// `publication`.
+async fn requests_actions(
+    db: &mut impl Sql,
+    publication: Option<&str>,
+) -> Result<Vec<Action>, SetupError> {
+    let mut actions = Vec::new();
+    let requests = format!("{}.{}", quote_ident(SCHEMA), quote_ident(REQUESTS));
+    let existed = has_requests(db).await?;
+    if !existed {
+        actions.push(Action {
+            why: format!("create the table {SCHEMA}.{REQUESTS} (manual invalidations)"),
+            sql: format!(
+                "CREATE TABLE IF NOT EXISTS {requests} (id bigserial PRIMARY KEY, \
+                 key_or_pattern text NOT NULL, literal boolean NOT NULL, \
+                 {REPAIR_COLUMN} text); \
+                 REVOKE ALL ON TABLE {requests} FROM PUBLIC"
+            ),
+        });
+    } else if !has_repair_column(db).await? {
+        actions.push(Action {
+            why: format!(
+                "add the column {REPAIR_COLUMN} to {SCHEMA}.{REQUESTS} (publication repairs \
+                 in the WAL)"
+            ),
+            sql: format!("ALTER TABLE {requests} ADD COLUMN IF NOT EXISTS {REPAIR_COLUMN} text"),
+        });
+    }
+    if let Some(publication) = publication {
+        let tables: BTreeSet<TableName> = [requests_table()].into();
+        let all_tables = db
             .query(&format!(
-                "SELECT p.prosrc || ' -- ' || coalesce(array_to_string(p.proconfig, ', '), '') \
-                 FROM pg_proc p WHERE {}",
-                is_function(name)
+                "SELECT puballtables::text FROM pg_publication WHERE pubname = {}",
+                quote_literal(publication)
             ))
             .await?;
-        let existing = current.first().map(|r| r.first().cloned().flatten());
-        let installed = format!("{body} -- {FUNCTION_SETTINGS_CONFIG}");
-        if existing.as_ref() != Some(&Some(installed)) {
-            // SECURITY DEFINER: callers have no privileges on the table it writes.
+        let all = all_tables
+            .first()
+            .and_then(|r| r.first().cloned().flatten());
+        let unpublished = !existed
+            || (all.is_some()
+                && !crate::source::setup::unpublished(db, &tables, publication)
+                    .await?
+                    .is_empty());
+        if all.as_deref() != Some("true") && unpublished {
             actions.push(Action {
-                why: format!(
-                    "create the function {SCHEMA}.{name}({arg} text) ({} mode, {} allowed \
-                     prefixes)",
-                    match mode {
-                        Mode::Replication => "replication",
-                        Mode::Notify => "notify",
-                    },
-                    allowed.prefixes.len()
-                ),
+                why: format!("add {SCHEMA}.{REQUESTS} to publication {publication}"),
                 sql: format!(
-                    "CREATE OR REPLACE FUNCTION {schema}.{name}({arg} text) RETURNS void \
-                     LANGUAGE plpgsql SECURITY DEFINER {FUNCTION_SETTINGS} AS {}",
-                    quote_literal(&body)
+                    "ALTER PUBLICATION {} ADD TABLE {requests}",
+                    quote_ident(publication)
                 ),
             });
         }
-        let have = if existing.is_some() {
-            executors(db, name).await?
-        } else {
-            None
-        };
-        if have.as_ref() == Some(&wanted) {
-            continue;
-        }
-        // A new function is executable by PUBLIC until revoked.
-        let mut revoke = vec!["PUBLIC".to_owned()];
-        revoke.extend(
-            have.iter()
-                .flatten()
-                .filter(|r| *r != "PUBLIC" && !wanted.contains(r))
-                .map(|r| quote_ident(r)),
-        );
-        // USAGE on the schema lets every role see what is in it (roles that read the outbox,
-        // or look for these functions), not use it: the functions and tables grant nothing.
-        let mut sql = format!(
-            "GRANT USAGE ON SCHEMA {schema} TO PUBLIC; REVOKE ALL ON FUNCTION {} FROM {}",
-            signature(name),
-            revoke.join(", ")
-        );
-        if !wanted.is_empty() {
-            let roles: Vec<String> = wanted.iter().map(|r| quote_ident(r)).collect();
-            sql.push_str(&format!(
-                "; GRANT EXECUTE ON FUNCTION {} TO {roles}",
-                signature(name),
-                roles = roles.join(", ")
-            ));
-        }
+    }
+    Ok(actions)
+}
+
+/// One of [`FUNCTIONS`]: created or replaced when its body or settings are out of date, and
+/// executable by exactly the `wanted` roles.
+async fn function_actions(
+    db: &mut impl Sql,
+    mode: Mode,
+    (name, arg, literal): (&str, &str, bool),
+    allowed: &Allowed,
+    wanted: &[String],
+) -> Result<Vec<Action>, SetupError> {
+    let mut actions = Vec::new();
+    let schema = quote_ident(SCHEMA);
+    let body = body(mode, name, arg, literal, allowed);
+    // The body and its settings: a function made before the settings were pinned is out
+    // of date too.
+    let current = db
+        .query(&format!(
+            "SELECT p.prosrc || ' -- ' || coalesce(array_to_string(p.proconfig, ', '), '') \
+             FROM pg_proc p WHERE {}",
+            is_function(name)
+        ))
+        .await?;
+    let existing = current.first().map(|r| r.first().cloned().flatten());
+    let installed = format!("{body} -- {FUNCTION_SETTINGS_CONFIG}");
+    if existing.as_ref() != Some(&Some(installed)) {
+        // SECURITY DEFINER: callers have no privileges on the table it writes.
         actions.push(Action {
-            why: if wanted.is_empty() {
-                format!("let no role but superusers call {SCHEMA}.{name}()")
-            } else {
-                format!("let only {} call {SCHEMA}.{name}()", wanted.join(", "))
-            },
-            sql,
+            why: format!(
+                "create the function {SCHEMA}.{name}({arg} text) ({} mode, {} allowed \
+                 prefixes)",
+                match mode {
+                    Mode::Replication => "replication",
+                    Mode::Notify => "notify",
+                },
+                allowed.prefixes.len()
+            ),
+            sql: format!(
+                "CREATE OR REPLACE FUNCTION {schema}.{name}({arg} text) RETURNS void \
+                 LANGUAGE plpgsql SECURITY DEFINER {FUNCTION_SETTINGS} AS {}",
+                quote_literal(&body)
+            ),
         });
     }
+    let have = if existing.is_some() {
+        executors(db, name).await?
+    } else {
+        None
+    };
+    if have.as_deref() == Some(wanted) {
+        return Ok(actions);
+    }
+    // A new function is executable by PUBLIC until revoked.
+    let mut revoke = vec!["PUBLIC".to_owned()];
+    revoke.extend(
+        have.iter()
+            .flatten()
+            .filter(|r| *r != "PUBLIC" && !wanted.contains(r))
+            .map(|r| quote_ident(r)),
+    );
+    // USAGE on the schema lets every role see what is in it (roles that read the outbox,
+    // or look for these functions), not use it: the functions and tables grant nothing.
+    let mut sql = format!(
+        "GRANT USAGE ON SCHEMA {schema} TO PUBLIC; REVOKE ALL ON FUNCTION {} FROM {}",
+        signature(name),
+        revoke.join(", ")
+    );
+    if !wanted.is_empty() {
+        let roles: Vec<String> = wanted.iter().map(|r| quote_ident(r)).collect();
+        sql.push_str(&format!(
+            "; GRANT EXECUTE ON FUNCTION {} TO {roles}",
+            signature(name),
+            roles = roles.join(", ")
+        ));
+    }
+    actions.push(Action {
+        why: if wanted.is_empty() {
+            format!("let no role but superusers call {SCHEMA}.{name}()")
+        } else {
+            format!("let only {} call {SCHEMA}.{name}()", wanted.join(", "))
+        },
+        sql,
+    });
     Ok(actions)
 }
 

@@ -24,6 +24,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::change::{Change, Lsn, Manual, Op, Row, Step, TableName, Value};
 use crate::config::PostgresConfig;
+use crate::error::{Classify, Verdict};
 use crate::rules::RuleSet;
 use crate::source::Source;
 use crate::source::connect::ConnectError;
@@ -250,14 +251,14 @@ pub enum NotifyError {
     Deaf(Duration),
 }
 
-impl NotifyError {
-    /// Whether reconnecting can help.
-    pub fn is_transient(&self) -> bool {
+/// A closed connection reconnects; a deaf one stops, since only another URL helps.
+impl Classify for NotifyError {
+    fn verdict(&self) -> Verdict {
         match self {
-            NotifyError::Postgres(e) => e.is_transient(),
-            NotifyError::Closed => true,
-            NotifyError::Connect(e) => e.is_transient(),
-            NotifyError::Deaf(_) => false,
+            NotifyError::Postgres(e) => e.verdict(),
+            NotifyError::Closed => Verdict::Reconnect,
+            NotifyError::Connect(e) => e.verdict(),
+            NotifyError::Deaf(_) => Verdict::Stop,
         }
     }
 }

@@ -2,6 +2,7 @@
 
 use std::io;
 
+use crate::error::{Classify, Verdict};
 use crate::source::connect::TlsError;
 
 /// Everything that can go wrong while talking to a walsender.
@@ -68,21 +69,23 @@ impl ReplicationError {
             _ => None,
         }
     }
+}
 
-    /// Whether reconnecting later may succeed; a permanent error needs a person to act.
-    ///
-    /// Protocol, authentication and setting errors are permanent because retrying the same bytes
-    /// or the same credentials gives the same answer; an unknown SQLSTATE is permanent too, so a
-    /// surprise stops the process with a clear message instead of looping forever.
-    pub fn is_transient(&self) -> bool {
+/// A broken or closed connection is worth reconnecting; protocol, authentication and setting
+/// errors stop, because retrying the same bytes or the same credentials gives the same answer;
+/// the server's answer is judged by its code.
+impl Classify for ReplicationError {
+    fn verdict(&self) -> Verdict {
         match self {
-            ReplicationError::Io(_) | ReplicationError::Closed | ReplicationError::ReadOnly => true,
-            ReplicationError::Tls(e) => e.is_transient(),
-            ReplicationError::Server { code, .. } => crate::error::transient_sqlstate(code),
+            ReplicationError::Io(_) | ReplicationError::Closed | ReplicationError::ReadOnly => {
+                Verdict::Reconnect
+            }
+            ReplicationError::Tls(e) => e.verdict(),
+            ReplicationError::Server { code, .. } => crate::error::sqlstate(code),
             ReplicationError::Protocol(_)
             | ReplicationError::Auth(_)
             | ReplicationError::Invalid(_)
-            | ReplicationError::Pooler(_) => false,
+            | ReplicationError::Pooler(_) => Verdict::Stop,
         }
     }
 }

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::change::{Lsn, Manual, Step, TableName};
+use crate::error::{Classify, Verdict};
 use crate::pgoutput::{DecodeError, Decoder, Event, Message};
 use crate::source::Source;
 use crate::source::invalidate::{self, MESSAGE_PREFIX};
@@ -85,14 +86,14 @@ pub enum SourceError {
     },
 }
 
-impl SourceError {
-    /// Whether reconnecting can help. Undecodable messages are retried too: a reconnect rebuilds
-    /// the relation cache, and what stays broken keeps the slot where it is rather than skip.
-    pub fn is_transient(&self) -> bool {
+/// Undecodable messages reconnect too: a reconnect rebuilds the relation cache, and what stays
+/// broken keeps the slot where it is rather than skip.
+impl Classify for SourceError {
+    fn verdict(&self) -> Verdict {
         match self {
-            SourceError::Replication(e) => e.is_transient(),
-            SourceError::Ancestry { source, .. } => source.is_transient(),
-            SourceError::Decode { .. } => true,
+            SourceError::Replication(e) => e.verdict(),
+            SourceError::Ancestry { source, .. } => source.verdict(),
+            SourceError::Decode { .. } => Verdict::Reconnect,
         }
     }
 }

@@ -6,6 +6,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream, duplex};
 
 use super::*;
+use crate::error::Classify;
 
 /// A stream whose server side the test writes by hand.
 fn stream_over_pipe() -> (ReplicationStream, DuplexStream) {

@@ -128,8 +128,36 @@ pub async fn plan(db: &mut impl Sql, rules: &RuleSet) -> Result<Vec<Action>, Set
     if !missing.is_empty() {
         return Err(SetupError::MissingTables(missing));
     }
-    let mut lacking = Vec::new();
+    refuse_missing_columns(db, rules, &tables).await?;
+    let mut actions = Vec::new();
+    let schema = quote_ident(SCHEMA);
+    if !invalidate::has_schema(db).await? {
+        actions.push(invalidate::create_schema());
+    }
+    let ext = hstore(db, &schema, &mut actions).await?;
+    actions.extend(outbox_table(db, &schema).await?);
+    let function = format!("{schema}.capture()");
+    actions.extend(capture_function(db, &ext, &function).await?);
     for table in &tables {
+        actions.extend(triggers(db, rules, table, &schema, &function).await?);
+    }
+    actions.extend(
+        partition_plan(db, rules)
+            .await?
+            .into_iter()
+            .map(|(_, action)| action),
+    );
+    Ok(actions)
+}
+
+/// Refuses rules that read columns their tables lack: the triggers could not record them.
+async fn refuse_missing_columns(
+    db: &mut impl Sql,
+    rules: &RuleSet,
+    tables: &BTreeSet<TableName>,
+) -> Result<(), SetupError> {
+    let mut lacking = Vec::new();
+    for table in tables {
         let have: BTreeSet<String> = db
             .query(&format!(
                 "SELECT attname FROM pg_attribute WHERE attrelid = to_regclass({}) \
@@ -152,11 +180,16 @@ pub async fn plan(db: &mut impl Sql, rules: &RuleSet) -> Result<Vec<Action>, Set
     if !lacking.is_empty() {
         return Err(SetupError::MissingColumns(lacking));
     }
-    let mut actions = Vec::new();
-    let schema = quote_ident(SCHEMA);
-    if !invalidate::has_schema(db).await? {
-        actions.push(invalidate::create_schema());
-    }
+    Ok(())
+}
+
+/// The schema hstore is installed in, quoted; when it is not, the action that installs it in
+/// `schema` (row values in Postgres text form).
+async fn hstore(
+    db: &mut impl Sql,
+    schema: &str,
+    actions: &mut Vec<Action>,
+) -> Result<String, SetupError> {
     let hstore = db
         .query(
             "SELECT n.nspname FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace \
@@ -170,9 +203,14 @@ pub async fn plan(db: &mut impl Sql, rules: &RuleSet) -> Result<Vec<Action>, Set
                 why: "create extension hstore (row values in Postgres text form)".to_owned(),
                 sql: format!("CREATE EXTENSION IF NOT EXISTS hstore WITH SCHEMA {schema}"),
             });
-            schema.clone()
+            schema.to_owned()
         }
     };
+    Ok(ext)
+}
+
+/// The action that creates the outbox table in `schema`, when it is missing.
+async fn outbox_table(db: &mut impl Sql, schema: &str) -> Result<Option<Action>, SetupError> {
     let outbox = format!("{schema}.outbox");
     let has_outbox = db
         .query(&format!(
@@ -185,22 +223,31 @@ pub async fn plan(db: &mut impl Sql, rules: &RuleSet) -> Result<Vec<Action>, Set
         .and_then(|r| r.first().cloned().flatten())
         != Some("t".to_owned())
     {
-        actions.push(Action {
+        return Ok(Some(Action {
             why: format!("create the outbox table {SCHEMA}.outbox"),
             sql: format!(
                 "CREATE TABLE IF NOT EXISTS {outbox} (id bigserial PRIMARY KEY, \
                  table_schema text NOT NULL, table_name text NOT NULL, op text NOT NULL, \
                  old jsonb, new jsonb, created_at timestamptz NOT NULL DEFAULT now())"
             ),
-        });
+        }));
     }
-    let body = function_body(&ext);
-    let function = format!("{schema}.capture()");
+    Ok(None)
+}
+
+/// The action that creates or replaces the trigger function `function` (hstore in `ext`), when
+/// it is missing, out of date, or without the pinned settings.
+async fn capture_function(
+    db: &mut impl Sql,
+    ext: &str,
+    function: &str,
+) -> Result<Option<Action>, SetupError> {
+    let body = function_body(ext);
     let current = db
         .query(&format!(
             "SELECT prosrc, array_to_string(proconfig, chr(10)) FROM pg_proc \
              WHERE oid = to_regprocedure({})",
-            quote_literal(&function)
+            quote_literal(function)
         ))
         .await?;
     let why = match current.first().map(Vec::as_slice) {
@@ -215,96 +262,97 @@ pub async fn plan(db: &mut impl Sql, rules: &RuleSet) -> Result<Vec<Action>, Set
         )),
         Some(_) => None,
     };
-    if let Some(why) = why {
-        actions.push(Action {
-            why,
-            // SECURITY DEFINER: writers need no privileges on the outbox. The SET clauses pin
-            // the text form of values for the function's run, whatever the writer's session
-            // or role set. Not executable by PUBLIC: a trigger of another role's making could
-            // then write the outbox.
-            sql: format!(
-                "CREATE OR REPLACE FUNCTION {function} RETURNS trigger LANGUAGE plpgsql \
+    Ok(why.map(|why| Action {
+        why,
+        // SECURITY DEFINER: writers need no privileges on the outbox. The SET clauses pin
+        // the text form of values for the function's run, whatever the writer's session
+        // or role set. Not executable by PUBLIC: a trigger of another role's making could
+        // then write the outbox.
+        sql: format!(
+            "CREATE OR REPLACE FUNCTION {function} RETURNS trigger LANGUAGE plpgsql \
                  SECURITY DEFINER {CAPTURE_SEARCH_PATH}{} AS {}; \
                  REVOKE ALL ON FUNCTION {function} FROM PUBLIC",
-                text_form_clauses(),
-                quote_literal(&body)
-            ),
-        });
-    }
-    for table in &tables {
-        let name = qualified(table);
-        let present: BTreeMap<String, Installed> = db
-            .query(&format!(
-                "SELECT tgname, tgenabled::text, encode(tgargs, 'hex'), \
-                 tgfoid = coalesce(to_regprocedure({})::oid, 0) \
-                 FROM pg_trigger WHERE tgrelid = to_regclass({}) AND tgname IN ({}, {})",
-                quote_literal(&function),
-                quote_literal(&name),
-                quote_literal(ROW_TRIGGER),
-                quote_literal(TRUNCATE_TRIGGER)
-            ))
-            .await?
-            .into_iter()
-            .filter_map(|row| match row.as_slice() {
-                [Some(tgname), Some(enabled), Some(args), Some(ours)] => Some((
-                    tgname.clone(),
-                    Installed {
-                        enabled: enabled.clone(),
-                        args: parse_tgargs(args)?,
-                        our_function: ours == "t",
-                    },
-                )),
-                _ => None,
-            })
-            .collect();
-        let columns = rules.columns_for(table);
-        let wanted: Vec<String> = columns.iter().cloned().collect();
-        let triggers = [
-            (
-                ROW_TRIGGER,
-                "AFTER INSERT OR UPDATE OR DELETE",
-                "ROW",
-                trigger_args(&columns),
-                &wanted[..],
-                "row changes",
-            ),
-            (
-                TRUNCATE_TRIGGER,
-                "AFTER TRUNCATE",
-                "STATEMENT",
-                String::new(),
-                &[][..],
-                "truncates",
-            ),
-        ];
-        for (trigger, events, level, args, wanted, what) in triggers {
-            let create = format!(
-                "CREATE TRIGGER {} {events} ON {name} FOR EACH {level} \
-                 EXECUTE FUNCTION {schema}.capture({args})",
-                quote_ident(trigger)
-            );
-            match present.get(trigger).map(|t| t.problem(wanted)) {
-                None => actions.push(Action {
-                    why: format!("capture {what} of {table}"),
-                    sql: create,
-                }),
-                Some(Some(problem)) => actions.push(Action {
-                    why: format!("replace trigger {trigger} on {table}, which {problem}"),
-                    sql: format!(
-                        "BEGIN; DROP TRIGGER {} ON {name}; {create}; COMMIT",
-                        quote_ident(trigger)
-                    ),
-                }),
-                Some(None) => {}
-            }
+            text_form_clauses(),
+            quote_literal(&body)
+        ),
+    }))
+}
+
+/// The actions that create or replace the row and truncate triggers of `table`.
+async fn triggers(
+    db: &mut impl Sql,
+    rules: &RuleSet,
+    table: &TableName,
+    schema: &str,
+    function: &str,
+) -> Result<Vec<Action>, SetupError> {
+    let mut actions = Vec::new();
+    let name = qualified(table);
+    let present: BTreeMap<String, Installed> = db
+        .query(&format!(
+            "SELECT tgname, tgenabled::text, encode(tgargs, 'hex'), \
+             tgfoid = coalesce(to_regprocedure({})::oid, 0) \
+             FROM pg_trigger WHERE tgrelid = to_regclass({}) AND tgname IN ({}, {})",
+            quote_literal(function),
+            quote_literal(&name),
+            quote_literal(ROW_TRIGGER),
+            quote_literal(TRUNCATE_TRIGGER)
+        ))
+        .await?
+        .into_iter()
+        .filter_map(|row| match row.as_slice() {
+            [Some(tgname), Some(enabled), Some(args), Some(ours)] => Some((
+                tgname.clone(),
+                Installed {
+                    enabled: enabled.clone(),
+                    args: parse_tgargs(args)?,
+                    our_function: ours == "t",
+                },
+            )),
+            _ => None,
+        })
+        .collect();
+    let columns = rules.columns_for(table);
+    let wanted: Vec<String> = columns.iter().cloned().collect();
+    let triggers = [
+        (
+            ROW_TRIGGER,
+            "AFTER INSERT OR UPDATE OR DELETE",
+            "ROW",
+            trigger_args(&columns),
+            &wanted[..],
+            "row changes",
+        ),
+        (
+            TRUNCATE_TRIGGER,
+            "AFTER TRUNCATE",
+            "STATEMENT",
+            String::new(),
+            &[][..],
+            "truncates",
+        ),
+    ];
+    for (trigger, events, level, args, wanted, what) in triggers {
+        let create = format!(
+            "CREATE TRIGGER {} {events} ON {name} FOR EACH {level} \
+             EXECUTE FUNCTION {schema}.capture({args})",
+            quote_ident(trigger)
+        );
+        match present.get(trigger).map(|t| t.problem(wanted)) {
+            None => actions.push(Action {
+                why: format!("capture {what} of {table}"),
+                sql: create,
+            }),
+            Some(Some(problem)) => actions.push(Action {
+                why: format!("replace trigger {trigger} on {table}, which {problem}"),
+                sql: format!(
+                    "BEGIN; DROP TRIGGER {} ON {name}; {create}; COMMIT",
+                    quote_ident(trigger)
+                ),
+            }),
+            Some(None) => {}
         }
     }
-    actions.extend(
-        partition_plan(db, rules)
-            .await?
-            .into_iter()
-            .map(|(_, action)| action),
-    );
     Ok(actions)
 }
 

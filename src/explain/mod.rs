@@ -7,6 +7,8 @@
 //! also planned on its own, so the output says which rule produced which key, and why a rule
 //! did not fire.
 
+pub mod command;
+
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -255,22 +257,7 @@ pub async fn rows_from_database(
         return Err(WhereError::NoTable(table.clone()));
     };
     let old_row = OldRow::of(mode, &info);
-    let generated: BTreeSet<String> = if mode == Mode::Replication {
-        setup::Sql::query(
-            client,
-            &format!(
-                "SELECT attname FROM pg_attribute WHERE attrelid = to_regclass({}) \
-                 AND attnum > 0 AND NOT attisdropped AND attgenerated <> ''",
-                quote_literal(&qualified(table))
-            ),
-        )
-        .await?
-        .into_iter()
-        .filter_map(|r| r.into_iter().next().flatten())
-        .collect()
-    } else {
-        BTreeSet::new()
-    };
+    let generated = unsent_columns(client, table, mode).await?;
     let columns: Vec<String> = info
         .columns
         .into_iter()
@@ -294,25 +281,7 @@ pub async fn rows_from_database(
         qualified(table),
         MAX_ROWS + 1
     );
-    let tx = client
-        .build_transaction()
-        .read_only(true)
-        .start()
-        .await
-        .map_err(WhereError::Query)?;
-    // Values as the sources write them (see TEXT_FORM), whatever this role's settings are.
-    let text_form: String = crate::source::TEXT_FORM
-        .iter()
-        .map(|(name, value)| format!("; SET LOCAL {name} = {}", quote_literal(value)))
-        .collect();
-    tx.batch_execute(&format!(
-        "SET LOCAL statement_timeout = {}{text_form}",
-        WHERE_TIMEOUT.as_millis()
-    ))
-    .await
-    .map_err(WhereError::Query)?;
-    let found = tx.query(&sql, &[]).await.map_err(WhereError::Query)?;
-    tx.rollback().await.map_err(WhereError::Query)?;
+    let found = read_only(client, &sql).await.map_err(WhereError::Query)?;
     if found.is_empty() {
         return Err(WhereError::NoRows {
             table: table.clone(),
@@ -335,6 +304,49 @@ pub async fn rows_from_database(
         rows.push(Row::new(names.clone(), values));
     }
     Ok(Fetched { rows, old_row })
+}
+
+/// The columns replication mode never sends (generated ones): the rows read leave them out, as
+/// the WAL does. Notify mode's triggers send every column.
+async fn unsent_columns(
+    client: &mut tokio_postgres::Client,
+    table: &TableName,
+    mode: Mode,
+) -> Result<BTreeSet<String>, WhereError> {
+    if mode != Mode::Replication {
+        return Ok(BTreeSet::new());
+    }
+    let sql = format!(
+        "SELECT attname FROM pg_attribute WHERE attrelid = to_regclass({}) \
+         AND attnum > 0 AND NOT attisdropped AND attgenerated <> ''",
+        quote_literal(&qualified(table))
+    );
+    Ok(setup::Sql::query(client, &sql)
+        .await?
+        .into_iter()
+        .filter_map(|r| r.into_iter().next().flatten())
+        .collect())
+}
+
+/// Runs `sql` in a READ ONLY transaction with [`WHERE_TIMEOUT`], rolled back, with values in
+/// the text form the sources write (see `TEXT_FORM`), whatever this role's settings are.
+async fn read_only(
+    client: &mut tokio_postgres::Client,
+    sql: &str,
+) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
+    let tx = client.build_transaction().read_only(true).start().await?;
+    let text_form: String = crate::source::TEXT_FORM
+        .iter()
+        .map(|(name, value)| format!("; SET LOCAL {name} = {}", quote_literal(value)))
+        .collect();
+    tx.batch_execute(&format!(
+        "SET LOCAL statement_timeout = {}{text_form}",
+        WHERE_TIMEOUT.as_millis()
+    ))
+    .await?;
+    let found = tx.query(sql, &[]).await?;
+    tx.rollback().await?;
+    Ok(found)
 }
 
 /// The changes `explain --where` plans: one per row read, as `op` would change it. The row is
