@@ -117,6 +117,9 @@ pub struct PostgresConfig {
     pub publication: String,
     /// After a lost or dropped slot, delete every key the rules can produce (the safety action).
     pub flush_on_slot_loss: bool,
+    /// Ask PostgreSQL 14+ to stream large transactions before they commit (protocol version
+    /// 2), instead of decoding each only at its commit after spilling it to disk.
+    pub stream_large_transactions: bool,
     /// A PEM file of CA certificates trusted for the server's TLS certificate, besides the
     /// system roots; checked at load to hold at least one certificate.
     pub ca_file: Option<PathBuf>,
@@ -225,6 +228,7 @@ struct RawPostgres {
     slot: Option<String>,
     publication: Option<String>,
     flush_on_slot_loss: Option<bool>,
+    stream_large_transactions: Option<bool>,
     ca_file: Option<PathBuf>,
 }
 
@@ -374,6 +378,14 @@ impl Config {
     }
 }
 
+/// The value of the environment variable `name`, which must be `true` or `false`.
+fn boolean(name: &str, value: &str) -> Result<bool, ConfigError> {
+    value.parse().map_err(|_| ConfigError::Invalid {
+        origin: name.to_owned(),
+        message: format!("expected true or false, got {value:?}"),
+    })
+}
+
 fn apply_env(raw: &mut RawConfig, name: &str, value: &str) -> Result<(), ConfigError> {
     let v = Some(value.to_owned());
     let number = |v: &str| {
@@ -388,20 +400,14 @@ fn apply_env(raw: &mut RawConfig, name: &str, value: &str) -> Result<(), ConfigE
         "INVALIDATOR_POSTGRES_SLOT" => raw.postgres.slot = v,
         "INVALIDATOR_POSTGRES_PUBLICATION" => raw.postgres.publication = v,
         "INVALIDATOR_POSTGRES_FLUSH_ON_SLOT_LOSS" => {
-            raw.postgres.flush_on_slot_loss =
-                Some(value.parse().map_err(|_| ConfigError::Invalid {
-                    origin: name.to_owned(),
-                    message: format!("expected true or false, got {value:?}"),
-                })?)
+            raw.postgres.flush_on_slot_loss = Some(boolean(name, value)?)
+        }
+        "INVALIDATOR_POSTGRES_STREAM_LARGE_TRANSACTIONS" => {
+            raw.postgres.stream_large_transactions = Some(boolean(name, value)?)
         }
         "INVALIDATOR_POSTGRES_CA_FILE" => raw.postgres.ca_file = Some(PathBuf::from(value)),
         "INVALIDATOR_REDIS_URL" => raw.redis.url = v,
-        "INVALIDATOR_REDIS_CLUSTER" => {
-            raw.redis.cluster = Some(value.parse().map_err(|_| ConfigError::Invalid {
-                origin: name.to_owned(),
-                message: format!("expected true or false, got {value:?}"),
-            })?)
-        }
+        "INVALIDATOR_REDIS_CLUSTER" => raw.redis.cluster = Some(boolean(name, value)?),
         "INVALIDATOR_REDIS_CA_FILE" => raw.redis.ca_file = Some(PathBuf::from(value)),
         "INVALIDATOR_REDIS_WAIT_REPLICAS" => {
             let replicas: usize = number(value)?;
@@ -634,6 +640,7 @@ fn validate(raw: RawConfig, origins: &Origins) -> Result<Config, ConfigError> {
             slot,
             publication,
             flush_on_slot_loss: raw.postgres.flush_on_slot_loss.unwrap_or(true),
+            stream_large_transactions: raw.postgres.stream_large_transactions.unwrap_or(true),
             ca_file: raw.postgres.ca_file,
         },
         redis_url,
