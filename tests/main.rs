@@ -24,6 +24,7 @@ mod replication;
 mod sidecar;
 mod slots;
 mod standby;
+mod streaming;
 mod support;
 mod targets;
 mod teardown;
