@@ -66,6 +66,9 @@ pub enum Kind {
     Publication,
     /// Notify mode's outbox, trigger function or triggers are missing or out of date.
     NotifySetup,
+    /// The slot is not a failover slot on a server that has them (17+): a promoted standby
+    /// will not have it (replication mode).
+    FailoverSlot,
 }
 
 impl Kind {
@@ -87,6 +90,7 @@ impl Kind {
             Kind::OutputPlugin => "output_plugin",
             Kind::Publication => "publication",
             Kind::NotifySetup => "notify_setup",
+            Kind::FailoverSlot => "failover_slot",
         }
     }
 }

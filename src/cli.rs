@@ -415,8 +415,14 @@ pub async fn execute(command: Command, loaded: Loaded) -> anyhow::Result<ExitCod
                 .lag_bytes
                 .map_or_else(|| "unknown".to_owned(), |b| b.to_string());
             let wal_status = info.wal_status.unwrap_or_else(|| "unknown".to_owned());
+            let failover = match info.failover {
+                Some(true) => ", failover on",
+                Some(false) => ", failover off",
+                None => "",
+            };
             println!(
-                "slot {slot}: {state}, confirmed {confirmed}, lag {lag} bytes, wal_status {wal_status}"
+                "slot {slot}: {state}, confirmed {confirmed}, lag {lag} bytes, wal_status \
+                 {wal_status}{failover}"
             );
             Ok(ExitCode::SUCCESS)
         }
