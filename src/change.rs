@@ -332,6 +332,41 @@ pub enum Step {
         /// transaction, or (notify mode) the sequence number of the round of outbox rows.
         position: Lsn,
     },
+    /// A block of changes of the streamed transaction `xid`, which has not committed yet, starts
+    /// (PostgreSQL 14+, protocol version 2): the Change and Manual steps up to
+    /// [`Step::StreamStop`] belong to it, made by its top-level transaction until a
+    /// [`Step::Subtransaction`] says otherwise. Blocks of several transactions may alternate,
+    /// and whole transactions may come between them.
+    StreamStart {
+        /// The top-level transaction.
+        xid: u32,
+        /// Whether this is its first block (after a reconnect the server starts over with it).
+        first: bool,
+    },
+    /// The changes that follow in the block were made by the (sub)transaction `xid`.
+    Subtransaction {
+        /// The subtransaction, or the top-level transaction itself.
+        xid: u32,
+    },
+    /// The block of a streamed transaction ends.
+    StreamStop,
+    /// The streamed transaction `xid` committed: every block of it counts.
+    StreamCommit {
+        /// The top-level transaction, for what must know which transaction became visible.
+        xid: u32,
+        /// Its end LSN: where the source stands once its invalidations are confirmed.
+        position: Lsn,
+        /// Its commit time, microseconds since the Unix epoch.
+        commit_time_us: i64,
+    },
+    /// The streamed transaction `xid` aborted (`subxid == xid`), or only its subtransaction
+    /// `subxid` did: what those changes planned is dropped.
+    StreamAbort {
+        /// The top-level transaction.
+        xid: u32,
+        /// The subtransaction that aborted, or `xid`.
+        subxid: u32,
+    },
     /// Nothing published lies before `position` on the server (a keepalive): with nothing open,
     /// queued or unconfirmed, it may be acknowledged.
     Idle {

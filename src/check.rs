@@ -70,6 +70,9 @@ pub enum Kind {
     NotifySetup,
     /// The Redis Functions library for guarded fill is missing, out of date, or unchecked.
     RedisLibrary,
+    /// The slot is not a failover slot on a server that has them (17+): a promoted standby
+    /// will not have it (replication mode).
+    FailoverSlot,
 }
 
 impl Kind {
@@ -92,6 +95,7 @@ impl Kind {
             Kind::Publication => "publication",
             Kind::NotifySetup => "notify_setup",
             Kind::RedisLibrary => "redis_library",
+            Kind::FailoverSlot => "failover_slot",
         }
     }
 }

@@ -74,10 +74,15 @@ impl fmt::Display for Status {
                     .lag_bytes
                     .map_or_else(|| "unknown".to_owned(), |b| b.to_string());
                 let wal_status = info.wal_status.as_deref().unwrap_or("unknown");
+                let failover = match info.failover {
+                    Some(true) => ", failover on",
+                    Some(false) => ", failover off",
+                    None => "",
+                };
                 write!(
                     f,
                     "slot {name}: {state}, confirmed {confirmed}, lag {lag} bytes, wal_status \
-                     {wal_status}"
+                     {wal_status}{failover}"
                 )
             }
         }

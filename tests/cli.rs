@@ -640,6 +640,38 @@ fn setup_dry_run_prints_the_sql_and_changes_nothing() {
 }
 
 #[test]
+fn check_warns_of_a_slot_that_is_not_a_failover_slot_where_the_server_has_them() {
+    let (db, setup) = setup(RULES);
+    let pg = PgCluster::shared();
+    let (_, doc) = check_json(&setup, &[]);
+    assert!(
+        of_kind(&doc, "warnings", "failover_slot").is_empty(),
+        "{doc}"
+    );
+    // A slot made by hand, without failover.
+    pg.psql(
+        &db,
+        &format!(
+            "SELECT pg_create_logical_replication_slot('{}', 'pgoutput')",
+            setup.slot
+        ),
+    );
+    let (_, doc) = check_json(&setup, &[]);
+    let warned = of_kind(&doc, "warnings", "failover_slot");
+    if pg.major() >= 17 {
+        assert_eq!(warned.len(), 1, "{doc}");
+        let (_, out, _) = invalidator(&setup, &["status"]);
+        assert!(out.trim_end().ends_with(", failover off"), "{out}");
+    } else {
+        assert!(warned.is_empty(), "{doc}");
+    }
+    pg.psql(
+        &db,
+        &format!("SELECT pg_drop_replication_slot('{}')", setup.slot),
+    );
+}
+
+#[test]
 fn status_prints_the_slot_or_the_outbox() {
     let (_db, setup) = setup(RULES);
     let (code, out, _) = invalidator(&setup, &["status"]);
@@ -663,7 +695,13 @@ fn status_prints_the_slot_or_the_outbox() {
     assert!(lsn.contains('/'), "{line}");
     let (lag, rest) = rest.split_once(" bytes, wal_status ").unwrap();
     assert!(lag.parse::<u64>().is_ok(), "{line}");
-    assert_eq!(rest, "reserved", "{line}");
+    // `setup` creates a failover slot where the server has them.
+    let expected = if PgCluster::shared().major() >= 17 {
+        "reserved, failover on"
+    } else {
+        "reserved"
+    };
+    assert_eq!(rest, expected, "{line}");
 
     setup.notify_mode();
     let (code, out, err) = invalidator(&setup, &["setup"]);

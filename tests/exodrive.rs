@@ -58,6 +58,9 @@ in_both_modes_and_on_a_cluster! {
         let _sidecar = f.setup.start();
         let (car, other) = (car(&f, "miami"), car(&f, "miami"));
         let customer = customer(&f, "ada@example.com");
+        // The inserts of the cars invalidate `car:{other}` too: cache only once they are
+        // acknowledged, or a late delete of them would pass for an over-eager one.
+        f.wait_confirmed_while_running(mode);
         // Warm the cache, as the application's getCarAvailability and friends would.
         let stale = [
             format!("availability:{car}:2026-12-01:2026-12-05"),

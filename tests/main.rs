@@ -26,6 +26,7 @@ mod sidecar;
 mod slots;
 mod snippets;
 mod standby;
+mod streaming;
 mod support;
 mod targets;
 mod teardown;

@@ -267,7 +267,7 @@ async fn streams_a_transaction_and_confirms_the_flush_position() {
     cluster.psql(&db, "INSERT INTO items VALUES (1, 'a')");
     let mut stream = within(
         "START_REPLICATION",
-        client.start_replication(&slot, start, publication),
+        client.start_replication(&slot, start, publication, false),
     )
     .await
     .unwrap();
@@ -318,7 +318,7 @@ async fn keepalives_arrive_and_answering_them_keeps_the_stream_alive() {
     let mut client = connect(&cluster.url("postgres")).await;
     let start = client.create_slot("beats").await.unwrap();
     let mut stream = client
-        .start_replication("beats", start, "beats")
+        .start_replication("beats", start, "beats", false)
         .await
         .unwrap();
 
@@ -362,11 +362,16 @@ async fn a_slot_active_elsewhere_gives_55006_and_a_missing_one_42704() {
     table_and_publication(cluster, &db, "busy", "busy");
     let mut owner = connect(&url).await;
     let start = owner.create_slot(&slot).await.unwrap();
-    let _stream = owner.start_replication(&slot, start, "busy").await.unwrap();
+    let _stream = owner
+        .start_replication(&slot, start, "busy", false)
+        .await
+        .unwrap();
 
     let Err(err) = within(
         "a refusal",
-        connect(&url).await.start_replication(&slot, Lsn(0), "busy"),
+        connect(&url)
+            .await
+            .start_replication(&slot, Lsn(0), "busy", false),
     )
     .await
     else {
@@ -379,7 +384,7 @@ async fn a_slot_active_elsewhere_gives_55006_and_a_missing_one_42704() {
         "a refusal",
         connect(&url)
             .await
-            .start_replication(&unique_name("missing"), Lsn(0), "busy"),
+            .start_replication(&unique_name("missing"), Lsn(0), "busy", false),
     )
     .await
     else {
@@ -405,7 +410,10 @@ async fn dropping_next_futures_in_a_select_loses_no_frame() {
             "INSERT INTO big SELECT g, repeat(md5(g::text), 3200) FROM generate_series(1, {ROWS}) g"
         ),
     );
-    let mut stream = client.start_replication(&slot, start, "big").await.unwrap();
+    let mut stream = client
+        .start_replication(&slot, start, "big", false)
+        .await
+        .unwrap();
 
     let mut tags = Vec::new();
     let mut ids = Vec::new();

@@ -476,6 +476,30 @@ impl Fixture {
         wait_until(Duration::from_secs(30), "everything is acknowledged", done);
     }
 
+    /// Waits until a running sidecar has acknowledged every change committed so far: the
+    /// slot's confirmed position reaches the WAL position of now (it moves past other
+    /// databases' WAL when idle), or the outbox is empty. A barrier before caching keys that an
+    /// earlier commit invalidates.
+    pub fn wait_confirmed_while_running(&self, mode: Mode) {
+        let end = self.sql("SELECT pg_current_wal_lsn()");
+        let done = || match mode {
+            Mode::Replication => {
+                self.sql(&format!(
+                    "SELECT confirmed_flush_lsn >= '{}' FROM pg_replication_slots \
+                     WHERE slot_name = '{}'",
+                    end.trim(),
+                    self.setup.slot
+                )) == "t"
+            }
+            Mode::Notify => self.sql("SELECT count(*) FROM invalidator.outbox").trim() == "0",
+        };
+        wait_until(
+            Duration::from_secs(30),
+            "the running sidecar acknowledged",
+            done,
+        );
+    }
+
     /// Runs SQL in the test's database.
     pub fn sql(&self, sql: &str) -> String {
         PgCluster::shared().psql(&self.db, sql)

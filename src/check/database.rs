@@ -77,6 +77,7 @@ pub(super) async fn findings(
     match postgres.mode {
         Mode::Replication => {
             server(db, &mut out).await?;
+            failover(db, &postgres.slot, &mut out).await?;
             publication(db, rules, &present, &postgres.publication, &mut out).await?;
         }
         // notify::plan refuses tables or columns that do not exist: reported above already.
@@ -365,6 +366,31 @@ async fn server(db: &mut impl Sql, out: &mut Vec<Finding>) -> Result<(), SetupEr
             format!(
                 "as a superuser: ALTER ROLE {} WITH REPLICATION;",
                 quote_ident(user)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Whether the slot, where it exists on a server with failover slots (17+), is one: a slot
+/// that standbys do not synchronize is lost at a failover, and the cache flushed.
+async fn failover(db: &mut impl Sql, slot: &str, out: &mut Vec<Finding>) -> Result<(), SetupError> {
+    if let Some(info) = setup::slot_info(db, slot).await?
+        && info.failover == Some(false)
+    {
+        out.push(Finding::general(
+            Severity::Warning,
+            Kind::FailoverSlot,
+            None,
+            format!(
+                "slot {slot} is not a failover slot: standbys do not synchronize it, so after a \
+                 failover the slot is lost and `run` flushes every key the rules can produce"
+            ),
+            format!(
+                "with `run` stopped: psql \"dbname=<database> replication=database\" -c \
+                 'ALTER_REPLICATION_SLOT {} (FAILOVER true)' (and see the standby settings under \
+                 Failover to a standby)",
+                quote_ident(slot)
             ),
         ));
     }

@@ -3,6 +3,14 @@
 
 use super::*;
 
+/// The value of the environment variable `name`, which must be `true` or `false`.
+fn boolean(name: &str, value: &str) -> Result<bool, ConfigError> {
+    value.parse().map_err(|_| ConfigError::Invalid {
+        origin: name.to_owned(),
+        message: format!("expected true or false, got {value:?}"),
+    })
+}
+
 pub(super) fn apply_env(raw: &mut RawConfig, name: &str, value: &str) -> Result<(), ConfigError> {
     let v = Some(value.to_owned());
     let number = |v: &str| {
@@ -17,20 +25,14 @@ pub(super) fn apply_env(raw: &mut RawConfig, name: &str, value: &str) -> Result<
         "INVALIDATOR_POSTGRES_SLOT" => raw.postgres.slot = v,
         "INVALIDATOR_POSTGRES_PUBLICATION" => raw.postgres.publication = v,
         "INVALIDATOR_POSTGRES_FLUSH_ON_SLOT_LOSS" => {
-            raw.postgres.flush_on_slot_loss =
-                Some(value.parse().map_err(|_| ConfigError::Invalid {
-                    origin: name.to_owned(),
-                    message: format!("expected true or false, got {value:?}"),
-                })?)
+            raw.postgres.flush_on_slot_loss = Some(boolean(name, value)?)
+        }
+        "INVALIDATOR_POSTGRES_STREAM_LARGE_TRANSACTIONS" => {
+            raw.postgres.stream_large_transactions = Some(boolean(name, value)?)
         }
         "INVALIDATOR_POSTGRES_CA_FILE" => raw.postgres.ca_file = Some(PathBuf::from(value)),
         "INVALIDATOR_REDIS_URL" => raw.redis.url = v,
-        "INVALIDATOR_REDIS_CLUSTER" => {
-            raw.redis.cluster = Some(value.parse().map_err(|_| ConfigError::Invalid {
-                origin: name.to_owned(),
-                message: format!("expected true or false, got {value:?}"),
-            })?)
-        }
+        "INVALIDATOR_REDIS_CLUSTER" => raw.redis.cluster = Some(boolean(name, value)?),
         "INVALIDATOR_REDIS_CA_FILE" => raw.redis.ca_file = Some(PathBuf::from(value)),
         "INVALIDATOR_REDIS_WAIT_REPLICAS" => {
             let replicas: usize = number(value)?;
@@ -52,10 +54,7 @@ pub(super) fn apply_env(raw: &mut RawConfig, name: &str, value: &str) -> Result<
             raw.pipeline.max_transaction_keys = Some(number(value)?)
         }
         "INVALIDATOR_PIPELINE_WAIT_VISIBLE" => {
-            raw.pipeline.wait_visible = Some(value.parse().map_err(|_| ConfigError::Invalid {
-                origin: name.to_owned(),
-                message: format!("expected true or false, got {value:?}"),
-            })?)
+            raw.pipeline.wait_visible = Some(boolean(name, value)?)
         }
         "INVALIDATOR_LOG_FORMAT" => raw.log.format = v,
         "INVALIDATOR_LOG_LEVEL" => raw.log.level = v,

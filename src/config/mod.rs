@@ -123,6 +123,9 @@ pub struct PostgresConfig {
     pub publication: String,
     /// After a lost or dropped slot, delete every key the rules can produce (the safety action).
     pub flush_on_slot_loss: bool,
+    /// Ask PostgreSQL 14+ to stream large transactions before they commit (protocol version
+    /// 2), instead of decoding each only at its commit after spilling it to disk.
+    pub stream_large_transactions: bool,
     /// A PEM file of CA certificates trusted for the server's TLS certificate, besides the
     /// system roots; checked at load to hold at least one certificate.
     pub ca_file: Option<PathBuf>,
@@ -235,6 +238,7 @@ struct RawPostgres {
     slot: Option<String>,
     publication: Option<String>,
     flush_on_slot_loss: Option<bool>,
+    stream_large_transactions: Option<bool>,
     ca_file: Option<PathBuf>,
 }
 

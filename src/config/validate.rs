@@ -90,6 +90,7 @@ fn postgres(raw: RawPostgres, origins: &Origins) -> Result<PostgresConfig, Confi
         slot,
         publication,
         flush_on_slot_loss: raw.flush_on_slot_loss.unwrap_or(true),
+        stream_large_transactions: raw.stream_large_transactions.unwrap_or(true),
         ca_file: raw.ca_file,
     })
 }

@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 
 use super::error::DecodeError;
-use super::message::{Message, OldTuple, Relation, TupleValue, decode};
+use super::message::{Message, OldTuple, Relation, TupleValue, decode, decode_streamed};
 use crate::change::{Change, Columns, Lsn, Op, Row, TableName, Value};
 
 /// What one message means to the pipeline.
@@ -34,6 +34,40 @@ pub enum Event {
         end_lsn: Lsn,
         /// Commit time in microseconds since the Unix epoch.
         commit_time_us: i64,
+    },
+    /// A block of changes of the streamed transaction `xid`, not committed yet, starts (protocol
+    /// version 2, `streaming 'on'`): what follows up to [`Event::StreamStop`] belongs to it.
+    StreamStart {
+        /// The top-level transaction.
+        xid: u32,
+        /// Whether this is its first block: the server resends a streamed transaction from its
+        /// first block after a reconnect.
+        first: bool,
+    },
+    /// The changes that follow in the block were made by the (sub)transaction `xid`: sent
+    /// whenever it differs from the previous change's in the block.
+    Subtransaction {
+        /// The subtransaction, or the top-level transaction itself.
+        xid: u32,
+    },
+    /// The block of a streamed transaction ends.
+    StreamStop,
+    /// A streamed transaction committed: every block of it counts.
+    StreamCommit {
+        /// The top-level transaction.
+        xid: u32,
+        /// The LSN just past the commit record: what may be acknowledged once its work is done.
+        end_lsn: Lsn,
+        /// Commit time in microseconds since the Unix epoch.
+        commit_time_us: i64,
+    },
+    /// A streamed transaction (`subxid == xid`), or one subtransaction of it, aborted: its
+    /// changes never happened.
+    StreamAbort {
+        /// The top-level transaction.
+        xid: u32,
+        /// The subtransaction that aborted, or `xid`.
+        subxid: u32,
     },
     /// A `pg_logical_emit_message` message, surfaced so the pipeline can use it as a heartbeat or
     /// marker; Postgres sends them only when the stream is started with `messages 'true'`.
@@ -142,6 +176,19 @@ struct Transaction {
     commit_time_us: i64,
 }
 
+/// A block of a streamed transaction between its Stream Start and Stream Stop.
+#[derive(Debug, Clone, Copy)]
+struct Block {
+    /// The (sub)transaction of the last change of the block, or the top-level one at its start.
+    xid: u32,
+}
+
+/// What the changes of a streamed block carry for a commit not yet known.
+const STREAMED: Transaction = Transaction {
+    commit_lsn: Lsn(0),
+    commit_time_us: 0,
+};
+
 /// Turns a stream of pgoutput messages into [`Event`]s, keeping the relation cache.
 ///
 /// Pure: it does no I/O. One decoder serves one replication stream; call [`Decoder::clear`] when a
@@ -152,6 +199,8 @@ pub struct Decoder {
     relations: HashMap<u32, RelationInfo>,
     /// The open transaction, if a Begin came without its Commit yet.
     transaction: Option<Transaction>,
+    /// The open block of a streamed transaction, if a Stream Start came without its Stop yet.
+    block: Option<Block>,
 }
 
 impl Decoder {
@@ -169,6 +218,19 @@ impl Decoder {
     pub fn clear(&mut self) {
         self.relations.clear();
         self.transaction = None;
+        self.block = None;
+    }
+
+    /// Decodes one message as this stream lays it out here: inside a streamed block, the
+    /// messages that carry an xid are read with it, and given without it.
+    pub fn decode(&self, data: &[u8]) -> Result<Message, DecodeError> {
+        if self.block.is_none() {
+            return decode(data);
+        }
+        Ok(match decode_streamed(data)? {
+            Message::Streamed(streamed) => *streamed.message,
+            other => other,
+        })
     }
 
     /// Decodes one message and passes what it means to `emit`.
@@ -176,12 +238,27 @@ impl Decoder {
     /// Relation messages update the cache; Type and Origin messages are absorbed. On error nothing
     /// is emitted for the message, and the stream should be restarted (after [`Decoder::clear`]):
     /// every error here means the bytes are not what Postgres sends, or a message was lost.
+    ///
+    /// The messages of streamed transactions (protocol version 2) are read; those of two-phase
+    /// commit are refused, since the stream never asks for them.
     pub fn apply(&mut self, data: &[u8], mut emit: impl FnMut(Event)) -> Result<(), DecodeError> {
-        let message = decode(data)?;
+        let message = match self.block {
+            Some(_) => decode_streamed(data)?,
+            None => decode(data)?,
+        };
+        self.message(message, &mut emit)
+    }
+
+    /// Passes what one decoded message means to `emit`.
+    fn message(
+        &mut self,
+        message: Message,
+        emit: &mut impl FnMut(Event),
+    ) -> Result<(), DecodeError> {
         let kind = message.kind();
         match message {
             Message::Begin(begin) => {
-                if self.transaction.is_some() {
+                if self.transaction.is_some() || self.block.is_some() {
                     return Err(DecodeError::NestedBegin);
                 }
                 let commit_time_us = begin.commit_time_us();
@@ -260,24 +337,74 @@ impl Decoder {
                 content: message.content,
                 lsn: message.lsn,
             }),
-            Message::StreamStart(_)
-            | Message::StreamStop
-            | Message::StreamCommit(_)
-            | Message::StreamAbort(_)
-            | Message::BeginPrepare(_)
+            Message::StreamStart(start) => {
+                if self.transaction.is_some() || self.block.is_some() {
+                    return Err(DecodeError::OutOfPlace { message: kind });
+                }
+                self.block = Some(Block { xid: start.xid });
+                emit(Event::StreamStart {
+                    xid: start.xid,
+                    first: start.is_first(),
+                });
+            }
+            Message::StreamStop => {
+                if self.block.take().is_none() {
+                    return Err(DecodeError::OutOfPlace { message: kind });
+                }
+                emit(Event::StreamStop);
+            }
+            Message::StreamCommit(commit) => {
+                self.between(kind)?;
+                emit(Event::StreamCommit {
+                    xid: commit.xid,
+                    end_lsn: commit.end_lsn,
+                    commit_time_us: super::pg_to_unix_us(commit.timestamp),
+                });
+            }
+            Message::StreamAbort(abort) => {
+                self.between(kind)?;
+                emit(Event::StreamAbort {
+                    xid: abort.xid,
+                    subxid: abort.subxid,
+                });
+            }
+            Message::Streamed(streamed) => {
+                let block = self
+                    .block
+                    .as_mut()
+                    .ok_or(DecodeError::OutOfPlace { message: kind })?;
+                if block.xid != streamed.xid {
+                    block.xid = streamed.xid;
+                    emit(Event::Subtransaction { xid: streamed.xid });
+                }
+                return self.message(*streamed.message, emit);
+            }
+            Message::BeginPrepare(_)
             | Message::Prepare(_)
             | Message::StreamPrepare(_)
             | Message::CommitPrepared(_)
-            | Message::RollbackPrepared(_)
-            | Message::Streamed(_) => return Err(DecodeError::NotRequested { message: kind }),
+            | Message::RollbackPrepared(_) => {
+                return Err(DecodeError::NotRequested { message: kind });
+            }
         }
         Ok(())
     }
 
-    /// The open transaction, which a message of `kind` needs.
+    /// The open transaction, which a message of `kind` needs: a Begin's, or a streamed block's,
+    /// whose commit is not known yet.
     fn open(&self, kind: &'static str) -> Result<Transaction, DecodeError> {
         self.transaction
+            .or(self.block.map(|_| STREAMED))
             .ok_or(DecodeError::OutsideTransaction { message: kind })
+    }
+
+    /// Checks that neither a transaction nor a streamed block is open, as a message of `kind`
+    /// that ends a streamed transaction needs.
+    fn between(&self, kind: &'static str) -> Result<(), DecodeError> {
+        if self.transaction.is_some() || self.block.is_some() {
+            return Err(DecodeError::OutOfPlace { message: kind });
+        }
+        Ok(())
     }
 
     /// The cached relation for an id that a row or truncate message names.

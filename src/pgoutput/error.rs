@@ -102,13 +102,17 @@ pub enum DecodeError {
         /// The kind of message.
         message: &'static str,
     },
-    /// A message of streamed transactions or two-phase commit, which a stream started with
-    /// protocol version 1 and neither `streaming` nor `two_phase` never carries.
-    #[error(
-        "{message} message on a stream started with protocol version 1, without streaming or \
-         two-phase commit"
-    )]
+    /// A message of two-phase commit, which a stream started without `two_phase` never
+    /// carries.
+    #[error("{message} message on a stream started without two-phase commit")]
     NotRequested {
+        /// The kind of message.
+        message: &'static str,
+    },
+    /// A message of a streamed transaction where none can be: a Stream Start inside a
+    /// transaction or block, a Stream Stop outside a block, a Stream Commit or Abort inside one.
+    #[error("{message} message out of place in the blocks of streamed transactions")]
+    OutOfPlace {
         /// The kind of message.
         message: &'static str,
     },

@@ -1,9 +1,12 @@
 //! Decoder for the `pgoutput` logical replication plugin. Pure: no I/O, no tokio. The stream is
-//! read with protocol version 1; the messages of streamed transactions (version 2) and two-phase
-//! commit (version 3) decode too, and `Decoder` refuses them, since it never asks for them.
+//! read with protocol version 1, or version 2 with large transactions streamed in blocks before
+//! they commit (PostgreSQL 14+), which `Decoder` follows; the messages of two-phase commit
+//! (version 3) decode too, and `Decoder` refuses them, since the stream never asks for them.
 //!
 //! ```text
-//! XLogData payload ──decode──▶ Message ──Decoder::apply──▶ Event::{Begin, Change, Commit, Message}
+//! XLogData payload ──decode──▶ Message ──Decoder::apply──▶ Event::{Begin, Change, Commit, Message,
+//!                                                        StreamStart, Subtransaction, StreamStop,
+//!                                                        StreamCommit, StreamAbort}
 //!                  ◀──encode──           (relation cache)
 //! ```
 //!

@@ -237,7 +237,9 @@ fn prepare(r: &mut Reader<'_>) -> Result<Prepare, DecodeError> {
 pub(super) mod tests {
     use proptest::prelude::*;
 
-    use super::super::{Begin, Decoder, Insert, TupleValue, decode, decode_streamed, encode};
+    use super::super::{
+        Begin, Decoder, Event, Insert, TupleValue, decode, decode_streamed, encode,
+    };
     use super::*;
 
     /// One message of every streaming and two-phase kind, with and without the optional parts.
@@ -495,9 +497,19 @@ pub(super) mod tests {
     }
 
     #[test]
-    fn the_protocol_version_1_decoder_refuses_what_it_never_asks_for() {
+    fn the_decoder_refuses_two_phase_messages_it_never_asks_for() {
         let mut decoder = Decoder::new();
-        for message in samples() {
+        let two_phase = samples().into_iter().filter(|m| {
+            matches!(
+                m,
+                Message::BeginPrepare(_)
+                    | Message::Prepare(_)
+                    | Message::StreamPrepare(_)
+                    | Message::CommitPrepared(_)
+                    | Message::RollbackPrepared(_)
+            )
+        });
+        for message in two_phase {
             let err = decoder
                 .apply(&encode(&message), |_| panic!("nothing is emitted"))
                 .unwrap_err();
@@ -508,7 +520,7 @@ pub(super) mod tests {
                 }
             );
         }
-        // And a stream that stays in protocol version 1 still decodes after them.
+        // And the stream still decodes after them.
         let begin = Message::Begin(Begin {
             final_lsn: Lsn(1),
             timestamp: 0,
@@ -517,6 +529,147 @@ pub(super) mod tests {
         let mut events = 0;
         decoder.apply(&encode(&begin), |_| events += 1).unwrap();
         assert_eq!(events, 1);
+    }
+
+    /// The Relation of `public.cars (id key)`, with relation id 7.
+    fn cars() -> Message {
+        Message::Relation(super::super::Relation {
+            id: 7,
+            namespace: "public".into(),
+            name: "cars".into(),
+            replica_identity: b'd',
+            columns: vec![super::super::Column {
+                flags: 1,
+                name: "id".into(),
+                type_oid: 23,
+                type_modifier: -1,
+            }],
+        })
+    }
+
+    /// A message of (sub)transaction `xid` inside a streamed block.
+    fn within(xid: u32, message: Message) -> Vec<u8> {
+        encode(&Message::Streamed(Streamed {
+            xid,
+            message: Box::new(message),
+        }))
+    }
+
+    /// The insert of car `id`.
+    fn insert(id: &str) -> Message {
+        Message::Insert(Insert {
+            relation_id: 7,
+            new: vec![TupleValue::Text(id.into())],
+        })
+    }
+
+    #[test]
+    fn streamed_blocks_give_their_changes_with_the_subtransaction_that_made_them() {
+        let mut decoder = Decoder::new();
+        let mut events: Vec<String> = Vec::new();
+        let start =
+            |xid, first_segment| encode(&Message::StreamStart(StreamStart { xid, first_segment }));
+        let wal = [
+            start(900, 1),
+            within(900, cars()),
+            within(900, insert("1")),
+            within(901, insert("2")),
+            within(901, insert("3")),
+            encode(&Message::StreamStop),
+            start(900, 0),
+            within(900, insert("4")),
+            encode(&Message::StreamStop),
+            encode(&Message::StreamAbort(StreamAbort {
+                xid: 900,
+                subxid: 901,
+                abort: None,
+            })),
+            encode(&Message::StreamCommit(StreamCommit {
+                xid: 900,
+                flags: 0,
+                commit_lsn: Lsn(0x500),
+                end_lsn: Lsn(0x530),
+                timestamp: 0,
+            })),
+        ];
+        for data in &wal {
+            decoder
+                .apply(data, |event| {
+                    events.push(match event {
+                        Event::Change(change) => {
+                            format!("change {:?}", change.new.unwrap().get("id"))
+                        }
+                        other => format!("{other:?}"),
+                    })
+                })
+                .unwrap();
+        }
+        assert_eq!(
+            events,
+            [
+                "StreamStart { xid: 900, first: true }",
+                "change Text(\"1\")",
+                "Subtransaction { xid: 901 }",
+                "change Text(\"2\")",
+                "change Text(\"3\")",
+                "StreamStop",
+                "StreamStart { xid: 900, first: false }",
+                "change Text(\"4\")",
+                "StreamStop",
+                "StreamAbort { xid: 900, subxid: 901 }",
+                format!(
+                    "StreamCommit {{ xid: 900, end_lsn: Lsn(1328), commit_time_us: {} }}",
+                    super::super::PG_EPOCH_OFFSET_US
+                )
+                .as_str(),
+            ]
+        );
+    }
+
+    #[test]
+    fn streamed_messages_out_of_place_are_errors() {
+        let commit = encode(&Message::StreamCommit(StreamCommit {
+            xid: 900,
+            flags: 0,
+            commit_lsn: Lsn(1),
+            end_lsn: Lsn(2),
+            timestamp: 0,
+        }));
+        let start = encode(&Message::StreamStart(StreamStart {
+            xid: 900,
+            first_segment: 1,
+        }));
+        let begin = encode(&Message::Begin(Begin {
+            final_lsn: Lsn(1),
+            timestamp: 0,
+            xid: 1,
+        }));
+        let out_of_place = |message| DecodeError::OutOfPlace { message };
+        let mut decoder = Decoder::new();
+        assert_eq!(
+            decoder.apply(&encode(&Message::StreamStop), |_| {}),
+            Err(out_of_place("stream stop"))
+        );
+        decoder.apply(&start, |_| {}).unwrap();
+        assert_eq!(
+            decoder.apply(&start, |_| {}),
+            Err(out_of_place("stream start"))
+        );
+        assert_eq!(
+            decoder.apply(&commit, |_| {}),
+            Err(out_of_place("stream commit"))
+        );
+        assert_eq!(decoder.apply(&begin, |_| {}), Err(DecodeError::NestedBegin));
+        let mut decoder = Decoder::new();
+        decoder.apply(&begin, |_| {}).unwrap();
+        assert_eq!(
+            decoder.apply(&start, |_| {}),
+            Err(out_of_place("stream start"))
+        );
+        assert_eq!(
+            decoder.apply(&commit, |_| {}),
+            Err(out_of_place("stream commit"))
+        );
     }
 
     fn gid() -> impl Strategy<Value = String> {

@@ -6,7 +6,15 @@
 //! are planned, and once it holds more than `pipeline.max_transaction_keys` of them they are
 //! replaced by every pattern the rules of its tables can produce (each placeholder `*`), a
 //! superset that never misses; from then on its rows are no longer planned one by one.
+//!
+//! A large transaction may arrive streamed, in blocks, before it commits (PostgreSQL 14+): its
+//! keys are collected block by block under the same bound, those of each subtransaction in a
+//! set of their own, so that the abort of a subtransaction drops exactly what its rows planned
+//! (the same key planned by a row that stays is in that row's set too); an abort of the whole
+//! transaction drops everything, and its commit queues it like any other. Blocks of several
+//! transactions may alternate, with whole transactions between them.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use futures_util::FutureExt;
@@ -24,6 +32,10 @@ use crate::telemetry;
 struct SourceState {
     /// The transaction being read, if one is open.
     open: Option<Open>,
+    /// Streamed transactions not committed yet, by top-level xid: what their blocks planned.
+    streams: HashMap<u32, Open>,
+    /// The top-level xid of the streamed block being read, if one is.
+    block: Option<u32>,
     /// A committed transaction the queue had no room for yet.
     pending: Option<Committed>,
     /// Distinct keys and patterns past which a transaction falls back to its tables' patterns.
@@ -36,6 +48,17 @@ struct SourceState {
     history: u64,
     /// The configured prefixes manual invalidation may delete under, besides the rules' own.
     invalidate_prefixes: Arc<[String]>,
+}
+
+impl SourceState {
+    /// The transaction the steps being read belong to: the streamed one of the block being
+    /// read, or the open one.
+    fn current(&mut self) -> Option<&mut Open> {
+        match self.block {
+            Some(xid) => self.streams.get_mut(&xid),
+            None => self.open.as_mut(),
+        }
+    }
 }
 
 /// Handles on the `changes_total{table, op}` series, so counting a change costs a short search
@@ -73,8 +96,17 @@ struct Open {
     /// patterns; `None` while its keys are planned row by row.
     fell_back_at: Option<usize>,
     /// Keys and patterns given by hand with `invalidator.invalidate()`: kept apart, because the
-    /// fallback to the tables' patterns does not cover them.
+    /// fallback to the tables' patterns does not cover them. Kept when a subtransaction of a
+    /// streamed transaction aborts: deleting too much is allowed, missing is not.
     given: Invalidation,
+    /// What the rows of each subtransaction of a streamed transaction planned, apart from
+    /// `committed.inv` (the top-level rows'), so that its abort drops only that; empty after a
+    /// fallback, whose patterns stay whatever aborts.
+    subs: HashMap<u32, Invalidation>,
+    /// The keys and patterns in `subs`, together.
+    sub_keys: usize,
+    /// The subtransaction whose rows are being planned; `None` for the top-level transaction.
+    sub: Option<u32>,
 }
 
 impl Open {
@@ -92,6 +124,16 @@ impl Open {
             changes: 0,
             fell_back_at: None,
             given: Invalidation::default(),
+            subs: HashMap::new(),
+            sub_keys: 0,
+            sub: None,
+        }
+    }
+
+    /// Drops what the rows of the aborted subtransaction `xid` planned.
+    fn abort_sub(&mut self, xid: u32) {
+        if let Some(inv) = self.subs.remove(&xid) {
+            self.sub_keys -= inv.len();
         }
     }
 
@@ -142,10 +184,21 @@ impl Open {
         if self.fell_back_at.is_some() {
             return;
         }
-        live.plan(change, &mut self.committed.inv);
+        match self.sub {
+            Some(xid) => {
+                let inv = self.subs.entry(xid).or_default();
+                let before = inv.len();
+                live.plan(change, inv);
+                self.sub_keys += inv.len() - before;
+            }
+            None => live.plan(change, &mut self.committed.inv),
+        }
         let rules = live.rules();
-        if self.committed.inv.len() > max_keys {
-            self.fell_back_at = Some(self.committed.inv.len());
+        let held = self.committed.inv.len() + self.sub_keys;
+        if held > max_keys {
+            self.fell_back_at = Some(held);
+            self.subs.clear();
+            self.sub_keys = 0;
             // Every key held came from the rules of these tables, and each of those rules
             // rendered with `*` everywhere matches every key it can render for any row.
             let mut fallback = Invalidation::default();
@@ -160,6 +213,9 @@ impl Open {
     fn commit(mut self, end_lsn: Lsn, max_keys: usize) -> Committed {
         self.committed.end_lsn = end_lsn;
         self.committed.inv.merge(std::mem::take(&mut self.given));
+        for (_, inv) in self.subs.drain() {
+            self.committed.inv.merge(inv);
+        }
         if let Some(keys) = self.fell_back_at {
             let tables = self
                 .committed
@@ -203,6 +259,8 @@ pub async fn run_source<S: Source>(
 ) -> Result<SourceEnd, S::Error> {
     let mut state = SourceState {
         open: None,
+        streams: HashMap::new(),
+        block: None,
         pending: None,
         max_transaction_keys: settings.max_transaction_keys,
         counters: ChangeCounters::default(),
@@ -287,15 +345,67 @@ async fn take<S: Source>(
                 commit_time_us,
                 xid,
             } => {
-                // Between transactions: the one place new rules may take over.
-                rules.refresh();
+                // Between transactions: the one place new rules may take over, unless a
+                // streamed transaction is half read (its rows would be planned by two rule sets).
+                if state.streams.is_empty() {
+                    rules.refresh();
+                }
                 state.open = Some(Open::new(state.history, commit_time_us, xid));
             }
             Step::Change { change, ancestors } => {
                 state.counters.count(&change.table, change.op);
-                if let Some(open) = state.open.as_mut() {
-                    open.plan(rules, &change, &ancestors, state.max_transaction_keys);
+                let max_keys = state.max_transaction_keys;
+                if let Some(open) = state.current() {
+                    open.plan(rules, &change, &ancestors, max_keys);
                 }
+            }
+            Step::StreamStart { xid, first } => {
+                let history = state.history;
+                let open = state.streams.entry(xid).or_insert_with(|| {
+                    let mut open = Open::new(history, 0, Some(xid));
+                    if !first {
+                        // The server starts a streamed transaction over with its first block
+                        // on every connection, so this cannot happen; if it did, what the
+                        // blocks not seen planned is unknown.
+                        tracing::warn!(
+                            xid,
+                            "a streamed transaction began with a later block; \
+                            deleting every key the rules can produce at its commit"
+                        );
+                        open.given.merge(rules.rules().everything());
+                    }
+                    open
+                });
+                open.sub = None;
+                state.block = Some(xid);
+            }
+            Step::Subtransaction { xid } => {
+                if let Some(top) = state.block
+                    && let Some(open) = state.streams.get_mut(&top)
+                {
+                    open.sub = (xid != top).then_some(xid);
+                }
+            }
+            Step::StreamStop => state.block = None,
+            Step::StreamAbort { xid, subxid } => {
+                if xid == subxid {
+                    state.streams.remove(&xid);
+                } else if let Some(open) = state.streams.get_mut(&xid) {
+                    open.abort_sub(subxid);
+                }
+            }
+            Step::StreamCommit {
+                xid,
+                position,
+                commit_time_us,
+            } => {
+                let mut open = state
+                    .streams
+                    .remove(&xid)
+                    .unwrap_or_else(|| Open::new(state.history, commit_time_us, Some(xid)));
+                open.committed.commit_time_us = commit_time_us;
+                rules.count();
+                state.pending = Some(open.commit(position, state.max_transaction_keys));
             }
             Step::Manual(manual) => carried(state, rules, manual),
             Step::Commit { position } => {
@@ -321,9 +431,14 @@ async fn take<S: Source>(
 
 /// The position that can be acknowledged: the confirmed LSN, or, when nothing is open, queued
 /// or unconfirmed, the server's position from a keepalive (no published change lies before it,
-/// so the slot need not keep that WAL).
+/// so the slot need not keep that WAL). A streamed transaction not committed yet is open: its
+/// rows lie before the keepalive's position, and nothing is gained by passing them, since the
+/// server keeps their WAL until it commits or aborts whatever is acknowledged.
 fn idle_flush(state: &SourceState, links: &Links, confirmed: Lsn, server: Lsn) -> Lsn {
-    let idle = state.open.is_none() && state.pending.is_none() && links.last_queued <= confirmed;
+    let idle = state.open.is_none()
+        && state.streams.is_empty()
+        && state.pending.is_none()
+        && links.last_queued <= confirmed;
     if idle {
         confirmed.max(server)
     } else {
@@ -341,13 +456,13 @@ fn carried(state: &mut SourceState, rules: &LiveRules, manual: Manual) {
         }
         Manual::Unreadable => {
             let everything = allowed().everything();
-            if let Some(open) = state.open.as_mut() {
+            if let Some(open) = state.current() {
                 open.given.merge(everything);
             }
         }
         Manual::Repair(table) => repaired(state, rules, table),
         Manual::Flush(table) => {
-            if let Some(open) = state.open.as_mut()
+            if let Some(open) = state.current()
                 && rules.rules().has_table(&table)
             {
                 open.flush_table(rules, table);
@@ -362,16 +477,17 @@ fn carried(state: &mut SourceState, rules: &LiveRules, manual: Manual) {
 /// atomically with the writes beside it; a rolled-back transaction never reaches the WAL
 /// stream, so it invalidates nothing. What lies outside `allowed` is ignored and counted.
 fn given(state: &mut SourceState, allowed: &invalidate::Allowed, text: &str, literal: bool) {
-    let Some(open) = state.open.as_mut() else {
+    let max_keys = state.max_transaction_keys;
+    let Some(open) = state.current() else {
         return;
     };
     let inv = &mut open.given;
     allowed.insert(inv, text, literal);
-    if inv.len() > state.max_transaction_keys {
+    if inv.len() > max_keys {
         // Nothing narrower covers arbitrary keys given by hand, and nothing wider may go.
         tracing::warn!(
             keys = inv.len(),
-            limit = state.max_transaction_keys,
+            limit = max_keys,
             "transaction gave more keys by hand than pipeline.max_transaction_keys; deleting \
              every key under the allowed prefixes instead"
         );
@@ -385,7 +501,7 @@ fn given(state: &mut SourceState, allowed: &invalidate::Allowed, text: &str, lit
 /// is confirmed, and a crash before then reads the request again. Its patterns are the rules'
 /// own, so the manual allow-list does not apply; a table without rules deletes nothing.
 fn repaired(state: &mut SourceState, rules: &LiveRules, table: Option<TableName>) {
-    let Some(open) = state.open.as_mut() else {
+    let Some(open) = state.current() else {
         return;
     };
     match table {

@@ -893,3 +893,5 @@ async fn reading_stops_while_redis_is_down_but_status_updates_continue() {
     assert_eq!(deleted as u64, transactions);
     h.stop().await;
 }
+
+mod streaming;

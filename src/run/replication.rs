@@ -172,7 +172,12 @@ pub(super) async fn stream_once(
     }
     wal.catch_up = CatchUp::start(wal.reported, system.xlog_pos);
     let stream = client
-        .start_replication(slot_name, Lsn(0), &config.postgres.publication)
+        .start_replication(
+            slot_name,
+            Lsn(0),
+            &config.postgres.publication,
+            config.postgres.stream_large_transactions,
+        )
         .await?;
     tracing::info!(slot = %slot_name, from = %wal.reported, "streaming");
     stream_until_end(stream, session, streamed).await
@@ -337,6 +342,13 @@ pub(super) async fn dry_stream_once(
          committed before it are not shown (a temporary slot cannot see the past); the real \
          slot does not move and nothing is deleted"
     );
-    let stream = client.start_replication(&slot, Lsn(0), publication).await?;
+    let stream = client
+        .start_replication(
+            &slot,
+            Lsn(0),
+            publication,
+            config.postgres.stream_large_transactions,
+        )
+        .await?;
     stream_until_end(stream, session, streamed).await
 }

@@ -21,7 +21,7 @@ mod watchdog;
 
 pub use self::pgbouncer::PgBouncer;
 pub use self::ports::free_port;
-pub use self::postgres::{PgCluster, StopMode};
+pub use self::postgres::{PgCluster, PsqlSession, StopMode};
 pub use self::proxy::{CutMode, TcpProxy};
 pub use self::redis::{RedisCluster, RedisServer};
 pub use self::tls::{make_certificates, make_client_certificate};

@@ -5,7 +5,7 @@ use super::pg_install::install;
 use super::{Watchdog, free_port, scratch_dir, sh_quote, wait_until};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -259,8 +259,31 @@ impl PgCluster {
 
     /// Like [`PgCluster::try_psql`], as role `user`.
     pub fn try_psql_as(&self, user: &str, db: &str, sql: &str) -> Result<String, String> {
+        let mut child = self.spawn_psql(user, db);
+        child
+            .stdin
+            .take()
+            .expect("psql stdin is piped")
+            .write_all(sql.as_bytes())
+            .expect("write sql to psql");
+        let out = child.wait_with_output().expect("wait for psql");
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).trim_end().to_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+
+    /// A psql session as `postgres` in `db` that reads statements as the test sends them, so
+    /// that a transaction can stay open while the test does something else.
+    pub fn session(&self, db: &str) -> PsqlSession {
+        PsqlSession(self.spawn_psql("postgres", db))
+    }
+
+    /// Starts psql as `user` in `db`, reading SQL from its piped stdin.
+    fn spawn_psql(&self, user: &str, db: &str) -> Child {
         // The Unix socket is used because `set_hba` always keeps it open for `postgres`.
-        let mut child = Command::new(self.client_bin.join("psql"))
+        Command::new(self.client_bin.join("psql"))
             .args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1"])
             .arg("-h")
             .arg(&self.dir)
@@ -278,19 +301,7 @@ impl PgCluster {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .expect("spawn psql");
-        child
-            .stdin
-            .take()
-            .expect("psql stdin is piped")
-            .write_all(sql.as_bytes())
-            .expect("write sql to psql");
-        let out = child.wait_with_output().expect("wait for psql");
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).trim_end().to_owned())
-        } else {
-            Err(String::from_utf8_lossy(&out.stderr).into_owned())
-        }
+            .expect("spawn psql")
     }
 
     /// Stops the server; panics if it was not running.
@@ -441,4 +452,27 @@ pub(super) fn run_checked(cmd: &mut Command) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// A psql session fed statement by statement; see [`PgCluster::session`].
+pub struct PsqlSession(Child);
+
+impl PsqlSession {
+    /// Sends `sql` (complete statements) and returns once psql has it; psql runs it in turn.
+    pub fn send(&mut self, sql: &str) {
+        let stdin = self.0.stdin.as_mut().expect("psql stdin is piped");
+        stdin.write_all(sql.as_bytes()).expect("write sql to psql");
+        stdin.flush().expect("flush sql to psql");
+    }
+
+    /// Ends the input and waits for psql; panics if a statement failed.
+    pub fn finish(mut self) {
+        drop(self.0.stdin.take());
+        let out = self.0.wait_with_output().expect("wait for psql");
+        assert!(
+            out.status.success(),
+            "psql failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }

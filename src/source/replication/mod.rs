@@ -272,9 +272,12 @@ impl ReplicationClient {
         Ok(lsn)
     }
 
-    /// Starts streaming `publication` from `slot` at `start` with pgoutput protocol version 1,
-    /// and, on PostgreSQL 14 and later, with `messages 'true'`, so that logical decoding messages
-    /// with invalidator's prefix, which delete nothing, are seen and counted as ignored.
+    /// Starts streaming `publication` from `slot` at `start`. On PostgreSQL 14 and later with
+    /// `messages 'true'`, so that logical decoding messages with invalidator's prefix, which
+    /// delete nothing, are seen and counted as ignored; and, when `stream_large` is set, with
+    /// protocol version 2 and `streaming 'on'`, so that a transaction larger than the server's
+    /// `logical_decoding_work_mem` arrives in blocks as it is decoded instead of spilling to disk
+    /// until its commit. Otherwise (and on 13) with protocol version 1.
     ///
     /// A slot that is busy elsewhere gives code `55006`, a missing one `42704`; in both cases the
     /// connection is consumed, so reconnect to try again.
@@ -283,19 +286,25 @@ impl ReplicationClient {
         slot: &str,
         start: Lsn,
         publication: &str,
+        stream_large: bool,
     ) -> Result<ReplicationStream, ReplicationError> {
         wire::validate_slot_name(slot)?;
         wire::validate_publication_name(publication)?;
         // publication_names is a list of identifiers inside a string, so the name is quoted as an
         // identifier (keeping case, commas and quotes) and then as a literal.
-        let messages = self
+        let since_14 = self
             .parameter("server_version")
             .is_some_and(|v| wire::major_version(v) >= 14);
+        let protocol = if since_14 && stream_large {
+            "proto_version '2', streaming 'on'"
+        } else {
+            "proto_version '1'"
+        };
         let command = format!(
-            "START_REPLICATION SLOT {} LOGICAL {start} (proto_version '1', publication_names {}{})",
+            "START_REPLICATION SLOT {} LOGICAL {start} ({protocol}, publication_names {}{})",
             wire::quote_ident(slot),
             wire::quote_literal(&wire::quote_ident(publication)),
-            if messages { ", messages 'true'" } else { "" },
+            if since_14 { ", messages 'true'" } else { "" },
         );
         self.conn.encode(|buf| frontend::query(&command, buf))?;
         self.conn.flush().await?;

@@ -3,6 +3,8 @@
 //!
 //! ```text
 //!  ReplicationStream ─XLogData─▶ Decoder ─Event─▶ Step{Begin, Change, Manual, Commit}
+//!                                                  Step{StreamStart, Subtransaction, StreamStop,
+//!                                                       StreamCommit, StreamAbort} (14+)
 //!          │        ─Keepalive─────────────────▶ Step::Idle
 //!          ▲
 //!          └── standby status (flush = acknowledged; never past what this server has shown)
@@ -247,7 +249,7 @@ impl<'a, S: WalStream, A: Ancestry> ReplicationSource<'a, S, A> {
                 // comes again after its definition changed (attached, detached, renamed): the
                 // moment to learn what it is a partition of.
                 if data.first() == Some(&b'R')
-                    && let Ok(Message::Relation(relation)) = crate::pgoutput::decode(&data)
+                    && let Ok(Message::Relation(relation)) = self.decoder.decode(&data)
                 {
                     let table = TableName::new(&relation.namespace, &relation.name);
                     let ancestors =
@@ -324,6 +326,21 @@ impl<'a, S: WalStream, A: Ancestry> ReplicationSource<'a, S, A> {
                 steps.push_back(Step::Change { change, ancestors });
             }
             Event::Commit { end_lsn, .. } => steps.push_back(Step::Commit { position: end_lsn }),
+            Event::StreamStart { xid, first } => steps.push_back(Step::StreamStart { xid, first }),
+            Event::Subtransaction { xid } => steps.push_back(Step::Subtransaction { xid }),
+            Event::StreamStop => steps.push_back(Step::StreamStop),
+            Event::StreamCommit {
+                xid,
+                end_lsn,
+                commit_time_us,
+            } => steps.push_back(Step::StreamCommit {
+                xid,
+                position: end_lsn,
+                commit_time_us,
+            }),
+            Event::StreamAbort { xid, subxid } => {
+                steps.push_back(Step::StreamAbort { xid, subxid });
+            }
             // Any role can emit one, even in a read-only transaction: it proves nothing.
             Event::Message { prefix, .. } if prefix == MESSAGE_PREFIX => {
                 invalidate::Ignored::EmittedMessage.record();
@@ -352,7 +369,7 @@ impl<S: WalStream, A: Ancestry> Source for ReplicationSource<'_, S, A> {
     async fn step(&mut self) -> Result<Option<Step>, SourceError> {
         loop {
             if let Some(step) = self.steps.pop_front() {
-                if let Step::Commit { position } = step {
+                if let Step::Commit { position } | Step::StreamCommit { position, .. } = step {
                     // A commit given to the pipeline is something this server wrote.
                     self.progress.server_end = self.progress.server_end.max(position);
                 }

@@ -151,6 +151,9 @@ pub struct SlotInfo {
     pub wal_status: Option<String>,
     /// Bytes of WAL between the confirmed position and the server's current one.
     pub lag_bytes: Option<i64>,
+    /// Whether it is a failover slot, which standbys synchronize; `None` before PostgreSQL 17,
+    /// which has none.
+    pub failover: Option<bool>,
 }
 
 /// Reads the slot, or `None` when it does not exist.
@@ -160,17 +163,27 @@ pub async fn slot_info(db: &mut impl Sql, slot: &str) -> Result<Option<SlotInfo>
             "SELECT plugin, database = current_database(), active, active_pid::text, \
              confirmed_flush_lsn::text, wal_status, \
              (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_receive_lsn() \
-              ELSE pg_current_wal_lsn() END - confirmed_flush_lsn)::bigint::text \
-             FROM pg_replication_slots WHERE slot_name = {}",
+              ELSE pg_current_wal_lsn() END - confirmed_flush_lsn)::bigint::text, \
+             to_jsonb(s) ->> 'failover' \
+             FROM pg_replication_slots s WHERE slot_name = {}",
             quote_literal(slot)
         ))
         .await?;
     let Some(row) = rows.into_iter().next() else {
         return Ok(None);
     };
-    let [plugin, same_db, active, pid, flush, wal_status, lag] =
-        <[Option<String>; 7]>::try_from(row)
-            .map_err(|_| SetupError::Unexpected("the slot query".to_owned()))?;
+    // `failover` is read through jsonb: a column that is missing before 17 is then NULL.
+    let [
+        plugin,
+        same_db,
+        active,
+        pid,
+        flush,
+        wal_status,
+        lag,
+        failover,
+    ] = <[Option<String>; 8]>::try_from(row)
+        .map_err(|_| SetupError::Unexpected("the slot query".to_owned()))?;
     Ok(Some(SlotInfo {
         plugin,
         same_database: same_db.as_deref() == Some("t"),
@@ -179,6 +192,7 @@ pub async fn slot_info(db: &mut impl Sql, slot: &str) -> Result<Option<SlotInfo>
         confirmed_flush: flush.and_then(|s| s.parse().ok()),
         wal_status,
         lag_bytes: lag.and_then(|s| s.parse().ok()),
+        failover: failover.map(|f| f == "true"),
     }))
 }
 
