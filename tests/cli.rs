@@ -150,7 +150,7 @@ fn check_passes_the_exodrive_rules_on_their_migrations() {
     let (code, out, err) = invalidator(&setup, &["setup"]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(
-        out.contains("done: load the Redis Functions library invalidator version 1"),
+        out.contains("done: load the Redis Functions library invalidator version 2"),
         "{out}"
     );
     let (code, out, err) = invalidator(&setup, &["check"]);

@@ -182,7 +182,7 @@ fn setup_loads_the_library_on_every_primary_check_names_the_one_out_of_date_tear
     let (status, out) = f.setup.command(&["setup"]);
     assert!(status.success(), "{out}");
     assert!(
-        out.contains("done: load the Redis Functions library invalidator version 1"),
+        out.contains("done: load the Redis Functions library invalidator version 2"),
         "{out}"
     );
     let primaries = f.redis.cluster().primaries();
@@ -206,7 +206,7 @@ fn setup_loads_the_library_on_every_primary_check_names_the_one_out_of_date_tear
         .arg("invalidator")
         .query(&mut primaries[0].connection())
         .unwrap();
-    let older = code.replace("local VERSION = 1", "local VERSION = 0");
+    let older = code.replace("local VERSION = 2", "local VERSION = 1");
     let _: String = redis::cmd("FUNCTION")
         .arg("LOAD")
         .arg("REPLACE")
@@ -243,7 +243,7 @@ fn setup_loads_the_library_on_every_primary_check_names_the_one_out_of_date_tear
 
     let (status, out) = f.setup.command(&["setup"]);
     assert!(
-        status.success() && out.contains("version 0, older than 1"),
+        status.success() && out.contains("version 1, older than 2"),
         "{out}"
     );
     for primary in &primaries {
@@ -382,4 +382,50 @@ async fn a_key_is_deleted_only_once_its_commit_is_visible_to_new_snapshots() {
         },
     );
     assert_eq!(f("SELECT name FROM items WHERE id = 1"), "new");
+}
+
+/// A lease or TTL too long for Redis (or not finite) is refused before anything is written: a
+/// lease the server took without its expiry would make every reader wait on the key forever.
+#[tokio::test]
+async fn a_lease_too_long_for_redis_is_refused_and_leaves_no_lease_behind() {
+    let redis = RedisServer::start();
+    load(&redis.url()).await;
+    let cache = Cache::Single(redis);
+    for lease_ms in ["9223372036854775807", "1e999", "99999999999999999"] {
+        let reply: redis::RedisResult<Value> = cache.query(
+            redis::cmd("FCALL")
+                .arg("invalidator_get")
+                .arg(1)
+                .arg("k")
+                .arg(lease_ms),
+        );
+        let err = reply.expect_err(lease_ms);
+        assert!(
+            err.to_string().contains("lease_ms must be an integer"),
+            "{lease_ms}: {err}"
+        );
+        let exists: bool = cache.query(redis::cmd("EXISTS").arg("k")).unwrap();
+        assert!(!exists, "{lease_ms} left a lease without expiry");
+    }
+    // The longest accepted lease still expires.
+    token(get(&cache, "k", (1 << 53) - 1));
+    let ttl: i64 = cache.query(redis::cmd("PTTL").arg("k")).unwrap();
+    assert!(ttl > 0, "{ttl}");
+    let held = token(get(&cache, "t", 60_000));
+    let reply: redis::RedisResult<Value> = cache.query(
+        redis::cmd("FCALL")
+            .arg("invalidator_fill")
+            .arg(1)
+            .arg("t")
+            .arg(&held)
+            .arg("v")
+            .arg("9223372036854775807"),
+    );
+    assert!(
+        reply
+            .expect_err("a TTL too long")
+            .to_string()
+            .contains("ttl_ms must be an integer"),
+    );
+    assert_eq!(fill(&cache, "t", &held, "v", 5000), 1);
 }

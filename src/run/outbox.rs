@@ -55,7 +55,8 @@ pub(super) async fn outbox_once(
     health.set_source(None);
     tracing::info!(channel = notify::CHANNEL, "reading the outbox");
     let (rules, queued) = (live.subscribe(), links.last_queued);
-    let mut source = notify::OutboxSource::owner(&client, &mut hints, rules, progress, queued, health);
+    let mut source =
+        notify::OutboxSource::owner(&client, &mut hints, rules, progress, queued, health);
     let outcome = pipeline::run_source(&mut source, live, links, &config.pipeline).await;
     health.set_source(Some("reconnecting to postgres".to_owned()));
     match outcome? {

@@ -492,7 +492,9 @@ impl<'a> OutboxSource<'a> {
             "dry run: reading outbox rows newer than the newest one now; deleting none"
         );
         let preview = Reading::Preview(newest);
-        Ok(OutboxSource::new(client, hints, rules, progress, preview, health))
+        Ok(OutboxSource::new(
+            client, hints, rules, progress, preview, health,
+        ))
     }
 
     fn new(
