@@ -429,3 +429,37 @@ async fn a_lease_too_long_for_redis_is_refused_and_leaves_no_lease_behind() {
     );
     assert_eq!(fill(&cache, "t", &held, "v", 5000), 1);
 }
+
+/// The visibility gate waits at most its second even when Postgres hangs for it: here the
+/// replication session still streams, but the gate's own session (opened for the first batch)
+/// is accepted and never answered. The delete must go through after the longest wait, not stall
+/// the pipeline for as long as the server hangs.
+#[test]
+fn a_hung_snapshot_session_holds_the_deletes_no_longer_than_the_longest_wait() {
+    let cluster = crate::support::PgCluster::shared();
+    let db = crate::support::unique_name("db");
+    let url = cluster.create_database(&db);
+    cluster.psql(&db, SCHEMA);
+    cluster.psql(&db, "INSERT INTO items VALUES (1, 'a', 'c', 1)");
+    let proxy = crate::support::TcpProxy::start(cluster.port());
+    let url = url.replace(
+        &format!(":{}/", cluster.port()),
+        &format!(":{}/", proxy.port()),
+    );
+    let redis = RedisServer::start();
+    redis.set_keys(["item:1"]);
+    let setup = crate::sidecar::Setup::new(&url, &redis.url(), RULES);
+    let sidecar = setup.start();
+    proxy.cut_new(crate::support::CutMode::Blackhole);
+    cluster.psql(&db, "UPDATE items SET price = 2 WHERE id = 1");
+    crate::support::wait_until(
+        std::time::Duration::from_secs(30),
+        "item:1 is deleted though the gate's session hangs",
+        || !redis.exists("item:1"),
+    );
+    assert!(
+        sidecar.metric("invalidator_visibility_timeouts_total") >= 1.0,
+        "{}",
+        sidecar.log()
+    );
+}

@@ -70,10 +70,17 @@ impl Gate {
                 tokio::time::sleep(POLL).await;
             }
             polls += 1;
-            match self.snapshot().await {
-                Ok(snapshot) => self.seen = Some(snapshot),
-                Err(error) => {
+            // A server that accepts the session and never answers must not hold the batch past
+            // the longest wait: nothing else would time the connect's handshake or the query out.
+            let left = MAX_WAIT.saturating_sub(started.elapsed());
+            match tokio::time::timeout(left, self.snapshot()).await {
+                Ok(Ok(snapshot)) => self.seen = Some(snapshot),
+                Ok(Err(error)) => {
                     tracing::debug!(%error, "cannot take a snapshot; reconnecting");
+                    self.client = None;
+                }
+                Err(_) => {
+                    tracing::debug!("postgres did not answer for a snapshot; reconnecting");
                     self.client = None;
                 }
             }
