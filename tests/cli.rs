@@ -912,3 +912,39 @@ fn explain_under_default_identity_keeps_literal_keys_on_the_primary_key_and_says
         "{out}"
     );
 }
+
+/// `target_session_attrs` values of libpq that the connections do not honour (`primary`,
+/// `standby`, `prefer-standby`) or that would send the SQL connection (the visibility gate's,
+/// setup's) to a standby while replication goes to the primary (`read-only`) are refused at
+/// load, naming the parameter and what to use; `read-write` and `any` pass.
+#[test]
+fn target_session_attrs_the_sidecar_cannot_honour_are_refused_naming_what_to_use() {
+    let (db, config) = setup(RULES);
+    let port = PgCluster::shared().port();
+    for (attrs, refused) in [
+        ("primary", true),
+        ("standby", true),
+        ("prefer-standby", true),
+        ("read-only", true),
+        ("read-write", false),
+        ("any", false),
+    ] {
+        let url = format!(
+            "postgres://postgres:s3cret@127.0.0.1:1,127.0.0.1:{port}/{db}?target_session_attrs={attrs}"
+        );
+        let with = Config(Setup::with_slot(
+            &url,
+            "redis://127.0.0.1:1/0",
+            RULES,
+            &config.0.slot,
+        ));
+        let (code, out, err) = invalidator(&with.0, &["status"]);
+        let text = format!("{out}{err}");
+        assert!(!text.contains("s3cret"), "{attrs}: {text}");
+        let named = text.contains(&format!("target_session_attrs={attrs} is not supported"));
+        assert_eq!(named, refused, "{attrs} (exit {code}): {text}");
+        if refused {
+            assert!(text.contains("use read-write"), "{attrs}: {text}");
+        }
+    }
+}
