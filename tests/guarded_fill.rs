@@ -309,10 +309,25 @@ in_both_modes_and_on_a_cluster! {
 // Multi-threaded: the writer's connection runs while the test blocks on psql.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_is_deleted_only_once_its_commit_is_visible_to_new_snapshots() {
+    deleted_only_once_visible(0).await;
+}
+
+/// The same past a wraparound of the 32-bit xid (epoch 1), after an earlier batch left the gate
+/// a snapshot: a transaction newer than that snapshot must not be read as one of the epoch
+/// before, which the snapshot would call finished long ago.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_an_xid_wraparound_a_key_is_deleted_only_once_its_commit_is_visible() {
+    deleted_only_once_visible(1).await;
+}
+
+async fn deleted_only_once_visible(epoch: u32) {
     let cluster = crate::support::PgCluster::start_with(&[
         ("synchronous_standby_names", "'nobody'"),
         ("synchronous_commit", "local"),
     ]);
+    if epoch > 0 {
+        cluster.set_xid_epoch(epoch);
+    }
     let url = cluster.create_database("visible");
     cluster.psql("visible", SCHEMA);
     cluster.psql("visible", "INSERT INTO items VALUES (1, 'old', 'c', 1)");
@@ -321,6 +336,29 @@ async fn a_key_is_deleted_only_once_its_commit_is_visible_to_new_snapshots() {
     let _sidecar = setup.start();
     let cache = Cache::Single(redis);
     let f = |sql: &str| cluster.psql("visible", sql).trim().to_owned();
+    assert_eq!(
+        f("SELECT pg_current_xact_id()::text::bigint >> 32"),
+        epoch.to_string()
+    );
+    // An earlier batch through the gate, so that it holds a snapshot older than the update.
+    cache
+        .query::<()>(redis::cmd("SET").arg("item:2").arg("x"))
+        .unwrap();
+    f("INSERT INTO items VALUES (2, 'two', 'c', 1)");
+    crate::support::wait_until(
+        std::time::Duration::from_secs(30),
+        "item:2 is deleted",
+        || {
+            !cache
+                .query::<bool>(redis::cmd("EXISTS").arg("item:2"))
+                .unwrap()
+        },
+    );
+    // Other transactions take xids meanwhile, as on any busy server: the update's is past the
+    // xmax of the gate's snapshot, not equal to it.
+    for _ in 0..3 {
+        f("SELECT pg_current_xact_id()");
+    }
 
     let (writer, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
         .await
