@@ -51,6 +51,17 @@ pub fn load_ca_file(path: &Path) -> Result<Vec<CertificateDer<'static>>, String>
     Ok(certs)
 }
 
+/// The value of `target_session_attrs` in a Postgres URL's query or a `key=value` string.
+pub fn target_session_attrs(url: &str) -> Option<&str> {
+    let pairs: Vec<&str> = match url.split_once('?') {
+        Some((_, query)) if url.contains("://") => query.split('&').collect(),
+        _ => url.split_whitespace().collect(),
+    };
+    pairs
+        .into_iter()
+        .find_map(|pair| pair.strip_prefix("target_session_attrs="))
+}
+
 #[cfg(test)]
 mod tests {
     use tokio_postgres::config::SslMode;

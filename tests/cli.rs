@@ -150,7 +150,7 @@ fn check_passes_the_exodrive_rules_on_their_migrations() {
     let (code, out, err) = invalidator(&setup, &["setup"]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(
-        out.contains("done: load the Redis Functions library invalidator version 1"),
+        out.contains("done: load the Redis Functions library invalidator version 2"),
         "{out}"
     );
     let (code, out, err) = invalidator(&setup, &["check"]);
@@ -948,5 +948,92 @@ fn explain_under_default_identity_keeps_literal_keys_on_the_primary_key_and_says
     assert!(
         out.contains("\n  old row: assumed, not read from the database (--offline)"),
         "{out}"
+    );
+}
+
+/// `target_session_attrs` values of libpq that the connections do not honour (`primary`,
+/// `standby`, `prefer-standby`) or that would send the SQL connection (the visibility gate's,
+/// setup's) to a standby while replication goes to the primary (`read-only`) are refused at
+/// load, naming the parameter and what to use; `read-write` and `any` pass.
+#[test]
+fn target_session_attrs_the_sidecar_cannot_honour_are_refused_naming_what_to_use() {
+    let (db, config) = setup(RULES);
+    let port = PgCluster::shared().port();
+    for (attrs, refused) in [
+        ("primary", true),
+        ("standby", true),
+        ("prefer-standby", true),
+        ("read-only", true),
+        ("read-write", false),
+        ("any", false),
+    ] {
+        let url = format!(
+            "postgres://postgres:s3cret@127.0.0.1:1,127.0.0.1:{port}/{db}?target_session_attrs={attrs}"
+        );
+        let with = Config(Setup::with_slot(
+            &url,
+            "redis://127.0.0.1:1/0",
+            RULES,
+            &config.0.slot,
+        ));
+        let (code, out, err) = invalidator(&with.0, &["status"]);
+        let text = format!("{out}{err}");
+        assert!(!text.contains("s3cret"), "{attrs}: {text}");
+        let named = text.contains(&format!("target_session_attrs={attrs} is not supported"));
+        assert_eq!(named, refused, "{attrs} (exit {code}): {text}");
+        if refused {
+            assert!(text.contains("use read-write"), "{attrs}: {text}");
+        }
+    }
+}
+
+/// With several hosts, one that accepts the connection and never answers (a hung server, a
+/// dropped network) is passed over after `connect_timeout` for the SQL sessions too, as libpq
+/// does and as the replication connection does: `status` reaches the next host.
+#[test]
+#[ignore = "tokio-postgres bounds only the TCP connect with connect_timeout, not the startup \
+            handshake, and tries the hosts itself: bounding each host means connecting to each \
+            one separately in source/connect.rs open()"]
+fn a_hung_first_host_is_passed_over_by_the_sql_sessions_after_the_connect_timeout() {
+    let (db, config) = setup(RULES);
+    let cluster = PgCluster::shared();
+    let hung = crate::support::TcpProxy::start(cluster.port());
+    hung.cut(crate::support::CutMode::Blackhole);
+    let url = format!(
+        "postgres://postgres@127.0.0.1:{},127.0.0.1:{}/{db}?connect_timeout=2",
+        hung.port(),
+        cluster.port()
+    );
+    let with = Config(Setup::with_slot(
+        &url,
+        "redis://127.0.0.1:1/0",
+        RULES,
+        &config.0.slot,
+    ));
+    let mut child = Command::new(binary())
+        .args(["status", "--config"])
+        .arg(with.0.config())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run invalidator status");
+    // 30 s, polled: the child must be killed (not left hanging) when it does not exit.
+    let exited = (0..1500).any(|_| {
+        let done = child.try_wait().unwrap().is_some();
+        if !done {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        done
+    });
+    if !exited {
+        let _ = child.kill();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(exited, "status hung on the first host");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
     );
 }

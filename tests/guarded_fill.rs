@@ -182,7 +182,7 @@ fn setup_loads_the_library_on_every_primary_check_names_the_one_out_of_date_tear
     let (status, out) = f.setup.command(&["setup"]);
     assert!(status.success(), "{out}");
     assert!(
-        out.contains("done: load the Redis Functions library invalidator version 1"),
+        out.contains("done: load the Redis Functions library invalidator version 2"),
         "{out}"
     );
     let primaries = f.redis.cluster().primaries();
@@ -206,7 +206,7 @@ fn setup_loads_the_library_on_every_primary_check_names_the_one_out_of_date_tear
         .arg("invalidator")
         .query(&mut primaries[0].connection())
         .unwrap();
-    let older = code.replace("local VERSION = 1", "local VERSION = 0");
+    let older = code.replace("local VERSION = 2", "local VERSION = 1");
     let _: String = redis::cmd("FUNCTION")
         .arg("LOAD")
         .arg("REPLACE")
@@ -243,7 +243,7 @@ fn setup_loads_the_library_on_every_primary_check_names_the_one_out_of_date_tear
 
     let (status, out) = f.setup.command(&["setup"]);
     assert!(
-        status.success() && out.contains("version 0, older than 1"),
+        status.success() && out.contains("version 1, older than 2"),
         "{out}"
     );
     for primary in &primaries {
@@ -309,10 +309,25 @@ in_both_modes_and_on_a_cluster! {
 // Multi-threaded: the writer's connection runs while the test blocks on psql.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_is_deleted_only_once_its_commit_is_visible_to_new_snapshots() {
+    deleted_only_once_visible(0).await;
+}
+
+/// The same past a wraparound of the 32-bit xid (epoch 1), after an earlier batch left the gate
+/// a snapshot: a transaction newer than that snapshot must not be read as one of the epoch
+/// before, which the snapshot would call finished long ago.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_an_xid_wraparound_a_key_is_deleted_only_once_its_commit_is_visible() {
+    deleted_only_once_visible(1).await;
+}
+
+async fn deleted_only_once_visible(epoch: u32) {
     let cluster = crate::support::PgCluster::start_with(&[
         ("synchronous_standby_names", "'nobody'"),
         ("synchronous_commit", "local"),
     ]);
+    if epoch > 0 {
+        cluster.set_xid_epoch(epoch);
+    }
     let url = cluster.create_database("visible");
     cluster.psql("visible", SCHEMA);
     cluster.psql("visible", "INSERT INTO items VALUES (1, 'old', 'c', 1)");
@@ -321,6 +336,29 @@ async fn a_key_is_deleted_only_once_its_commit_is_visible_to_new_snapshots() {
     let _sidecar = setup.start();
     let cache = Cache::Single(redis);
     let f = |sql: &str| cluster.psql("visible", sql).trim().to_owned();
+    assert_eq!(
+        f("SELECT pg_current_xact_id()::text::bigint >> 32"),
+        epoch.to_string()
+    );
+    // An earlier batch through the gate, so that it holds a snapshot older than the update.
+    cache
+        .query::<()>(redis::cmd("SET").arg("item:2").arg("x"))
+        .unwrap();
+    f("INSERT INTO items VALUES (2, 'two', 'c', 1)");
+    crate::support::wait_until(
+        std::time::Duration::from_secs(30),
+        "item:2 is deleted",
+        || {
+            !cache
+                .query::<bool>(redis::cmd("EXISTS").arg("item:2"))
+                .unwrap()
+        },
+    );
+    // Other transactions take xids meanwhile, as on any busy server: the update's is past the
+    // xmax of the gate's snapshot, not equal to it.
+    for _ in 0..3 {
+        f("SELECT pg_current_xact_id()");
+    }
 
     let (writer, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
         .await
@@ -382,4 +420,84 @@ async fn a_key_is_deleted_only_once_its_commit_is_visible_to_new_snapshots() {
         },
     );
     assert_eq!(f("SELECT name FROM items WHERE id = 1"), "new");
+}
+
+/// A lease or TTL too long for Redis (or not finite) is refused before anything is written: a
+/// lease the server took without its expiry would make every reader wait on the key forever.
+#[tokio::test]
+async fn a_lease_too_long_for_redis_is_refused_and_leaves_no_lease_behind() {
+    let redis = RedisServer::start();
+    load(&redis.url()).await;
+    let cache = Cache::Single(redis);
+    for lease_ms in ["9223372036854775807", "1e999", "99999999999999999"] {
+        let reply: redis::RedisResult<Value> = cache.query(
+            redis::cmd("FCALL")
+                .arg("invalidator_get")
+                .arg(1)
+                .arg("k")
+                .arg(lease_ms),
+        );
+        let err = reply.expect_err(lease_ms);
+        assert!(
+            err.to_string().contains("lease_ms must be an integer"),
+            "{lease_ms}: {err}"
+        );
+        let exists: bool = cache.query(redis::cmd("EXISTS").arg("k")).unwrap();
+        assert!(!exists, "{lease_ms} left a lease without expiry");
+    }
+    // The longest accepted lease still expires.
+    token(get(&cache, "k", (1 << 53) - 1));
+    let ttl: i64 = cache.query(redis::cmd("PTTL").arg("k")).unwrap();
+    assert!(ttl > 0, "{ttl}");
+    let held = token(get(&cache, "t", 60_000));
+    let reply: redis::RedisResult<Value> = cache.query(
+        redis::cmd("FCALL")
+            .arg("invalidator_fill")
+            .arg(1)
+            .arg("t")
+            .arg(&held)
+            .arg("v")
+            .arg("9223372036854775807"),
+    );
+    assert!(
+        reply
+            .expect_err("a TTL too long")
+            .to_string()
+            .contains("ttl_ms must be an integer"),
+    );
+    assert_eq!(fill(&cache, "t", &held, "v", 5000), 1);
+}
+
+/// The visibility gate waits at most its second even when Postgres hangs for it: here the
+/// replication session still streams, but the gate's own session (opened for the first batch)
+/// is accepted and never answered. The delete must go through after the longest wait, not stall
+/// the pipeline for as long as the server hangs.
+#[test]
+fn a_hung_snapshot_session_holds_the_deletes_no_longer_than_the_longest_wait() {
+    let cluster = crate::support::PgCluster::shared();
+    let db = crate::support::unique_name("db");
+    let url = cluster.create_database(&db);
+    cluster.psql(&db, SCHEMA);
+    cluster.psql(&db, "INSERT INTO items VALUES (1, 'a', 'c', 1)");
+    let proxy = crate::support::TcpProxy::start(cluster.port());
+    let url = url.replace(
+        &format!(":{}/", cluster.port()),
+        &format!(":{}/", proxy.port()),
+    );
+    let redis = RedisServer::start();
+    redis.set_keys(["item:1"]);
+    let setup = crate::sidecar::Setup::new(&url, &redis.url(), RULES);
+    let sidecar = setup.start();
+    proxy.cut_new(crate::support::CutMode::Blackhole);
+    cluster.psql(&db, "UPDATE items SET price = 2 WHERE id = 1");
+    crate::support::wait_until(
+        std::time::Duration::from_secs(30),
+        "item:1 is deleted though the gate's session hangs",
+        || !redis.exists("item:1"),
+    );
+    assert!(
+        sidecar.metric("invalidator_visibility_timeouts_total") >= 1.0,
+        "{}",
+        sidecar.log()
+    );
 }

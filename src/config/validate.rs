@@ -75,7 +75,25 @@ fn postgres(raw: RawPostgres, origins: &Origins) -> Result<PostgresConfig, Confi
     let url = raw
         .url
         .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
-    if let Err(e) = crate::endpoint::parse_url(&url) {
+    let parsed = crate::endpoint::parse_url(&url);
+    // libpq's other values: tokio-postgres parses none but `read-only`, which its SQL sessions
+    // (setup's, the visibility gate's) would honour by going to a standby, while the replication
+    // connection goes to the primary.
+    let read_only = matches!(&parsed, Ok((pg, _))
+        if pg.get_target_session_attrs() == tokio_postgres::config::TargetSessionAttrs::ReadOnly);
+    if let Some(attrs) = crate::endpoint::target_session_attrs(&url)
+        && (read_only || parsed.is_err() && attrs != "any" && attrs != "read-write")
+    {
+        return Err(invalid(
+            "postgres.url",
+            format!(
+                "{}: target_session_attrs={attrs} is not supported: use read-write (the first \
+                 host that is not a standby) or any",
+                redact(&url)
+            ),
+        ));
+    }
+    if let Err(e) = parsed {
         return Err(invalid(
             "postgres.url",
             format!("{} is not a valid Postgres URL: {e}", redact(&url)),

@@ -7,18 +7,24 @@
 -- never be read as data: GET of a leased key fails with WRONGTYPE, MGET gives nil for it.
 --
 -- `setup` compares the whole text with the one it would load; VERSION says which is newer.
-local VERSION = 1
+local VERSION = 2
 local FIELD = 'invalidator_lease'
 
 -- Leases issued since the library was loaded on this server; with the server's clock it makes
 -- each token unique, even for two leases of one key in the same microsecond.
 local issued = 0
 
+-- The most milliseconds a lease or TTL may have: the largest integer a Lua number holds exactly.
+-- A larger one reaches Redis as 1e+17 or inf, which PEXPIRE refuses after the lease is written,
+-- leaving a lease without expiry that every reader would wait on forever.
+local MOST = 9007199254740991
+
 local function integer(value, name, least)
   local n = tonumber(value)
-  if n == nil or n ~= math.floor(n) or n < least then
-    error({ err = string.format('ERR invalidator: %s must be an integer of milliseconds >= %d, not %q',
-      name, least, tostring(value)) })
+  if n == nil or n ~= math.floor(n) or n < least or n > MOST then
+    error({ err = string.format(
+      'ERR invalidator: %s must be an integer of milliseconds from %d to %d, not %q',
+      name, least, MOST, tostring(value)) })
   end
   return n
 end

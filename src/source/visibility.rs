@@ -70,10 +70,17 @@ impl Gate {
                 tokio::time::sleep(POLL).await;
             }
             polls += 1;
-            match self.snapshot().await {
-                Ok(snapshot) => self.seen = Some(snapshot),
-                Err(error) => {
+            // A server that accepts the session and never answers must not hold the batch past
+            // the longest wait: nothing else would time the connect's handshake or the query out.
+            let left = MAX_WAIT.saturating_sub(started.elapsed());
+            match tokio::time::timeout(left, self.snapshot()).await {
+                Ok(Ok(snapshot)) => self.seen = Some(snapshot),
+                Ok(Err(error)) => {
                     tracing::debug!(%error, "cannot take a snapshot; reconnecting");
+                    self.client = None;
+                }
+                Err(_) => {
+                    tracing::debug!("postgres did not answer for a snapshot; reconnecting");
                     self.client = None;
                 }
             }
@@ -132,20 +139,20 @@ impl Snapshot {
     }
 
     /// Whether it sees the committed transaction `xid` (32 bits, as the Begin message has it):
-    /// widened to the epoch that puts it at or below `xmax`, it is visible when below `xmax`
-    /// and not still running. Ids below 3 are special (bootstrap, frozen) and always visible.
+    /// widened to the full id nearest `xmax` (within 2^31 either way, as Postgres widens them),
+    /// it is visible when below `xmax` and not still running. An older snapshot is asked about
+    /// newer transactions too (the gate keeps its newest), and one at or past its `xmax` must
+    /// stay unseen, not be taken for the epoch before. Ids below 3 are special (bootstrap,
+    /// frozen) and always visible.
     fn sees(&self, xid: u32) -> bool {
         if xid < 3 {
             return true;
         }
-        let epoch = self.xmax >> 32;
-        let mut full = (epoch << 32) | u64::from(xid);
-        if full > self.xmax {
-            let Some(earlier) = full.checked_sub(1 << 32) else {
-                return false;
-            };
-            full = earlier;
-        }
+        let ahead = i64::from(xid.wrapping_sub(self.xmax as u32) as i32);
+        let Some(full) = self.xmax.checked_add_signed(ahead) else {
+            // Before the first epoch: no such transaction has finished.
+            return false;
+        };
         full < self.xmin || (full < self.xmax && !self.xip.contains(&full))
     }
 }
@@ -180,5 +187,11 @@ mod tests {
         assert!(!s.sees(u32::MAX - 1), "epoch 2, still running");
         assert!(s.sees(4), "epoch 3, below xmax");
         assert!(!s.sees(5), "epoch 3, at xmax");
+        assert!(
+            !s.sees(6) && !s.sees(1 << 20),
+            "epoch 3, newer than the snapshot: not the finished epoch 2 one"
+        );
+        let first = Snapshot::parse("100:110:").unwrap();
+        assert!(!first.sees(u32::MAX - 5), "no epoch before the first");
     }
 }

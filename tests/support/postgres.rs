@@ -325,6 +325,20 @@ impl PgCluster {
         );
     }
 
+    /// Stops the server, sets the epoch of its next transaction id with `pg_resetwal -e` and
+    /// starts it again: a cluster that has been through `epoch` wraparounds of the 32-bit xid.
+    pub fn set_xid_epoch(&self, epoch: u32) {
+        self.stop(StopMode::Fast);
+        run_checked(
+            Command::new("runuser")
+                .args(["-u", "postgres", "--"])
+                .arg(self.server_bin.join("pg_resetwal"))
+                .args(["-e", &epoch.to_string(), "-D"])
+                .arg(&self.data),
+        );
+        self.start_again();
+    }
+
     /// Stops the server in `mode` and starts it again.
     pub fn restart(&self, mode: StopMode) {
         self.stop(mode);

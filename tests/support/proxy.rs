@@ -88,6 +88,12 @@ impl TcpProxy {
         }
     }
 
+    /// Treats new connections as `mode` says until `restore`, leaving the current ones working:
+    /// a server that still streams on its open sessions but takes no new one.
+    pub fn cut_new(&self, mode: CutMode) {
+        self.shared.lock().cut = Some(mode);
+    }
+
     /// Forwards new connections again, closing those held while blackholed.
     pub fn restore(&self) {
         let mut state = self.shared.lock();
