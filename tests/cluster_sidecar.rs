@@ -242,7 +242,7 @@ fn a_primary_failover_during_a_stream_of_commits(victim_is_seed: bool) {
         Arc::clone(&committed),
     );
     wait_until(
-        Duration::from_secs(30),
+        Duration::from_secs(60),
         "the stream is being invalidated",
         || {
             sidecar.assert_alive();
