@@ -224,7 +224,7 @@ pub struct Report {
 
 impl Report {
     /// Sorts `findings` into a report, warnings about several rules with the same fix grouped
-    /// into one (see [`group_warnings`]).
+    /// into one (see `group_warnings`).
     pub fn new(findings: Vec<Finding>) -> Report {
         let mut findings = group_warnings(findings);
         findings.sort_by(|a, b| {

@@ -6,9 +6,13 @@
 //!                                                        change::Step{Begin, Change, Manual, Commit}
 //!                                                                                       ▼
 //!                 pipeline::source_loop: rules::RuleSet::plan, max_transaction_keys, metrics
-//!                                                          │ Committed{position, keys, patterns}
+//!                                                          │ Committed{position, xid, keys, patterns}
 //!                                                          ▼ (per transaction, bounded queue)
-//!                 pipeline::deliver: a Sink: redis::Deleter (UNLINK keys, SCAN patterns), one
+//!                 pipeline::visibility: replication mode holds each until a new snapshot sees it
+//!                                                          ▼
+//!                 pipeline::deliver: a Sink: redis::Deleter (UNLINK keys; patterns join one
+//!                                    shared SCAN walk per primary, redis::walk; batches in
+//!                                    flight confirmed in commit order, pipeline::flights), one
 //!                                    per target (targets), or dry_run::LogDeletes
 //!                                                          │ confirmed
 //!                                                          ▼
@@ -25,7 +29,8 @@
 //! - [`error`]: the one place that says what a Postgres failure means for the run (reconnect,
 //!   wait as a standby, stop): the SQLSTATE table and the [`error::Classify`] trait.
 //! - [`glob`]: Redis glob patterns: the matcher, escaping, literal prefixes.
-//! - [`pgoutput`]: decode (and, for tests, encode) pgoutput protocol v1 messages; no I/O.
+//! - [`pgoutput`]: decode (and, for tests, encode) pgoutput messages (protocol 1, and 2 for
+//!   streamed transactions); no I/O.
 //! - [`rules`]: load and compile `rules/*.toml`, plan a change into keys and patterns; no I/O.
 //! - [`source`]: the [`source::Source`] trait and its two implementations: the replication
 //!   client and its source (`source::replication`), the outbox reader (`source::notify`);
@@ -34,9 +39,11 @@
 //!   running stream (`source::drift`) and whether a server still holds our history
 //!   (`source::history`).
 //! - [`redact`]: hides passwords in URLs before they reach a log line or an error.
-//! - [`redis`]: the deleter: pipelined `UNLINK`, `SCAN` for patterns, never `KEYS`.
+//! - [`redis`]: the deleter: pipelined `UNLINK`, one shared `SCAN` walk per primary for
+//!   patterns (`redis::walk`), never `KEYS`; the guarded-fill Functions library
+//!   (`redis::library`).
 //! - [`pipeline`]: the only place that wires source, rules, Redis and acknowledgement: the one
-//!   source loop, the delete loop and the [`pipeline::Sink`] trait.
+//!   source loop, the visibility gate, the delete loop and the [`pipeline::Sink`] trait.
 //! - [`targets`]: several Redis targets: one delete loop each, acknowledged at their minimum.
 //! - [`run`]: the sidecar: picks a source and a sink, HTTP, reconnect loop, the standby's wait.
 //! - [`reload`]: hot reload of the rules (file changes and SIGHUP), swapped between transactions.
@@ -44,7 +51,7 @@
 //!   slot it reads from.
 //! - [`check`], [`explain`]: the developer commands, on the same compiled rules as `run`.
 //! - [`setup`]: the `setup` command: what the mode needs for these rules, planned by `source`'s
-//!   setup and `invalidate`, and doing it; [`status`]: how far behind the slot or the outbox is.
+//!   setup and `invalidate` and by `redis::library`, and doing it; [`status`]: how far behind the slot or the outbox is.
 //! - [`init`]: a starter configuration and rules file for an existing database.
 //! - [`teardown`]: removes what setup made, in Postgres and Redis.
 //! - [`telemetry`]: metric names and the HTTP endpoints.

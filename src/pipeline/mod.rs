@@ -8,10 +8,10 @@
 //!       └── Source::acknowledge(confirmed) ◀── watch<Position> ◀── delete loop: merge, UNLINK/SCAN
 //! ```
 //!
-//! - [`source_loop`]: one loop for every [`Source`](crate::source::Source): plans, bounds each
+//! - `source_loop`: one loop for every [`Source`](crate::source::Source): plans, bounds each
 //!   transaction (`pipeline.max_transaction_keys`), counts changes, queues, acknowledges.
-//! - [`deliver`]: the delete loop of one [`Sink`], with retries, readiness and metrics.
-//! - [`visibility`]: in replication mode, between the two, holds each transaction until a new
+//! - `deliver`: the delete loop of one [`Sink`], with retries, readiness and metrics.
+//! - `visibility`: in replication mode, between the two, holds each transaction until a new
 //!   snapshot sees it.
 //!
 //! The confirmed position is owned by the delete loop: it moves only after Redis confirmed every
@@ -113,7 +113,7 @@ pub struct Committed {
     pub end_lsn: Lsn,
     /// Commit time, microseconds since the Unix epoch.
     pub commit_time_us: i64,
-    /// The transaction id its deletes wait to see visible (see [`visibility`]); `None` when
+    /// The transaction id its deletes wait to see visible (see `visibility`); `None` when
     /// there is nothing to wait for.
     pub xid: Option<u32>,
     /// What to delete.
