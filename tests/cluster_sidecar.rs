@@ -316,18 +316,38 @@ fn a_primary_failover_during_a_stream_of_commits(victim_is_seed: bool) {
         std::thread::sleep(Duration::from_millis(100));
     }
     // The slot is active, so its changes cannot be peeked: the confirmed position tells instead.
-    wait_until(
-        Duration::from_secs(30),
-        "every commit is acknowledged",
-        || {
-            f.sql(&format!(
-                "SELECT confirmed_flush_lsn >= '{end_lsn}' FROM pg_replication_slots \
-                 WHERE slot_name = '{}'",
-                f.setup.slot
-            ))
-            .trim()
-                == "t"
-        },
+    let acked_at = std::time::Instant::now();
+    loop {
+        let confirmed = f.sql(&format!(
+            "SELECT confirmed_flush_lsn, confirmed_flush_lsn >= '{end_lsn}' \
+             FROM pg_replication_slots WHERE slot_name = '{}'",
+            f.setup.slot
+        ));
+        if confirmed.trim().ends_with("|t") {
+            break;
+        }
+        assert!(
+            acked_at.elapsed() < Duration::from_secs(60),
+            "the slot's confirmed position {} stayed before {end_lsn}; the sidecar's status: \
+             {:?}; its log without per-batch lines:\n{}",
+            confirmed.trim(),
+            sidecar.get("/status"),
+            tail(
+                &sidecar
+                    .log()
+                    .lines()
+                    .filter(|l| !l.contains("transaction confirmed")
+                        && !l.contains("invalidation applied"))
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+                40
+            ),
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!(
+        "acknowledged {:?} after the keys were gone",
+        acked_at.elapsed()
     );
     sidecar.assert_alive();
     assert_eq!(sidecar.get("/readyz").map(|r| r.0), Some(200));

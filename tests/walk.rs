@@ -434,15 +434,67 @@ async fn keys_of_a_slot_migrated_mid_walk_are_not_missed_by_both_primaries() {
     assert_eq!(cluster.scan_keys("slots:*").len(), 299_900, "nothing else");
 }
 
-/// The `cmdstat_scan` calls of a server since its last `CONFIG RESETSTAT`.
-fn scan_calls(redis: &RedisServer) -> u64 {
+/// The calls of `command` (as `INFO commandstats` names it: `scan`, `cluster|getkeysinslot`)
+/// on a server since its last `CONFIG RESETSTAT`.
+fn calls(redis: &RedisServer, command: &str) -> u64 {
+    let prefix = format!("cmdstat_{command}:calls=");
     redis
         .command_stats()
         .lines()
-        .find_map(|l| l.strip_prefix("cmdstat_scan:calls="))
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
         .and_then(|rest| rest.split(',').next())
         .and_then(|n| n.parse().ok())
         .unwrap_or(0)
+}
+
+/// The `cmdstat_scan` calls of a server since its last `CONFIG RESETSTAT`.
+fn scan_calls(redis: &RedisServer) -> u64 {
+    calls(redis, "scan")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn after_a_failover_mid_walk_the_promoted_primary_is_swept_with_scan_not_slot_by_slot() {
+    let cluster = RedisCluster::start_with_replicas(3, 1);
+    cluster.load_slots_keys(2_999, 100);
+    let doomed: Vec<String> = (0..3_000).map(|i| format!("fo:{i}")).collect();
+    cluster.set_keys(&doomed);
+    // Every key has reached the replicas before a primary is killed.
+    for primary in cluster.primaries() {
+        let acked: i64 = redis::cmd("WAIT")
+            .arg(1)
+            .arg(5000)
+            .query(&mut primary.connection())
+            .expect("WAIT");
+        assert_eq!(acked, 1);
+    }
+    let options = DeleterOptions {
+        connection_timeout: Duration::from_millis(500),
+        response_timeout: Duration::from_secs(1),
+        ..DeleterOptions::default()
+    };
+    let mut deleter = Deleter::connect_with(&cluster.url(), options)
+        .await
+        .expect("connect");
+    let resolution = deleter
+        .start(&HashSet::new(), &set(["fo:*"]))
+        .await
+        .unwrap_or_else(|e| panic!("start: {}", chain(&e)));
+    // The pattern joined the victim's walk, which can never finish there: its slots are swept.
+    cluster.kill_primary_and_wait_failover(cluster.primaries()[1]);
+    resolve_all(vec![resolution]).await;
+    let left = cluster.scan_keys("fo:*");
+    assert!(left.is_empty(), "{} keys survived the failover", left.len());
+    assert_eq!(cluster.scan_keys("slots:*").len(), 299_900, "nothing else");
+    let running: Vec<&RedisServer> = cluster.nodes().iter().filter(|n| n.is_running()).collect();
+    let per_slot: u64 = running
+        .iter()
+        .map(|node| calls(node, "cluster|countkeysinslot"))
+        .sum();
+    // The promoted primary serves 5,461 slots and holds 100,000 keys: a hundred pages of SCAN.
+    assert!(
+        per_slot < 100,
+        "the moved slots were read one by one: {per_slot} COUNTKEYSINSLOT calls"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

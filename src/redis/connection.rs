@@ -20,7 +20,7 @@ pub(super) const KEYS_PER_UNLINK: usize = 1000;
 const UNLINKS_PER_ROUND: usize = 8;
 
 /// Keys per SCAN page, a hint to the server (the COUNT argument).
-const SCAN_COUNT: usize = 1000;
+pub(super) const SCAN_COUNT: usize = 1000;
 
 /// A connection to a single server or to a cluster; the variants are boxed because the driver's
 /// client and configuration types take hundreds of bytes.

@@ -23,8 +23,7 @@
 //!   one hash slot joins only the walk of the slot's owner. A key that moves between primaries
 //!   (resharding) can slip past both walks, so when a pattern completes its slots are compared
 //!   with those it joined under: every slot that changed owner or is migrating now is swept
-//!   once more with `CLUSTER GETKEYSINSLOT` on every primary, the migrating one first (keys only
-//!   move from it to the importing one, so a key missed on the first is on the second).
+//!   once more where its keys can be (see [`sweep`]).
 //!
 //! Found keys are unlinked in full UNLINK chunks, and always before a pattern completes; with
 //! `wait_replicas`, replicas confirm them with `WAIT` first.
@@ -40,10 +39,11 @@ use futures_util::future::join_all;
 use tokio::sync::{mpsc, oneshot};
 
 mod server;
+mod sweep;
 
 use super::connection::{Connection, Handle, KEYS_PER_UNLINK, Node};
-use super::{DeleteError, DeleteStats, plan, slot, walks_on};
-use server::{Failure, Order, Owners, Server, keys_in_slot, query, server, unstable_slots};
+use super::{DeleteError, DeleteStats, plan, walks_on};
+use server::{Failure, Order, Owners, Server, server};
 
 /// What a walk needs to know about its deleter.
 pub(super) struct Settings {
@@ -571,64 +571,6 @@ impl Walker {
                 let mut stats = std::mem::take(&mut self.unclaimed);
                 stats.patterns_scanned = ticket.patterns.len() as u64;
                 let _ = ticket.done.send(Ok(stats));
-            }
-        }
-        Ok(())
-    }
-
-    /// Sweeps, for the `ready` tickets' patterns, every slot that changed owner since one of
-    /// them joined or is migrating now.
-    async fn sweep_moved(&mut self, handle: &mut Handle, ready: &[u64]) -> Result<(), Failure> {
-        let nodes = self.connection.nodes(&self.settings.seed_host).await;
-        let nodes = nodes.map_err(|e| ("CLUSTER SLOTS", e))?;
-        let now = Owners::of(&nodes);
-        let mut migrating: HashMap<u16, Vec<usize>> = HashMap::new();
-        for (i, node) in nodes.iter().enumerate() {
-            let mut command = ::redis::cmd("CLUSTER");
-            command.arg("NODES");
-            let text: String = query(handle, node, command, "CLUSTER NODES").await?;
-            for (slot, from_here) in unstable_slots(&text) {
-                let nodes = migrating.entry(slot).or_default();
-                // The migrating side first: its keys only move to the importing side.
-                if from_here {
-                    nodes.insert(0, i);
-                } else {
-                    nodes.push(i);
-                }
-            }
-        }
-        let mut slots: BTreeSet<u16> = migrating.keys().copied().collect();
-        let mut patterns: BTreeSet<&str> = BTreeSet::new();
-        for id in ready {
-            let ticket = &self.tickets[id];
-            patterns.extend(ticket.patterns.iter().map(String::as_str));
-            if let Some(then) = &ticket.owners {
-                slots.extend(
-                    (0..slot::SLOTS)
-                        .filter(|&s| then.by_slot[usize::from(s)] != now.by_slot[usize::from(s)]),
-                );
-            }
-        }
-        if slots.is_empty() {
-            return Ok(());
-        }
-        let patterns: Vec<&str> = patterns.into_iter().collect();
-        let pass = plan::shared_pass(&patterns, crate::glob::matches);
-        tracing::info!(
-            slots = slots.len(),
-            "redis slots moved during a walk; sweeping them"
-        );
-        for s in slots {
-            let first: Vec<usize> = migrating.get(&s).cloned().unwrap_or_default();
-            let rest = (0..nodes.len()).filter(|i| !first.contains(i));
-            let order: Vec<usize> = first.iter().copied().chain(rest).collect();
-            for i in order {
-                let keys = keys_in_slot(handle, &nodes[i], s).await?;
-                self.doomed
-                    .extend(keys.into_iter().filter(|key| pass.wants(key)));
-            }
-            if self.doomed.len() >= KEYS_PER_UNLINK {
-                self.unlink(handle).await?;
             }
         }
         Ok(())
