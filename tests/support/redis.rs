@@ -586,16 +586,11 @@ impl RedisCluster {
                 pipes[owner].cmd("SET").arg(key).arg("1").ignore();
                 queued += 1;
                 if queued % 30_000 == 0 {
-                    for (pipe, con) in pipes.iter_mut().zip(&mut cons) {
-                        pipe.exec(con).expect("SET on a primary");
-                        pipe.clear();
-                    }
+                    flush(&mut pipes, &mut cons);
                 }
             }
         }
-        for (pipe, con) in pipes.iter_mut().zip(&mut cons) {
-            pipe.exec(con).expect("SET on a primary");
-        }
+        flush(&mut pipes, &mut cons);
     }
 
     /// All keys of all primaries, sorted.
@@ -615,5 +610,16 @@ impl RedisCluster {
             .iter()
             .filter(|n| !n.scan_keys("*").is_empty())
             .count()
+    }
+}
+
+/// Sends each primary's queued commands and empties its pipeline. A pipeline with nothing
+/// queued (the last round may have just been sent) is not sent: the client fails on it.
+fn flush(pipes: &mut [redis::Pipeline], cons: &mut [redis::Connection]) {
+    for (pipe, con) in pipes.iter_mut().zip(cons) {
+        if !pipe.is_empty() {
+            pipe.exec(con).expect("SET on a primary");
+            pipe.clear();
+        }
     }
 }
