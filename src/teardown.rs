@@ -180,7 +180,10 @@ async fn triggers(db: &mut impl Sql) -> Result<Vec<Action>, SetupError> {
         .filter_map(|row| match row.as_slice() {
             [Some(trigger), Some(schema), Some(table)] => Some(Action {
                 why: format!(
-                    "drop trigger {trigger} on {schema}.{table} (captures {})",
+                    "drop trigger {} on {}.{} (captures {})",
+                    quote_ident(trigger),
+                    quote_ident(schema),
+                    quote_ident(table),
                     if trigger == TRUNCATE_TRIGGER {
                         "truncates"
                     } else {
@@ -377,6 +380,21 @@ impl RedisTarget {
     }
 }
 
+/// `text` as one line of an SQL comment, control characters escaped: a quoted identifier may
+/// hold a line break, which would end the comment and make the rest of the name a statement of
+/// the printed script.
+fn one_line(text: &str) -> String {
+    let mut line = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() {
+            line.extend(c.escape_default());
+        } else {
+            line.push(c);
+        }
+    }
+    line
+}
+
 /// What teardown did (or, in a dry run, would do), for printing.
 #[derive(Debug)]
 pub struct Report {
@@ -403,7 +421,7 @@ impl Report {
         }
         for action in &self.plan.actions {
             lines.push(if self.dry_run {
-                format!("-- {}\n{};", action.why, action.sql)
+                format!("-- {}\n{};", one_line(&action.why), action.sql)
             } else {
                 format!("done: {}", action.why)
             });
@@ -411,7 +429,7 @@ impl Report {
         for (target, command) in commands {
             let why = format!("delete the Redis Functions library {REDIS_LIBRARY} from {target}");
             lines.push(if self.dry_run {
-                format!("-- redis: {why}\n{command}")
+                format!("-- redis: {}\n{command}", one_line(&why))
             } else {
                 format!("done: {why}")
             });

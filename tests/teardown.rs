@@ -144,6 +144,32 @@ fn teardown_dry_run_prints_and_changes_nothing() {
 }
 
 #[test]
+fn a_dry_run_script_run_as_printed_drops_nothing_but_what_it_names() {
+    let f = installed(Mode::Notify);
+    // A table whose name carries a statement after a line break, captured as setup would.
+    let odd = "\"odd\nDROP TABLE items; --\"";
+    f.sql(&format!(
+        "CREATE TABLE {odd} (id int); CREATE TRIGGER t AFTER INSERT ON {odd} \
+         FOR EACH ROW EXECUTE FUNCTION invalidator.capture()"
+    ));
+    let (status, out) = f.setup.command(&["teardown", "--dry-run"]);
+    assert!(status.success(), "{out}");
+    // The database's part, as an operator would pipe it to psql.
+    let script = out.split("-- redis:").next().expect("the SQL part");
+    f.sql(script);
+    assert_eq!(
+        one(&f, "SELECT to_regclass('items') IS NOT NULL"),
+        "t",
+        "the printed script dropped items:\n{out}"
+    );
+    assert_eq!(
+        one(&f, "SELECT count(*) FROM pg_trigger WHERE tgname = 't'"),
+        "0",
+        "{out}"
+    );
+}
+
+#[test]
 fn teardown_is_idempotent() {
     let f = installed(Mode::Notify);
     let (status, out) = f.setup.command(&["teardown"]);
