@@ -396,7 +396,7 @@ fn check_in_notify_mode_reports_missing_setup_and_a_missing_trigger() {
         trigger[0]["fix"]
             .as_str()
             .unwrap()
-            .starts_with("CREATE TRIGGER \"invalidator_capture\""),
+            .starts_with("BEGIN; CREATE TRIGGER \"invalidator_capture\""),
         "{doc}"
     );
 }

@@ -246,7 +246,10 @@ fn notify_mode_trigger_columns_follow_the_rules() {
     assert!(
         out.contains(
             "BEGIN; DROP TRIGGER \"invalidator_capture\" ON \"public\".\"plain\"; CREATE TRIGGER"
-        ) && out.contains("capture('id'); COMMIT"),
+        ) && out.contains(
+            "capture('id'); ALTER TABLE \"public\".\"plain\" ENABLE ALWAYS TRIGGER \
+             \"invalidator_capture\"; COMMIT"
+        ),
         "{out}"
     );
     assert!(
@@ -292,6 +295,42 @@ fn notify_mode_run_refuses_a_disabled_or_missing_trigger() {
     assert!(status.success(), "{out}");
     let _sidecar = f.setup.start();
     insert_then_update_invalidate(&f);
+}
+
+/// Writes applied with `session_replication_role = replica` (a logical replication subscriber's
+/// apply worker, a restore) are invalidated too: the triggers fire always. A trigger that fires
+/// only in origin sessions, as one from an older setup does, is out of date until `setup`.
+#[test]
+fn notify_mode_writes_of_a_replica_role_session_are_invalidated() {
+    let f = fixture();
+    let fires = |trigger: &str| {
+        f.sql(&format!(
+            "SELECT tgenabled FROM pg_trigger WHERE tgname = '{trigger}' \
+             AND tgrelid = 'items'::regclass"
+        ))
+        .trim()
+        .to_owned()
+    };
+    assert_eq!(fires("invalidator_capture"), "A");
+    assert_eq!(fires("invalidator_capture_truncate"), "A");
+    let _sidecar = f.setup.start();
+    f.cache(&["item:1"]);
+    f.sql(
+        "SET session_replication_role = replica; \
+         INSERT INTO items VALUES (1, 'n', 'c', 0)",
+    );
+    f.wait_deleted(&["item:1"]);
+    f.cache(&["item:1"]);
+    f.sql("SET session_replication_role = replica; TRUNCATE items");
+    f.wait_deleted(&["item:1"]);
+
+    f.sql("ALTER TABLE items ENABLE TRIGGER invalidator_capture");
+    let (status, out) = f.setup.command(&["check"]);
+    assert_ne!(status.code(), Some(0), "{out}");
+    assert!(out.contains("replica"), "{out}");
+    let (status, out) = f.setup.command(&["setup"]);
+    assert!(status.success(), "{out}");
+    assert_eq!(fires("invalidator_capture"), "A");
 }
 
 /// A column the rules read that the table lacks stops `setup` (and `run`) with its name.

@@ -81,10 +81,33 @@ fn parse_tgargs(hex: &str) -> Option<Vec<String>> {
     Some(args)
 }
 
+/// Why a trigger that fires only in origin sessions is out of date: writes of a session with
+/// `session_replication_role = replica`, which is how a logical replication subscriber applies
+/// its changes and how some restore and copy tools write, would not reach the outbox.
+const REPLICA_ROLE: &str = "does not fire in sessions with session_replication_role = replica \
+    (a logical replication subscriber applying changes, some restore tools)";
+
+/// Creates trigger `trigger` of `definition` (`AFTER ... FOR EACH ...`) on `table`, firing in
+/// every session ([`REPLICA_ROLE`] says why), in one transaction so that no write finds it
+/// firing only in origin sessions; `replace` drops the present one first.
+fn create_trigger(trigger: &str, table: &str, definition: &str, replace: bool) -> String {
+    let trigger = quote_ident(trigger);
+    let drop = if replace {
+        format!("DROP TRIGGER {trigger} ON {table}; ")
+    } else {
+        String::new()
+    };
+    format!(
+        "BEGIN; {drop}CREATE TRIGGER {trigger} {definition}; \
+         ALTER TABLE {table} ENABLE ALWAYS TRIGGER {trigger}; COMMIT"
+    )
+}
+
 /// What one of our triggers on a table looks like now.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Installed {
-    /// `pg_trigger.tgenabled`: `O` and `A` fire on ordinary writes; `D` and `R` do not.
+    /// `pg_trigger.tgenabled`: `A` fires in every session; `O` not in those whose
+    /// `session_replication_role` is `replica`; `D` and `R` not on ordinary writes.
     enabled: String,
     /// Its arguments.
     args: Vec<String>,
@@ -97,7 +120,9 @@ impl Installed {
     fn problem(&self, wanted_args: &[String]) -> Option<String> {
         if !self.our_function {
             Some(format!("does not call {SCHEMA}.capture()"))
-        } else if !matches!(self.enabled.as_str(), "O" | "A") {
+        } else if self.enabled == "O" {
+            Some(REPLICA_ROLE.to_owned())
+        } else if self.enabled != "A" {
             Some("is disabled".to_owned())
         } else if self.args != wanted_args {
             Some(format!(
@@ -333,22 +358,17 @@ async fn triggers(
         ),
     ];
     for (trigger, events, level, args, wanted, what) in triggers {
-        let create = format!(
-            "CREATE TRIGGER {} {events} ON {name} FOR EACH {level} \
-             EXECUTE FUNCTION {schema}.capture({args})",
-            quote_ident(trigger)
+        let definition = format!(
+            "{events} ON {name} FOR EACH {level} EXECUTE FUNCTION {schema}.capture({args})"
         );
         match present.get(trigger).map(|t| t.problem(wanted)) {
             None => actions.push(Action {
                 why: format!("capture {what} of {table}"),
-                sql: create,
+                sql: create_trigger(trigger, &name, &definition, false),
             }),
             Some(Some(problem)) => actions.push(Action {
                 why: format!("replace trigger {trigger} on {table}, which {problem}"),
-                sql: format!(
-                    "BEGIN; DROP TRIGGER {} ON {name}; {create}; COMMIT",
-                    quote_ident(trigger)
-                ),
+                sql: create_trigger(trigger, &name, &definition, true),
             }),
             Some(None) => {}
         }
@@ -372,7 +392,7 @@ pub async fn partition_plan(
         let rows = db
             .query(&format!(
                 "SELECT n.nspname, c.relname, (SELECT CASE WHEN t.tgfoid = \
-                 coalesce(to_regprocedure({function})::oid, 0) AND t.tgenabled IN ('O', 'A') \
+                 coalesce(to_regprocedure({function})::oid, 0) AND t.tgenabled = 'A' \
                  THEN 'ok' ELSE 'bad' END FROM pg_trigger t WHERE t.tgrelid = p.relid \
                  AND t.tgname = {}) FROM pg_partition_tree({root}) p \
                  JOIN pg_class c ON c.oid = p.relid JOIN pg_namespace n ON n.oid = c.relnamespace \
@@ -390,23 +410,22 @@ pub async fn partition_plan(
                 continue;
             }
             let on = qualified(&partition);
-            let trigger = quote_ident(TRUNCATE_TRIGGER);
-            let create = format!(
-                "CREATE TRIGGER {trigger} AFTER TRUNCATE ON {on} FOR EACH STATEMENT \
-                 EXECUTE FUNCTION {}.capture()",
+            let definition = format!(
+                "AFTER TRUNCATE ON {on} FOR EACH STATEMENT EXECUTE FUNCTION {}.capture()",
                 quote_ident(SCHEMA)
             );
             let action = match state {
                 None => Action {
                     why: format!("capture truncates of {partition}, a partition of {table}"),
-                    sql: create,
+                    sql: create_trigger(TRUNCATE_TRIGGER, &on, &definition, false),
                 },
                 Some(_) => Action {
                     why: format!(
                         "replace trigger {TRUNCATE_TRIGGER} on {partition}, a partition of \
-                         {table}, which is disabled or does not call {SCHEMA}.capture()"
+                         {table}, which does not fire in every session or does not call \
+                         {SCHEMA}.capture()"
                     ),
-                    sql: format!("BEGIN; DROP TRIGGER {trigger} ON {on}; {create}; COMMIT"),
+                    sql: create_trigger(TRUNCATE_TRIGGER, &on, &definition, true),
                 },
             };
             out.push((table.clone(), action));
@@ -437,16 +456,16 @@ mod tests {
     fn a_trigger_is_out_of_date_when_disabled_foreign_or_recording_other_columns() {
         let wanted = ["car_id".to_owned(), "id".to_owned()];
         let good = Installed {
-            enabled: "O".into(),
+            enabled: "A".into(),
             args: wanted.to_vec(),
             our_function: true,
         };
         assert_eq!(good.problem(&wanted), None);
-        let always = Installed {
-            enabled: "A".into(),
+        let origin = Installed {
+            enabled: "O".into(),
             ..good.clone()
         };
-        assert_eq!(always.problem(&wanted), None);
+        assert_eq!(origin.problem(&wanted).as_deref(), Some(REPLICA_ROLE));
         let fewer = Installed {
             args: vec!["id".into()],
             ..good.clone()
