@@ -143,6 +143,40 @@ in_both_modes! {
     }
 }
 
+/// In notify mode the triggers of every partition, present, below a sub-partition or attached
+/// while running, fire for writes of a session with `session_replication_role = replica`.
+#[test]
+fn notify_mode_partitions_capture_writes_of_a_replica_role_session() {
+    let f = fixture(Mode::Notify);
+    let _sidecar = f.setup.start();
+    barrier(&f);
+    f.sql("CREATE TABLE events_sa PARTITION OF events FOR VALUES IN ('sa')");
+    wait_until(
+        Duration::from_secs(30),
+        "the new partition captures truncates",
+        || {
+            f.sql(
+                "SELECT count(*) FROM pg_trigger WHERE tgname = 'invalidator_capture_truncate' \
+             AND tgrelid = 'events_sa'::regclass",
+            )
+            .trim()
+                == "1"
+        },
+    );
+    let replica = |sql: &str| format!("SET session_replication_role = replica; {sql}");
+    for (region, id) in [("eu", 1), ("ap", 2), ("sa", 3)] {
+        deletes(
+            &f,
+            &replica(&format!(
+                "INSERT INTO events VALUES ({id}, '{region}', 'a')"
+            )),
+            &[&format!("event:{id}:{region}")],
+        );
+    }
+    deletes(&f, &replica("TRUNCATE events_sa"), &["region:sa:x"]);
+    deletes(&f, &replica("TRUNCATE events_ap_low"), &["region:ap:x"]);
+}
+
 #[test]
 fn a_rule_on_a_partitioned_table_works_with_a_for_all_tables_publication() {
     let f = fixture(Mode::Replication);
