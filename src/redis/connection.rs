@@ -166,52 +166,15 @@ impl Connection {
         target: &str,
         options: &DeleterOptions,
     ) -> Result<Connection, DeleteError> {
-        let invalid = |err: ::redis::RedisError| DeleteError::InvalidSettings {
-            target: target.to_owned(),
-            // The driver's URL errors are fixed texts that never echo the URL or the password.
-            reason: err.to_string(),
-        };
-        let connect_error = |source| DeleteError::Redis {
-            target: target.to_owned(),
-            action: "connect",
-            source,
-        };
-        let client_tls = match (&options.tls_cert_pem, &options.tls_key_pem) {
-            (Some(cert), Some(key)) => Some(ClientTlsConfig {
-                client_cert: cert.clone(),
-                client_key: key.clone(),
-            }),
-            (None, None) => None,
-            _ => {
-                return Err(DeleteError::InvalidSettings {
-                    target: target.to_owned(),
-                    reason: "a TLS client certificate needs both its certificate and its key"
-                        .to_owned(),
-                });
-            }
-        };
-        let certificates =
-            (options.tls_ca_pem.is_some() || client_tls.is_some()).then(|| TlsCertificates {
-                client_tls,
-                root_cert: options.tls_ca_pem.clone(),
-            });
-        if certificates.is_some() && !url.starts_with("rediss://") {
-            return Err(DeleteError::InvalidSettings {
-                target: target.to_owned(),
-                reason: "a CA file or client certificate needs a rediss:// URL".to_owned(),
-            });
-        }
+        let certificates = tls_certificates(url, target, options)?;
         if options.cluster == Some(true) {
-            let mut cluster = open_cluster(url, options, certificates).map_err(invalid)?;
-            cluster.connection().await.map_err(connect_error)?;
-            cluster.discover().await;
-            return Ok(Connection::Cluster(Box::new(cluster)));
+            return Connection::connect_cluster(url, target, options, certificates).await;
         }
         let client = match certificates.clone() {
             Some(certificates) => Client::build_with_tls(url, certificates),
             None => Client::open(url),
         }
-        .map_err(invalid)?;
+        .map_err(|err| invalid_settings(target, err))?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(options.connection_timeout))
             .set_response_timeout(Some(options.response_timeout))
@@ -220,42 +183,32 @@ impl Connection {
             .set_max_delay(Duration::from_millis(500));
         let mut manager = ConnectionManager::new_with_config(client.clone(), config.clone())
             .await
-            .map_err(connect_error)?;
-        if options.cluster.is_none() {
-            let enabled = cluster_enabled(&mut manager).await;
-            match enabled {
-                Ok(enabled) => {
-                    tracing::info!(target_url = %target, cluster = enabled,
-                        "redis mode detected from INFO cluster");
-                    if enabled {
-                        let mut cluster =
-                            open_cluster(url, options, certificates).map_err(invalid)?;
-                        cluster.connection().await.map_err(connect_error)?;
-                        cluster.discover().await;
-                        return Ok(Connection::Cluster(Box::new(cluster)));
-                    }
-                }
-                Err(err) if super::error::is_transient(&err) => {
-                    return Err(DeleteError::Redis {
-                        target: target.to_owned(),
-                        action: "INFO cluster",
-                        source: err,
-                    });
-                }
-                // INFO renamed, disabled or denied by ACL: the server does not say, so it is
-                // taken for a single one; set `[redis] cluster` to say otherwise.
-                Err(err) => {
-                    tracing::warn!(target_url = %target, error = %err,
-                        "cannot detect redis cluster mode; assuming a single server \
-                         (set [redis] cluster to choose)");
-                }
-            }
+            .map_err(|source| connect_error(target, source))?;
+        if options.cluster.is_none() && detect_cluster(&mut manager, target).await? {
+            return Connection::connect_cluster(url, target, options, certificates).await;
         }
         Ok(Connection::Single(Box::new(Single {
             client,
             config,
             manager,
         })))
+    }
+
+    /// Opens a cluster connection and learns its nodes.
+    async fn connect_cluster(
+        url: &str,
+        target: &str,
+        options: &DeleterOptions,
+        certificates: Option<TlsCertificates>,
+    ) -> Result<Connection, DeleteError> {
+        let mut cluster = open_cluster(url, options, certificates)
+            .map_err(|err| invalid_settings(target, err))?;
+        cluster
+            .connection()
+            .await
+            .map_err(|source| connect_error(target, source))?;
+        cluster.discover().await;
+        Ok(Connection::Cluster(Box::new(cluster)))
     }
 
     /// A second connection with the same settings, opened at its first request: the shared
@@ -541,6 +494,89 @@ fn primaries(reply: Value, seed_host: &str) -> RedisResult<Vec<Node>> {
         }
     }
     Ok(found)
+}
+
+/// The TLS material `options` give, if any: a client certificate needs its key, and either
+/// needs a rediss:// URL, or it would silently go unused.
+fn tls_certificates(
+    url: &str,
+    target: &str,
+    options: &DeleterOptions,
+) -> Result<Option<TlsCertificates>, DeleteError> {
+    let refuse = |reason: &str| DeleteError::InvalidSettings {
+        target: target.to_owned(),
+        reason: reason.to_owned(),
+    };
+    let client_tls = match (&options.tls_cert_pem, &options.tls_key_pem) {
+        (Some(cert), Some(key)) => Some(ClientTlsConfig {
+            client_cert: cert.clone(),
+            client_key: key.clone(),
+        }),
+        (None, None) => None,
+        _ => {
+            return Err(refuse(
+                "a TLS client certificate needs both its certificate and its key",
+            ));
+        }
+    };
+    let certificates =
+        (options.tls_ca_pem.is_some() || client_tls.is_some()).then(|| TlsCertificates {
+            client_tls,
+            root_cert: options.tls_ca_pem.clone(),
+        });
+    if certificates.is_some() && !url.starts_with("rediss://") {
+        return Err(refuse(
+            "a CA file or client certificate needs a rediss:// URL",
+        ));
+    }
+    Ok(certificates)
+}
+
+/// Whether the server behind `manager` runs in cluster mode, for `[redis] cluster` unset. A
+/// server that cannot be asked for a reason that passes fails the connect; one that refuses
+/// to say is taken for a single server.
+async fn detect_cluster(
+    manager: &mut ConnectionManager,
+    target: &str,
+) -> Result<bool, DeleteError> {
+    match cluster_enabled(manager).await {
+        Ok(enabled) => {
+            tracing::info!(target_url = %target, cluster = enabled,
+                "redis mode detected from INFO cluster");
+            Ok(enabled)
+        }
+        Err(err) if super::error::is_transient(&err) => Err(DeleteError::Redis {
+            target: target.to_owned(),
+            action: "INFO cluster",
+            source: err,
+        }),
+        // INFO renamed, disabled or denied by ACL: the server does not say, so it is
+        // taken for a single one; set `[redis] cluster` to say otherwise.
+        Err(err) => {
+            tracing::warn!(target_url = %target, error = %err,
+                "cannot detect redis cluster mode; assuming a single server \
+                 (set [redis] cluster to choose)");
+            Ok(false)
+        }
+    }
+}
+
+/// Settings the driver refused; its URL errors are fixed texts that never echo the URL or the
+/// password.
+fn invalid_settings(target: &str, err: ::redis::RedisError) -> DeleteError {
+    DeleteError::InvalidSettings {
+        target: target.to_owned(),
+        reason: err.to_string(),
+    }
+}
+
+/// The first connection failed.
+fn connect_error(target: &str, source: ::redis::RedisError) -> DeleteError {
+    DeleteError::Redis {
+        target: target.to_owned(),
+        action: "connect",
+        source,
+    }
 }
 
 /// Builds the cluster client; the caller opens the first connection.

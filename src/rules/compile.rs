@@ -210,22 +210,9 @@ fn compile_rule(
 ) {
     let header = item.span();
     let line = cx.lines.line(header.start);
-    // Name the rule in messages even when the rest of it does not deserialize.
-    let given_name = item
-        .get_ref()
-        .as_table()
-        .and_then(|table| table.get("name"))
-        .and_then(|name| Some((name.get_ref().as_str()?, name.span())))
-        .filter(|(name, _)| !name.is_empty());
-    let (name, name_line) = match given_name {
-        Some((name, span)) => (name.to_owned(), cx.lines.line(span.start)),
-        None => (default_name, line),
-    };
-    names.push(NameSite {
-        name: name.clone(),
-        file: cx.file.to_owned(),
-        line: name_line,
-    });
+    let site = rule_name(cx, &item, default_name, line);
+    let name = site.name.clone();
+    names.push(site);
     let label = Some(name.as_str());
     let raw = match RawRule::deserialize(ValueDeserializer::from(item)) {
         Ok(raw) => raw,
@@ -244,32 +231,10 @@ fn compile_rule(
     {
         report(given.span(), RuleErrorKind::EmptyName);
     }
-
-    let table = match TableName::parse(raw.table.get_ref()) {
-        Ok(table) => Some(table),
-        Err(reason) => {
-            let kind = RuleErrorKind::InvalidTable {
-                table: raw.table.get_ref().clone(),
-                reason,
-            };
-            report(raw.table.span(), kind);
-            None
-        }
-    };
-
+    let table = compile_table(&raw.table, &mut report);
     let (ops, ops_complete) = compile_ops(raw.on.as_ref(), &mut report);
     let changed = compile_changed(raw.changed.as_ref(), &ops, ops_complete, &mut report);
-
-    let mut templates = Vec::new();
-    if raw.keys.get_ref().is_empty() {
-        report(raw.keys.span(), RuleErrorKind::NoKeys);
-    }
-    for key in raw.keys.get_ref() {
-        match Template::parse(key.get_ref()) {
-            Ok(template) => templates.push(template),
-            Err(error) => report(key.span(), RuleErrorKind::Template(error)),
-        }
-    }
+    let templates = compile_keys(&raw.keys, &mut report);
 
     if let Some(table) = table
         && errors.len() == errors_before
@@ -284,6 +249,69 @@ fn compile_rule(
             templates,
         ));
     }
+}
+
+/// Where the rule is named: by its own non-empty `name` (on that line), else by `default_name`
+/// on its header's `line`. Read from the raw table, so messages name the rule even when the
+/// rest of it does not deserialize.
+fn rule_name(
+    cx: &FileContext<'_>,
+    item: &Spanned<DeValue<'_>>,
+    default_name: String,
+    line: usize,
+) -> NameSite {
+    let given_name = item
+        .get_ref()
+        .as_table()
+        .and_then(|table| table.get("name"))
+        .and_then(|name| Some((name.get_ref().as_str()?, name.span())))
+        .filter(|(name, _)| !name.is_empty());
+    let (name, line) = match given_name {
+        Some((name, span)) => (name.to_owned(), cx.lines.line(span.start)),
+        None => (default_name, line),
+    };
+    NameSite {
+        name,
+        file: cx.file.to_owned(),
+        line,
+    }
+}
+
+/// The rule's `table`, parsed; `None` once reported, so the rule is not built.
+fn compile_table(
+    table: &Spanned<String>,
+    report: &mut impl FnMut(Range<usize>, RuleErrorKind),
+) -> Option<TableName> {
+    match TableName::parse(table.get_ref()) {
+        Ok(table) => Some(table),
+        Err(reason) => {
+            let kind = RuleErrorKind::InvalidTable {
+                table: table.get_ref().clone(),
+                reason,
+            };
+            report(table.span(), kind);
+            None
+        }
+    }
+}
+
+/// The rule's `keys`, parsed; every template that does not parse is reported, and an empty
+/// list too, since a rule that deletes nothing is a mistake.
+fn compile_keys(
+    keys: &Spanned<Vec<Spanned<String>>>,
+    report: &mut impl FnMut(Range<usize>, RuleErrorKind),
+) -> Vec<Template> {
+    if keys.get_ref().is_empty() {
+        report(keys.span(), RuleErrorKind::NoKeys);
+    }
+    let mut templates = Vec::new();
+    for key in keys.get_ref() {
+        match Template::parse(key.get_ref()) {
+            Ok(template) => templates.push(template),
+            Err(error) => report(key.span(), RuleErrorKind::Template(error)),
+        }
+    }
+    templates
 }
 
 /// The rule's `on` (every operation when absent), sorted; `false` with it when an entry was

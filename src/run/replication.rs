@@ -11,7 +11,7 @@ use crate::change::{Lsn, TableName};
 use crate::config::Config;
 use crate::dry_run;
 use crate::pipeline::{self, Links, SourceEnd};
-use crate::rules::RuleSet;
+use crate::rules::{Invalidation, RuleSet};
 use crate::source::history::{self, Seen};
 use crate::source::replication::{
     CatchUp, ReplicationClient, ReplicationSource, ReplicationStream, SystemInfo,
@@ -52,22 +52,8 @@ async fn reset_slot(
     links.new_history();
     let server_end = wal.server_end;
     wal.new_history(server_end);
-    let everything = live.rules().everything();
     let flush = config.postgres.flush_on_slot_loss;
-    let reason = format!("replication slot {slot} {}", reset.describe());
-    match reset {
-        SlotReset::NewHistory(_) => tracing::error!(slot = %slot, reason = reset.label(),
-            keys = everything.keys.len(), patterns = everything.patterns.len(), flush,
-            "{reason}: the server is on a new history, so changes were missed; forgetting \
-             the old positions, replacing the slot and deleting every key the rules can \
-             produce (unless postgres.flush_on_slot_loss = false)"),
-        SlotReset::Dropped | SlotReset::Lost => tracing::error!(slot = %slot,
-            reason = reset.label(), keys = everything.keys.len(),
-            patterns = everything.patterns.len(), flush,
-            "{reason}: replication slot was lost or dropped, so changes were missed; \
-             replacing it and deleting every key the rules can produce (unless \
-             postgres.flush_on_slot_loss = false)"),
-    }
+    log_reset(slot, reset, &live.rules().everything(), flush);
     let temporary = dry_run::temporary_slot_name(slot, "reset", std::process::id());
     client
         .simple_query(&format!(
@@ -80,23 +66,61 @@ async fn reset_slot(
         health.set_source(Some(format!(
             "replacing replication slot {slot}: waiting for Redis to confirm the flush"
         )));
-        // The flush is the first transaction of the new history: confirmed once the
-        // confirmed position has reached that history.
-        while links.confirmed.borrow().history < links.history {
-            tokio::select! {
-                biased;
-                _ = links.cancel.cancelled() => return Ok(false),
-                changed = links.confirmed.changed() => if changed.is_err() { return Ok(false) },
-            }
+        if !flush_confirmed(links).await {
+            return Ok(false);
         }
     } else {
         tracing::error!(slot = %slot, "the missed changes are NOT invalidated \
             (postgres.flush_on_slot_loss = false)");
     }
+    make_permanent(client, &temporary, slot).await?;
+    tracing::info!(slot = %slot, "replication slot replaced; the flush is confirmed");
+    Ok(true)
+}
+
+/// Says, as an error, why `slot` is replaced and what the flush of `everything` will delete.
+fn log_reset(slot: &str, reset: SlotReset, everything: &Invalidation, flush: bool) {
+    let reason = format!("replication slot {slot} {}", reset.describe());
+    let (keys, patterns) = (everything.keys.len(), everything.patterns.len());
+    match reset {
+        SlotReset::NewHistory(_) => tracing::error!(slot = %slot, reason = reset.label(),
+            keys, patterns, flush,
+            "{reason}: the server is on a new history, so changes were missed; forgetting \
+             the old positions, replacing the slot and deleting every key the rules can \
+             produce (unless postgres.flush_on_slot_loss = false)"),
+        SlotReset::Dropped | SlotReset::Lost => tracing::error!(slot = %slot,
+            reason = reset.label(), keys, patterns, flush,
+            "{reason}: replication slot was lost or dropped, so changes were missed; \
+             replacing it and deleting every key the rules can produce (unless \
+             postgres.flush_on_slot_loss = false)"),
+    }
+}
+
+/// Waits until Redis has confirmed the flush; `false` on shutdown. The flush is the first
+/// transaction of the new history: confirmed once the confirmed position has reached that
+/// history.
+async fn flush_confirmed(links: &mut Links) -> bool {
+    while links.confirmed.borrow().history < links.history {
+        tokio::select! {
+            biased;
+            _ = links.cancel.cancelled() => return false,
+            changed = links.confirmed.changed() => if changed.is_err() { return false },
+        }
+    }
+    true
+}
+
+/// Copies the `temporary` slot into the permanent `slot` (same position), as a failover slot
+/// where the server has them, and drops the temporary one.
+async fn make_permanent(
+    client: &mut ReplicationClient,
+    temporary: &str,
+    slot: &str,
+) -> Result<(), Failure> {
     client
         .simple_query(&format!(
             "SELECT 1 FROM pg_copy_logical_replication_slot({}, {}, false)",
-            setup::quote_literal(&temporary),
+            setup::quote_literal(temporary),
             setup::quote_literal(slot)
         ))
         .await?;
@@ -112,11 +136,10 @@ async fn reset_slot(
     client
         .simple_query(&format!(
             "SELECT pg_drop_replication_slot({})",
-            setup::quote_literal(&temporary)
+            setup::quote_literal(temporary)
         ))
         .await?;
-    tracing::info!(slot = %slot, "replication slot replaced; the flush is confirmed");
-    Ok(true)
+    Ok(())
 }
 
 /// Connects, checks that the server is on the history of our positions, repairs the publication

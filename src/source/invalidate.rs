@@ -561,10 +561,31 @@ async fn function_actions(
     wanted: &[String],
 ) -> Result<Vec<Action>, SetupError> {
     let mut actions = Vec::new();
-    let schema = quote_ident(SCHEMA);
     let body = body(mode, name, arg, literal, allowed);
-    // The body and its settings: a function made before the settings were pinned is out
-    // of date too.
+    let existing = installed_definition(db, name).await?;
+    let installed = format!("{body} -- {FUNCTION_SETTINGS_CONFIG}");
+    if existing.as_ref() != Some(&Some(installed)) {
+        actions.push(create_function(mode, (name, arg), allowed, &body));
+    }
+    // A function about to be created has no grants yet to compare.
+    let have = if existing.is_some() {
+        executors(db, name).await?
+    } else {
+        None
+    };
+    if have.as_deref() != Some(wanted) {
+        actions.push(grant_execute(name, have.as_deref(), wanted));
+    }
+    Ok(actions)
+}
+
+/// The installed function's body and settings as one text, compared whole with what it should
+/// be: a function made before the settings were pinned is out of date too. `None` when it is
+/// not installed.
+async fn installed_definition(
+    db: &mut impl Sql,
+    name: &str,
+) -> Result<Option<Option<String>>, SetupError> {
     let current = db
         .query(&format!(
             "SELECT p.prosrc || ' -- ' || coalesce(array_to_string(p.proconfig, ', '), '') \
@@ -572,39 +593,40 @@ async fn function_actions(
             is_function(name)
         ))
         .await?;
-    let existing = current.first().map(|r| r.first().cloned().flatten());
-    let installed = format!("{body} -- {FUNCTION_SETTINGS_CONFIG}");
-    if existing.as_ref() != Some(&Some(installed)) {
-        // SECURITY DEFINER: callers have no privileges on the table it writes.
-        actions.push(Action {
-            why: format!(
-                "create the function {SCHEMA}.{name}({arg} text) ({} mode, {} allowed \
-                 prefixes)",
-                match mode {
-                    Mode::Replication => "replication",
-                    Mode::Notify => "notify",
-                },
-                allowed.prefixes.len()
-            ),
-            sql: format!(
-                "CREATE OR REPLACE FUNCTION {schema}.{name}({arg} text) RETURNS void \
-                 LANGUAGE plpgsql SECURITY DEFINER {FUNCTION_SETTINGS} AS {}",
-                quote_literal(&body)
-            ),
-        });
+    Ok(current.first().map(|r| r.first().cloned().flatten()))
+}
+
+/// Creates (or replaces) the function `name(arg text)` with `body`.
+fn create_function(mode: Mode, (name, arg): (&str, &str), allowed: &Allowed, body: &str) -> Action {
+    let schema = quote_ident(SCHEMA);
+    // SECURITY DEFINER: callers have no privileges on the table it writes.
+    Action {
+        why: format!(
+            "create the function {SCHEMA}.{name}({arg} text) ({} mode, {} allowed \
+             prefixes)",
+            match mode {
+                Mode::Replication => "replication",
+                Mode::Notify => "notify",
+            },
+            allowed.prefixes.len()
+        ),
+        sql: format!(
+            "CREATE OR REPLACE FUNCTION {schema}.{name}({arg} text) RETURNS void \
+             LANGUAGE plpgsql SECURITY DEFINER {FUNCTION_SETTINGS} AS {}",
+            quote_literal(body)
+        ),
     }
-    let have = if existing.is_some() {
-        executors(db, name).await?
-    } else {
-        None
-    };
-    if have.as_deref() == Some(wanted) {
-        return Ok(actions);
-    }
+}
+
+/// Makes the function `name` executable by exactly the `wanted` roles, from the roles that
+/// `have` that right now (`None`: not known, as for a function about to be created).
+fn grant_execute(name: &str, have: Option<&[String]>, wanted: &[String]) -> Action {
+    let schema = quote_ident(SCHEMA);
     // A new function is executable by PUBLIC until revoked.
     let mut revoke = vec!["PUBLIC".to_owned()];
     revoke.extend(
         have.iter()
+            .copied()
             .flatten()
             .filter(|r| *r != "PUBLIC" && !wanted.contains(r))
             .map(|r| quote_ident(r)),
@@ -624,15 +646,14 @@ async fn function_actions(
             roles = roles.join(", ")
         ));
     }
-    actions.push(Action {
+    Action {
         why: if wanted.is_empty() {
             format!("let no role but superusers call {SCHEMA}.{name}()")
         } else {
             format!("let only {} call {SCHEMA}.{name}()", wanted.join(", "))
         },
         sql,
-    });
-    Ok(actions)
+    }
 }
 
 #[cfg(test)]

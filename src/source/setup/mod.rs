@@ -306,79 +306,117 @@ pub async fn plan(
     }
     let mut plan = Plan::default();
     let marked = plan_publication(db, tables, publication, slot, &mut plan).await?;
-    let unmark = Action {
+    let info = slot_info(db, slot).await?;
+    if let Some(info) = &info {
+        refuse_foreign_slot(slot, info)?;
+    }
+    match slot_need(info.as_ref(), history, marked) {
+        SlotNeed::Keep => {
+            if marked {
+                // A start that stopped between creating the slot and clearing the mark.
+                plan.actions.push(unmark(publication, slot));
+            }
+            Ok(plan)
+        }
+        SlotNeed::Create => {
+            plan.actions.push(create_slot(db, slot).await?);
+            plan.actions.push(unmark(publication, slot));
+            Ok(plan)
+        }
+        SlotNeed::Replace { reset, drop } => {
+            if let Some(why) = drop {
+                plan.actions.push(Action {
+                    why: format!("drop replication slot {slot}, which {why}"),
+                    sql: format!("SELECT pg_drop_replication_slot({})", quote_literal(slot)),
+                });
+            }
+            match loss {
+                SlotLoss::Recreate => {
+                    // The replacement is made from a temporary slot: two at once, less the one
+                    // dropped.
+                    let needed = if info.is_some() { 1 } else { 2 };
+                    slot_can_be_created(db, slot, needed).await?;
+                    plan.reset = Some(reset);
+                    Ok(plan)
+                }
+                SlotLoss::Refuse => Err(SetupError::BadSlot {
+                    slot: slot.to_owned(),
+                    problem: format!(
+                        "{}; changes were missed, so `invalidator run` must recreate it: it \
+                         deletes every key the rules can produce first",
+                        reset.describe()
+                    ),
+                }),
+            }
+        }
+    }
+}
+
+/// What the slot needs, as [`slot_need`] decides it.
+#[derive(Debug, PartialEq, Eq)]
+enum SlotNeed {
+    /// It exists, on the history of our positions: nothing.
+    Keep,
+    /// It was never made (the publication is marked "not created yet"): create it.
+    Create,
+    /// Changes were missed and nobody knows which: replace it (`run`) or refuse (`setup`),
+    /// dropping the one that exists first, for the reason `drop` gives.
+    Replace {
+        /// Why the slot is replaced.
+        reset: SlotReset,
+        /// Why the existing slot is dropped; `None` when there is none to drop.
+        drop: Option<&'static str>,
+    },
+}
+
+/// Decides from what the server has (`info`, none when the slot does not exist), whether the
+/// server is on a new history, and whether the publication is `marked` "not created yet": a
+/// missing slot of a marked publication was never made, which is no loss; a missing slot of
+/// an unmarked one was dropped.
+fn slot_need(info: Option<&SlotInfo>, history: Option<NewHistory>, marked: bool) -> SlotNeed {
+    let replace = |reset, drop| SlotNeed::Replace { reset, drop };
+    match (info, history) {
+        (None, Some(history)) => replace(SlotReset::NewHistory(history), None),
+        (None, None) if marked => SlotNeed::Create,
+        (None, None) => replace(SlotReset::Dropped, None),
+        (Some(info), _) if info.wal_status.as_deref() == Some("lost") => {
+            replace(SlotReset::Lost, Some("lost WAL it needed"))
+        }
+        (Some(_), Some(history)) => replace(
+            SlotReset::NewHistory(history),
+            Some("holds a position of another history of the server"),
+        ),
+        (Some(_), None) => SlotNeed::Keep,
+    }
+}
+
+/// Creates the slot (a failover slot where the server has them), once it is known that it can
+/// be created.
+async fn create_slot(db: &mut impl Sql, slot: &str) -> Result<Action, SetupError> {
+    slot_can_be_created(db, slot, 1).await?;
+    let failover = has_failover_slots(db).await?;
+    Ok(Action {
+        why: format!(
+            "create logical replication slot {slot} (pgoutput{})",
+            if failover { ", failover" } else { "" }
+        ),
+        sql: format!(
+            "SELECT lsn FROM pg_create_logical_replication_slot({}, 'pgoutput'{})",
+            quote_literal(slot),
+            if failover { ", failover => true" } else { "" }
+        ),
+    })
+}
+
+/// Replaces the publication's "not created yet" mark with [`created_for`], once the slot exists.
+fn unmark(publication: &str, slot: &str) -> Action {
+    Action {
         why: format!("mark publication {publication} as created by invalidator, its slot now made"),
         sql: format!(
             "COMMENT ON PUBLICATION {} IS {}",
             quote_ident(publication),
             quote_literal(&created_for(slot))
         ),
-    };
-    let drop = |why: &str| Action {
-        why: format!("drop replication slot {slot}, which {why}"),
-        sql: format!("SELECT pg_drop_replication_slot({})", quote_literal(slot)),
-    };
-    let info = slot_info(db, slot).await?;
-    if let Some(info) = &info {
-        refuse_foreign_slot(slot, info)?;
-    }
-    let reset = match &info {
-        None => match history {
-            Some(history) => Some(SlotReset::NewHistory(history)),
-            None if marked => None,
-            None => Some(SlotReset::Dropped),
-        },
-        Some(info) if info.wal_status.as_deref() == Some("lost") => {
-            plan.actions.push(drop("lost WAL it needed"));
-            Some(SlotReset::Lost)
-        }
-        Some(_) => match history {
-            Some(history) => {
-                plan.actions
-                    .push(drop("holds a position of another history of the server"));
-                Some(SlotReset::NewHistory(history))
-            }
-            None => {
-                if marked {
-                    // A start that stopped between creating the slot and clearing the mark.
-                    plan.actions.push(unmark);
-                }
-                return Ok(plan);
-            }
-        },
-    };
-    let Some(reset) = reset else {
-        slot_can_be_created(db, slot, 1).await?;
-        let failover = has_failover_slots(db).await?;
-        plan.actions.push(Action {
-            why: format!(
-                "create logical replication slot {slot} (pgoutput{})",
-                if failover { ", failover" } else { "" }
-            ),
-            sql: format!(
-                "SELECT lsn FROM pg_create_logical_replication_slot({}, 'pgoutput'{})",
-                quote_literal(slot),
-                if failover { ", failover => true" } else { "" }
-            ),
-        });
-        plan.actions.push(unmark);
-        return Ok(plan);
-    };
-    match loss {
-        SlotLoss::Recreate => {
-            // The replacement is made from a temporary slot: two at once, less the one dropped.
-            slot_can_be_created(db, slot, if info.is_some() { 1 } else { 2 }).await?;
-            plan.reset = Some(reset);
-            Ok(plan)
-        }
-        SlotLoss::Refuse => Err(SetupError::BadSlot {
-            slot: slot.to_owned(),
-            problem: format!(
-                "{}; changes were missed, so `invalidator run` must recreate it: it \
-                 deletes every key the rules can produce first",
-                reset.describe()
-            ),
-        }),
     }
 }
 
