@@ -516,6 +516,19 @@ async fn several_hosts_are_tried_in_turn_and_read_write_passes_over_a_standby() 
         .expect("a standby alone is refused");
     assert!(matches!(err, ReplicationError::ReadOnly), "{err}");
     assert!(err.is_transient(), "a standby may be promoted");
+    // A refusal names the host that refused.
+    let nobody = crate::support::free_port();
+    let url = format!("postgres://postgres:s3cret@127.0.0.1:{nobody}/postgres");
+    let err = within("connect", ReplicationClient::connect(&config(&url), "test"))
+        .await
+        .err()
+        .expect("nobody listens");
+    let text = err.to_string();
+    assert!(
+        text.contains(&format!("connecting to 127.0.0.1:{nobody}: ")),
+        "{text}"
+    );
+    assert!(!text.contains("s3cret"), "{text}");
 
     // The SQL sessions: past the refusing host to the standby, and with read-write past the
     // standby to the primary.

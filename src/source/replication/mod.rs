@@ -151,6 +151,14 @@ impl ReplicationClient {
                         {
                             pooler.into()
                         }
+                        // Which host refused, or reset, matters when the URL names several.
+                        ReplicationError::Io(err) => ReplicationError::Io(std::io::Error::new(
+                            err.kind(),
+                            format!(
+                                "connecting to {}: {err}",
+                                endpoint::host_label(config, candidate)
+                            ),
+                        )),
                         err => err,
                     })
             },
