@@ -10,11 +10,12 @@
 //! Guarded readers call `invalidator_get` and `invalidator_fill`. After the writes stop and the
 //! sidecar has caught up (asked through `/wait`), every cached value is compared with the row.
 //! Before each guarded run, commit → key gone and commit → `/wait` answered are measured on
-//! their own.
+//! their own; after the three, the same probe runs once more against a sidecar in notify mode
+//! (outbox and triggers set up for it, torn down after), so `/wait` is measured in both modes.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -103,13 +104,22 @@ pub struct Run {
     latency: Option<[f64; 4]>,
 }
 
-/// Runs the three runs.
+/// What the section measured.
+pub struct Section {
+    /// The three runs, in replication mode.
+    runs: Vec<Run>,
+    /// The probe against a sidecar in notify mode: commit → key gone and commit → `/wait` 200,
+    /// medians and p99 in ms.
+    notify: [f64; 4],
+}
+
+/// Runs the three runs, then the notify-mode probe.
 pub async fn section(
     cluster: &PgCluster,
     db_url: &str,
     redis: &RedisServer,
     work: &Path,
-) -> Vec<Run> {
+) -> Section {
     eprintln!("consistency: setting up");
     cluster.psql(
         "bench",
@@ -134,7 +144,130 @@ pub async fn section(
     for fill in [Fill::Plain, Fill::GuardedNoWait, Fill::Guarded] {
         runs.push(run(fill, db_url, redis, work, &rules).await);
     }
-    runs
+    let notify = notify_probe(db_url, redis, work, &rules).await;
+    Section { runs, notify }
+}
+
+/// The probe against a sidecar in notify mode: `setup` adds the outbox and the trigger on
+/// `fresh`, `teardown` removes them (and the library, loaded again by the next user), so the
+/// replication runs before it pay nothing for them.
+async fn notify_probe(db_url: &str, redis: &RedisServer, work: &Path, rules: &Path) -> [f64; 4] {
+    eprintln!("consistency: notify mode: latency probe");
+    let http = free_port();
+    let config = write_config(
+        work,
+        "fresh_notify",
+        // A slot and a publication of its own, which teardown removes if setup made them.
+        &format!(
+            "url = \"{db_url}\"\nmode = \"notify\"\nslot = \"fresh_notify\"\n\
+             publication = \"fresh_notify\""
+        ),
+        redis,
+        rules,
+        http,
+        true,
+    );
+    let (code, out) = invalidator(&config, "setup");
+    assert_eq!(code, Some(0), "setup in notify mode: {out}");
+    let mut child = spawn(work, "fresh_notify", &config, http).await;
+    let admin = connect_pg(db_url).await;
+    let latency = probe(&admin, redis_connection(redis).await, http).await;
+    let _ = child.kill();
+    let _ = child.wait();
+    // Postgres may take a moment to end the killed reader's session, which holds the lock
+    // teardown checks.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (code, out) = invalidator(&config, "teardown");
+        if code == Some(0) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "teardown in notify mode: {out}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    latency
+}
+
+/// Writes the configuration of one sidecar named `name`; `postgres` is the body of its
+/// `[postgres]` section.
+fn write_config(
+    work: &Path,
+    name: &str,
+    postgres: &str,
+    redis: &RedisServer,
+    rules: &Path,
+    http: u16,
+    wait_visible: bool,
+) -> PathBuf {
+    let config = work.join(format!("{name}.toml"));
+    std::fs::write(
+        &config,
+        format!(
+            "[postgres]\n{postgres}\n\n\
+             [redis]\nurl = \"{}\"\n\n[rules]\npath = \"{}\"\n\n\
+             [http]\nlisten = \"127.0.0.1:{http}\"\n\n[pipeline]\nwait_visible = {wait_visible}\n\n\
+             [log]\nlevel = \"warn\"\n",
+            redis.url(),
+            rules.display(),
+        ),
+    )
+    .expect("write the config");
+    config
+}
+
+/// The binary, with no configuration from this process's environment.
+fn command(config: &Path, subcommand: &str) -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_invalidator"));
+    command.arg(subcommand).arg("--config").arg(config);
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("INVALIDATOR_") {
+            command.env_remove(name);
+        }
+    }
+    command.env_remove("DATABASE_URL").env_remove("REDIS_URL");
+    command
+}
+
+/// Runs `invalidator <subcommand>` to the end: its exit code and output.
+fn invalidator(config: &Path, subcommand: &str) -> (Option<i32>, String) {
+    let out = command(config, subcommand)
+        .output()
+        .unwrap_or_else(|e| panic!("run invalidator {subcommand}: {e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code(), text)
+}
+
+/// Starts `invalidator run` (its log in `<name>.log`) and waits until `/readyz` says 200.
+async fn spawn(work: &Path, name: &str, config: &Path, http: u16) -> std::process::Child {
+    let log = std::fs::File::create(work.join(format!("{name}.log"))).expect("create the log");
+    let child = command(config, "run")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn invalidator");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while http_status(http, "/readyz").await != Some(200) {
+        assert!(Instant::now() < deadline, "the sidecar did not get ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    child
+}
+
+/// A connection to `redis` for the probe and the readers.
+async fn redis_connection(redis: &RedisServer) -> MultiplexedConnection {
+    // The driver's default 500 ms response timeout is too short on a busy machine.
+    let options =
+        redis::AsyncConnectionConfig::new().set_response_timeout(Some(Duration::from_secs(30)));
+    redis
+        .client()
+        .get_multiplexed_async_connection_with_config(&options)
+        .await
+        .expect("connect to redis")
 }
 
 /// One run: the sidecar, the probe (guarded runs), the load, the comparison.
@@ -149,49 +282,17 @@ async fn run(fill: Fill, db_url: &str, redis: &RedisServer, work: &Path, rules: 
         .await
         .expect("create the slot");
     let http = free_port();
-    let config = work.join(format!("{slot}.toml"));
-    std::fs::write(
-        &config,
-        format!(
-            "[postgres]\nurl = \"{db_url}\"\nslot = \"{slot}\"\npublication = \"fresh\"\n\n\
-             [redis]\nurl = \"{}\"\n\n[rules]\npath = \"{}\"\n\n\
-             [http]\nlisten = \"127.0.0.1:{http}\"\n\n[pipeline]\nwait_visible = {}\n\n\
-             [log]\nlevel = \"warn\"\n",
-            redis.url(),
-            rules.display(),
-            fill.wait_visible()
-        ),
-    )
-    .expect("write the config");
-    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_invalidator"));
-    command.arg("run").arg("--config").arg(&config);
-    for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("INVALIDATOR_") {
-            command.env_remove(name);
-        }
-    }
-    let log = std::fs::File::create(work.join(format!("{slot}.log"))).expect("create the log");
-    let mut child = command
-        .env_remove("DATABASE_URL")
-        .env_remove("REDIS_URL")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("spawn invalidator");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while http_status(http, "/readyz").await != Some(200) {
-        assert!(Instant::now() < deadline, "the sidecar did not get ready");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    // The driver's default 500 ms response timeout is too short on a busy machine.
-    let options =
-        redis::AsyncConnectionConfig::new().set_response_timeout(Some(Duration::from_secs(30)));
-    let redis_con = redis
-        .client()
-        .get_multiplexed_async_connection_with_config(&options)
-        .await
-        .expect("connect to redis");
+    let config = write_config(
+        work,
+        &slot,
+        &format!("url = \"{db_url}\"\nslot = \"{slot}\"\npublication = \"fresh\""),
+        redis,
+        rules,
+        http,
+        fill.wait_visible(),
+    );
+    let mut child = spawn(work, &slot, &config, http).await;
+    let redis_con = redis_connection(redis).await;
     let latency = if fill == Fill::Plain {
         None
     } else {
@@ -553,8 +654,9 @@ impl Rng {
     }
 }
 
-/// Prints the table.
-pub fn print(out: &mut String, runs: &[Run]) {
+/// Prints the tables.
+pub fn print(out: &mut String, section: &Section) {
+    let runs = &section.runs;
     let _ = writeln!(
         out,
         "**5. Consistency**: {READERS} readers doing cache-aside on {ROWS} rows, {WRITERS} \
@@ -592,20 +694,27 @@ pub fn print(out: &mut String, runs: &[Run]) {
         "\nOne commit at a time ({PROBES} probes, half each): commit returned → key gone, and → \
          `/wait` answered (after `SELECT pg_current_wal_lsn()`), median / p99 in ms\n"
     );
-    let _ = writeln!(out, "| deletes | commit → gone | commit → /wait 200 |");
+    let _ = writeln!(
+        out,
+        "| mode, deletes | commit → gone | commit → /wait 200 |"
+    );
     let _ = writeln!(out, "|---|---|---|");
+    let row = |out: &mut String, name: &str, [g50, g99, w50, w99]: [f64; 4]| {
+        let _ = writeln!(
+            out,
+            "| {name} | {g50:.2} / {g99:.2} | {w50:.2} / {w99:.2} |"
+        );
+    };
     for r in runs {
-        if let Some([g50, g99, w50, w99]) = r.latency {
-            let _ = writeln!(
-                out,
-                "| {} | {g50:.2} / {g99:.2} | {w50:.2} / {w99:.2} |",
-                if r.fill.wait_visible() {
-                    "waiting for visibility"
-                } else {
-                    "not waiting"
-                }
-            );
+        if let Some(latency) = r.latency {
+            let name = if r.fill.wait_visible() {
+                "replication, waiting for visibility"
+            } else {
+                "replication, not waiting"
+            };
+            row(out, name, latency);
         }
     }
+    row(out, "notify (outbox rounds)", section.notify);
     let _ = writeln!(out);
 }

@@ -24,8 +24,9 @@
 //! - [`change`]: plain data (LSN, table names, rows, changes, the [`change::Step`]s of a
 //!   transaction, `unix_micros`).
 //! - [`config`]: the TOML file and environment overrides, validated; opens no connections.
-//! - [`endpoint`]: a Postgres URL as the connections read it and CA files, below both `config`
-//!   and the connections.
+//! - [`endpoint`]: a Postgres URL as the connections read it (the hosts' order and each one's
+//!   connect timeout, for both kinds of connection) and CA files, below both `config` and the
+//!   connections.
 //! - [`error`]: the one place that says what a Postgres failure means for the run (reconnect,
 //!   wait as a standby, stop): the SQLSTATE table and the [`error::Classify`] trait.
 //! - [`glob`]: Redis glob patterns: the matcher, escaping, literal prefixes.

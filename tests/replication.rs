@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use invalidator::change::Lsn;
+use invalidator::config::{Mode, PostgresConfig};
 use invalidator::error::Classify;
+use invalidator::source::connect;
 use invalidator::source::replication::{
     ReplicationClient, ReplicationError, ReplicationMessage, ReplicationStream,
 };
@@ -442,6 +444,32 @@ async fn dropping_next_futures_in_a_select_loses_no_frame() {
     assert_eq!(tags.len(), ROWS + 3, "B, R, {ROWS} x I, C");
 }
 
+/// What the SQL sessions (setup's, the visibility gate's, the catalog reads') are given.
+fn sql_session(url: String) -> PostgresConfig {
+    PostgresConfig {
+        url,
+        mode: Mode::Replication,
+        slot: "invalidator".to_owned(),
+        publication: "invalidator".to_owned(),
+        flush_on_slot_loss: true,
+        stream_large_transactions: false,
+        ca_file: None,
+    }
+}
+
+/// Whether the SQL session of `url` landed on a read-only server (a standby).
+async fn sql_session_is_read_only(url: String) -> bool {
+    let db = within("sql connect", connect::connect(&sql_session(url)))
+        .await
+        .unwrap_or_else(|err| panic!("sql connect: {err}"));
+    let row = db
+        .query_one("SHOW transaction_read_only", &[])
+        .await
+        .unwrap();
+    row.get::<_, String>(0) == "on"
+}
+
+/// Both kinds of connection, the replication one and the SQL sessions, try the hosts in turn.
 #[tokio::test]
 async fn several_hosts_are_tried_in_turn_and_read_write_passes_over_a_standby() {
     let primary = PgCluster::start();
@@ -487,5 +515,54 @@ async fn several_hosts_are_tried_in_turn_and_read_write_passes_over_a_standby() 
         .err()
         .expect("a standby alone is refused");
     assert!(matches!(err, ReplicationError::ReadOnly), "{err}");
+    assert!(err.is_transient(), "a standby may be promoted");
+    // A refusal names the host that refused.
+    let nobody = crate::support::free_port();
+    let url = format!("postgres://postgres:s3cret@127.0.0.1:{nobody}/postgres");
+    let err = within("connect", ReplicationClient::connect(&config(&url), "test"))
+        .await
+        .err()
+        .expect("nobody listens");
+    let text = err.to_string();
+    assert!(
+        text.contains(&format!("connecting to 127.0.0.1:{nobody}: ")),
+        "{text}"
+    );
+    assert!(!text.contains("s3cret"), "{text}");
+
+    // The SQL sessions: past the refusing host to the standby, and with read-write past the
+    // standby to the primary.
+    let refused_then_standby = format!(
+        "postgres://postgres@127.0.0.1:{dead},127.0.0.1:{}/postgres",
+        standby.port()
+    );
+    assert!(sql_session_is_read_only(refused_then_standby).await);
+    let to_the_primary = format!(
+        "postgres://postgres@127.0.0.1:{dead},127.0.0.1:{},127.0.0.1:{}/postgres\
+         ?target_session_attrs=read-write",
+        standby.port(),
+        primary.port()
+    );
+    assert!(!sql_session_is_read_only(to_the_primary).await);
+    // With no host left, the answer names the last one tried, and never the password.
+    let standby_alone = format!(
+        "postgres://postgres:s3cret@127.0.0.1:{dead},127.0.0.1:{}/postgres\
+         ?target_session_attrs=read-write",
+        standby.port()
+    );
+    let err = within("sql connect", connect::connect(&sql_session(standby_alone)))
+        .await
+        .expect_err("a standby alone is refused");
+    // As main prints it: the error and its causes.
+    let mut text = err.to_string();
+    let mut cause = std::error::Error::source(&err);
+    while let Some(next) = cause {
+        text = format!("{text}: {next}");
+        cause = next.source();
+    }
+    let tried = format!("connecting to 127.0.0.1:{} of ", standby.port());
+    assert!(text.starts_with(&tried), "{text}");
+    assert!(text.contains("does not allow writes"), "{text}");
+    assert!(!text.contains("s3cret"), "{text}");
     assert!(err.is_transient(), "a standby may be promoted");
 }

@@ -37,7 +37,7 @@ use tokio_postgres::config::{SslMode, SslNegotiation};
 use tokio_postgres::tls::{ChannelBinding, MakeTlsConnect, TlsConnect};
 
 use crate::config::PostgresConfig;
-use crate::endpoint::{load_ca_file, parse_url};
+use crate::endpoint::{first_to_answer, host_label, load_ca_file, parse_url, single_host};
 use crate::error::{Classify, Verdict};
 use crate::redact::redact;
 
@@ -60,27 +60,44 @@ pub enum ConnectError {
     #[error(transparent)]
     Tls(#[from] TlsError),
     /// Connecting, authenticating or the server failed.
-    #[error("connecting to {url}: {source}")]
+    #[error("connecting to {host} of {url}: {source}")]
     Postgres {
         /// The URL with its password hidden.
         url: String,
+        /// The host tried (the last one, when the URL names several and none took us).
+        host: String,
         /// What tokio-postgres said.
         #[source]
         source: tokio_postgres::Error,
+    },
+    /// The host accepted no session within the connect timeout (the last one, when the URL
+    /// names several and none took us).
+    #[error(
+        "connecting to {host} of {url}: no session within {after:?} (connect_timeout; the \
+         server is down, hung or unreachable)"
+    )]
+    TimedOut {
+        /// The URL with its password hidden.
+        url: String,
+        /// The host tried.
+        host: String,
+        /// The connect timeout.
+        after: std::time::Duration,
     },
     /// A connection pooler answers instead of Postgres.
     #[error(transparent)]
     Pooler(#[from] PoolerError),
 }
 
-/// TLS and URL problems need a person, and so does a pooler; the server's answer is judged by
-/// its code.
+/// TLS and URL problems need a person, and so does a pooler; a server that does not answer may
+/// come back; the server's answer is judged by its code.
 impl Classify for ConnectError {
     fn verdict(&self) -> Verdict {
         match self {
             ConnectError::Url { .. } | ConnectError::Pooler(_) => Verdict::Stop,
             ConnectError::Tls(e) => e.verdict(),
             ConnectError::Postgres { source, .. } => source.verdict(),
+            ConnectError::TimedOut { .. } => Verdict::Reconnect,
         }
     }
 }
@@ -416,9 +433,6 @@ fn tls_failure(host: &str, err: io::Error) -> TlsError {
     }
 }
 
-/// How long a TCP connect may take when the URL sets no `connect_timeout`.
-pub(crate) const DEFAULT_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-
 /// Connects an ordinary session as `postgres` says (URL, sslmode, CA) and spawns its driver, which
 /// logs how the connection ended.
 pub async fn connect(postgres: &PostgresConfig) -> Result<tokio_postgres::Client, ConnectError> {
@@ -431,25 +445,42 @@ pub async fn connect(postgres: &PostgresConfig) -> Result<tokio_postgres::Client
     Ok(client)
 }
 
+/// An ordinary session and the connection that drives it.
+type Session = (
+    tokio_postgres::Client,
+    tokio_postgres::Connection<tokio_postgres::Socket, RustlsStream<tokio_postgres::Socket>>,
+);
+
 /// Like [`connect`], but hands back the connection for the caller to drive, for callers that
 /// want its notifications (`Connection::poll_message`).
-pub async fn open(
-    postgres: &PostgresConfig,
-) -> Result<
-    (
-        tokio_postgres::Client,
-        tokio_postgres::Connection<tokio_postgres::Socket, RustlsStream<tokio_postgres::Socket>>,
-    ),
-    ConnectError,
-> {
+///
+/// The hosts of a multi-host URL are tried one at a time, each within the connect timeout, as
+/// the replication connection tries them ([`first_to_answer`]): tokio-postgres's own loop bounds
+/// only each TCP connect, so a host that accepts and never answers would hold it for good.
+pub async fn open(postgres: &PostgresConfig) -> Result<Session, ConnectError> {
     let url = || redact(&postgres.url);
-    let (mut config, check_host) =
+    let (config, check_host) =
         parse_url(&postgres.url).map_err(|source| ConnectError::Url { url: url(), source })?;
-    if config.get_connect_timeout().is_none() {
-        // A server that never answers should fail the attempt, not hold it for the OS timeout.
-        config.connect_timeout(DEFAULT_CONNECT_TIMEOUT);
-    }
     let tls = MakeRustls::with_host_check(&config, postgres.ca_file.as_deref(), check_host)?;
+    first_to_answer(
+        &config,
+        |candidate| open_host(single_host(&config, candidate), tls.clone(), url()),
+        |host, after| ConnectError::TimedOut {
+            url: url(),
+            host,
+            after,
+        },
+        |err| matches!(err, ConnectError::Pooler(_)),
+    )
+    .await
+}
+
+/// Opens a session with the one host of `config`; `url` (its password hidden) is for messages.
+async fn open_host(
+    config: tokio_postgres::Config,
+    tls: MakeRustls,
+    url: String,
+) -> Result<Session, ConnectError> {
     config.connect(tls).await.map_err(|source| {
         if let Some(pooler) = source
             .as_db_error()
@@ -469,7 +500,11 @@ pub async fn open(
                     reason: cause.map_or_else(String::new, ToString::to_string),
                 })
             }
-            None => ConnectError::Postgres { url: url(), source },
+            None => ConnectError::Postgres {
+                url,
+                host: host_label(&config, 0),
+                source,
+            },
         }
     })
 }

@@ -39,15 +39,11 @@ use tokio::net::TcpStream;
 use tokio_postgres::config::{ChannelBinding, Host, SslMode, SslNegotiation, TargetSessionAttrs};
 
 use crate::change::Lsn;
-use crate::source::connect::{
-    self, DEFAULT_CONNECT_TIMEOUT, TlsError, client_config, handshake, verifies,
-};
+use crate::endpoint::{self, first_to_answer};
+use crate::source::connect::{self, TlsError, client_config, handshake, verifies};
 use conn::{Backend, Connection, Socket, log_notice, server_error, unexpected};
 pub use error::ReplicationError;
 pub use source::{Ancestry, CatchUp, ReplicationSource, SourceError, WalProgress, WalStream};
-
-/// The port Postgres listens on when the configuration names none.
-const DEFAULT_PORT: u16 = 5432;
 
 /// How long `finish` waits for the server to acknowledge the end of streaming.
 const FINISH_TIMEOUT: Duration = Duration::from_secs(5);
@@ -106,7 +102,8 @@ impl ReplicationClient {
     /// with `target_session_attrs=read-write`, to the first that is not read-only (a standby).
     ///
     /// `application_name` overrides the one in `config`, so that operators can recognise the
-    /// sidecar in `pg_stat_replication`. The config's connect timeout, if any, bounds the whole
+    /// sidecar in `pg_stat_replication`. The connect timeout
+    /// ([`attempt_timeout`](crate::endpoint::attempt_timeout)) bounds each host's whole
     /// connection setup, authentication included.
     pub async fn connect(
         config: &tokio_postgres::Config,
@@ -133,45 +130,47 @@ impl ReplicationClient {
         ca_file: Option<&Path>,
         check_host: bool,
     ) -> Result<ReplicationClient, ReplicationError> {
-        // Without a bound, a server that never answers (a network cut) would hold the
-        // reconnect loop, and a shutdown, for the operating system's TCP timeout.
-        let limit = config
-            .get_connect_timeout()
-            .copied()
-            .unwrap_or(DEFAULT_CONNECT_TIMEOUT);
         if let Some(pooler) = connect::supabase_pooler(config, true) {
             return Err(pooler.into());
         }
         let tls = (ca_file, check_host);
-        // Like libpq: each host in turn, each within the timeout, until one takes us; the
-        // last failure is the answer when none does.
-        let mut last = None;
-        for candidate in 0..candidates(config) {
-            let connected =
-                tokio::time::timeout(limit, connect(config, candidate, application_name, tls))
+        // Like libpq, and like the SQL sessions: each host in turn, each within the connect
+        // timeout, until one takes us.
+        first_to_answer(
+            config,
+            |candidate| async move {
+                connect(config, candidate, application_name, tls)
                     .await
-                    .unwrap_or_else(|_| {
-                        Err(ReplicationError::Io(std::io::Error::new(
-                            std::io::ErrorKind::TimedOut,
-                            format!("connecting to postgres timed out after {limit:?}"),
-                        )))
-                    });
-            match connected {
-                Err(ReplicationError::Server { message, .. })
-                    if let Some(pooler) = connect::pooler_refusal(config, &message, true) =>
-                {
-                    return Err(pooler.into());
-                }
-                Err(err) => {
-                    tracing::debug!(host = candidate, error = %err, "postgres host refused");
-                    last = Some(err);
-                }
-                Ok(client) => return Ok(client),
-            }
-        }
-        Err(last.unwrap_or_else(|| {
-            ReplicationError::Invalid("the connection settings name no host".to_owned())
-        }))
+                    .map_err(|err| match err {
+                        ReplicationError::Server { message, .. }
+                            if let Some(pooler) = connect::pooler_refusal(
+                                &endpoint::single_host(config, candidate),
+                                &message,
+                                true,
+                            ) =>
+                        {
+                            pooler.into()
+                        }
+                        // Which host refused, or reset, matters when the URL names several.
+                        ReplicationError::Io(err) => ReplicationError::Io(std::io::Error::new(
+                            err.kind(),
+                            format!(
+                                "connecting to {}: {err}",
+                                endpoint::host_label(config, candidate)
+                            ),
+                        )),
+                        err => err,
+                    })
+            },
+            |host, after| {
+                ReplicationError::Io(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("connecting to {host} timed out after {after:?}"),
+                ))
+            },
+            |err| matches!(err, ReplicationError::Pooler(_)),
+        )
+        .await
     }
 
     /// A server parameter reported at startup or since, e.g. `server_version`.
@@ -338,16 +337,6 @@ impl ReplicationClient {
     }
 }
 
-/// How many hosts `config` names: each of `host` and `hostaddr` lists them (tokio-postgres
-/// checks that both lists, when given, are as long); one for neither, the default host.
-fn candidates(config: &tokio_postgres::Config) -> usize {
-    config
-        .get_hosts()
-        .len()
-        .max(config.get_hostaddrs().len())
-        .max(1)
-}
-
 /// Opens the socket to host number `candidate`, sends the startup message, authenticates and
 /// waits until the server is ready; refuses a read-only server when `target_session_attrs`
 /// asks for read-write.
@@ -445,12 +434,7 @@ async fn open_socket(
     config: &tokio_postgres::Config,
     candidate: usize,
 ) -> Result<(Box<dyn Socket>, Option<String>), ReplicationError> {
-    let ports = config.get_ports();
-    let port = ports
-        .get(candidate)
-        .or(ports.first())
-        .copied()
-        .unwrap_or(DEFAULT_PORT);
+    let port = endpoint::port(config, candidate);
     let tcp = |stream: TcpStream,
                name: String|
      -> Result<(Box<dyn Socket>, Option<String>), ReplicationError> {
