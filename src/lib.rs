@@ -27,8 +27,9 @@
 //! - [`endpoint`]: a Postgres URL as the connections read it (the hosts' order and each one's
 //!   connect timeout, for both kinds of connection) and CA files, below both `config` and the
 //!   connections.
-//! - [`error`]: the one place that says what a Postgres failure means for the run (reconnect,
-//!   wait as a standby, stop): the SQLSTATE table and the [`error::Classify`] trait.
+//! - [`error`]: the one place that says what a Postgres or Redis failure means for the run
+//!   (retry or reconnect, wait as a standby, stop): the SQLSTATE table, the Redis error kinds
+//!   and replies, and the [`error::Classify`] trait.
 //! - [`glob`]: Redis glob patterns: the matcher, escaping, literal prefixes.
 //! - [`pgoutput`]: decode (and, for tests, encode) pgoutput messages (protocol 1, and 2 for
 //!   streamed transactions); no I/O.

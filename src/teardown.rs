@@ -17,6 +17,7 @@
 //! told, so it is left whole.
 
 use crate::config::{Config, PostgresConfig};
+use crate::error::Classify;
 use crate::redis::{DeleteError, Deleter, DeleterOptions};
 use crate::source::invalidate::{SCHEMA, server_version};
 use crate::source::notify::{self, TRUNCATE_TRIGGER};

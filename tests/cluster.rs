@@ -3,6 +3,7 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
+use invalidator::error::Classify;
 use invalidator::redis::slot::key_slot;
 use invalidator::redis::{Deleter, DeleterOptions};
 

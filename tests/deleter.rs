@@ -4,6 +4,7 @@ use std::collections::HashSet;
 use std::error::Error as _;
 use std::time::{Duration, Instant};
 
+use invalidator::error::Classify;
 use invalidator::redis::{
     DeleteError, DeleteStats, Deleter, DeleterOptions, SHARED_PASS_THRESHOLD,
 };

@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use super::flights::{Flight, Flights};
 use super::{Batch, Committed, Finish, Position, Sink, backoff};
 use crate::change::TableName;
+use crate::error::Classify;
 use crate::redis::{DeleteError, DeleteStats, Deleter};
 use crate::rules::Invalidation;
 use crate::telemetry::{self, Health};
@@ -64,7 +65,7 @@ impl Sink for Deleter {
     type Error = DeleteError;
 
     fn is_transient(error: &DeleteError) -> bool {
-        error.is_transient()
+        Classify::is_transient(error)
     }
 
     async fn delete(&mut self, batch: &Batch<'_>) -> Result<DeleteStats, DeleteError> {

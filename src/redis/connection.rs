@@ -545,7 +545,7 @@ async fn detect_cluster(
                 "redis mode detected from INFO cluster");
             Ok(enabled)
         }
-        Err(err) if super::error::is_transient(&err) => Err(DeleteError::Redis {
+        Err(err) if crate::error::Classify::is_transient(&err) => Err(DeleteError::Redis {
             target: target.to_owned(),
             action: "INFO cluster",
             source: err,

@@ -1,6 +1,8 @@
-//! The deleter's error type, and which errors are worth retrying.
+//! The deleter's error type, and its verdict.
 
-use ::redis::{ErrorKind, RedisError};
+use ::redis::RedisError;
+
+use crate::error::{Classify, Verdict};
 
 /// Why an invalidation could not be applied to Redis.
 #[derive(Debug, thiserror::Error)]
@@ -44,99 +46,24 @@ pub enum DeleteError {
     },
 }
 
-impl DeleteError {
-    /// Whether retrying later can succeed: outages, timeouts, failovers and restarts are
-    /// transient; bad settings, bad credentials, a missing ACL permission or a disabled command
-    /// are permanent, because they stay broken until a person fixes them.
-    pub fn is_transient(&self) -> bool {
+/// Bad settings stay broken until a person fixes them; the driver's errors are judged by
+/// [`crate::error`]'s table of Redis failures.
+impl Classify for DeleteError {
+    fn verdict(&self) -> Verdict {
         match self {
-            DeleteError::InvalidSettings { .. } => false,
-            DeleteError::Redis { source, .. } => is_transient(source),
+            DeleteError::InvalidSettings { .. } => Verdict::Stop,
+            DeleteError::Redis { source, .. } => source.verdict(),
             // Replicas catch up or come back; a replica that never does is for the alerts.
-            DeleteError::NotReplicated { .. } => true,
-            DeleteError::WalkStopped { .. } => true,
+            DeleteError::NotReplicated { .. } => Verdict::Reconnect,
+            DeleteError::WalkStopped { .. } => Verdict::Reconnect,
         }
-    }
-}
-
-/// Classifies a driver error; see [`DeleteError::is_transient`].
-pub(super) fn is_transient(err: &RedisError) -> bool {
-    if matches!(
-        err.kind(),
-        ErrorKind::AuthenticationFailed | ErrorKind::InvalidClientConfig
-    ) || is_certificate_error(err)
-    {
-        return false;
-    }
-    // Server errors come alone or, from a pipeline, as a list; any permanent one decides.
-    let server_errors = err.clone().into_server_errors();
-    !server_errors
-        .iter()
-        .flat_map(|errors| errors.iter())
-        .any(|(_, server)| is_permanent_reply(server.code(), server.details()))
-}
-
-/// Whether TLS failed over a certificate: the server's is not trusted (wrong CA, wrong name,
-/// expired), or the server rejected ours or wanted one. Retrying changes nothing until a person
-/// fixes the files; other TLS failures (a reset mid-handshake) stay transient.
-fn is_certificate_error(err: &RedisError) -> bool {
-    use rustls::AlertDescription as Alert;
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
-    while let Some(current) = source {
-        let tls = tls_error(current);
-        if let Some(tls) = tls {
-            return match tls {
-                rustls::Error::InvalidCertificate(_) => true,
-                rustls::Error::AlertReceived(alert) => matches!(
-                    alert,
-                    Alert::CertificateRequired
-                        | Alert::BadCertificate
-                        | Alert::UnsupportedCertificate
-                        | Alert::CertificateRevoked
-                        | Alert::CertificateExpired
-                        | Alert::CertificateUnknown
-                        | Alert::UnknownCA
-                        | Alert::AccessDenied
-                ),
-                _ => false,
-            };
-        }
-        source = current.source();
-    }
-    false
-}
-
-/// The rustls error that `err` is or wraps: directly, inside an `io::Error`, or inside the
-/// `Arc` the driver keeps its causes in (whose own `source` would skip the `io::Error`).
-fn tls_error<'e>(err: &'e (dyn std::error::Error + 'static)) -> Option<&'e rustls::Error> {
-    type Shared = std::sync::Arc<dyn std::error::Error + Send + Sync>;
-    if let Some(tls) = err.downcast_ref::<rustls::Error>() {
-        return Some(tls);
-    }
-    if let Some(io) = err.downcast_ref::<std::io::Error>() {
-        return io
-            .get_ref()
-            .and_then(|inner| tls_error(inner as &(dyn std::error::Error + 'static)));
-    }
-    err.downcast_ref::<Shared>()
-        .and_then(|shared| tls_error(shared.as_ref() as &(dyn std::error::Error + 'static)))
-}
-
-/// Whether an error reply means a person must act: the server wants credentials or rejects
-/// them (NOAUTH, WRONGPASS), the ACL user lacks a permission (NOPERM), or UNLINK or SCAN is
-/// renamed or disabled ("ERR unknown command"). Everything else (LOADING, TRYAGAIN, CLUSTERDOWN,
-/// MASTERDOWN, READONLY during a failover, ...) passes.
-fn is_permanent_reply(code: &str, details: Option<&str>) -> bool {
-    match code {
-        "NOAUTH" | "WRONGPASS" | "NOPERM" => true,
-        "ERR" => details.is_some_and(|details| details.starts_with("unknown command")),
-        _ => false,
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ::redis::ErrorKind;
 
     fn redis_error(err: RedisError) -> DeleteError {
         DeleteError::Redis {
@@ -181,40 +108,6 @@ mod tests {
             reason: "bad".into(),
         };
         assert!(!settings.is_transient());
-    }
-
-    #[test]
-    fn auth_permission_and_unknown_command_replies_are_permanent() {
-        assert!(is_permanent_reply(
-            "NOAUTH",
-            Some("Authentication required.")
-        ));
-        assert!(is_permanent_reply(
-            "WRONGPASS",
-            Some("invalid username-password pair")
-        ));
-        assert!(is_permanent_reply(
-            "NOPERM",
-            Some("this user has no permissions")
-        ));
-        assert!(is_permanent_reply(
-            "ERR",
-            Some("unknown command 'UNLINK', with args")
-        ));
-        for code in [
-            "LOADING",
-            "TRYAGAIN",
-            "CLUSTERDOWN",
-            "MASTERDOWN",
-            "READONLY",
-            "BUSY",
-        ] {
-            assert!(!is_permanent_reply(code, Some("whatever")), "{code}");
-        }
-        assert!(!is_permanent_reply(
-            "ERR",
-            Some("max number of clients reached")
-        ));
     }
 
     #[test]

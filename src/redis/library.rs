@@ -11,6 +11,7 @@
 //! deletes it ([`Deleter::delete_library`]).
 
 use super::{DeleteError, Deleter};
+use crate::error::Classify;
 use ::redis::Value;
 
 /// The library's name, as `FUNCTION LIST` and `FUNCTION DELETE` know it.

@@ -17,6 +17,7 @@ pub use self::plan::SHARED_PASS_THRESHOLD;
 pub use self::walk::Resolution;
 
 use self::connection::{Connection, Handle, Node};
+use crate::error::Classify;
 use crate::redact::redact;
 use futures_util::future::try_join_all;
 use std::collections::HashSet;

@@ -43,6 +43,7 @@ mod sweep;
 
 use super::connection::{Connection, Handle, KEYS_PER_UNLINK, Node};
 use super::{DeleteError, DeleteStats, plan, walks_on};
+use crate::error::Classify;
 use server::{Failure, Order, Owners, Server, server};
 
 /// What a walk needs to know about its deleter.
