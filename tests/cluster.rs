@@ -115,14 +115,7 @@ async fn a_primary_failover_during_a_stream_of_deletes_loses_nothing() {
         |batch: usize| -> Vec<String> { (0..5).map(|i| format!("p:{batch}:{i}")).collect() };
     cluster.set_keys((0..BATCHES).flat_map(|b| keys(b).into_iter().chain(matched(b))));
     // Every SET has reached the replicas before anything is killed.
-    for primary in cluster.primaries() {
-        let acked: i64 = redis::cmd("WAIT")
-            .arg(1)
-            .arg(5000)
-            .query(&mut primary.connection())
-            .expect("WAIT");
-        assert_eq!(acked, 1);
-    }
+    cluster.wait_replicated();
     let options = DeleterOptions {
         connection_timeout: Duration::from_millis(500),
         response_timeout: Duration::from_secs(1),

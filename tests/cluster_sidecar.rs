@@ -196,6 +196,15 @@ fn tail(text: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
+/// The last 40 lines of a sidecar's `log` without its per-batch lines.
+fn quiet_tail(log: &str) -> String {
+    let quiet: Vec<&str> = log
+        .lines()
+        .filter(|l| !l.contains("transaction confirmed") && !l.contains("invalidation applied"))
+        .collect();
+    tail(&quiet.join("\n"), 40)
+}
+
 /// The ids of `item:{id}` keys that exist, among 1..=last.
 fn surviving_ids(cluster: &RedisCluster, last: usize) -> BTreeSet<usize> {
     cluster
@@ -221,14 +230,7 @@ fn a_primary_failover_during_a_stream_of_commits(victim_is_seed: bool) {
     cluster.set_keys(keys.iter());
     assert_eq!(cluster.nodes_with_keys(), 3);
     // Every SET has reached the replicas before anything is killed.
-    for primary in cluster.primaries() {
-        let acked: i64 = redis::cmd("WAIT")
-            .arg(1)
-            .arg(5000)
-            .query(&mut primary.connection())
-            .expect("WAIT");
-        assert_eq!(acked, 1);
-    }
+    cluster.wait_replicated();
     let f = Fixture::with_cache(SCHEMA, RULES, Cache::Cluster(cluster));
     let cluster = f.redis.cluster();
     let sidecar = f.setup.start();
@@ -302,16 +304,7 @@ fn a_primary_failover_during_a_stream_of_commits(victim_is_seed: bool) {
             boundary + 1,
             &left[..left.len().min(10)],
             per_primary(cluster, "item:*"),
-            tail(
-                &sidecar
-                    .log()
-                    .lines()
-                    .filter(|l| !l.contains("transaction confirmed")
-                        && !l.contains("invalidation applied"))
-                    .collect::<Vec<_>>()
-                    .join("\n"),
-                40
-            ),
+            quiet_tail(&sidecar.log()),
         );
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -332,16 +325,7 @@ fn a_primary_failover_during_a_stream_of_commits(victim_is_seed: bool) {
              {:?}; its log without per-batch lines:\n{}",
             confirmed.trim(),
             sidecar.get("/status"),
-            tail(
-                &sidecar
-                    .log()
-                    .lines()
-                    .filter(|l| !l.contains("transaction confirmed")
-                        && !l.contains("invalidation applied"))
-                    .collect::<Vec<_>>()
-                    .join("\n"),
-                40
-            ),
+            quiet_tail(&sidecar.log()),
         );
         std::thread::sleep(Duration::from_millis(100));
     }

@@ -459,14 +459,7 @@ async fn after_a_failover_mid_walk_the_promoted_primary_is_swept_with_scan_not_s
     let doomed: Vec<String> = (0..3_000).map(|i| format!("fo:{i}")).collect();
     cluster.set_keys(&doomed);
     // Every key has reached the replicas before a primary is killed.
-    for primary in cluster.primaries() {
-        let acked: i64 = redis::cmd("WAIT")
-            .arg(1)
-            .arg(5000)
-            .query(&mut primary.connection())
-            .expect("WAIT");
-        assert_eq!(acked, 1);
-    }
+    cluster.wait_replicated();
     let options = DeleterOptions {
         connection_timeout: Duration::from_millis(500),
         response_timeout: Duration::from_secs(1),

@@ -480,6 +480,19 @@ impl RedisCluster {
         });
     }
 
+    /// Waits until every primary's replica has what the primary has (`WAIT 1`), so a failover
+    /// loses nothing written before.
+    pub fn wait_replicated(&self) {
+        for primary in self.primaries() {
+            let acked: i64 = redis::cmd("WAIT")
+                .arg(1)
+                .arg(5000)
+                .query(&mut primary.connection())
+                .expect("WAIT");
+            assert_eq!(acked, 1, "port {}: no replica confirmed", primary.port());
+        }
+    }
+
     /// Whether `key` exists, asked of the primary that owns it.
     pub fn exists(&self, key: impl AsRef<[u8]>) -> bool {
         let mut con = self
