@@ -730,3 +730,46 @@ async fn a_pattern_under_the_key_index_is_resolved_from_it_including_keys_made_a
     assert_eq!(report.resolutions, 1);
     assert_eq!(report.fallbacks, [0, 0, 0, 1, 0]);
 }
+
+#[tokio::test]
+async fn where_the_flags_hide_the_new_event_a_probe_key_proves_it_and_notices_it_turned_off() {
+    // With every class on, Redis reads `AKEn` back as `AKE`: `n` cannot be seen there.
+    let redis = RedisServer::start_with(&["--notify-keyspace-events", "AKE"]);
+    redis.set_keys(["idx:1:a"]);
+    let options = DeleterOptions {
+        key_index: Some(KeyIndexOptions {
+            prefixes: vec!["idx:".to_owned()],
+            max_keys: 1000,
+        }),
+        ..DeleterOptions::default()
+    };
+    let mut deleter = Deleter::connect_with(&redis.url(), options)
+        .await
+        .expect("connect");
+    let ready =
+        |deleter: &Deleter| matches!(deleter.key_index_state(), KeyIndexState::Ready { .. });
+    wait_for(Duration::from_secs(10), "the key index is ready", || {
+        let ready = ready(&deleter);
+        async move { ready }
+    })
+    .await;
+    let mut resolve = async |deleter: &mut Deleter, pattern: &str| {
+        let started = deleter.start(&HashSet::new(), &set([pattern])).await;
+        started.expect("start").await.expect("resolved")
+    };
+    let stats = resolve(&mut deleter, "idx:1:*").await;
+    assert_eq!((stats.patterns_indexed, stats.keys_deleted), (1, 1));
+    // Someone drops `n` (invisible in CONFIG GET): keys made from now on raise no `new` event.
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("notify-keyspace-events")
+        .arg("AK")
+        .query(&mut redis.connection())
+        .expect("CONFIG SET");
+    redis.set_keys(["idx:2:late"]);
+    let stats = resolve(&mut deleter, "idx:2:*").await;
+    assert_eq!((stats.patterns_indexed, stats.keys_deleted), (0, 1));
+    assert!(redis.scan_keys("idx:*").is_empty());
+    let report = deleter.key_index_report().expect("an index");
+    assert_eq!(report.fallbacks, [0, 0, 0, 0, 1]);
+}
