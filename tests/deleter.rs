@@ -753,7 +753,7 @@ async fn where_the_flags_hide_the_new_event_a_probe_key_proves_it_and_notices_it
         async move { ready }
     })
     .await;
-    let mut resolve = async |deleter: &mut Deleter, pattern: &str| {
+    let resolve = async |deleter: &mut Deleter, pattern: &str| {
         let started = deleter.start(&HashSet::new(), &set([pattern])).await;
         started.expect("start").await.expect("resolved")
     };
