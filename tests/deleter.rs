@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use invalidator::error::Classify;
 use invalidator::redis::{
-    DeleteError, DeleteStats, Deleter, DeleterOptions, KeyIndexOptions, KeyIndexState,
-    SHARED_PASS_THRESHOLD,
+    DeleteError, DeleteStats, Deleter, DeleterOptions, KeyIndexCheck, KeyIndexOptions,
+    KeyIndexState, SHARED_PASS_THRESHOLD,
 };
 
 use crate::support::{CutMode, RedisCluster, RedisServer, TcpProxy, unique_name, wait_for};
@@ -849,5 +849,31 @@ async fn past_max_keys_the_index_is_dropped_for_good_and_patterns_are_walked() {
     assert_eq!(
         deleter.key_index_state(),
         KeyIndexState::Full { max_keys: 2 }
+    );
+}
+
+#[tokio::test]
+async fn check_tells_whether_the_key_index_gets_its_events_without_changing_them() {
+    let plain = RedisServer::start();
+    let mut deleter = Deleter::connect(&plain.url()).await.expect("connect");
+    let settable = KeyIndexCheck::Settable {
+        now: String::new(),
+        wanted: "Kngxe".to_owned(),
+    };
+    assert_eq!(deleter.key_index_check().await.expect("check"), settable);
+    // Asking set nothing.
+    assert_eq!(deleter.key_index_check().await.expect("check"), settable);
+    let set = RedisServer::start_with(&["--notify-keyspace-events", "Kgxen"]);
+    let mut deleter = Deleter::connect(&set.url()).await.expect("connect");
+    assert_eq!(
+        deleter.key_index_check().await.expect("check"),
+        KeyIndexCheck::Set
+    );
+    let renamed = RedisServer::start_with(&["--rename-command", "CONFIG", ""]);
+    let mut deleter = Deleter::connect(&renamed.url()).await.expect("connect");
+    let found = deleter.key_index_check().await.expect("check");
+    assert!(
+        matches!(&found, KeyIndexCheck::Refused { now: None, reason } if reason.contains("CONFIG")),
+        "{found:?}"
     );
 }
