@@ -4,8 +4,8 @@
 mod outbox;
 mod replication;
 
-use outbox::{dry_outbox_once, outbox_once};
-use replication::{dry_stream_once, stream_once};
+use outbox::outbox_once;
+use replication::stream_once;
 
 use std::sync::Arc;
 
@@ -271,18 +271,16 @@ async fn read_until_stopped(
     session: &mut Session<'_>,
     stop: &CancellationToken,
 ) -> Result<(), RunError> {
-    let (config, dry_run, health) = (session.config, session.dry_run, session.health.clone());
+    let (config, health) = (session.config, session.health.clone());
     let mut delays = pipeline::backoff();
     loop {
         if stop.is_cancelled() {
             return Ok(());
         }
         let mut streamed = false;
-        let attempt = match (config.postgres.mode, dry_run) {
-            (Mode::Replication, false) => stream_once(session, &mut streamed).await,
-            (Mode::Replication, true) => dry_stream_once(session, &mut streamed).await,
-            (Mode::Notify, false) => outbox_once(session, &mut streamed).await,
-            (Mode::Notify, true) => dry_outbox_once(session, &mut streamed).await,
+        let attempt = match config.postgres.mode {
+            Mode::Replication => stream_once(session, &mut streamed).await,
+            Mode::Notify => outbox_once(session, &mut streamed).await,
         };
         if streamed {
             // The connection worked: the next interruption starts from the shortest delay.

@@ -41,6 +41,7 @@ use tokio_postgres::config::{ChannelBinding, Host, SslMode, SslNegotiation, Targ
 use crate::change::Lsn;
 use crate::endpoint::{self, first_to_answer};
 use crate::source::connect::{self, TlsError, client_config, handshake, verifies};
+use crate::sql;
 use conn::{Backend, Connection, Socket, log_notice, server_error, unexpected};
 pub use error::ReplicationError;
 pub use source::{Ancestry, CatchUp, ReplicationSource, SourceError, WalProgress, WalStream};
@@ -260,7 +261,7 @@ impl ReplicationClient {
         wire::validate_slot_name(slot)?;
         let command = format!(
             "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput NOEXPORT_SNAPSHOT",
-            wire::quote_ident(slot)
+            sql::quote_ident(slot)
         );
         let rows = self.simple_query(&command).await?;
         let Some(Some(consistent_point)) = rows.first().and_then(|row| row.get(1)) else {
@@ -301,8 +302,8 @@ impl ReplicationClient {
         };
         let command = format!(
             "START_REPLICATION SLOT {} LOGICAL {start} ({protocol}, publication_names {}{})",
-            wire::quote_ident(slot),
-            wire::quote_literal(&wire::quote_ident(publication)),
+            sql::quote_ident(slot),
+            sql::quote_literal(&sql::quote_ident(publication)),
             if since_14 { ", messages 'true'" } else { "" },
         );
         self.conn.encode(|buf| frontend::query(&command, buf))?;
