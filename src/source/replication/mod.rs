@@ -152,13 +152,30 @@ impl ReplicationClient {
                         {
                             pooler.into()
                         }
-                        // Which host refused, or reset, matters when the URL names several.
+                        // Which host refused, reset or turned the login down matters when the
+                        // URL names several.
                         ReplicationError::Io(err) => ReplicationError::Io(std::io::Error::new(
                             err.kind(),
                             format!(
                                 "connecting to {}: {err}",
                                 endpoint::host_label(config, candidate)
                             ),
+                        )),
+                        ReplicationError::Server {
+                            code,
+                            message,
+                            detail,
+                        } => ReplicationError::Server {
+                            code,
+                            message: format!(
+                                "{message} (connecting to {})",
+                                endpoint::host_label(config, candidate)
+                            ),
+                            detail,
+                        },
+                        ReplicationError::Auth(why) => ReplicationError::Auth(format!(
+                            "{why} (connecting to {})",
+                            endpoint::host_label(config, candidate)
                         )),
                         err => err,
                     })
