@@ -1,6 +1,7 @@
 //! `invalidator run`: HTTP, the Redis delete loop, and the replication connection (or, in notify
 //! mode, the outbox reader) with its reconnect loop, until shutdown.
 
+mod library;
 mod outbox;
 mod replication;
 
@@ -102,6 +103,15 @@ pub async fn run(
         http_stop.cancel();
         return Ok(());
     };
+    // A dry run changes nothing in Redis, the library included.
+    let library = if dry_run {
+        None
+    } else {
+        let urls = config.redis_urls().map(str::to_owned).collect();
+        let options = DeleterOptions::from_config(&config.redis)?;
+        let stop = pipeline_stop.child_token();
+        Some(tokio::spawn(library::keep_loaded(urls, options, stop)))
+    };
     let links = Links {
         queue: queue_tx,
         confirmed: confirmed_rx,
@@ -132,6 +142,9 @@ pub async fn run(
     // The source stopped: make sure the delete loop stops too, then collect its verdict.
     pipeline_stop.cancel();
     let _ = watcher.await;
+    if let Some(library) = library {
+        let _ = library.await;
+    }
     let deleted = delete_loop
         .await
         .unwrap_or_else(|e| panic!("delete loop panicked: {e}"));
