@@ -537,7 +537,7 @@ fn run_loads_the_library_again_after_a_function_flush_and_a_restart_that_kept_no
         library_loaded(&f.redis)
     });
     assert!(
-        sidecar.log().contains("loaded it again"),
+        sidecar.log().contains("library invalidator was missing"),
         "{}",
         sidecar.log()
     );

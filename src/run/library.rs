@@ -69,7 +69,7 @@ async fn look_after(
     }
     deleter.load_library().await?;
     tracing::warn!(target_url = %deleter.target(), missing = %missing.join(","),
-        "the Redis Functions library {} was gone (a restart that kept nothing, or FUNCTION \
-         FLUSH); loaded it again", library::NAME);
+        "the Redis Functions library {} was missing (a restart that kept nothing, FUNCTION \
+         FLUSH, or no `invalidator setup` yet); loaded it", library::NAME);
     Ok(deleter)
 }
