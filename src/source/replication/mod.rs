@@ -22,6 +22,26 @@ mod error;
 mod source;
 mod wire;
 
+/// The `options` of the startup packet: the URL's, then the text form of values, pinned after
+/// them so that it wins over them, over the role's and the database's settings and over the
+/// server's defaults (pgoutput writes values with this session's settings, and keys must not
+/// depend on them). The server reads a backslash as escaping the next character, so options
+/// ending in an unpaired one would glue the space before ours, and our first option, onto
+/// their last value: refused, with what to do.
+fn startup_options(theirs: Option<&str>) -> Result<String, ReplicationError> {
+    let Some(theirs) = theirs else {
+        return Ok(super::text_form_options());
+    };
+    let trailing = theirs.len() - theirs.trim_end_matches('\\').len();
+    if trailing % 2 == 1 {
+        return Err(ReplicationError::Invalid(format!(
+            "postgres url: options {theirs:?} ends with an unpaired backslash, which would escape \
+             what follows; double it or remove it"
+        )));
+    }
+    Ok(format!("{theirs} {}", super::text_form_options()))
+}
+
 #[cfg(test)]
 mod tests;
 
@@ -389,13 +409,7 @@ async fn connect(
     if let Some(dbname) = config.get_dbname() {
         params.push(("database", dbname));
     }
-    // The text form of values is pinned after the user's options, so it wins over them, over
-    // the role's and the database's settings and over the server's defaults: pgoutput writes
-    // values with this session's settings, and keys must not depend on them.
-    let options = match config.get_options() {
-        Some(theirs) => format!("{theirs} {}", super::text_form_options()),
-        None => super::text_form_options(),
-    };
+    let options = startup_options(config.get_options())?;
     params.push(("options", &options));
     conn.encode(|buf| frontend::startup_message(params.iter().copied(), buf))?;
     conn.flush().await?;
