@@ -51,6 +51,9 @@ pub enum Kind {
     ReplicaIdentity,
     /// A placeholder column can arrive as an unchanged TOAST value: it broadens to patterns.
     Toast,
+    /// A placeholder on a generated column, which the publication does not send: it broadens
+    /// to patterns (replication mode).
+    Generated,
     /// A pattern without a literal prefix: it matches keys of every kind.
     NoPrefix,
     /// A key that begins with a placeholder: without its value, it matches keys of every kind.
@@ -88,6 +91,7 @@ impl Kind {
             Kind::NoReplicaIdentity => "no_replica_identity",
             Kind::ReplicaIdentity => "replica_identity",
             Kind::Toast => "toast",
+            Kind::Generated => "generated",
             Kind::NoPrefix => "no_prefix",
             Kind::LeadingPlaceholder => "leading_placeholder",
             Kind::Duplicate => "duplicate",
