@@ -6,7 +6,9 @@
 //!   broaden to patterns because the table's REPLICA IDENTITY does not send old values or a
 //!   column can arrive as an unchanged TOAST value, and whether the database is ready for the
 //!   mode: `wal_level`, the replication privilege and the publication, or notify mode's outbox
-//!   and triggers (`database.rs`).
+//!   and triggers (`database.rs`);
+//! - with `[redis] key_index`, whether each Redis gives the key index its keyspace events
+//!   (`key_index.rs`).
 //!
 //! Each [`Finding`] is an error (`check` exits 1: the rules or the database need a change
 //! before `run` can work as intended) or a warning (it works, but deletes more than it names or
