@@ -345,10 +345,12 @@ async fn check_and_restore(con: &mut MultiplexedConnection, groups: &[u64], size
     let keys = group_keys(groups.iter().copied());
     let left = super::count_existing(con, &keys).await;
     assert_eq!(left, 0, "{left} keys of the patterns were not deleted");
-    let others = super::dbsize(con).await;
+    // A small keyspace can give the burst a group twice.
+    let distinct = keys.iter().collect::<HashSet<_>>().len() as u64;
+    let kept = super::dbsize(con).await;
     assert_eq!(
-        others,
-        size - keys.len() as u64,
+        kept,
+        size - distinct,
         "keys other than the patterns' were deleted"
     );
     set_keys(con, &keys).await;
