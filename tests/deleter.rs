@@ -730,3 +730,124 @@ async fn a_pattern_under_the_key_index_is_resolved_from_it_including_keys_made_a
     assert_eq!(report.resolutions, 1);
     assert_eq!(report.fallbacks, [0, 0, 0, 1, 0]);
 }
+
+#[tokio::test]
+async fn where_the_flags_hide_the_new_event_a_probe_key_proves_it_and_notices_it_turned_off() {
+    // With every class on, Redis reads `AKEn` back as `AKE`: `n` cannot be seen there.
+    let redis = RedisServer::start_with(&["--notify-keyspace-events", "AKE"]);
+    redis.set_keys(["idx:1:a"]);
+    let options = DeleterOptions {
+        key_index: Some(KeyIndexOptions {
+            prefixes: vec!["idx:".to_owned()],
+            max_keys: 1000,
+        }),
+        ..DeleterOptions::default()
+    };
+    let mut deleter = Deleter::connect_with(&redis.url(), options)
+        .await
+        .expect("connect");
+    let ready =
+        |deleter: &Deleter| matches!(deleter.key_index_state(), KeyIndexState::Ready { .. });
+    wait_for(Duration::from_secs(10), "the key index is ready", || {
+        let ready = ready(&deleter);
+        async move { ready }
+    })
+    .await;
+    let resolve = async |deleter: &mut Deleter, pattern: &str| {
+        let started = deleter.start(&HashSet::new(), &set([pattern])).await;
+        started.expect("start").await.expect("resolved")
+    };
+    let stats = resolve(&mut deleter, "idx:1:*").await;
+    assert_eq!((stats.patterns_indexed, stats.keys_deleted), (1, 1));
+    // Someone drops `n` (invisible in CONFIG GET): keys made from now on raise no `new` event.
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("notify-keyspace-events")
+        .arg("AK")
+        .query(&mut redis.connection())
+        .expect("CONFIG SET");
+    redis.set_keys(["idx:2:late"]);
+    let stats = resolve(&mut deleter, "idx:2:*").await;
+    assert_eq!((stats.patterns_indexed, stats.keys_deleted), (0, 1));
+    assert!(redis.scan_keys("idx:*").is_empty());
+    let report = deleter.key_index_report().expect("an index");
+    assert_eq!(report.fallbacks, [0, 0, 0, 0, 1]);
+}
+
+/// A deleter with a key index of `prefixes`, holding at most `max_keys`.
+async fn indexed(redis: &RedisServer, prefixes: &[&str], max_keys: usize) -> Deleter {
+    let options = DeleterOptions {
+        key_index: Some(KeyIndexOptions {
+            prefixes: prefixes.iter().map(|p| p.to_string()).collect(),
+            max_keys,
+        }),
+        ..DeleterOptions::default()
+    };
+    Deleter::connect_with(&redis.url(), options)
+        .await
+        .expect("connect")
+}
+
+/// Waits until the key index of `deleter` is in a state `wanted` accepts.
+async fn wait_index(deleter: &Deleter, what: &str, wanted: fn(&KeyIndexState) -> bool) {
+    wait_for(Duration::from_secs(10), what, || {
+        let reached = wanted(&deleter.key_index_state());
+        async move { reached }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_killed_subscription_drops_the_index_and_it_is_rebuilt_with_the_keys_made_meanwhile() {
+    let redis = RedisServer::start();
+    let mut deleter = indexed(&redis, &["idx:"], 1000).await;
+    let ready = |s: &KeyIndexState| matches!(s, KeyIndexState::Ready { .. });
+    wait_index(&deleter, "the key index is ready", ready).await;
+    let _: u64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query(&mut redis.connection())
+        .expect("CLIENT KILL");
+    // Made while no subscription listens: only the rebuild's SCAN can find it.
+    redis.set_keys(["idx:1:meanwhile"]);
+    let stats = deleter
+        .start(&HashSet::new(), &set(["idx:1:*"]))
+        .await
+        .expect("start")
+        .await
+        .expect("resolved");
+    // Whichever way this batch went, the key is gone.
+    assert_eq!(stats.keys_deleted, 1);
+    wait_index(&deleter, "the key index is rebuilt", ready).await;
+    redis.set_keys(["idx:1:again"]);
+    let stats = deleter
+        .start(&HashSet::new(), &set(["idx:1:*"]))
+        .await
+        .expect("start")
+        .await
+        .expect("resolved");
+    assert_eq!((stats.patterns_indexed, stats.keys_deleted), (1, 1));
+}
+
+#[tokio::test]
+async fn past_max_keys_the_index_is_dropped_for_good_and_patterns_are_walked() {
+    let redis = RedisServer::start();
+    redis.set_keys(["idx:1", "idx:2", "idx:3"]);
+    let mut deleter = indexed(&redis, &["idx:"], 2).await;
+    let full = |s: &KeyIndexState| *s == KeyIndexState::Full { max_keys: 2 };
+    wait_index(&deleter, "the key index is full", full).await;
+    let stats = deleter
+        .start(&HashSet::new(), &set(["idx:*"]))
+        .await
+        .expect("start")
+        .await
+        .expect("resolved");
+    assert_eq!((stats.patterns_indexed, stats.keys_deleted), (0, 3));
+    let report = deleter.key_index_report().expect("an index");
+    assert_eq!(report.fallbacks, [0, 0, 1, 0, 0]);
+    assert_eq!(
+        deleter.key_index_state(),
+        KeyIndexState::Full { max_keys: 2 }
+    );
+}

@@ -438,3 +438,44 @@ async fn answers_again<K: Sink>(sink: &mut K) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_index_that_is_not_ready_is_a_note_saying_why() {
+        assert_eq!(index_note(&KeyIndexState::Off), None);
+        assert_eq!(index_note(&KeyIndexState::Ready { keys: 3 }), None);
+        assert_eq!(
+            index_note(&KeyIndexState::Building).as_deref(),
+            Some("key index building: patterns use the SCAN walk")
+        );
+        let full = index_note(&KeyIndexState::Full { max_keys: 10 }).unwrap();
+        assert!(full.contains("more than 10 keys") && full.contains("key_index_max_keys"));
+        let refused = index_note(&KeyIndexState::Unavailable("CONFIG refused".to_owned()));
+        assert!(refused.unwrap().contains("unavailable (CONFIG refused)"));
+    }
+
+    #[test]
+    fn the_key_index_note_names_the_target_and_goes_once_it_is_ready() {
+        let health = Health::new();
+        let report = Reporting::target(health.clone(), "eu");
+        let mut index = KeyIndexReport {
+            state: KeyIndexState::Building,
+            resolutions: 0,
+            fallbacks: [0; KEY_INDEX_FALLBACKS.len()],
+        };
+        report.key_index(Some(index.clone()));
+        assert_eq!(
+            health.notes(),
+            ["redis eu: key index building: patterns use the SCAN walk"]
+        );
+        index.state = KeyIndexState::Ready { keys: 5 };
+        report.key_index(Some(index));
+        assert!(health.notes().is_empty());
+        // A sink without an index leaves no note at all.
+        report.key_index(None);
+        assert!(health.notes().is_empty());
+    }
+}
