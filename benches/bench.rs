@@ -439,14 +439,21 @@ impl Bench {
         self.launch(consumer, cmd, log, http)
     }
 
-    /// Starts `invalidator run` with `config` (its HTTP port `http`), for a section with rules
-    /// and a database of its own; the log is named after `slot`.
-    fn spawn_invalidator(&self, slot: &str, config: &Path, http: u16) -> Result<Proc, String> {
+    /// Starts `invalidator run` with `config` (its HTTP port `http`) and the settings `env` on
+    /// top, for a section with rules and a database of its own; the log is named after `slot`.
+    fn spawn_invalidator(
+        &self,
+        slot: &str,
+        config: &Path,
+        http: u16,
+        env: &[(&str, &str)],
+    ) -> Result<Proc, String> {
         let log = self
             .work
             .path()
             .join(format!("{slot}-{}.log", unique_name("run")));
-        let cmd = invalidator_command(config);
+        let mut cmd = invalidator_command(config);
+        cmd.envs(env.iter().copied());
         self.launch(Consumer::Invalidator, cmd, log, Some(http))
     }
 
@@ -731,6 +738,24 @@ impl Proc {
         let body = http_get(self.http?, "/metrics")?;
         body.lines()
             .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+    }
+
+    /// Every series of metric `name` in invalidator's `/metrics` as (labels, value), the labels
+    /// as written between the braces ("" for none); empty if nothing answers.
+    fn metric_series(&self, name: &str) -> Vec<(String, f64)> {
+        let Some(body) = self.http.and_then(|port| http_get(port, "/metrics")) else {
+            return Vec::new();
+        };
+        body.lines()
+            .filter_map(|l| {
+                let rest = l.strip_prefix(name)?;
+                let (labels, value) = match rest.strip_prefix('{') {
+                    Some(labelled) => labelled.split_once("} ")?,
+                    None => ("", rest.strip_prefix(' ')?),
+                };
+                Some((labels.to_owned(), value.trim().parse().ok()?))
+            })
+            .collect()
     }
 }
 
