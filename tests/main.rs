@@ -14,6 +14,7 @@ mod faults;
 mod guarded_fill;
 mod identifiers;
 mod invalidate;
+mod key_index;
 mod memory;
 mod notify;
 mod observability;
