@@ -25,6 +25,7 @@ use crate::source::setup::{SetupError, Sql};
 
 mod analysis;
 mod database;
+mod key_index;
 
 /// How serious a finding is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -73,6 +74,8 @@ pub enum Kind {
     /// The slot is not a failover slot on a server that has them (17+): a promoted standby
     /// will not have it (replication mode).
     FailoverSlot,
+    /// With `[redis] key_index`: a Redis cannot give the key index its keyspace events.
+    KeyIndex,
 }
 
 impl Kind {
@@ -96,6 +99,7 @@ impl Kind {
             Kind::NotifySetup => "notify_setup",
             Kind::RedisLibrary => "redis_library",
             Kind::FailoverSlot => "failover_slot",
+            Kind::KeyIndex => "key_index",
         }
     }
 }
@@ -510,8 +514,8 @@ pub enum CheckError {
 }
 
 /// `invalidator check`: the rules-only checks when `offline`, else every check against the
-/// database and against each Redis's guarded-fill library; with what the report was checked
-/// against, for its last line.
+/// database and against each Redis's guarded-fill library (and, with `[redis] key_index`, its
+/// keyspace events); with what the report was checked against, for its last line.
 pub async fn run(
     config: &crate::config::Config,
     rules: &RuleSet,
@@ -523,12 +527,13 @@ pub async fn run(
     let postgres = &config.postgres;
     let mut db = crate::source::connect::connect(postgres).await?;
     let report = check(&mut db, rules, postgres).await?;
-    let redis = library::inspect(config).await?;
-    let findings = report.findings.into_iter().chain(library_findings(&redis));
-    Ok((
-        Report::new(findings.collect()),
-        "checked against the database",
-    ))
+    let mut redis = library::inspect(config).await?;
+    let mut findings = report.findings;
+    findings.extend(library_findings(&redis));
+    if config.redis.key_index {
+        findings.extend(key_index::findings(&mut redis).await);
+    }
+    Ok((Report::new(findings), "checked against the database"))
 }
 
 /// The rules' tables that do not exist, and the rules naming a column (in a placeholder or in

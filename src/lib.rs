@@ -10,8 +10,9 @@
 //!                                                          ▼ (per transaction, bounded queue)
 //!                 pipeline::visibility: replication mode holds each until a new snapshot sees it
 //!                                                          ▼
-//!                 pipeline::deliver: a Sink: redis::Deleter (UNLINK keys; patterns join one
-//!                                    shared SCAN walk per primary, redis::walk; batches in
+//!                 pipeline::deliver: a Sink: redis::Deleter (UNLINK keys; patterns from the
+//!                                    key index, redis::index, or they join one shared SCAN
+//!                                    walk per primary, redis::walk; batches in
 //!                                    flight confirmed in commit order, pipeline::flights), one
 //!                                    per target (targets), or dry_run::LogDeletes
 //!                                                          │ confirmed
@@ -42,8 +43,9 @@
 //!   (`source::history`).
 //! - [`redact`]: hides passwords in URLs before they reach a log line or an error.
 //! - [`redis`]: the deleter: pipelined `UNLINK`, one shared `SCAN` walk per primary for
-//!   patterns (`redis::walk`), never `KEYS`; the guarded-fill Functions library
-//!   (`redis::library`).
+//!   patterns (`redis::walk`), never `KEYS`, or with `[redis] key_index` the live index of the
+//!   keys under the rules' pattern prefixes (`redis::index`), proven current by a barrier
+//!   before each use; the guarded-fill Functions library (`redis::library`).
 //! - [`pipeline`]: the only place that wires source, rules, Redis and acknowledgement: the one
 //!   source loop, the visibility gate, the delete loop and the [`pipeline::Sink`] trait.
 //! - [`targets`]: several Redis targets: one delete loop each, acknowledged at their minimum.

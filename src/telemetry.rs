@@ -70,6 +70,15 @@ pub const RULES_RELOADS_TOTAL: &str = "invalidator_rules_reloads_total";
 /// rules stayed in effect.
 pub const RULES_RELOAD_ERRORS_TOTAL: &str = "invalidator_rules_reload_errors_total";
 
+/// With `[redis] key_index`: keys the live key index holds (0 while it is not ready).
+pub const KEY_INDEX_KEYS: &str = "invalidator_key_index_keys";
+/// With `[redis] key_index`: patterns resolved from the key index instead of a SCAN walk.
+pub const KEY_INDEX_RESOLUTIONS_TOTAL: &str = "invalidator_key_index_resolutions_total";
+/// With `[redis] key_index`: patterns resolved by the SCAN walk instead of the key index,
+/// labelled `reason` ([`crate::redis::KEY_INDEX_FALLBACKS`]: `building`, `unavailable`, `full`,
+/// `uncovered`, `lost`).
+pub const KEY_INDEX_FALLBACKS_TOTAL: &str = "invalidator_key_index_fallbacks_total";
+
 /// Replication mode: batches whose deletes waited for a new snapshot to see their transactions
 /// (the first snapshot did not yet).
 pub const VISIBILITY_WAITS_TOTAL: &str = "invalidator_visibility_waits_total";
@@ -187,6 +196,9 @@ struct HealthState {
     redis: Option<String>,
     /// With several Redis targets, each one's state by name; empty with one target.
     targets: std::collections::BTreeMap<String, TargetHealth>,
+    /// Conditions worth saying that do not make the sidecar unready (a key index still
+    /// building), by topic.
+    notes: std::collections::BTreeMap<String, String>,
 }
 
 /// The state of one of several Redis targets.
@@ -282,6 +294,21 @@ impl Health {
         }
     }
 
+    /// Records a note on `topic` for `/readyz` (`None`: nothing to say); notes never change
+    /// readiness.
+    pub fn set_note(&self, topic: &str, note: Option<String>) {
+        let mut state = self.lock();
+        match note {
+            Some(note) => state.notes.insert(topic.to_owned(), note),
+            None => state.notes.remove(topic),
+        };
+    }
+
+    /// The notes, in the order of their topics.
+    pub fn notes(&self) -> Vec<String> {
+        self.lock().notes.values().cloned().collect()
+    }
+
     /// Records that every change up to `lsn` is invalidated (positions only go forwards), and
     /// answers the `/wait` requests it satisfies.
     pub fn acknowledge(&self, lsn: Lsn) {
@@ -341,11 +368,16 @@ pub async fn serve(
         .await
 }
 
+/// `GET /readyz`: `ready` or the reason, then one `note: ...` line per note.
 async fn readyz(State(state): State<AppState>) -> (StatusCode, String) {
-    match state.health.readiness() {
+    let (status, mut body) = match state.health.readiness() {
         Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
         Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, format!("{reason}\n")),
+    };
+    for note in state.health.notes() {
+        body.push_str(&format!("note: {note}\n"));
     }
+    (status, body)
 }
 
 /// The longest `/wait` may be asked to wait.
@@ -441,6 +473,18 @@ mod tests {
         health.set_redis(None);
         health.set_source(Some("standby".to_owned()));
         assert_eq!(health.readiness(), Err("standby".to_owned()));
+    }
+
+    #[test]
+    fn notes_are_kept_by_topic_and_never_change_readiness() {
+        let health = Health::new();
+        health.set_source(None);
+        health.set_note("key_index", Some("key index building".to_owned()));
+        health.set_note("a", Some("first".to_owned()));
+        assert_eq!(health.readiness(), Ok(()));
+        assert_eq!(health.notes(), ["first", "key index building"]);
+        health.set_note("key_index", None);
+        assert_eq!(health.notes(), ["first"]);
     }
 
     #[test]

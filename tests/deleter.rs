@@ -6,10 +6,11 @@ use std::time::{Duration, Instant};
 
 use invalidator::error::Classify;
 use invalidator::redis::{
-    DeleteError, DeleteStats, Deleter, DeleterOptions, SHARED_PASS_THRESHOLD,
+    DeleteError, DeleteStats, Deleter, DeleterOptions, KeyIndexOptions, KeyIndexState,
+    SHARED_PASS_THRESHOLD,
 };
 
-use crate::support::{CutMode, RedisCluster, RedisServer, TcpProxy, unique_name};
+use crate::support::{CutMode, RedisCluster, RedisServer, TcpProxy, unique_name, wait_for};
 
 /// Builds a set of owned strings.
 pub fn set<S: AsRef<str>>(items: impl IntoIterator<Item = S>) -> HashSet<String> {
@@ -89,7 +90,8 @@ async fn deletes_literal_keys_and_counts_only_those_that_existed() {
         DeleteStats {
             keys_deleted: 3,
             patterns_scanned: 0,
-            scan_calls: 0
+            scan_calls: 0,
+            patterns_indexed: 0,
         }
     );
     assert_eq!(redis.scan_keys(&format!("{p}:*")), [format!("{p}:keep")]);
@@ -681,4 +683,93 @@ async fn wait_replicas_is_awaited_on_a_retry_that_finds_nothing_left_to_delete()
     replica.start_again();
     wait_replica_in_sync(&replica);
     delete_until_ok(&mut deleter, &set(["r:1"]), &set(["r:p:*"])).await;
+}
+
+#[tokio::test]
+async fn a_pattern_under_the_key_index_is_resolved_from_it_including_keys_made_after_it_was_built()
+{
+    // Its own server: the index sets notify-keyspace-events.
+    let redis = RedisServer::start();
+    redis.set_keys(["idx:1:a", "idx:1:b", "idx:2:a", "other:1:a"]);
+    let options = DeleterOptions {
+        key_index: Some(KeyIndexOptions {
+            prefixes: vec!["idx:".to_owned()],
+            max_keys: 1000,
+        }),
+        ..DeleterOptions::default()
+    };
+    let mut deleter = Deleter::connect_with(&redis.url(), options)
+        .await
+        .expect("connect");
+    wait_for(Duration::from_secs(10), "the key index is ready", || {
+        let ready = matches!(deleter.key_index_state(), KeyIndexState::Ready { .. });
+        async move { ready }
+    })
+    .await;
+    // Made after the build: only the events (and the barrier before the resolution) know it.
+    redis.set_keys(["idx:1:late"]);
+    let resolution = deleter
+        .start(&HashSet::new(), &set(["idx:1:*"]))
+        .await
+        .expect("start");
+    let stats = resolution.await.expect("resolved");
+    assert_eq!(
+        (stats.patterns_indexed, stats.keys_deleted, stats.scan_calls),
+        (1, 3, 0)
+    );
+    assert_eq!(redis.scan_keys("idx:*"), ["idx:2:a"]);
+    // Outside the indexed prefixes: the walk resolves it.
+    let stats = deleter
+        .start(&HashSet::new(), &set(["other:*"]))
+        .await
+        .expect("start")
+        .await
+        .expect("resolved");
+    assert_eq!((stats.patterns_indexed, stats.keys_deleted), (0, 1));
+    let report = deleter.key_index_report().expect("an index");
+    assert_eq!(report.resolutions, 1);
+    assert_eq!(report.fallbacks, [0, 0, 0, 1, 0]);
+}
+
+#[tokio::test]
+async fn where_the_flags_hide_the_new_event_a_probe_key_proves_it_and_notices_it_turned_off() {
+    // With every class on, Redis reads `AKEn` back as `AKE`: `n` cannot be seen there.
+    let redis = RedisServer::start_with(&["--notify-keyspace-events", "AKE"]);
+    redis.set_keys(["idx:1:a"]);
+    let options = DeleterOptions {
+        key_index: Some(KeyIndexOptions {
+            prefixes: vec!["idx:".to_owned()],
+            max_keys: 1000,
+        }),
+        ..DeleterOptions::default()
+    };
+    let mut deleter = Deleter::connect_with(&redis.url(), options)
+        .await
+        .expect("connect");
+    let ready =
+        |deleter: &Deleter| matches!(deleter.key_index_state(), KeyIndexState::Ready { .. });
+    wait_for(Duration::from_secs(10), "the key index is ready", || {
+        let ready = ready(&deleter);
+        async move { ready }
+    })
+    .await;
+    let mut resolve = async |deleter: &mut Deleter, pattern: &str| {
+        let started = deleter.start(&HashSet::new(), &set([pattern])).await;
+        started.expect("start").await.expect("resolved")
+    };
+    let stats = resolve(&mut deleter, "idx:1:*").await;
+    assert_eq!((stats.patterns_indexed, stats.keys_deleted), (1, 1));
+    // Someone drops `n` (invisible in CONFIG GET): keys made from now on raise no `new` event.
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("notify-keyspace-events")
+        .arg("AK")
+        .query(&mut redis.connection())
+        .expect("CONFIG SET");
+    redis.set_keys(["idx:2:late"]);
+    let stats = resolve(&mut deleter, "idx:2:*").await;
+    assert_eq!((stats.patterns_indexed, stats.keys_deleted), (0, 1));
+    assert!(redis.scan_keys("idx:*").is_empty());
+    let report = deleter.key_index_report().expect("an index");
+    assert_eq!(report.fallbacks, [0, 0, 0, 0, 1]);
 }

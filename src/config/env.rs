@@ -42,6 +42,10 @@ pub(super) fn apply_env(raw: &mut RawConfig, name: &str, value: &str) -> Result<
                     message: format!("too many replicas: {value}"),
                 })?)
         }
+        "INVALIDATOR_REDIS_KEY_INDEX" => raw.redis.key_index = Some(boolean(name, value)?),
+        "INVALIDATOR_REDIS_KEY_INDEX_MAX_KEYS" => {
+            raw.redis.key_index_max_keys = Some(number(value)?)
+        }
         "INVALIDATOR_REDIS_TLS_CERT_FILE" => raw.redis.tls_cert_file = Some(PathBuf::from(value)),
         "INVALIDATOR_REDIS_TLS_KEY_FILE" => raw.redis.tls_key_file = Some(PathBuf::from(value)),
         "INVALIDATOR_RULES_PATH" => raw.rules.path = Some(PathBuf::from(value)),

@@ -108,6 +108,10 @@ pub struct RedisConnectConfig {
     /// Replicas that must confirm a batch's deletes (`WAIT`) before it is acknowledged; 0 (the
     /// default) acknowledges on the primary's reply.
     pub wait_replicas: u32,
+    /// Keep the live key index of the keys under the rules' pattern prefixes (off by default).
+    pub key_index: bool,
+    /// The most keys the key index may hold before it is dropped until restart.
+    pub key_index_max_keys: usize,
 }
 
 /// The `[postgres]` section.
@@ -250,6 +254,8 @@ struct RawRedis {
     tls_cert_file: Option<PathBuf>,
     tls_key_file: Option<PathBuf>,
     wait_replicas: Option<u32>,
+    key_index: Option<bool>,
+    key_index_max_keys: Option<usize>,
     url: Option<String>,
     #[serde(default)]
     targets: Vec<RawTarget>,
@@ -474,6 +480,40 @@ mod tests {
             err.to_string().contains("INVALIDATOR_INVALIDATE_ROLES"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn the_key_index_is_off_by_default_and_its_limit_at_least_one() {
+        let cfg = Config::load_with_env(None, &env(&[])).unwrap();
+        assert!(!cfg.redis.key_index);
+        assert_eq!(cfg.redis.key_index_max_keys, 5_000_000);
+        let file = write("[redis]\nkey_index = true\nkey_index_max_keys = 10\n");
+        let cfg = Config::load_with_env(Some(file.path()), &env(&[])).unwrap();
+        assert!(cfg.redis.key_index);
+        assert_eq!(cfg.redis.key_index_max_keys, 10);
+        let cfg = Config::load_with_env(
+            Some(file.path()),
+            &env(&[
+                ("INVALIDATOR_REDIS_KEY_INDEX", "false"),
+                ("INVALIDATOR_REDIS_KEY_INDEX_MAX_KEYS", "7"),
+            ]),
+        )
+        .unwrap();
+        assert!(!cfg.redis.key_index);
+        assert_eq!(cfg.redis.key_index_max_keys, 7);
+        let err = Config::load_with_env(None, &env(&[("INVALIDATOR_REDIS_KEY_INDEX", "yes")]))
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("INVALIDATOR_REDIS_KEY_INDEX"),
+            "{err}"
+        );
+        let zero = write("[redis]\nkey_index_max_keys = 0\n");
+        let err = Config::load_with_env(Some(zero.path()), &env(&[])).unwrap_err();
+        assert!(
+            err.to_string().contains("[redis.key_index_max_keys]"),
+            "{err}"
+        );
+        assert!(err.to_string().contains("at least 1"), "{err}");
     }
 
     #[test]

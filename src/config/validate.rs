@@ -113,7 +113,12 @@ fn postgres(raw: RawPostgres, origins: &Origins) -> Result<PostgresConfig, Confi
     })
 }
 
-/// `[redis]` without its targets: the URL and how to connect (cluster, TLS, replicas to wait for).
+/// The default of `[redis] key_index_max_keys`: it bounds the index's memory whatever the
+/// keyspace holds.
+const DEFAULT_KEY_INDEX_MAX_KEYS: usize = 5_000_000;
+
+/// `[redis]` without its targets: the URL and how to connect (cluster, TLS, replicas to wait
+/// for), and the key index (at least one key).
 fn redis(raw: &RawRedis, origins: &Origins) -> Result<(String, RedisConnectConfig), ConfigError> {
     let invalid = |key: &str, message: String| origins.invalid(key, message);
     let redis_url = raw
@@ -135,7 +140,15 @@ fn redis(raw: &RawRedis, origins: &Origins) -> Result<(String, RedisConnectConfi
         tls_cert_file: raw.tls_cert_file.clone(),
         tls_key_file: raw.tls_key_file.clone(),
         wait_replicas: raw.wait_replicas.unwrap_or(0),
+        key_index: raw.key_index.unwrap_or(false),
+        key_index_max_keys: raw.key_index_max_keys.unwrap_or(DEFAULT_KEY_INDEX_MAX_KEYS),
     };
+    if redis.key_index_max_keys == 0 {
+        return Err(invalid(
+            "redis.key_index_max_keys",
+            "must be at least 1".to_owned(),
+        ));
+    }
     validate_redis_tls(&redis, &redis_url).map_err(|(key, message)| invalid(key, message))?;
     Ok((redis_url, redis))
 }

@@ -1,7 +1,7 @@
 //! The delete loop: takes committed transactions from the queue, merges what is waiting into
 //! one batch, deletes it with retries, and only then moves the confirmed position.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
@@ -11,7 +11,9 @@ use super::flights::{Flight, Flights};
 use super::{Batch, Committed, Finish, Position, Sink, backoff};
 use crate::change::TableName;
 use crate::error::Classify;
-use crate::redis::{DeleteError, DeleteStats, Deleter};
+use crate::redis::{
+    DeleteError, DeleteStats, Deleter, KEY_INDEX_FALLBACKS, KeyIndexReport, KeyIndexState,
+};
 use crate::rules::Invalidation;
 use crate::telemetry::{self, Health};
 
@@ -79,6 +81,10 @@ impl Sink for Deleter {
 
     async fn ping(&mut self) -> Result<(), DeleteError> {
         Deleter::ping(self).await
+    }
+
+    fn key_index(&self) -> Option<KeyIndexReport> {
+        self.key_index_report()
     }
 }
 
@@ -154,6 +160,45 @@ pub struct Reporting {
     pub(super) batch_keys: metrics::Histogram,
     /// [`telemetry::COMMIT_TO_DELETE_SECONDS`].
     pub(super) delay: metrics::Histogram,
+    /// The key index's series, made when the sink first reports one (`[redis] key_index`).
+    key_index: OnceLock<IndexMetrics>,
+}
+
+/// The key index's series of one target.
+struct IndexMetrics {
+    /// [`telemetry::KEY_INDEX_KEYS`].
+    keys: metrics::Gauge,
+    /// [`telemetry::KEY_INDEX_RESOLUTIONS_TOTAL`].
+    resolutions: metrics::Counter,
+    /// [`telemetry::KEY_INDEX_FALLBACKS_TOTAL`], one per reason of [`KEY_INDEX_FALLBACKS`].
+    fallbacks: Vec<metrics::Counter>,
+}
+
+impl IndexMetrics {
+    /// The series, labelled `target` when `target` names one of several, each at 0.
+    fn new(target: Option<&str>) -> IndexMetrics {
+        let labels = |more: Option<(&'static str, &'static str)>| {
+            let mut labels: Vec<(&'static str, String)> = Vec::new();
+            labels.extend(more.map(|(k, v)| (k, v.to_owned())));
+            labels.extend(target.map(|t| ("target", t.to_owned())));
+            labels
+        };
+        let metrics = IndexMetrics {
+            keys: metrics::gauge!(telemetry::KEY_INDEX_KEYS, &labels(None)),
+            resolutions: metrics::counter!(telemetry::KEY_INDEX_RESOLUTIONS_TOTAL, &labels(None)),
+            fallbacks: KEY_INDEX_FALLBACKS
+                .iter()
+                .map(|&reason| {
+                    let labels = labels(Some(("reason", reason)));
+                    metrics::counter!(telemetry::KEY_INDEX_FALLBACKS_TOTAL, &labels)
+                })
+                .collect(),
+        };
+        metrics.keys.set(0.0);
+        metrics.resolutions.absolute(0);
+        metrics.fallbacks.iter().for_each(|c| c.absolute(0));
+        metrics
+    }
 }
 
 impl Reporting {
@@ -169,6 +214,7 @@ impl Reporting {
             transactions: metrics::counter!(telemetry::TRANSACTIONS_TOTAL),
             batch_keys: metrics::histogram!(telemetry::BATCH_KEYS),
             delay: metrics::histogram!(telemetry::COMMIT_TO_DELETE_SECONDS),
+            key_index: OnceLock::new(),
         }
     }
 
@@ -189,6 +235,7 @@ impl Reporting {
             transactions: metrics::counter!(telemetry::TRANSACTIONS_TOTAL, &[label()]),
             batch_keys: metrics::histogram!(telemetry::BATCH_KEYS, &[label()]),
             delay: metrics::histogram!(telemetry::COMMIT_TO_DELETE_SECONDS, &[label()]),
+            key_index: OnceLock::new(),
         };
         // Series that exist from the start, so dashboards see zeros, not gaps.
         for counter in [
@@ -210,6 +257,36 @@ impl Reporting {
         }
     }
 
+    /// Mirrors what the sink's key index reports (nothing without one) into its series and a
+    /// `/readyz` note while it is not ready. The counts are the sink's own totals, so the
+    /// series only ever move forwards and each count is made in one place, the deleter.
+    pub(super) fn key_index(&self, report: Option<KeyIndexReport>) {
+        let Some(report) = report else {
+            return;
+        };
+        let series = self
+            .key_index
+            .get_or_init(|| IndexMetrics::new(self.target.as_deref()));
+        let keys = match report.state {
+            KeyIndexState::Ready { keys } => keys,
+            _ => 0,
+        };
+        series.keys.set(keys as f64);
+        series.resolutions.absolute(report.resolutions);
+        for (counter, &count) in series.fallbacks.iter().zip(&report.fallbacks) {
+            counter.absolute(count);
+        }
+        let note = index_note(&report.state).map(|note| match &self.target {
+            None => note,
+            Some(name) => format!("redis {name}: {note}"),
+        });
+        let topic = match &self.target {
+            None => "key_index".to_owned(),
+            Some(name) => format!("key_index {name}"),
+        };
+        self.health.set_note(&topic, note);
+    }
+
     /// Records the commit time of this target's oldest unconfirmed transaction.
     pub(super) fn set_oldest_unconfirmed(&self, commit_time_us: Option<i64>) {
         match &self.target {
@@ -219,6 +296,19 @@ impl Reporting {
                 .set_target_oldest_unconfirmed(name, commit_time_us),
         }
     }
+}
+
+/// What `/readyz` notes about a key index that is not ready; `None` when it is (or is off).
+fn index_note(state: &KeyIndexState) -> Option<String> {
+    let why = match state {
+        KeyIndexState::Off | KeyIndexState::Ready { .. } => return None,
+        KeyIndexState::Building => "building".to_owned(),
+        KeyIndexState::Full { max_keys } => format!(
+            "full (more than {max_keys} keys; raise [redis] key_index_max_keys and restart)"
+        ),
+        KeyIndexState::Unavailable(reason) => format!("unavailable ({reason})"),
+    };
+    Some(format!("key index {why}: patterns use the SCAN walk"))
 }
 
 /// [`run_deleter`] for any queue item and any [`Reporting`]: the loop of one Redis target.
@@ -233,6 +323,7 @@ pub async fn deliver<K: Sink, T: Queued>(
     let mut ping = tokio::time::interval(Duration::from_secs(5));
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut flights = Flights::new(max_batch_keys);
+    report.key_index(sink.key_index());
     loop {
         let first = tokio::select! {
             biased;
@@ -254,6 +345,8 @@ pub async fn deliver<K: Sink, T: Queued>(
                     Err(e) if K::is_transient(&e) => report.set_redis(Some(telemetry::chain(&e))),
                     Err(e) => return Err(e),
                 }
+                // The index changes with the keyspace, batches or not.
+                report.key_index(sink.key_index());
                 continue;
             }
         };
@@ -284,6 +377,8 @@ pub async fn deliver<K: Sink, T: Queued>(
         else {
             return Ok(());
         };
+        // The deleter has chosen between the index and the walk for this batch.
+        report.key_index(sink.key_index());
         flights.push(Flight {
             end,
             commits,
@@ -341,5 +436,46 @@ async fn answers_again<K: Sink>(sink: &mut K) {
         if sink.ping().await.is_ok() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_index_that_is_not_ready_is_a_note_saying_why() {
+        assert_eq!(index_note(&KeyIndexState::Off), None);
+        assert_eq!(index_note(&KeyIndexState::Ready { keys: 3 }), None);
+        assert_eq!(
+            index_note(&KeyIndexState::Building).as_deref(),
+            Some("key index building: patterns use the SCAN walk")
+        );
+        let full = index_note(&KeyIndexState::Full { max_keys: 10 }).unwrap();
+        assert!(full.contains("more than 10 keys") && full.contains("key_index_max_keys"));
+        let refused = index_note(&KeyIndexState::Unavailable("CONFIG refused".to_owned()));
+        assert!(refused.unwrap().contains("unavailable (CONFIG refused)"));
+    }
+
+    #[test]
+    fn the_key_index_note_names_the_target_and_goes_once_it_is_ready() {
+        let health = Health::new();
+        let report = Reporting::target(health.clone(), "eu");
+        let mut index = KeyIndexReport {
+            state: KeyIndexState::Building,
+            resolutions: 0,
+            fallbacks: [0; KEY_INDEX_FALLBACKS.len()],
+        };
+        report.key_index(Some(index.clone()));
+        assert_eq!(
+            health.notes(),
+            ["redis eu: key index building: patterns use the SCAN walk"]
+        );
+        index.state = KeyIndexState::Ready { keys: 5 };
+        report.key_index(Some(index));
+        assert!(health.notes().is_empty());
+        // A sink without an index leaves no note at all.
+        report.key_index(None);
+        assert!(health.notes().is_empty());
     }
 }

@@ -110,7 +110,9 @@ impl<T: Queued, E: std::error::Error + Send + 'static> Flights<T, E> {
         };
         self.held -= flight.batch.inv().len();
         report.keys_deleted.increment(stats.keys_deleted);
-        report.patterns.increment(stats.patterns_scanned);
+        report
+            .patterns
+            .increment(stats.patterns_scanned + stats.patterns_indexed);
         report.scan_calls.increment(stats.scan_calls);
         drop(flight.batch);
         match self.queue.front() {

@@ -36,7 +36,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::change::{Lsn, TableName};
-use crate::redis::DeleteStats;
+use crate::redis::{DeleteStats, KeyIndexReport};
 use crate::rules::Invalidation;
 
 pub use deliver::{Queued, Reporting, deliver, run_deleter};
@@ -87,6 +87,11 @@ pub trait Sink: Send + 'static {
 
     /// Whether retrying the failed call can succeed.
     fn is_transient(error: &Self::Error) -> bool;
+
+    /// The live key index's state and counts, for a sink that keeps one (`[redis] key_index`).
+    fn key_index(&self) -> Option<KeyIndexReport> {
+        None
+    }
 }
 
 /// The rest of a started delete (see [`Sink::start`]).

@@ -238,6 +238,15 @@ impl Connection {
         }
     }
 
+    /// The client of a single server, for connections of another kind (the key index's
+    /// subscription); `None` for a cluster.
+    pub(super) fn single_client(&self) -> Option<Client> {
+        match self {
+            Connection::Single(single) => Some(single.client.clone()),
+            Connection::Cluster(_) => None,
+        }
+    }
+
     /// Whether this is a cluster connection (configured or detected).
     pub(super) fn is_cluster(&self) -> bool {
         matches!(self, Connection::Cluster(_))

@@ -244,6 +244,11 @@ impl Target {
         }
     }
 
+    /// The connection, when the target could be reached (for `check`'s other questions).
+    pub fn deleter(&mut self) -> Option<&mut Deleter> {
+        self.deleter.as_mut()
+    }
+
     /// Loads the library if [`Target::needs_load`].
     pub async fn apply(&mut self) -> Result<(), DeleteError> {
         if !self.needs_load() {

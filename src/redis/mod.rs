@@ -2,17 +2,23 @@
 //!
 //! Literal keys go out as pipelined `UNLINK`s. Patterns are coalesced and resolved with `SCAN`
 //! (never `KEYS`, which blocks the server for the whole keyspace), and each page of matches is
-//! unlinked before the next page is fetched, so memory stays bounded by a page. Nothing here knows
-//! about Postgres: the pipeline hands over sets of strings and gets counts or an error back.
+//! unlinked before the next page is fetched, so memory stays bounded by a page; or, with the
+//! live key index (`index`), from the keys it holds once a barrier proved it current. Nothing
+//! here knows about Postgres: the pipeline hands over sets of strings and gets counts or an
+//! error back.
 
 mod connection;
 mod error;
+mod index;
 pub mod library;
 mod plan;
 pub mod slot;
 mod walk;
 
 pub use self::error::DeleteError;
+pub use self::index::{
+    KEY_INDEX_FALLBACKS, KeyIndexCheck, KeyIndexOptions, KeyIndexReport, KeyIndexState,
+};
 pub use self::plan::SHARED_PASS_THRESHOLD;
 pub use self::walk::Resolution;
 
@@ -49,6 +55,9 @@ pub struct DeleterOptions {
     /// asynchronously, so a delete that a primary confirmed but had not passed on when it died
     /// comes back with the promoted replica; waiting for one replica closes that window.
     pub wait_replicas: u32,
+    /// The live key index of the keys under these prefixes (`[redis] key_index`), so covered
+    /// patterns cost their matches instead of a walk; `None`: every pattern is walked.
+    pub key_index: Option<KeyIndexOptions>,
 }
 
 impl Default for DeleterOptions {
@@ -61,6 +70,7 @@ impl Default for DeleterOptions {
             tls_cert_pem: None,
             tls_key_pem: None,
             wait_replicas: 0,
+            key_index: None,
         }
     }
 }
@@ -98,6 +108,9 @@ pub struct DeleteStats {
     pub patterns_scanned: u64,
     /// SCAN commands sent (every page of every pass, on every cluster primary).
     pub scan_calls: u64,
+    /// Patterns of this call resolved from the key index instead of the walk (then
+    /// `patterns_scanned` and `scan_calls` are 0: one batch is resolved by one or the other).
+    pub patterns_indexed: u64,
 }
 
 /// A driver error and what the deleter was doing when it came, from a task that cannot wrap it.
@@ -119,6 +132,8 @@ pub struct Deleter {
     wait_timeout_ms: u64,
     /// The shared walk that [`Deleter::start`] hands patterns to, started with the first.
     walk: Option<walk::Walk>,
+    /// The live key index, with `[redis] key_index`.
+    index: Option<index::Index>,
 }
 
 impl fmt::Debug for Deleter {
@@ -143,6 +158,20 @@ impl Deleter {
             install_tls_provider();
         }
         let connection = Connection::open(url, &target, &options).await?;
+        let index = options
+            .key_index
+            .as_ref()
+            .map(|key_index| match connection.single_client() {
+                Some(client) => index::Index::spawn(index::Spawn {
+                    connection: connection.duplicate(),
+                    client,
+                    options: key_index,
+                    target: target.clone(),
+                    connection_timeout: options.connection_timeout,
+                    response_timeout: options.response_timeout,
+                }),
+                None => index::Index::cluster(key_index, &target),
+            });
         Ok(Deleter {
             seed_host: host_of(url).to_owned(),
             target,
@@ -152,7 +181,20 @@ impl Deleter {
                 .min(Duration::from_secs(1))
                 .as_millis() as u64,
             walk: None,
+            index,
         })
+    }
+
+    /// What the live key index can do now: [`KeyIndexState::Off`] without `[redis] key_index`.
+    pub fn key_index_state(&self) -> KeyIndexState {
+        self.index
+            .as_ref()
+            .map_or(KeyIndexState::Off, index::Index::state)
+    }
+
+    /// The key index's state and what it did so far; `None` without `[redis] key_index`.
+    pub fn key_index_report(&self) -> Option<KeyIndexReport> {
+        self.index.as_ref().map(index::Index::report)
     }
 
     /// The URL this deleter talks to, with its password hidden.
@@ -213,22 +255,7 @@ impl Deleter {
                 stats.scan_calls += walked.scan_calls;
             }
         }
-        // Waited for even when this attempt deleted nothing: an earlier attempt of the same
-        // batch (its reply lost, or not replicated in time) may have deleted the keys, and
-        // those deletes may still be on the primary alone. The UNLINK or SCAN this attempt sent
-        // moves the connection's replication offset to the server's current one (Redis 7), so
-        // the `WAIT` covers the earlier attempt's deletes, on a new connection too.
-        if self.wait_replicas > 0 {
-            let confirmed = handle.wait(self.wait_replicas, self.wait_timeout_ms).await;
-            let confirmed = confirmed.map_err(|source| self.failed("WAIT", source))?;
-            if confirmed < u64::from(self.wait_replicas) {
-                return Err(DeleteError::NotReplicated {
-                    target: self.target.clone(),
-                    confirmed,
-                    wanted: self.wait_replicas,
-                });
-            }
-        }
+        self.replicated(&mut handle).await?;
         tracing::debug!(
             keys_deleted = stats.keys_deleted,
             patterns_scanned = stats.patterns_scanned,
@@ -238,11 +265,35 @@ impl Deleter {
         Ok(stats)
     }
 
-    /// Deletes the literal `keys` now and hands `patterns` to the shared walk (see
-    /// [`walk`](self::walk)): the [`Resolution`] resolves once their keys are deleted too. A
-    /// pattern joins the walk where it is, so patterns that arrive while others are pending
-    /// share its pass instead of each walking the keyspace. On error nothing was handed over and
-    /// the call is safe to repeat.
+    /// With `wait_replicas`, waits until that many replicas confirmed this connection's writes.
+    ///
+    /// Waited for even when this attempt deleted nothing: an earlier attempt of the same batch
+    /// (its reply lost, or not replicated in time) may have deleted the keys, and those deletes
+    /// may still be on the primary alone. The UNLINK or SCAN this attempt sent moves the
+    /// connection's replication offset to the server's current one (Redis 7), so the `WAIT`
+    /// covers the earlier attempt's deletes, on a new connection too.
+    async fn replicated(&mut self, handle: &mut Handle) -> Result<(), DeleteError> {
+        if self.wait_replicas == 0 {
+            return Ok(());
+        }
+        let confirmed = handle.wait(self.wait_replicas, self.wait_timeout_ms).await;
+        let confirmed = confirmed.map_err(|source| self.failed("WAIT", source))?;
+        if confirmed < u64::from(self.wait_replicas) {
+            return Err(DeleteError::NotReplicated {
+                target: self.target.clone(),
+                confirmed,
+                wanted: self.wait_replicas,
+            });
+        }
+        Ok(())
+    }
+
+    /// Deletes the literal `keys` now and resolves `patterns`: from the key index when it is
+    /// proven current and covers them all (the [`Resolution`] is then done already), else by
+    /// handing them to the shared walk (see [`walk`](self::walk)), which resolves once their
+    /// keys are deleted too. A pattern joins the walk where it is, so patterns that arrive while
+    /// others are pending share its pass instead of each walking the keyspace. On error nothing
+    /// was handed over and the call is safe to repeat.
     pub async fn start(
         &mut self,
         keys: &HashSet<String>,
@@ -252,6 +303,12 @@ impl Deleter {
         let patterns = walk::coalesced(patterns);
         if patterns.is_empty() {
             return Ok(Resolution::done(literal));
+        }
+        if let Some(indexed) = self.resolve_indexed(&patterns).await? {
+            return Ok(Resolution::done(DeleteStats {
+                keys_deleted: literal.keys_deleted + indexed.keys_deleted,
+                ..indexed
+            }));
         }
         let walk = self.walk.get_or_insert_with(|| {
             walk::Walk::spawn(
@@ -265,6 +322,46 @@ impl Deleter {
             )
         });
         Ok(walk.join(patterns, literal))
+    }
+
+    /// Deletes the keys of `patterns` (coalesced) found in the key index, once a barrier proved
+    /// it current; `None` when the walk must resolve them (no index, or why is counted).
+    async fn resolve_indexed(
+        &mut self,
+        patterns: &[String],
+    ) -> Result<Option<DeleteStats>, DeleteError> {
+        if self.index.is_none() {
+            return Ok(None);
+        }
+        let handle = self.connection.handle().await;
+        let mut handle = handle.map_err(|source| self.failed("connect", source))?;
+        let Some(index) = self.index.as_mut() else {
+            return Ok(None);
+        };
+        let doomed = match index.prove(&mut handle, patterns).await {
+            Ok(doomed) => doomed,
+            Err((why, err)) => {
+                index.fell_back(why, patterns.len());
+                tracing::debug!(reason = why.label(), error = ?err.as_ref().map(ToString::to_string),
+                    "patterns go to the SCAN walk: the key index cannot resolve them");
+                // A connection that failed is replaced, as after any other request.
+                if let Some(err) = err.filter(Classify::is_transient) {
+                    let _ = self.failed("key index barrier", err);
+                }
+                return Ok(None);
+            }
+        };
+        let deleted = handle.unlink(&doomed).await;
+        let keys_deleted = deleted.map_err(|source| self.failed("UNLINK", source))?;
+        self.replicated(&mut handle).await?;
+        if let Some(index) = self.index.as_mut() {
+            index.resolved(patterns.len());
+        }
+        Ok(Some(DeleteStats {
+            keys_deleted,
+            patterns_indexed: patterns.len() as u64,
+            ..DeleteStats::default()
+        }))
     }
 
     /// Wraps a driver error and, when it is transient, replaces the connection so the next call

@@ -374,6 +374,21 @@ impl RuleSet {
         &self.rules
     }
 
+    /// The literal prefixes of the pattern templates (those whose text holds `*`, `?` or `[`),
+    /// sorted and unique, without the empty one: what the key index holds (`[redis] key_index`).
+    /// A template that starts with a placeholder names no prefix, and indexing every key for it
+    /// would make the index as large as the keyspace; its patterns are walked.
+    pub fn pattern_prefixes(&self) -> Vec<String> {
+        let prefixes: BTreeSet<String> = self
+            .rules
+            .iter()
+            .flat_map(|rule| rule.templates.iter().filter(|t| t.is_pattern()))
+            .map(Template::literal_prefix)
+            .filter(|prefix| !prefix.is_empty())
+            .collect();
+        prefixes.into_iter().collect()
+    }
+
     /// The literal prefixes of every key template, sorted and unique, without the empty one (a
     /// template that starts with a placeholder, which names no prefix at all): the default
     /// allow-list of `invalidator.invalidate()`.
@@ -396,6 +411,22 @@ mod tests {
 
     fn rules(text: &str) -> RuleSet {
         RuleSet::compile(&[("rules/test.toml".to_owned(), text.to_owned())]).unwrap()
+    }
+
+    #[test]
+    fn the_key_index_prefixes_are_those_of_pattern_templates_with_a_literal_start() {
+        let set = rules(
+            r#"
+[[rule]]
+table = "bookings"
+keys = ["availability:{car_id}:*", "booking:{id}", "{tenant}:x:*", "dash:*"]
+
+[[rule]]
+table = "cars"
+keys = ["availability:{id}:*", "car:{id}"]
+"#,
+        );
+        assert_eq!(set.pattern_prefixes(), ["availability:", "dash:"]);
     }
 
     /// A row from `(column, value)` pairs; `None` is SQL NULL. A column left out is unknown.

@@ -19,7 +19,7 @@ use crate::dry_run::LogDeletes;
 use crate::error::{Classify, Verdict};
 use crate::pipeline::{self, Links};
 use crate::redact::redact;
-use crate::redis::{DeleteError, Deleter, DeleterOptions};
+use crate::redis::{DeleteError, Deleter, DeleterOptions, KeyIndexOptions};
 use crate::reload::{self, LiveRules, Reloader};
 use crate::rules::RuleSet;
 use crate::source::history::Seen;
@@ -92,6 +92,7 @@ pub async fn run(
     let (confirmed_tx, confirmed_rx) = watch::channel(pipeline::Position::default());
     let delete_loop = spawn_delete_loop(
         &config,
+        &rules,
         &health,
         dry_run,
         &pipeline_stop,
@@ -197,6 +198,7 @@ async fn serve_http(
 /// fires, and fires it when it ends, whatever the reason.
 async fn spawn_delete_loop(
     config: &Config,
+    rules: &RuleSet,
     health: &Arc<Health>,
     dry_run: bool,
     stop: &CancellationToken,
@@ -205,7 +207,14 @@ async fn spawn_delete_loop(
 ) -> Result<Option<DeleteLoop>, RunError> {
     let health = health.clone();
     let max = config.pipeline.max_batch_keys;
-    let options = DeleterOptions::from_config(&config.redis)?;
+    let mut options = DeleterOptions::from_config(&config.redis)?;
+    // Fixed at start: patterns of rules reloaded later with new prefixes are walked.
+    if config.redis.key_index {
+        options.key_index = Some(KeyIndexOptions::new(
+            rules.pattern_prefixes(),
+            config.redis.key_index_max_keys,
+        ));
+    }
     let cancel = stop.clone();
     let task = if dry_run {
         let deleted = pipeline::run_deleter(LogDeletes, queue, confirmed, health, max, cancel);

@@ -137,8 +137,7 @@ impl Future for Resolution {
         Poll::Ready(match answer {
             Ok(Ok(walked)) => Ok(DeleteStats {
                 keys_deleted: literal.keys_deleted + walked.keys_deleted,
-                patterns_scanned: walked.patterns_scanned,
-                scan_calls: walked.scan_calls,
+                ..walked
             }),
             Ok(Err(err)) => Err(err),
             Err(_) => Err(DeleteError::WalkStopped {
