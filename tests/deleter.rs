@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use invalidator::error::Classify;
 use invalidator::redis::{
-    DeleteError, DeleteStats, Deleter, DeleterOptions, KeyIndexOptions, KeyIndexState,
-    SHARED_PASS_THRESHOLD,
+    DeleteError, DeleteStats, Deleter, DeleterOptions, KeyIndexCheck, KeyIndexOptions,
+    KeyIndexState, SHARED_PASS_THRESHOLD,
 };
 
 use crate::support::{CutMode, RedisCluster, RedisServer, TcpProxy, unique_name, wait_for};
@@ -753,7 +753,7 @@ async fn where_the_flags_hide_the_new_event_a_probe_key_proves_it_and_notices_it
         async move { ready }
     })
     .await;
-    let mut resolve = async |deleter: &mut Deleter, pattern: &str| {
+    let resolve = async |deleter: &mut Deleter, pattern: &str| {
         let started = deleter.start(&HashSet::new(), &set([pattern])).await;
         started.expect("start").await.expect("resolved")
     };
@@ -772,4 +772,108 @@ async fn where_the_flags_hide_the_new_event_a_probe_key_proves_it_and_notices_it
     assert!(redis.scan_keys("idx:*").is_empty());
     let report = deleter.key_index_report().expect("an index");
     assert_eq!(report.fallbacks, [0, 0, 0, 0, 1]);
+}
+
+/// A deleter with a key index of `prefixes`, holding at most `max_keys`.
+async fn indexed(redis: &RedisServer, prefixes: &[&str], max_keys: usize) -> Deleter {
+    let options = DeleterOptions {
+        key_index: Some(KeyIndexOptions {
+            prefixes: prefixes.iter().map(|p| p.to_string()).collect(),
+            max_keys,
+        }),
+        ..DeleterOptions::default()
+    };
+    Deleter::connect_with(&redis.url(), options)
+        .await
+        .expect("connect")
+}
+
+/// Waits until the key index of `deleter` is in a state `wanted` accepts.
+async fn wait_index(deleter: &Deleter, what: &str, wanted: fn(&KeyIndexState) -> bool) {
+    wait_for(Duration::from_secs(10), what, || {
+        let reached = wanted(&deleter.key_index_state());
+        async move { reached }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_killed_subscription_drops_the_index_and_it_is_rebuilt_with_the_keys_made_meanwhile() {
+    let redis = RedisServer::start();
+    let mut deleter = indexed(&redis, &["idx:"], 1000).await;
+    let ready = |s: &KeyIndexState| matches!(s, KeyIndexState::Ready { .. });
+    wait_index(&deleter, "the key index is ready", ready).await;
+    let _: u64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query(&mut redis.connection())
+        .expect("CLIENT KILL");
+    // Made while no subscription listens: only the rebuild's SCAN can find it.
+    redis.set_keys(["idx:1:meanwhile"]);
+    let stats = deleter
+        .start(&HashSet::new(), &set(["idx:1:*"]))
+        .await
+        .expect("start")
+        .await
+        .expect("resolved");
+    // Whichever way this batch went, the key is gone.
+    assert_eq!(stats.keys_deleted, 1);
+    wait_index(&deleter, "the key index is rebuilt", ready).await;
+    redis.set_keys(["idx:1:again"]);
+    let stats = deleter
+        .start(&HashSet::new(), &set(["idx:1:*"]))
+        .await
+        .expect("start")
+        .await
+        .expect("resolved");
+    assert_eq!((stats.patterns_indexed, stats.keys_deleted), (1, 1));
+}
+
+#[tokio::test]
+async fn past_max_keys_the_index_is_dropped_for_good_and_patterns_are_walked() {
+    let redis = RedisServer::start();
+    redis.set_keys(["idx:1", "idx:2", "idx:3"]);
+    let mut deleter = indexed(&redis, &["idx:"], 2).await;
+    let full = |s: &KeyIndexState| *s == KeyIndexState::Full { max_keys: 2 };
+    wait_index(&deleter, "the key index is full", full).await;
+    let stats = deleter
+        .start(&HashSet::new(), &set(["idx:*"]))
+        .await
+        .expect("start")
+        .await
+        .expect("resolved");
+    assert_eq!((stats.patterns_indexed, stats.keys_deleted), (0, 3));
+    let report = deleter.key_index_report().expect("an index");
+    assert_eq!(report.fallbacks, [0, 0, 1, 0, 0]);
+    assert_eq!(
+        deleter.key_index_state(),
+        KeyIndexState::Full { max_keys: 2 }
+    );
+}
+
+#[tokio::test]
+async fn check_tells_whether_the_key_index_gets_its_events_without_changing_them() {
+    let plain = RedisServer::start();
+    let mut deleter = Deleter::connect(&plain.url()).await.expect("connect");
+    let settable = KeyIndexCheck::Settable {
+        now: String::new(),
+        wanted: "Kngxe".to_owned(),
+    };
+    assert_eq!(deleter.key_index_check().await.expect("check"), settable);
+    // Asking set nothing.
+    assert_eq!(deleter.key_index_check().await.expect("check"), settable);
+    let set = RedisServer::start_with(&["--notify-keyspace-events", "Kgxen"]);
+    let mut deleter = Deleter::connect(&set.url()).await.expect("connect");
+    assert_eq!(
+        deleter.key_index_check().await.expect("check"),
+        KeyIndexCheck::Set
+    );
+    let renamed = RedisServer::start_with(&["--rename-command", "CONFIG", ""]);
+    let mut deleter = Deleter::connect(&renamed.url()).await.expect("connect");
+    let found = deleter.key_index_check().await.expect("check");
+    assert!(
+        matches!(&found, KeyIndexCheck::Refused { now: None, reason } if reason.contains("CONFIG")),
+        "{found:?}"
+    );
 }

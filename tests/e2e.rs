@@ -415,3 +415,40 @@ fn setup_is_idempotent_and_status_reports_the_slot() {
         "{out}"
     );
 }
+
+#[test]
+fn with_key_index_the_rules_pattern_prefixes_are_indexed_and_resolve_patterns_end_to_end() {
+    let f = fixture(Mode::Replication, Topology::Single);
+    let path = f.setup.config();
+    let config = std::fs::read_to_string(&path).expect("read the config");
+    let config = config.replacen("[redis]\n", "[redis]\nkey_index = true\n", 1);
+    std::fs::write(&path, config).expect("write the config");
+    let sidecar = f.setup.start();
+    wait_until(Duration::from_secs(20), "the key index is ready", || {
+        sidecar
+            .get("/readyz")
+            .is_some_and(|(status, body)| status == 200 && !body.contains("note: key index"))
+    });
+    // `items:name:{name}:*` is the rules' one pattern template: its prefix is indexed.
+    f.cache(&[
+        "items:name:alpha:page1",
+        "items:name:alpha:page2",
+        "items:name:beta:1",
+    ]);
+    f.sql("INSERT INTO items VALUES (1, 'alpha', 'cars', 10)");
+    f.wait_deleted(&["items:name:alpha:page1", "items:name:alpha:page2"]);
+    barrier(&f);
+    f.assert_kept(&["items:name:beta:1"]);
+    wait_until(Duration::from_secs(10), "the resolution is counted", || {
+        sidecar.metric("invalidator_key_index_resolutions_total") >= 1.0
+    });
+    let metrics = sidecar.get("/metrics").unwrap().1;
+    for reason in ["building", "unavailable", "full", "uncovered", "lost"] {
+        let series = format!("invalidator_key_index_fallbacks_total{{reason=\"{reason}\"}}");
+        assert!(
+            metrics.contains(&series),
+            "{series} missing from:\n{metrics}"
+        );
+    }
+    assert!(metrics.contains("invalidator_key_index_keys"), "{metrics}");
+}

@@ -340,9 +340,9 @@ impl Index {
         let (flags, receivers) = match barrier(handle, &self.channel, token, probed).await {
             Ok(reply) => reply,
             Err(err) => {
-                // A refusal (CONFIG renamed since) is for the task to find out; a connection
-                // problem says nothing about the index.
-                if !crate::error::Classify::is_transient(&err) {
+                // A refusal (CONFIG renamed or denied since) is for a rebuild to find out; a
+                // connection problem says nothing about the index.
+                if task::refused(&err) {
                     self.restart(epoch, "the barrier was refused");
                 }
                 return Err((Fallback::Lost, Some(err)));

@@ -84,7 +84,8 @@ impl Task {
             }
             let wait = match ended {
                 Ended::Full => return self.full(),
-                Ended::Rebuild => Duration::ZERO,
+                // Backed off too: a cause that persists must not make every batch a rebuild.
+                Ended::Rebuild => delays.next().unwrap_or(Duration::from_secs(10)),
                 Ended::Unavailable(reason) => {
                     if said.as_ref() != Some(&reason) {
                         tracing::warn!(target_url = %self.target, %reason,
@@ -395,14 +396,20 @@ impl Task {
     }
 }
 
-/// What a failed CONFIG request means: a reply from the server is a refusal (the index cannot
-/// work here until that changes), a connection problem is a lost index.
-fn judge(action: &str, err: ::redis::RedisError) -> Ended {
+/// Whether the server refused a request (renamed, denied, invalid), rather than being busy for
+/// a moment or unreachable.
+pub(super) fn refused(err: &::redis::RedisError) -> bool {
     let busy = matches!(
         err.code(),
         Some("LOADING" | "BUSY" | "TRYAGAIN" | "MASTERDOWN")
     );
-    if err.code().is_some() && !busy {
+    err.code().is_some() && !busy
+}
+
+/// What a failed CONFIG request means: a refusal (the index cannot work here until that
+/// changes), or a lost index (a connection problem).
+fn judge(action: &str, err: ::redis::RedisError) -> Ended {
+    if refused(&err) {
         Ended::Unavailable(format!("{action} refused: {err}"))
     } else {
         Ended::Lost(format!("{action}: {err}"))
