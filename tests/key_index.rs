@@ -1104,6 +1104,30 @@ async fn past_its_cap_the_index_is_full_and_patterns_walk() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_flushed_database_does_not_count_against_the_cap() {
+    let redis = RedisServer::start();
+    let db = Db::of(&redis, 0);
+    let mut deleter = indexed(&db.url, &["fl:"], 150).await;
+    wait_ready(&deleter).await;
+    write_keys(&db, "fl:old:", 100);
+    wait_state(&deleter, "ready with 100 keys", |s| {
+        *s == KeyIndexState::Ready { keys: 100 }
+    })
+    .await;
+    // FLUSHDB (an operator emptying the cache) publishes no keyspace event at all.
+    db.run(&mut redis::cmd("FLUSHDB"));
+    write_keys(&db, "fl:new:", 100);
+    // Never more than 100 keys under the prefix, and a cap of 150.
+    let stats = resolve_exactly(&db, &mut deleter, &strings(&["fl:new:*"]), "refilled").await;
+    assert_eq!(
+        stats.patterns_indexed,
+        1,
+        "the index holds the flushed keys too: {:?}",
+        deleter.key_index_state()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn on_a_cluster_the_index_is_unavailable_and_patterns_walk() {
     let cluster = RedisCluster::start(3);
     let keys: Vec<String> = (0..300).map(|i| format!("cl:{i}")).collect();
