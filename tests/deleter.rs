@@ -726,8 +726,22 @@ async fn a_pattern_under_the_key_index_is_resolved_from_it_including_keys_made_a
         .await
         .expect("resolved");
     assert_eq!((stats.patterns_indexed, stats.keys_deleted), (0, 1));
+    // `delete`, which finishes the patterns in the call, uses the index as well.
+    redis.set_keys(["idx:2:late"]);
+    let stats = deleter
+        .delete(&HashSet::new(), &set(["idx:2:*"]))
+        .await
+        .expect("delete");
+    assert_eq!(
+        (
+            stats.patterns_indexed,
+            stats.patterns_scanned,
+            stats.keys_deleted
+        ),
+        (1, 0, 2)
+    );
     let report = deleter.key_index_report().expect("an index");
-    assert_eq!(report.resolutions, 1);
+    assert_eq!(report.resolutions, 2);
     assert_eq!(report.fallbacks, [0, 0, 0, 1, 0]);
 }
 

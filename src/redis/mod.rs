@@ -213,7 +213,8 @@ impl Deleter {
         result.map_err(|source| self.failed("PING", source))
     }
 
-    /// Deletes the literal `keys` and every key matching one of `patterns` (Redis globs).
+    /// Deletes the literal `keys` and every key matching one of `patterns` (Redis globs): from
+    /// the key index when it is proven current and covers them all, else each walked here.
     ///
     /// Missing keys are fine. On error some keys may already be gone; the whole call is safe to
     /// repeat, which is what the pipeline does after a transient error.
@@ -235,7 +236,14 @@ impl Deleter {
             let result = handle.unlink(&keys).await;
             stats.keys_deleted += result.map_err(|source| self.failed("UNLINK", source))?;
         }
-        if !patterns.is_empty() {
+        let owned: Vec<String> = patterns.iter().map(|p| (*p).to_owned()).collect();
+        if !patterns.is_empty()
+            && let Some(indexed) = self.resolve_indexed(&owned).await?
+        {
+            stats.keys_deleted += indexed.keys_deleted;
+            stats.patterns_indexed = indexed.patterns_indexed;
+            stats.patterns_scanned = 0;
+        } else if !patterns.is_empty() {
             // The topology is read again for every batch with patterns: one small reply next to
             // whole-keyspace walks, and it follows a failover or a resharding that raised no
             // error here. After an error the connection is replaced (see `failed`), so the

@@ -214,8 +214,8 @@ impl Index {
     pub(super) fn spawn(spawn: Spawn<'_>) -> Index {
         let stop = CancellationToken::new();
         let (seen_tx, seen) = watch::channel(Seen::default());
-        let index = Index::new(spawn.options, seen, Phase::Building, stop.clone())
-            .bounded(spawn.response_timeout);
+        let timeout = spawn.response_timeout;
+        let index = Index::new(spawn.options, seen, Phase::Building, stop.clone(), timeout);
         index.log_start(&spawn.target);
         let db = spawn.client.get_connection_info().redis_settings().db();
         let task = task::Task {
@@ -242,15 +242,24 @@ impl Index {
             patterns are resolved by the SCAN walk");
         let (_, seen) = watch::channel(Seen::default());
         let phase = Phase::Unavailable(CLUSTER.to_owned());
-        Index::new(options, seen, phase, CancellationToken::new())
+        // No task: nothing ever waits for a token.
+        Index::new(
+            options,
+            seen,
+            phase,
+            CancellationToken::new(),
+            Duration::ZERO,
+        )
     }
 
-    /// An index in `phase` whose task (if any) stops with `stop`.
+    /// An index in `phase` whose task (if any) stops with `stop` and may take `barrier_timeout`
+    /// to deliver a token.
     fn new(
         options: &KeyIndexOptions,
         seen: watch::Receiver<Seen>,
         phase: Phase,
         stop: CancellationToken,
+        barrier_timeout: Duration,
     ) -> Index {
         Index {
             shared: Arc::new(Mutex::new(Shared {
@@ -265,17 +274,11 @@ impl Index {
             probe: true,
             prefixes: prefix_free(&options.prefixes),
             max_keys: options.max_keys.max(1),
-            barrier_timeout: Duration::ZERO,
+            barrier_timeout,
             resolutions: 0,
             fallbacks: [0; KEY_INDEX_FALLBACKS.len()],
             _stop: stop.drop_guard(),
         }
-    }
-
-    /// Bounds the wait for a barrier token by `timeout` (the response timeout).
-    fn bounded(mut self, timeout: Duration) -> Index {
-        self.barrier_timeout = timeout;
-        self
     }
 
     /// Logs what the index covers.

@@ -236,6 +236,10 @@ impl Task {
         let mut prefix = 0;
         let mut probe_created = false;
         let mut page = self.page(&handle, prefix, "0");
+        if page.is_none() {
+            // No prefixes: nothing to scan, and every pattern is uncovered.
+            self.ready(epoch, started);
+        }
         loop {
             tokio::select! {
                 biased;
