@@ -1230,3 +1230,48 @@ fn without_config_the_sidecar_is_ready_with_a_note_and_check_says_why() {
         0.0
     );
 }
+
+#[test]
+fn a_cap_from_the_environment_makes_the_sidecar_walk_as_full() {
+    let f = Fixture::new(SCHEMA, RULES);
+    f.cache(&[
+        "items:name:alpha:1",
+        "items:name:alpha:2",
+        "items:name:beta:1",
+    ]);
+    let sidecar = f.setup.spawn_with_env(
+        &[],
+        &[
+            ("INVALIDATOR_REDIS_KEY_INDEX", "true"),
+            ("INVALIDATOR_REDIS_KEY_INDEX_MAX_KEYS", "2"),
+        ],
+    );
+    sidecar.wait_ready();
+    // The build stops at the third key; until then a batch would be counted as building.
+    wait_until(
+        Duration::from_secs(20),
+        "/readyz notes a full index",
+        || {
+            sidecar.assert_alive();
+            sidecar
+                .get("/readyz")
+                .is_some_and(|(status, body)| status == 200 && body.contains("key index full"))
+        },
+    );
+    f.sql("INSERT INTO items VALUES (1, 'alpha', 'cars', 10)");
+    f.wait_deleted(&["items:name:alpha:1", "items:name:alpha:2"]);
+    f.assert_kept(&["items:name:beta:1"]);
+    wait_until(
+        Duration::from_secs(20),
+        "the fallback is counted as full",
+        || {
+            sidecar.assert_alive();
+            sidecar.metric("invalidator_key_index_fallbacks_total{reason=\"full\"}") >= 1.0
+        },
+    );
+    assert_eq!(
+        sidecar.metric("invalidator_key_index_resolutions_total"),
+        0.0
+    );
+    assert_eq!(sidecar.metric("invalidator_key_index_keys"), 0.0);
+}
