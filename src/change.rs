@@ -167,17 +167,12 @@ pub(crate) fn unquote(text: &str) -> Option<(String, &str)> {
     }
 }
 
-/// `name` quoted as SQL quotes an identifier: in quotes, with a quote inside doubled.
-pub(crate) fn quoted(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
-
 /// One part of a table name as a rule writes it: as it is when [`TableName::parse`] reads it
 /// back unchanged, quoted when it holds a dot or a quote, is empty, or begins or ends with
 /// whitespace.
 fn table_part(name: &str) -> Cow<'_, str> {
     if name.is_empty() || name.contains(['.', '"']) || name.trim() != name {
-        Cow::Owned(quoted(name))
+        Cow::Owned(crate::sql::quote_ident(name))
     } else {
         Cow::Borrowed(name)
     }

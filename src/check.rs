@@ -6,7 +6,9 @@
 //!   broaden to patterns because the table's REPLICA IDENTITY does not send old values or a
 //!   column can arrive as an unchanged TOAST value, and whether the database is ready for the
 //!   mode: `wal_level`, the replication privilege and the publication, or notify mode's outbox
-//!   and triggers (`database.rs`).
+//!   and triggers (`database.rs`);
+//! - with `[redis] key_index`, whether each Redis gives the key index its keyspace events
+//!   (`key_index.rs`).
 //!
 //! Each [`Finding`] is an error (`check` exits 1: the rules or the database need a change
 //! before `run` can work as intended) or a warning (it works, but deletes more than it names or
@@ -51,6 +53,9 @@ pub enum Kind {
     ReplicaIdentity,
     /// A placeholder column can arrive as an unchanged TOAST value: it broadens to patterns.
     Toast,
+    /// A placeholder on a generated column, which the publication does not send: it broadens
+    /// to patterns (replication mode).
+    Generated,
     /// A pattern without a literal prefix: it matches keys of every kind.
     NoPrefix,
     /// A key that begins with a placeholder: without its value, it matches keys of every kind.
@@ -88,6 +93,7 @@ impl Kind {
             Kind::NoReplicaIdentity => "no_replica_identity",
             Kind::ReplicaIdentity => "replica_identity",
             Kind::Toast => "toast",
+            Kind::Generated => "generated",
             Kind::NoPrefix => "no_prefix",
             Kind::LeadingPlaceholder => "leading_placeholder",
             Kind::Duplicate => "duplicate",

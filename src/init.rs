@@ -145,8 +145,9 @@ fn toml_string(text: &str) -> String {
     toml::Value::String(text.to_owned()).to_string()
 }
 
-/// The connection URL of `pg` without its password: user, hosts, ports, database, and the TLS
-/// mode (`verify_host` false only for `verify-ca`).
+/// The connection URL of `pg` without its password: user, hosts, ports, database, the TLS mode
+/// (`verify_host` false only for `verify-ca`), and every other setting the URL gave that is not
+/// the default (see [`settings`]).
 pub fn url_without_password(pg: &tokio_postgres::Config, verify_host: bool) -> String {
     let user = pg.get_user().unwrap_or("postgres");
     let ports = pg.get_ports();
@@ -179,6 +180,7 @@ pub fn url_without_password(pg: &tokio_postgres::Config, verify_host: bool) -> S
         SslMode::Require => query.push("sslmode=require".to_owned()),
         _ => {}
     }
+    query.extend(settings(pg));
     let db = pg.get_dbname().unwrap_or(user);
     let hosts = hosts
         .into_iter()
@@ -190,6 +192,74 @@ pub fn url_without_password(pg: &tokio_postgres::Config, verify_host: bool) -> S
         let _ = write!(url, "?{}", query.join("&"));
     }
     url
+}
+
+/// The settings of `pg` besides hosts, user, database, password and TLS mode, as URL query
+/// parameters, each only when it differs from its default: a starter file that dropped a
+/// `target_session_attrs=read-write` or an `options` the application relies on would connect
+/// differently from the URL it was made from.
+fn settings(pg: &tokio_postgres::Config) -> Vec<String> {
+    use tokio_postgres::config::{
+        ChannelBinding, LoadBalanceHosts, SslNegotiation, TargetSessionAttrs,
+    };
+    // Percent-encoded byte by byte: tokio-postgres decodes `%XX` in a URL's query, not `+`.
+    let encoded = |value: &str| {
+        value.bytes().fold(String::new(), |mut out, byte| {
+            if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {
+                out.push(char::from(byte));
+            } else {
+                let _ = write!(out, "%{byte:02X}");
+            }
+            out
+        })
+    };
+    let mut query = Vec::new();
+    if let Some(name) = pg.get_application_name() {
+        query.push(format!("application_name={}", encoded(name)));
+    }
+    if let Some(options) = pg.get_options() {
+        query.push(format!("options={}", encoded(options)));
+    }
+    if let Some(timeout) = pg.get_connect_timeout() {
+        query.push(format!("connect_timeout={}", timeout.as_secs()));
+    }
+    if pg.get_target_session_attrs() == TargetSessionAttrs::ReadWrite {
+        query.push("target_session_attrs=read-write".to_owned());
+    }
+    if pg.get_load_balance_hosts() == LoadBalanceHosts::Random {
+        query.push("load_balance_hosts=random".to_owned());
+    }
+    match pg.get_channel_binding() {
+        ChannelBinding::Disable => query.push("channel_binding=disable".to_owned()),
+        ChannelBinding::Require => query.push("channel_binding=require".to_owned()),
+        _ => {}
+    }
+    if pg.get_ssl_negotiation() == SslNegotiation::Direct {
+        query.push("sslnegotiation=direct".to_owned());
+    }
+    if !pg.get_keepalives() {
+        query.push("keepalives=0".to_owned());
+    }
+    if pg.get_keepalives_idle() != std::time::Duration::from_secs(2 * 60 * 60) {
+        query.push(format!(
+            "keepalives_idle={}",
+            pg.get_keepalives_idle().as_secs()
+        ));
+    }
+    if let Some(interval) = pg.get_keepalives_interval() {
+        query.push(format!("keepalives_interval={}", interval.as_secs()));
+    }
+    if let Some(retries) = pg.get_keepalives_retries() {
+        query.push(format!("keepalives_retries={retries}"));
+    }
+    if let Some(timeout) = pg.get_tcp_user_timeout() {
+        query.push(format!("tcp_user_timeout={}", timeout.as_secs()));
+    }
+    let addresses: Vec<String> = pg.get_hostaddrs().iter().map(|a| a.to_string()).collect();
+    if !addresses.is_empty() {
+        query.push(format!("hostaddr={}", encoded(&addresses.join(","))));
+    }
+    query
 }
 
 /// The starter `invalidator.toml`.
@@ -365,6 +435,35 @@ mod tests {
         assert_eq!(
             url_without_password(&pg, verify_host),
             "postgres://app@/shop?host=/run/postgresql"
+        );
+    }
+
+    #[test]
+    fn the_written_url_keeps_every_other_setting_it_was_given() {
+        let given = "postgres://app:s3cret@db1:5432,db2:5433/shop?sslmode=verify-full\
+                     &application_name=exo%20drive&options=-c%20search_path%3Dapp\
+                     &connect_timeout=3&target_session_attrs=read-write\
+                     &load_balance_hosts=random&channel_binding=require\
+                     &sslnegotiation=direct&keepalives=0&keepalives_idle=30\
+                     &keepalives_interval=5&keepalives_retries=4&tcp_user_timeout=9000\
+                     &hostaddr=10.0.0.1,10.0.0.2";
+        let (pg, verify_host) = crate::endpoint::parse_url(given).unwrap();
+        let written = url_without_password(&pg, verify_host);
+        assert!(!written.contains("s3cret"), "{written}");
+        // Read back, the written URL connects as the given one does.
+        let (again, again_verify) = crate::endpoint::parse_url(&written).unwrap();
+        assert_eq!(again_verify, verify_host);
+        assert_eq!(again.get_application_name(), Some("exo drive"));
+        assert_eq!(again.get_options(), Some("-c search_path=app"));
+        assert_eq!(
+            again.get_connect_timeout(),
+            Some(&std::time::Duration::from_secs(3))
+        );
+        assert_eq!(again.get_ssl_negotiation(), pg.get_ssl_negotiation());
+        // Everything else the configuration holds, but the password.
+        assert_eq!(
+            format!("{again:?}").replace("password: None, ", ""),
+            format!("{pg:?}").replace("password: Some(_), ", "")
         );
     }
 }

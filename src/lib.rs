@@ -41,6 +41,7 @@
 //!   SQL function `invalidator.invalidate()` (`source::invalidate`); what can change under a
 //!   running stream (`source::drift`) and whether a server still holds our history
 //!   (`source::history`).
+//! - [`sql`]: identifiers and literals quoted for the SQL text the sidecar writes.
 //! - [`redact`]: hides passwords in URLs before they reach a log line or an error.
 //! - [`redis`]: the deleter: pipelined `UNLINK`, one shared `SCAN` walk per primary for
 //!   patterns (`redis::walk`), never `KEYS`, or with `[redis] key_index` the live index of the
@@ -78,6 +79,7 @@ pub mod rules;
 pub mod run;
 pub mod setup;
 pub mod source;
+pub mod sql;
 pub mod status;
 pub mod targets;
 pub mod teardown;

@@ -15,7 +15,9 @@
 //!   first (`ALTER PUBLICATION ... ADD TABLE`, which needs ownership). While that runs, the
 //!   union of the old and the new rules is in effect, so a change read meanwhile is planned by
 //!   both. If it fails, the old rules come back, and the error is logged and counted. Changes
-//!   of the new table committed before the publication held it are not in the stream.
+//!   of the new table committed before the publication held it are not in the stream, and keys
+//!   cached from its rows may be stale: the same transaction asks through the WAL for every key
+//!   its rules can produce to be deleted (as a start does for a table it finds unpublished).
 //! - notify mode, a new table or a table whose rules read other columns: `run` applies no DDL in
 //!   notify mode, so the new rules take effect at once and an error says to run `invalidator
 //!   setup`. That is never worse than keeping the old rules: a table without triggers sends
@@ -41,8 +43,8 @@ use crate::change::{Change, TableName};
 use crate::check::{self, Finding};
 use crate::config::{Mode, PostgresConfig};
 use crate::rules::{Invalidation, RuleSet, RuleTally};
-use crate::source::connect;
 use crate::source::setup::{self, SetupError};
+use crate::source::{connect, drift};
 use crate::telemetry;
 
 /// How often the rules' files are looked at. A change is applied once two looks in a row agree,
@@ -368,27 +370,41 @@ impl Reloader {
         let publication = &self.postgres.publication;
         let all: BTreeSet<TableName> = new.tables().cloned().collect();
         let (_, action) = setup::publication_action(db, &all, publication).await?;
-        let Some(action) = action else {
-            return Ok(());
-        };
         if self.dry_run {
-            tracing::warn!(
-                publication = %publication,
-                tables = %list(gained),
-                "dry run: the publication lacks tables of the new rules and a dry run changes \
-                 nothing; their changes are not shown until `invalidator setup` adds them"
-            );
+            if action.is_some() {
+                tracing::warn!(
+                    publication = %publication,
+                    tables = %list(gained),
+                    "dry run: the publication lacks tables of the new rules and a dry run \
+                     changes nothing; their changes are not shown until `invalidator setup` adds \
+                     them"
+                );
+            }
             return Ok(());
         }
         // Until the ALTER is done, and a moment after (the stream may already carry the new
-        // table's changes before this task learns the ALTER committed), plan with both.
+        // table's changes before this task learns the ALTER committed), plan with both; the
+        // request to delete the gained tables' keys is planned by them too.
         self.updates.send_replace(Arc::new(old.union(new)));
-        setup::apply(db, std::slice::from_ref(&action)).await?;
+        // Keys of a table no rule watched may have been cached and never invalidated: they are
+        // deleted through the WAL, as at a start that finds the table unpublished.
+        match drift::publish_with_flush(db, action.clone(), gained).await? {
+            Some(combined) => setup::apply(db, &[combined]).await?,
+            None => {
+                setup::apply(db, action.as_slice()).await?;
+                tracing::warn!(
+                    tables = %list(gained),
+                    "keys of these tables cached before this reload are not deleted: this role \
+                     cannot write invalidator.requests (or it is missing or out of date: run \
+                     `invalidator setup`); delete them by hand if they may be stale"
+                );
+            }
+        }
         tracing::info!(
             publication = %publication,
             tables = %list(gained),
-            "added tables to the publication; their changes committed before now are not in \
-             the stream"
+            "the publication streams the new rules' tables from now on, and their keys cached \
+             before are deleted; their changes committed before now are not in the stream"
         );
         Ok(())
     }

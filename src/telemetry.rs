@@ -86,6 +86,9 @@ pub const VISIBILITY_WAITS_TOTAL: &str = "invalidator_visibility_waits_total";
 /// answer, or a transaction stayed invisible): their readers may cache an old row.
 pub const VISIBILITY_TIMEOUTS_TOTAL: &str = "invalidator_visibility_timeouts_total";
 
+/// `GET /wait` requests waiting now (at most [`MAX_WAITERS`]).
+pub const WAIT_REQUESTS: &str = "invalidator_wait_requests";
+
 /// Notify mode: rows waiting in the outbox, measured once a second.
 pub const OUTBOX_ROWS: &str = "invalidator_outbox_rows";
 /// Notify mode: age of the oldest row waiting in the outbox (0 when it is empty).
@@ -161,6 +164,7 @@ pub fn install_metrics() -> PrometheusHandle {
             metrics::counter!(RULES_RELOAD_ERRORS_TOTAL).absolute(0);
             metrics::gauge!(OUTBOX_ROWS).set(0.0);
             metrics::gauge!(OUTBOX_OLDEST_SECONDS).set(0.0);
+            metrics::gauge!(WAIT_REQUESTS).set(0.0);
             handle
         })
         .clone()
@@ -343,6 +347,8 @@ impl Health {
 struct AppState {
     metrics: PrometheusHandle,
     health: Arc<Health>,
+    /// One permit per `/wait` request that may wait at once.
+    waiters: Arc<tokio::sync::Semaphore>,
 }
 
 /// Binds the HTTP listener; separate from [`serve`] so that a taken port fails at startup.
@@ -362,7 +368,11 @@ pub async fn serve(
         .route("/readyz", get(readyz))
         .route("/metrics", get(render_metrics))
         .route("/wait", get(wait))
-        .with_state(AppState { metrics, health });
+        .with_state(AppState {
+            metrics,
+            health,
+            waiters: Arc::new(tokio::sync::Semaphore::new(MAX_WAITERS)),
+        });
     axum::serve(listener, app)
         .with_graceful_shutdown(async move { cancel.cancelled().await })
         .await
@@ -383,8 +393,16 @@ async fn readyz(State(state): State<AppState>) -> (StatusCode, String) {
 /// The longest `/wait` may be asked to wait.
 pub const MAX_WAIT_MS: u64 = 600_000;
 
+/// How many `/wait` requests may wait at once. Each holds a connection, and so a file
+/// descriptor, for up to [`MAX_WAIT_MS`]: unbounded, a client that opens them faster than they
+/// end would leave none for `/metrics`, `/readyz` and the sidecar's own connections, whose
+/// default limit is often 1024. A wait lasts about a millisecond while the sidecar keeps up, so
+/// this many serve hundreds of thousands of waits a second.
+pub const MAX_WAITERS: usize = 512;
+
 /// `GET /wait?lsn=X/Y&timeout_ms=N`: 200 once every change up to the position is invalidated,
-/// 504 after the timeout, 400 for a query that is not that.
+/// 504 after the timeout, 400 for a query that is not that, 503 when [`MAX_WAITERS`] requests
+/// are waiting already (retry, or read the database).
 async fn wait(
     State(state): State<AppState>,
     axum::extract::RawQuery(query): axum::extract::RawQuery,
@@ -418,6 +436,12 @@ async fn wait(
         }
         None => return bad("timeout_ms is missing".to_owned()),
     };
+    let Ok(_permit) = state.waiters.try_acquire() else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{MAX_WAITERS} /wait requests are waiting already; retry later\n"),
+        );
+    };
     if state
         .health
         .wait_acknowledged(lsn, Duration::from_millis(timeout_ms))
@@ -437,6 +461,8 @@ async fn render_metrics(State(state): State<AppState>) -> String {
     // batch waits for Redis.
     let lag = state.health.lag_seconds(crate::change::unix_micros());
     metrics::gauge!(REPLICATION_LAG_SECONDS).set(lag);
+    let waiting = MAX_WAITERS - state.waiters.available_permits();
+    metrics::gauge!(WAIT_REQUESTS).set(waiting as f64);
     state.metrics.render()
 }
 

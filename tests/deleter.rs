@@ -891,3 +891,21 @@ async fn check_tells_whether_the_key_index_gets_its_events_without_changing_them
         "{found:?}"
     );
 }
+
+#[tokio::test]
+async fn without_config_the_index_is_unavailable_with_the_reason_and_patterns_are_walked() {
+    let redis = RedisServer::start_with(&["--rename-command", "CONFIG", ""]);
+    redis.set_keys(["idx:1"]);
+    let mut deleter = indexed(&redis, &["idx:"], 1000).await;
+    let unavailable = |s: &KeyIndexState| matches!(s, KeyIndexState::Unavailable(reason) if reason.contains("CONFIG GET"));
+    wait_index(&deleter, "the key index is unavailable", unavailable).await;
+    let stats = deleter
+        .start(&HashSet::new(), &set(["idx:*"]))
+        .await
+        .expect("start")
+        .await
+        .expect("resolved");
+    assert_eq!((stats.patterns_indexed, stats.keys_deleted), (0, 1));
+    let report = deleter.key_index_report().expect("an index");
+    assert_eq!(report.fallbacks, [0, 1, 0, 0, 0]);
+}

@@ -501,3 +501,56 @@ fn a_hung_snapshot_session_holds_the_deletes_no_longer_than_the_longest_wait() {
         sidecar.log()
     );
 }
+
+/// Whether `FUNCTION LIST` shows the library.
+fn library_loaded(cache: &Cache) -> bool {
+    let listed: Vec<Value> = cache
+        .query(
+            redis::cmd("FUNCTION")
+                .arg("LIST")
+                .arg("LIBRARYNAME")
+                .arg("invalidator"),
+        )
+        .expect("FUNCTION LIST");
+    !listed.is_empty()
+}
+
+/// A Redis that keeps nothing on disk loses the library with a restart, and `FUNCTION FLUSH`
+/// removes it; either way every `FCALL` of the applications fails until it is back, so `run`
+/// loads it again by itself, and logs that it did.
+#[test]
+fn run_loads_the_library_again_after_a_function_flush_and_a_restart_that_kept_nothing() {
+    let f = Fixture::with_mode(SCHEMA, RULES, crate::sidecar::Mode::Replication);
+    let (status, out) = f.setup.command(&["setup"]);
+    assert!(status.success(), "{out}");
+    let sidecar = f.setup.start();
+    crate::e2e::barrier(&f);
+    assert!(library_loaded(&f.redis), "setup loaded it");
+    let deadline = std::time::Duration::from_secs(30);
+
+    let flushed: String = f
+        .redis
+        .query(redis::cmd("FUNCTION").arg("FLUSH"))
+        .expect("FLUSH");
+    assert_eq!(flushed, "OK");
+    crate::support::wait_until(deadline, "the library is back after FUNCTION FLUSH", || {
+        library_loaded(&f.redis)
+    });
+    assert!(
+        sidecar.log().contains("library invalidator was missing"),
+        "{}",
+        sidecar.log()
+    );
+    let lease = token(get(&f.redis, "item:1", 60_000));
+    assert_eq!(fill(&f.redis, "item:1", &lease, "row", 0), 1);
+
+    f.redis.kill();
+    f.redis.start_again();
+    crate::support::wait_until(deadline, "the library is back after a restart", || {
+        library_loaded(&f.redis)
+    });
+    // And invalidation goes on as before.
+    f.redis.set_keys(["item:1"]);
+    f.sql("INSERT INTO items VALUES (1, 'a', 'c', 1)");
+    f.wait_deleted(&["item:1"]);
+}

@@ -11,6 +11,7 @@ mod e2e;
 mod exodrive;
 mod failover;
 mod faults;
+mod generated;
 mod guarded_fill;
 mod identifiers;
 mod invalidate;

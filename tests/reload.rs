@@ -175,11 +175,54 @@ fn a_new_table_joins_the_publication_and_is_invalidated() {
     );
     wait_metric(&sidecar, RELOADS, 1.0);
     assert_eq!(published(), "1");
-    assert!(sidecar.log().contains("added tables to the publication"));
+    assert!(
+        sidecar
+            .log()
+            .contains("streams the new rules' tables from now on")
+    );
     f.cache(&["unwatched:1"]);
     f.sql("INSERT INTO unwatched VALUES (1, 'v')");
     f.wait_deleted(&["unwatched:1"]);
     assert_eq!(sidecar.metric(RELOAD_ERRORS), 0.0);
+}
+
+/// Replication mode: keys of a table no rule watched may have been cached from rows that changed
+/// since, and were never invalidated. A reload that gains the table deletes them, through the
+/// WAL as a start does, whether the publication had to be extended or publishes every table.
+#[test]
+fn a_reload_that_gains_a_table_deletes_its_keys_cached_before() {
+    for all_tables in [false, true] {
+        let f = Fixture::new(SCHEMA, RULES);
+        let (status, out) = f.setup.command(&["setup"]);
+        assert!(status.success(), "{out}");
+        if all_tables {
+            let name = &f.setup.slot;
+            f.sql(&format!(
+                "DROP PUBLICATION \"{name}\"; CREATE PUBLICATION \"{name}\" FOR ALL TABLES"
+            ));
+        }
+        let sidecar = f.setup.start();
+        barrier(&f);
+        // Cached, then changed while no rule watched the table: stale from now on.
+        f.sql("INSERT INTO unwatched VALUES (5, 'old')");
+        f.cache(&["unwatched:5", "bystander:5"]);
+        f.sql("UPDATE unwatched SET v = 'new' WHERE id = 5");
+        barrier(&f);
+        assert!(f.redis.exists("unwatched:5"));
+        edit(
+            &f,
+            &format!("{RULES}\n[[rule]]\ntable = \"unwatched\"\nkeys = [\"unwatched:{{id}}\"]\n"),
+        );
+        wait_metric(&sidecar, RELOADS, 1.0);
+        f.wait_deleted(&["unwatched:5"]);
+        barrier(&f);
+        assert!(
+            f.redis.exists("bystander:5"),
+            "all tables {all_tables}: {}",
+            sidecar.log()
+        );
+        assert_eq!(sidecar.metric(RELOAD_ERRORS), 0.0);
+    }
 }
 
 /// Rules naming a table that does not exist are rejected like broken rules: the old rules keep

@@ -148,6 +148,11 @@ impl Sidecar {
         assert!(alive, "the sidecar exited; its log:\n{}", self.log());
     }
 
+    /// The sidecar's HTTP port.
+    pub fn http_port(&self) -> u16 {
+        self.http
+    }
+
     /// GET a path on the sidecar's HTTP port.
     pub fn get(&self, path: &str) -> Option<(u16, String)> {
         http_get(self.http, path)

@@ -49,3 +49,53 @@ in_both_modes! {
         assert_eq!(status, 200, "{body}");
     }
 }
+
+/// At most `MAX_WAITERS` requests wait at once; one more is told so with a 503 at once, while
+/// `/metrics` and `/readyz` still answer; once the waiters are gone, `/wait` waits again.
+#[test]
+fn waiters_past_the_bound_are_turned_away_and_the_other_endpoints_still_answer() {
+    use std::io::Write as _;
+    use std::net::TcpStream;
+    use std::time::Duration;
+
+    use invalidator::telemetry::{MAX_WAITERS, WAIT_REQUESTS};
+
+    let f = Fixture::with_mode(SCHEMA, RULES, crate::sidecar::Mode::Replication);
+    let sidecar = f.setup.start();
+    barrier(&f);
+    // Positions never reached, each request on a connection of its own, held open.
+    let held: Vec<TcpStream> = (0..MAX_WAITERS)
+        .map(|_| {
+            let mut stream =
+                TcpStream::connect(("127.0.0.1", sidecar.http_port())).expect("connect");
+            write!(
+                stream,
+                "GET /wait?lsn=FFFFFFFF/0&timeout_ms=60000 HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n"
+            )
+            .expect("send");
+            stream
+        })
+        .collect();
+    crate::support::wait_until(
+        Duration::from_secs(20),
+        "every held request is waiting",
+        || sidecar.metric(WAIT_REQUESTS) == MAX_WAITERS as f64,
+    );
+    let (status, body) = sidecar
+        .get("/wait?lsn=0/1&timeout_ms=4000")
+        .expect("/wait answers");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("are waiting already"), "{body}");
+    let (status, _) = sidecar.get("/readyz").expect("/readyz answers");
+    assert_eq!(status, 200);
+    drop(held);
+    crate::support::wait_until(
+        Duration::from_secs(20),
+        "the dropped requests stop waiting",
+        || sidecar.metric(WAIT_REQUESTS) == 0.0,
+    );
+    let (status, body) = sidecar
+        .get("/wait?lsn=0/1&timeout_ms=4000")
+        .expect("/wait answers");
+    assert_eq!(status, 200, "{body}");
+}

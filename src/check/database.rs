@@ -22,6 +22,8 @@ struct Column {
     /// Whether its values can be stored out of line (a varlena type whose storage is not
     /// `plain`), so an update that leaves it alone may not send it.
     toastable: bool,
+    /// The expression of a generated column (`GENERATED ALWAYS AS (...) STORED`).
+    generated: Option<String>,
 }
 
 /// The first column of the first row, if any.
@@ -43,6 +45,8 @@ pub(super) async fn findings(
     let mut out = Vec::new();
     let mut present = BTreeSet::new();
     let mut complete = true;
+    let replication = postgres.mode == Mode::Replication;
+    let sends_generated = replication && sends_generated(db, &postgres.publication).await?;
     for table in rules.tables() {
         let Some(info) = setup::table_info(db, table).await? else {
             complete = false;
@@ -57,7 +61,6 @@ pub(super) async fn findings(
         };
         present.insert(table.clone());
         let columns = columns(db, table).await?;
-        let replication = postgres.mode == Mode::Replication;
         if replication {
             identity(table, &info, &mut out);
         }
@@ -71,6 +74,9 @@ pub(super) async fn findings(
             if replication && info.replica_identity != 'f' {
                 old_values(rule, &info, &mut out);
                 toast(rule, &info, &columns, &mut out);
+            }
+            if replication && !sends_generated {
+                generated(rule, &columns, &postgres.publication, &mut out);
             }
         }
     }
@@ -145,8 +151,10 @@ async fn columns(db: &mut impl Sql, table: &TableName) -> Result<Vec<Column>, Se
     let rows = db
         .query(&format!(
             "SELECT attname, format_type(atttypid, atttypmod), \
-             (attlen = -1 AND attstorage <> 'p')::text \
-             FROM pg_attribute WHERE attrelid = to_regclass({}) AND attnum > 0 \
+             (attlen = -1 AND attstorage <> 'p')::text, \
+             CASE WHEN attgenerated <> '' THEN pg_get_expr(adbin, adrelid) END \
+             FROM pg_attribute LEFT JOIN pg_attrdef ON adrelid = attrelid AND adnum = attnum \
+             WHERE attrelid = to_regclass({}) AND attnum > 0 \
              AND NOT attisdropped ORDER BY attnum",
             quote_literal(&qualified(table))
         ))
@@ -154,10 +162,11 @@ async fn columns(db: &mut impl Sql, table: &TableName) -> Result<Vec<Column>, Se
     Ok(rows
         .into_iter()
         .filter_map(|row| match row.as_slice() {
-            [Some(name), Some(type_name), Some(toastable)] => Some(Column {
+            [Some(name), Some(type_name), Some(toastable), generated] => Some(Column {
                 name: name.clone(),
                 type_name: type_name.clone(),
                 toastable: toastable == "true",
+                generated: generated.clone(),
             }),
             _ => None,
         })
@@ -316,6 +325,75 @@ fn toast(rule: &Rule, info: &setup::TableInfo, columns: &[Column], out: &mut Vec
         format!(
             "{} (the old row then holds every value, and an unchanged one is taken from it)",
             full_identity(table)
+        ),
+    ));
+}
+
+/// Whether the publication sends generated columns: only from PostgreSQL 18, and only when it
+/// was made or altered with `publish_generated_columns = stored` (read through `to_jsonb`, so
+/// one query serves servers whose catalog has no such column).
+async fn sends_generated(db: &mut impl Sql, publication: &str) -> Result<bool, SetupError> {
+    let rows = db
+        .query(&format!(
+            "SELECT to_jsonb(p) ->> 'pubgencols' FROM pg_publication p WHERE pubname = {}",
+            quote_literal(publication)
+        ))
+        .await?;
+    Ok(scalar(rows).is_some_and(|stored| stored == "s"))
+}
+
+/// Placeholders on generated columns, which pgoutput leaves out of every row it sends unless
+/// the publication asks for them (18+): without a value, their keys broaden to patterns on
+/// every change of the table. Notify mode's triggers see them, so only replication mode asks.
+fn generated(rule: &Rule, columns: &[Column], publication: &str, out: &mut Vec<Finding>) {
+    let expression = |name: &str| {
+        columns
+            .iter()
+            .find(|c| c.name == name)
+            .and_then(|c| c.generated.as_deref())
+    };
+    let mut named = Vec::new();
+    let mut broadened = Vec::new();
+    for template in rule.templates() {
+        let mut unsent = template
+            .columns()
+            .filter(|c| expression(c).is_some())
+            .peekable();
+        if unsent.peek().is_none() {
+            continue;
+        }
+        for column in unsent {
+            let described = format!(
+                "{column} (generated as {})",
+                expression(column).unwrap_or("")
+            );
+            if !named.contains(&described) {
+                named.push(described);
+            }
+        }
+        broadened.push(format!(
+            "`{template}` becomes `{}`",
+            widened(template, |c| expression(c).is_some())
+        ));
+    }
+    if named.is_empty() {
+        return;
+    }
+    out.push(Finding::about(
+        rule,
+        Severity::Warning,
+        Kind::Generated,
+        format!(
+            "{} not sent by the publication: pgoutput leaves generated columns out of every row, \
+             so the keys broaden to patterns on every change: {}",
+            named.join(", "),
+            broadened.join(", ")
+        ),
+        format!(
+            "on PostgreSQL 18: ALTER PUBLICATION {} SET (publish_generated_columns = stored); \
+             before 18: key on the columns the value is generated from (a filter such as \
+             `{{make|lower}}`), or use notify mode, whose triggers see generated values",
+            quote_ident(publication)
         ),
     ));
 }

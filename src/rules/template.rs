@@ -9,8 +9,9 @@
 use std::borrow::Cow;
 use std::fmt;
 
-use crate::change::{Row, Value, quoted, unquote};
+use crate::change::{Row, Value, unquote};
 use crate::glob;
+use crate::sql::quote_ident;
 
 /// A key template, parsed and classified.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -209,7 +210,7 @@ pub(crate) fn write_column(name: &str) -> String {
     if is_valid_column(name) {
         name.to_owned()
     } else {
-        quoted(name)
+        quote_ident(name)
     }
 }
 

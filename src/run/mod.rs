@@ -1,11 +1,12 @@
 //! `invalidator run`: HTTP, the Redis delete loop, and the replication connection (or, in notify
 //! mode, the outbox reader) with its reconnect loop, until shutdown.
 
+mod library;
 mod outbox;
 mod replication;
 
-use outbox::{dry_outbox_once, outbox_once};
-use replication::{dry_stream_once, stream_once};
+use outbox::outbox_once;
+use replication::stream_once;
 
 use std::sync::Arc;
 
@@ -103,6 +104,15 @@ pub async fn run(
         http_stop.cancel();
         return Ok(());
     };
+    // A dry run changes nothing in Redis, the library included.
+    let library = if dry_run {
+        None
+    } else {
+        let urls = config.redis_urls().map(str::to_owned).collect();
+        let options = DeleterOptions::from_config(&config.redis)?;
+        let stop = pipeline_stop.child_token();
+        Some(tokio::spawn(library::keep_loaded(urls, options, stop)))
+    };
     let links = Links {
         queue: queue_tx,
         confirmed: confirmed_rx,
@@ -133,6 +143,9 @@ pub async fn run(
     // The source stopped: make sure the delete loop stops too, then collect its verdict.
     pipeline_stop.cancel();
     let _ = watcher.await;
+    if let Some(library) = library {
+        let _ = library.await;
+    }
     let deleted = delete_loop
         .await
         .unwrap_or_else(|e| panic!("delete loop panicked: {e}"));
@@ -280,18 +293,16 @@ async fn read_until_stopped(
     session: &mut Session<'_>,
     stop: &CancellationToken,
 ) -> Result<(), RunError> {
-    let (config, dry_run, health) = (session.config, session.dry_run, session.health.clone());
+    let (config, health) = (session.config, session.health.clone());
     let mut delays = pipeline::backoff();
     loop {
         if stop.is_cancelled() {
             return Ok(());
         }
         let mut streamed = false;
-        let attempt = match (config.postgres.mode, dry_run) {
-            (Mode::Replication, false) => stream_once(session, &mut streamed).await,
-            (Mode::Replication, true) => dry_stream_once(session, &mut streamed).await,
-            (Mode::Notify, false) => outbox_once(session, &mut streamed).await,
-            (Mode::Notify, true) => dry_outbox_once(session, &mut streamed).await,
+        let attempt = match config.postgres.mode {
+            Mode::Replication => stream_once(session, &mut streamed).await,
+            Mode::Notify => outbox_once(session, &mut streamed).await,
         };
         if streamed {
             // The connection worked: the next interruption starts from the shortest delay.

@@ -142,20 +142,56 @@ async fn make_permanent(
     Ok(())
 }
 
-/// Connects, checks that the server is on the history of our positions, repairs the publication
-/// and slot, and streams until the connection ends; sets `streamed` once streaming has started.
+/// Connects, makes the slot ready and streams until the connection ends; sets `streamed` once
+/// streaming has started.
+///
+/// The run proper streams from its slot: it checks that the server is on the history of our
+/// positions and repairs the publication and the slot first ([`prepare_slot`]). A dry run reads
+/// from a temporary slot of its own ([`temporary_slot`]), so the real one stays where it is.
 pub(super) async fn stream_once(
     session: &mut Session<'_>,
     streamed: &mut bool,
 ) -> Result<Streamed, Failure> {
-    let config = session.config;
+    let (config, dry_run) = (session.config, session.dry_run);
     // Between connections is between transactions.
     session.live.refresh();
-    let mut client = connect_replication(config, "invalidator").await?;
+    let application_name = if dry_run {
+        "invalidator-dry-run"
+    } else {
+        "invalidator"
+    };
+    let mut client = connect_replication(config, application_name).await?;
     check_names(&mut client, session.live.rules()).await?;
+    let slot = if dry_run {
+        temporary_slot(&mut client, session).await?
+    } else {
+        match prepare_slot(&mut client, session).await? {
+            Some(slot) => slot,
+            None => return Ok(Streamed::Finished),
+        }
+    };
+    let stream = client
+        .start_replication(
+            &slot,
+            Lsn(0),
+            &config.postgres.publication,
+            config.postgres.stream_large_transactions,
+        )
+        .await?;
+    tracing::info!(slot = %slot, from = %session.wal.reported, "streaming");
+    stream_until_end(stream, session, streamed).await
+}
+
+/// The run's slot, ready to stream from: not held by another instance, on the history of our
+/// positions, with the publication and the slot repaired; `None` on shutdown.
+async fn prepare_slot(
+    client: &mut ReplicationClient,
+    session: &mut Session<'_>,
+) -> Result<Option<String>, Failure> {
+    let config = session.config;
     // Asked before anything else is done: a standby would otherwise log and be refused at
     // START_REPLICATION, an ERROR in the server's log, on every attempt.
-    if let Some(pid) = setup::slot_holder(&mut client, &config.postgres.slot).await? {
+    if let Some(pid) = setup::slot_holder(client, &config.postgres.slot).await? {
         return Err(Failure::Held(format!(
             "replication slot {} is held by pid {pid}",
             config.postgres.slot
@@ -168,42 +204,33 @@ pub(super) async fn stream_once(
         wal = %system.xlog_pos,
         "connected"
     );
-    warn_if_stale(&mut client, config, session.live.rules()).await?;
+    warn_if_stale(client, config, session.live.rules()).await?;
     // What the publication hides is refused before anything is changed (only its owner can
     // repair that); a rule table replaced (or dropped from it) while no instance ran is
     // unpublished now: added back with the delete of its keys, before the stream starts, so the
     // delete is read after what the table missed. A missing publication is setup's to create.
     let publication = &config.postgres.publication;
-    if setup::publication_exists(&mut client, publication).await?
-        && let Some(flush) = drift::repair(&mut client, session.live.rules(), publication).await?
+    if setup::publication_exists(client, publication).await?
+        && let Some(flush) = drift::repair(client, session.live.rules(), publication).await?
     {
         let links = &session.links;
         pipeline::queue_flush(&links.queue, links.history, flush).await;
     }
-    if !repair_slot(&mut client, session, &system).await? {
-        return Ok(Streamed::Finished);
+    if !repair_slot(client, session, &system).await? {
+        return Ok(None);
     }
     // Never report less than the slot already has: an older position would be ignored at
     // best, and it could move the slot backwards on servers that do not guard against it. The
     // slot's position is one this server has written: one beyond its WAL was replaced above.
     let slot_name = &config.postgres.slot;
-    let slot = setup::slot_info(&mut client, slot_name).await?;
+    let slot = setup::slot_info(client, slot_name).await?;
     let wal = &mut session.wal;
     if let Some(flush) = slot.and_then(|info| info.confirmed_flush) {
         wal.reported = wal.reported.max(flush);
         wal.server_end = wal.server_end.max(flush);
     }
     wal.catch_up = CatchUp::start(wal.reported, system.xlog_pos);
-    let stream = client
-        .start_replication(
-            slot_name,
-            Lsn(0),
-            &config.postgres.publication,
-            config.postgres.stream_large_transactions,
-        )
-        .await?;
-    tracing::info!(slot = %slot_name, from = %wal.reported, "streaming");
-    stream_until_end(stream, session, streamed).await
+    Ok(Some(slot_name.clone()))
 }
 
 /// Checks that the server is on the history of our positions, then creates or repairs the
@@ -320,21 +347,17 @@ async fn stream_until_end(
     }
 }
 
-/// [`stream_once`] for a dry run: reads the publication from a temporary slot that starts at
-/// the current WAL position and disappears with the connection; creates and changes nothing
-/// else, so the real slot stays where it is.
-pub(super) async fn dry_stream_once(
+/// A dry run's slot: the publication must exist (a dry run creates nothing), and the slot is a
+/// temporary one that starts at the current WAL position and disappears with the connection,
+/// so the real slot stays where it is.
+async fn temporary_slot(
+    client: &mut ReplicationClient,
     session: &mut Session<'_>,
-    streamed: &mut bool,
-) -> Result<Streamed, Failure> {
+) -> Result<String, Failure> {
     let config = session.config;
-    let live = &mut session.live;
-    live.refresh();
-    let mut client = connect_replication(config, "invalidator-dry-run").await?;
-    check_names(&mut client, live.rules()).await?;
     let publication = &config.postgres.publication;
-    let tables = live.rules().tables().cloned().collect();
-    let (existed, action) = setup::publication_action(&mut client, &tables, publication).await?;
+    let tables = session.live.rules().tables().cloned().collect();
+    let (existed, action) = setup::publication_action(client, &tables, publication).await?;
     if !existed {
         return Err(Failure::NoPublication(publication.clone()));
     }
@@ -365,13 +388,5 @@ pub(super) async fn dry_stream_once(
          committed before it are not shown (a temporary slot cannot see the past); the real \
          slot does not move and nothing is deleted"
     );
-    let stream = client
-        .start_replication(
-            &slot,
-            Lsn(0),
-            publication,
-            config.postgres.stream_large_transactions,
-        )
-        .await?;
-    stream_until_end(stream, session, streamed).await
+    Ok(slot)
 }

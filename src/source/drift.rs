@@ -152,31 +152,23 @@ pub async fn repair(
     }
     let (_, action) = setup::publication_action(db, &present, publication).await?;
     let requests = invalidate::requests_table();
-    let in_the_wal = invalidate::can_request_repairs(db).await?;
-    let queued = match action {
-        Some(mut action) if in_the_wal => {
-            // One simple query is one transaction: the request to delete the table's keys
-            // commits with the repair or not at all, and is read from the WAL after the
-            // changes the table missed, so a crash before Redis confirmed it reads it again.
-            action.sql.push_str(&invalidate::repair_requests(
-                unpublished.iter().filter(|t| rules.has_table(t)),
-            ));
-            setup::apply(db, &[action]).await?;
+    let flushed = unpublished.iter().filter(|t| rules.has_table(t));
+    let queued = match publish_with_flush(db, action.clone(), flushed).await? {
+        Some(combined) => {
+            setup::apply(db, &[combined]).await?;
             // A request written in the transaction that publishes its own table (or creates
             // the publication) is not counted on to be read: those are queued as well.
             unpublished.contains(&requests)
         }
-        action => {
+        None => {
             setup::apply(db, action.as_slice()).await?;
-            if !in_the_wal {
-                tracing::warn!(
-                    publication,
-                    "not crash-safe: this role cannot write invalidator.requests (or it is \
-                     missing or out of date: run `invalidator setup`), so the delete of the keys \
-                     of the tables added back is only queued in memory, and a crash before Redis \
-                     confirms it leaves them stale"
-                );
-            }
+            tracing::warn!(
+                publication,
+                "not crash-safe: this role cannot write invalidator.requests (or it is \
+                 missing or out of date: run `invalidator setup`), so the delete of the keys \
+                 of the tables added back is only queued in memory, and a crash before Redis \
+                 confirms it leaves them stale"
+            );
             true
         }
     };
@@ -203,4 +195,35 @@ pub async fn repair(
          until now were missed, so every key their rules can produce is deleted");
     metrics::counter!(telemetry::PUBLICATION_REPAIRS_TOTAL).increment(unpublished.len() as u64);
     Ok(queued.then_some(flush))
+}
+
+/// One statement that runs `publish` (the `ALTER PUBLICATION` or `CREATE PUBLICATION` to run,
+/// if any) and, in the same transaction, asks through the WAL for every key the rules of
+/// `flushed` can produce to be deleted; `None` when this role cannot write
+/// `invalidator.requests`, and the caller must flush another way.
+///
+/// One simple query is one transaction: the request commits with the publication's change or
+/// not at all, and is read from the WAL after everything the tables' changes before it, so a
+/// crash before Redis confirmed the delete reads the request again. Used wherever a table
+/// starts being streamed whose keys may have been cached without being invalidated: one
+/// added back ([`repair`]), and one a hot reload of the rules gained.
+pub async fn publish_with_flush<'t>(
+    db: &mut impl Sql,
+    publish: Option<setup::Action>,
+    flushed: impl IntoIterator<Item = &'t TableName>,
+) -> Result<Option<setup::Action>, SetupError> {
+    if !invalidate::can_request_repairs(db).await? {
+        return Ok(None);
+    }
+    let requests = invalidate::repair_requests(flushed);
+    Ok(Some(match publish {
+        Some(mut action) => {
+            action.sql.push_str(&requests);
+            action
+        }
+        None => setup::Action {
+            why: "delete the keys of tables that start being streamed".to_owned(),
+            sql: requests.trim_start_matches("; ").to_owned(),
+        },
+    }))
 }

@@ -89,8 +89,8 @@ impl Task {
                 Ended::Unavailable(reason) => {
                     if said.as_ref() != Some(&reason) {
                         tracing::warn!(target_url = %self.target, %reason,
-                            "key index unavailable; patterns use the SCAN walk (grant CONFIG, or \
-                             set notify-keyspace-events to include Kgxen)");
+                            "key index unavailable; patterns use the SCAN walk (it needs CONFIG \
+                             GET and SET, or notify-keyspace-events with Kgxen set and CONFIG GET)");
                     }
                     lock(&self.shared).phase = Phase::Unavailable(reason.clone());
                     said = Some(reason);
@@ -193,7 +193,12 @@ impl Task {
             .arg(&self.channel)
             .ignore();
         let written: ::redis::RedisResult<()> = pipe.query_async(manager).await;
-        written.map_err(|e| judge("writing the barrier's probe key", e))
+        let action = format!(
+            "writing the barrier's probe key {} (needed where notify-keyspace-events shows A, \
+             which hides n)",
+            self.channel
+        );
+        written.map_err(|e| judge(&action, e))
     }
 
     /// Opens the subscription: the barrier channel and every prefix's keyspace channels, both

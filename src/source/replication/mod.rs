@@ -22,6 +22,26 @@ mod error;
 mod source;
 mod wire;
 
+/// The `options` of the startup packet: the URL's, then the text form of values, pinned after
+/// them so that it wins over them, over the role's and the database's settings and over the
+/// server's defaults (pgoutput writes values with this session's settings, and keys must not
+/// depend on them). The server reads a backslash as escaping the next character, so options
+/// ending in an unpaired one would glue the space before ours, and our first option, onto
+/// their last value: refused, with what to do.
+fn startup_options(theirs: Option<&str>) -> Result<String, ReplicationError> {
+    let Some(theirs) = theirs else {
+        return Ok(super::text_form_options());
+    };
+    let trailing = theirs.len() - theirs.trim_end_matches('\\').len();
+    if trailing % 2 == 1 {
+        return Err(ReplicationError::Invalid(format!(
+            "postgres url: options {theirs:?} ends with an unpaired backslash, which would escape \
+             what follows; double it or remove it"
+        )));
+    }
+    Ok(format!("{theirs} {}", super::text_form_options()))
+}
+
 #[cfg(test)]
 mod tests;
 
@@ -41,6 +61,7 @@ use tokio_postgres::config::{ChannelBinding, Host, SslMode, SslNegotiation, Targ
 use crate::change::Lsn;
 use crate::endpoint::{self, first_to_answer};
 use crate::source::connect::{self, TlsError, client_config, handshake, verifies};
+use crate::sql;
 use conn::{Backend, Connection, Socket, log_notice, server_error, unexpected};
 pub use error::ReplicationError;
 pub use source::{Ancestry, CatchUp, ReplicationSource, SourceError, WalProgress, WalStream};
@@ -151,13 +172,30 @@ impl ReplicationClient {
                         {
                             pooler.into()
                         }
-                        // Which host refused, or reset, matters when the URL names several.
+                        // Which host refused, reset or turned the login down matters when the
+                        // URL names several.
                         ReplicationError::Io(err) => ReplicationError::Io(std::io::Error::new(
                             err.kind(),
                             format!(
                                 "connecting to {}: {err}",
                                 endpoint::host_label(config, candidate)
                             ),
+                        )),
+                        ReplicationError::Server {
+                            code,
+                            message,
+                            detail,
+                        } => ReplicationError::Server {
+                            code,
+                            message: format!(
+                                "{message} (connecting to {})",
+                                endpoint::host_label(config, candidate)
+                            ),
+                            detail,
+                        },
+                        ReplicationError::Auth(why) => ReplicationError::Auth(format!(
+                            "{why} (connecting to {})",
+                            endpoint::host_label(config, candidate)
                         )),
                         err => err,
                     })
@@ -260,7 +298,7 @@ impl ReplicationClient {
         wire::validate_slot_name(slot)?;
         let command = format!(
             "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput NOEXPORT_SNAPSHOT",
-            wire::quote_ident(slot)
+            sql::quote_ident(slot)
         );
         let rows = self.simple_query(&command).await?;
         let Some(Some(consistent_point)) = rows.first().and_then(|row| row.get(1)) else {
@@ -301,8 +339,8 @@ impl ReplicationClient {
         };
         let command = format!(
             "START_REPLICATION SLOT {} LOGICAL {start} ({protocol}, publication_names {}{})",
-            wire::quote_ident(slot),
-            wire::quote_literal(&wire::quote_ident(publication)),
+            sql::quote_ident(slot),
+            sql::quote_literal(&sql::quote_ident(publication)),
             if since_14 { ", messages 'true'" } else { "" },
         );
         self.conn.encode(|buf| frontend::query(&command, buf))?;
@@ -371,13 +409,7 @@ async fn connect(
     if let Some(dbname) = config.get_dbname() {
         params.push(("database", dbname));
     }
-    // The text form of values is pinned after the user's options, so it wins over them, over
-    // the role's and the database's settings and over the server's defaults: pgoutput writes
-    // values with this session's settings, and keys must not depend on them.
-    let options = match config.get_options() {
-        Some(theirs) => format!("{theirs} {}", super::text_form_options()),
-        None => super::text_form_options(),
-    };
+    let options = startup_options(config.get_options())?;
     params.push(("options", &options));
     conn.encode(|buf| frontend::startup_message(params.iter().copied(), buf))?;
     conn.flush().await?;

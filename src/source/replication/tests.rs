@@ -231,3 +231,20 @@ async fn a_refused_connection_is_transient() {
     assert!(matches!(err, ReplicationError::Io(_)), "{err}");
     assert!(err.is_transient());
 }
+
+#[test]
+fn the_urls_options_come_first_and_an_unpaired_trailing_backslash_is_refused() {
+    let ours = crate::source::text_form_options();
+    assert_eq!(startup_options(None).unwrap(), ours);
+    assert_eq!(
+        startup_options(Some("-c search_path=app")).unwrap(),
+        format!("-c search_path=app {ours}")
+    );
+    // A doubled backslash is a backslash of the value: nothing is escaped past it.
+    assert!(startup_options(Some(r"-c x=a\\")).is_ok());
+    for unpaired in [r"-c search_path=x\", r"-c x=a\\\"] {
+        let err = startup_options(Some(unpaired)).unwrap_err();
+        assert!(!err.is_transient(), "{err}");
+        assert!(err.to_string().contains("unpaired backslash"), "{err}");
+    }
+}

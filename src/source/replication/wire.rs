@@ -155,16 +155,6 @@ pub(super) fn major_version(server_version: &str) -> u32 {
     digits.parse().unwrap_or(0)
 }
 
-/// Quotes an identifier with double quotes, so case and punctuation survive.
-pub(super) fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
-
-/// Quotes a string literal; replication commands use standard strings, where only `'` is special.
-pub(super) fn quote_literal(value: &str) -> String {
-    format!("'{}'", value.replace('\'', "''"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -321,16 +311,5 @@ mod tests {
         assert!(validate_publication_name("").is_err());
         assert!(validate_publication_name("a\0b").is_err());
         assert!(validate_publication_name(&"p".repeat(64)).is_err());
-    }
-
-    #[test]
-    fn quoting_doubles_the_quote_character() {
-        assert_eq!(quote_ident("slot"), "\"slot\"");
-        assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
-        assert_eq!(quote_literal("it's"), "'it''s'");
-        assert_eq!(
-            quote_literal(&quote_ident("It's \"Pub\"")),
-            "'\"It''s \"\"Pub\"\"\"'"
-        );
     }
 }

@@ -24,6 +24,7 @@ use crate::error::{Classify, Verdict};
 use crate::rules::RuleSet;
 use crate::source::history::NewHistory;
 use crate::source::replication::{ReplicationClient, ReplicationError};
+pub use crate::sql::{quote_ident, quote_literal};
 
 /// Rows of text values, as the simple query protocol returns them.
 pub type Rows = Vec<Vec<Option<String>>>;
@@ -176,16 +177,6 @@ fn columns(missing: &[(TableName, Vec<String>)]) -> String {
         .map(|(table, columns)| format!("{table} ({})", columns.join(", ")))
         .collect::<Vec<_>>()
         .join(", ")
-}
-
-/// Quotes an identifier for SQL text.
-pub fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
-
-/// Quotes a string literal for SQL text (standard_conforming_strings is on since 9.1).
-pub fn quote_literal(value: &str) -> String {
-    format!("'{}'", value.replace('\'', "''"))
 }
 
 /// `schema.table`, each part quoted.
