@@ -15,6 +15,7 @@ mod generated;
 mod guarded_fill;
 mod identifiers;
 mod invalidate;
+mod key_index;
 mod memory;
 mod notify;
 mod observability;

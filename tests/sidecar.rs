@@ -85,6 +85,12 @@ impl Setup {
 
     /// Starts `invalidator run` with `args` (after `--config`) in the background.
     pub fn spawn_with(&self, args: &[&str]) -> Sidecar {
+        self.spawn_with_env(args, &[])
+    }
+
+    /// Like [`Setup::spawn_with`], with the variables `env` set, for settings given as
+    /// `INVALIDATOR_<SECTION>_<KEY>`.
+    pub fn spawn_with_env(&self, args: &[&str], env: &[(&str, &str)]) -> Sidecar {
         let log = self
             .dir
             .path()
@@ -96,6 +102,7 @@ impl Setup {
             .args(args)
             .env_remove("DATABASE_URL")
             .env_remove("REDIS_URL")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
