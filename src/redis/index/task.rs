@@ -85,7 +85,11 @@ impl Task {
             let wait = match ended {
                 Ended::Full => return self.full(),
                 // Backed off too: a cause that persists must not make every batch a rebuild.
-                Ended::Rebuild => delays.next().unwrap_or(Duration::from_secs(10)),
+                // Building at once: nothing follows the events while it waits.
+                Ended::Rebuild => {
+                    self.drop_keys();
+                    delays.next().unwrap_or(Duration::from_secs(10))
+                }
                 Ended::Unavailable(reason) => {
                     if said.as_ref() != Some(&reason) {
                         tracing::warn!(target_url = %self.target, %reason,
@@ -127,7 +131,7 @@ impl Task {
         lock(&self.shared).phase = Phase::Building;
         let stream = match self.subscribe().await {
             Ok(stream) => stream,
-            Err(reason) => return Ended::Lost(reason),
+            Err(ended) => return ended,
         };
         self.follow(handle, stream, epoch).await
     }
@@ -203,11 +207,11 @@ impl Task {
 
     /// Opens the subscription: the barrier channel and every prefix's keyspace channels, both
     /// confirmed before the scan starts, so no key created during the scan can be missed.
-    async fn subscribe(&mut self) -> Result<::redis::aio::PubSubStream, String> {
-        let timeout = |what: &str| format!("{what} timed out");
+    async fn subscribe(&mut self) -> Result<::redis::aio::PubSubStream, Ended> {
+        let timeout = |what: &str| Ended::Lost(format!("{what} timed out"));
         let pubsub = tokio::time::timeout(self.connection_timeout, self.client.get_async_pubsub());
         let pubsub = pubsub.await.map_err(|_| timeout("connect"))?;
-        let (mut sink, stream) = pubsub.map_err(|e| format!("connect: {e}"))?.split();
+        let (mut sink, stream) = pubsub.map_err(|e| judge("connect", e))?.split();
         let channels: Vec<Vec<u8>> = self
             .prefixes
             .iter()
@@ -222,10 +226,12 @@ impl Task {
             }
             sink.psubscribe(&channels).await
         });
+        // A refusal (NOPERM: Redis 7 gives a new ACL user no channels) makes the index
+        // unavailable here, as a refused CONFIG does, instead of a rebuild that never succeeds.
         subscribed
             .await
             .map_err(|_| timeout("PSUBSCRIBE"))?
-            .map_err(|e| format!("PSUBSCRIBE: {e}"))?;
+            .map_err(|e| judge("SUBSCRIBE and PSUBSCRIBE of the keyspace channels", e))?;
         Ok(stream)
     }
 
@@ -355,20 +361,32 @@ impl Task {
                 }
             }
         }
-        self.check_size(&shared)?;
+        // Past the cap the set is still a superset of the keys: a barrier whose events are all
+        // applied is passed on, so its batch is not held until its timeout.
+        let size = self.check_size(&shared);
         drop(shared);
         if let Some(seen) = seen {
             self.seen.send_replace(seen);
         }
-        Ok(())
+        size
     }
 
-    /// Whether the index is over its limit.
+    /// Whether the index is over its limit. Past it while following events, the set may hold
+    /// keys that went without an event (`FLUSHDB`, `FLUSHALL`, `SWAPDB`): only a fresh scan can
+    /// say whether Redis holds that many, so the index starts over, and is full only when a
+    /// build finds more.
     fn check_size(&self, shared: &Shared) -> Result<(), Ended> {
-        if shared.keys.len() > self.max_keys {
-            return Err(Ended::Full);
+        if shared.keys.len() <= self.max_keys {
+            return Ok(());
         }
-        Ok(())
+        if shared.phase == Phase::Ready {
+            tracing::info!(target_url = %self.target, keys = shared.keys.len(),
+                max_keys = self.max_keys,
+                "key index past key_index_max_keys; scanning again before giving up, since keys \
+                 flushed without events stay in it until then");
+            return Err(Ended::Rebuild);
+        }
+        Err(Ended::Full)
     }
 
     /// Marks the index of `epoch` ready, unless it started over meanwhile.
@@ -386,6 +404,12 @@ impl Task {
     /// which may be the broken part.
     fn lost(&mut self) {
         self.connection.reset();
+        self.drop_keys();
+    }
+
+    /// Drops what the index held: the next build starts from nothing, and no barrier is proven
+    /// by a set that nothing keeps current.
+    fn drop_keys(&self) {
         let mut shared = lock(&self.shared);
         shared.epoch += 1;
         shared.keys = BTreeSet::new();
