@@ -15,33 +15,13 @@ use invalidator::redis::{DeleteStats, Deleter, DeleterOptions, KeyIndexOptions, 
 use crate::deleter::chain;
 use crate::e2e::{RULES, SCHEMA};
 use crate::sidecar::{Cache, Fixture};
-use crate::support::{RedisCluster, RedisServer, wait_until};
+use crate::support::{Random, RedisCluster, RedisServer, wait_until};
 
 /// How long the index may take to reach a state (a hang guard, not a timing assertion).
 const STATE_DEADLINE: Duration = Duration::from_secs(20);
 
 /// A generous cap, for tests that do not test the cap.
 const NO_CAP: usize = 10_000_000;
-
-/// A small deterministic generator (xorshift64*), so a failing keyspace can be replayed.
-struct Random(u64);
-
-impl Random {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-
-    fn pick<'a, T: ?Sized>(&mut self, items: &[&'a T]) -> &'a T {
-        items[self.below(items.len())]
-    }
-}
 
 /// One database of a test server, through its own client (the harness's helpers use db 0).
 struct Db {

@@ -11,27 +11,7 @@ use invalidator::redis::slot::key_slot;
 use invalidator::redis::{DeleteError, Deleter, DeleterOptions, Resolution};
 
 use crate::deleter::{chain, delete_until_ok, set};
-use crate::support::{CutMode, RedisCluster, RedisServer, TcpProxy};
-
-/// A small deterministic generator (xorshift64*), so a failing keyspace can be replayed.
-struct Random(u64);
-
-impl Random {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-
-    fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
-        items[self.below(items.len())]
-    }
-}
+use crate::support::{CutMode, Random, RedisCluster, RedisServer, TcpProxy};
 
 /// Bytes keys are made of: letters that patterns name, glob bytes that must be escaped to be
 /// matched, and separators.
