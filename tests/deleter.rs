@@ -691,16 +691,7 @@ async fn a_pattern_under_the_key_index_is_resolved_from_it_including_keys_made_a
     // Its own server: the index sets notify-keyspace-events.
     let redis = RedisServer::start();
     redis.set_keys(["idx:1:a", "idx:1:b", "idx:2:a", "other:1:a"]);
-    let options = DeleterOptions {
-        key_index: Some(KeyIndexOptions {
-            prefixes: vec!["idx:".to_owned()],
-            max_keys: 1000,
-        }),
-        ..DeleterOptions::default()
-    };
-    let mut deleter = Deleter::connect_with(&redis.url(), options)
-        .await
-        .expect("connect");
+    let mut deleter = indexed(&redis, &["idx:"], 1000).await;
     wait_for(Duration::from_secs(10), "the key index is ready", || {
         let ready = matches!(deleter.key_index_state(), KeyIndexState::Ready { .. });
         async move { ready }
@@ -750,16 +741,7 @@ async fn where_the_flags_hide_the_new_event_a_probe_key_proves_it_and_notices_it
     // With every class on, Redis reads `AKEn` back as `AKE`: `n` cannot be seen there.
     let redis = RedisServer::start_with(&["--notify-keyspace-events", "AKE"]);
     redis.set_keys(["idx:1:a"]);
-    let options = DeleterOptions {
-        key_index: Some(KeyIndexOptions {
-            prefixes: vec!["idx:".to_owned()],
-            max_keys: 1000,
-        }),
-        ..DeleterOptions::default()
-    };
-    let mut deleter = Deleter::connect_with(&redis.url(), options)
-        .await
-        .expect("connect");
+    let mut deleter = indexed(&redis, &["idx:"], 1000).await;
     let ready =
         |deleter: &Deleter| matches!(deleter.key_index_state(), KeyIndexState::Ready { .. });
     wait_for(Duration::from_secs(10), "the key index is ready", || {
