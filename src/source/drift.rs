@@ -203,7 +203,7 @@ pub async fn repair(
 /// `invalidator.requests`, and the caller must flush another way.
 ///
 /// One simple query is one transaction: the request commits with the publication's change or
-/// not at all, and is read from the WAL after everything the tables' changes before it, so a
+/// not at all, and is read from the WAL after every change committed before it, so a
 /// crash before Redis confirmed the delete reads the request again. Used wherever a table
 /// starts being streamed whose keys may have been cached without being invalidated: one
 /// added back ([`repair`]), and one a hot reload of the rules gained.
