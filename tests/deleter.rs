@@ -733,7 +733,7 @@ async fn a_pattern_under_the_key_index_is_resolved_from_it_including_keys_made_a
     );
     let report = deleter.key_index_report().expect("an index");
     assert_eq!(report.resolutions, 2);
-    assert_eq!(report.fallbacks, [0, 0, 0, 1, 0]);
+    assert_eq!(report.fallbacks, [0, 0, 0, 1, 0, 0]);
 }
 
 #[tokio::test]
@@ -767,7 +767,7 @@ async fn where_the_flags_hide_the_new_event_a_probe_key_proves_it_and_notices_it
     assert_eq!((stats.patterns_indexed, stats.keys_deleted), (0, 1));
     assert!(redis.scan_keys("idx:*").is_empty());
     let report = deleter.key_index_report().expect("an index");
-    assert_eq!(report.fallbacks, [0, 0, 0, 0, 1]);
+    assert_eq!(report.fallbacks, [0, 0, 0, 0, 1, 0]);
 }
 
 /// A deleter with a key index of `prefixes`, holding at most `max_keys`.
@@ -841,7 +841,7 @@ async fn past_max_keys_the_index_is_dropped_for_good_and_patterns_are_walked() {
         .expect("resolved");
     assert_eq!((stats.patterns_indexed, stats.keys_deleted), (0, 3));
     let report = deleter.key_index_report().expect("an index");
-    assert_eq!(report.fallbacks, [0, 0, 1, 0, 0]);
+    assert_eq!(report.fallbacks, [0, 0, 1, 0, 0, 0]);
     assert_eq!(
         deleter.key_index_state(),
         KeyIndexState::Full { max_keys: 2 }
@@ -852,10 +852,13 @@ async fn past_max_keys_the_index_is_dropped_for_good_and_patterns_are_walked() {
 async fn check_tells_whether_the_key_index_gets_its_events_without_changing_them() {
     let plain = RedisServer::start();
     let mut deleter = Deleter::connect(&plain.url()).await.expect("connect");
-    let settable = KeyIndexCheck::Settable {
-        now: String::new(),
-        wanted: "Kngxe".to_owned(),
-    };
+    let settable = vec![(
+        None,
+        KeyIndexCheck::Settable {
+            now: String::new(),
+            wanted: "Kngxe".to_owned(),
+        },
+    )];
     assert_eq!(deleter.key_index_check().await.expect("check"), settable);
     // Asking set nothing.
     assert_eq!(deleter.key_index_check().await.expect("check"), settable);
@@ -863,13 +866,13 @@ async fn check_tells_whether_the_key_index_gets_its_events_without_changing_them
     let mut deleter = Deleter::connect(&set.url()).await.expect("connect");
     assert_eq!(
         deleter.key_index_check().await.expect("check"),
-        KeyIndexCheck::Set
+        [(None, KeyIndexCheck::Set)]
     );
     let renamed = RedisServer::start_with(&["--rename-command", "CONFIG", ""]);
     let mut deleter = Deleter::connect(&renamed.url()).await.expect("connect");
     let found = deleter.key_index_check().await.expect("check");
     assert!(
-        matches!(&found, KeyIndexCheck::Refused { now: None, reason } if reason.contains("CONFIG")),
+        matches!(found.as_slice(), [(None, KeyIndexCheck::Refused { now: None, reason })] if reason.contains("CONFIG")),
         "{found:?}"
     );
 }
@@ -889,5 +892,5 @@ async fn without_config_the_index_is_unavailable_with_the_reason_and_patterns_ar
         .expect("resolved");
     assert_eq!((stats.patterns_indexed, stats.keys_deleted), (0, 1));
     let report = deleter.key_index_report().expect("an index");
-    assert_eq!(report.fallbacks, [0, 1, 0, 0, 0]);
+    assert_eq!(report.fallbacks, [0, 1, 0, 0, 0, 0]);
 }

@@ -1087,29 +1087,64 @@ async fn a_flushed_database_does_not_count_against_the_cap() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn on_a_cluster_the_index_is_unavailable_and_patterns_walk() {
+async fn on_a_cluster_the_index_serves_every_primary() {
     let cluster = RedisCluster::start(3);
     let keys: Vec<String> = (0..300).map(|i| format!("cl:{i}")).collect();
     cluster.set_keys(&keys);
+    assert_eq!(cluster.nodes_with_keys(), 3);
     let mut deleter = indexed(&cluster.url(), &["cl:"], NO_CAP).await;
-    wait_state(&deleter, "unavailable", |s| {
-        matches!(s, KeyIndexState::Unavailable(_))
-    })
-    .await;
-    let patterns: HashSet<String> = HashSet::from(["cl:1*".to_owned()]);
-    let resolution = deleter.start(&HashSet::new(), &patterns).await;
-    let resolution = resolution.unwrap_or_else(|e| panic!("start: {}", chain(&e)));
-    let stats = tokio::time::timeout(Duration::from_secs(60), resolution)
-        .await
-        .expect("the pattern resolves")
-        .unwrap_or_else(|e| panic!("resolution: {}", chain(&e)));
-    assert_eq!(stats.patterns_indexed, 0, "{stats:?}");
+    assert_eq!(
+        wait_ready(&deleter).await,
+        300,
+        "the sum over the primaries"
+    );
+    let stats = resolve(&mut deleter, &strings(&["cl:1*"])).await;
+    assert_eq!(
+        (stats.patterns_indexed, stats.keys_deleted),
+        (1, 111),
+        "{stats:?}"
+    );
     assert!(cluster.scan_keys("cl:1*").is_empty());
     assert_eq!(cluster.scan_keys("cl:*").len(), 300 - 111);
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_resync_from_another_primary_is_noticed_and_its_keys_are_deleted() {
+    let (redis, other) = (RedisServer::start(), RedisServer::start());
+    let db = Db::of(&redis, 0);
+    let mut deleter = indexed(&db.url, &["rs:"], NO_CAP).await;
+    wait_ready(&deleter).await;
+    redis.set_keys(["rs:mine:1"]);
+    let stats = resolve(&mut deleter, &strings(&["rs:mine:*"])).await;
+    assert_eq!((stats.patterns_indexed, stats.keys_deleted), (1, 1));
+    let theirs: Vec<String> = (0..20).map(|i| format!("rs:theirs:{i}")).collect();
+    other.set_keys(&theirs);
+    // A full resync replaces the data without an event per key; the subscription stays.
+    db.run(redis::cmd("REPLICAOF").arg("127.0.0.1").arg(other.port()));
+    wait_until(STATE_DEADLINE, "the resync brought the keys", || {
+        redis.info("replication").contains("master_link_status:up")
+            && theirs.iter().all(|k| db.exists(k))
+    });
+    db.run(redis::cmd("REPLICAOF").arg("NO").arg("ONE"));
+    resolve(&mut deleter, &strings(&["rs:theirs:*"])).await;
+    let left = db.scan(b"rs:theirs:*");
+    assert!(
+        left.is_empty(),
+        "{} of {} keys left",
+        left.len(),
+        theirs.len()
+    );
+}
+
 /// The reasons of `invalidator_key_index_fallbacks_total`.
-const FALLBACK_REASONS: [&str; 5] = ["building", "unavailable", "full", "uncovered", "lost"];
+const FALLBACK_REASONS: [&str; 6] = [
+    "building",
+    "unavailable",
+    "full",
+    "uncovered",
+    "lost",
+    "moving",
+];
 
 #[test]
 fn the_sidecar_resolves_rule_patterns_from_the_index_and_says_so_in_metrics() {

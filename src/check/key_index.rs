@@ -4,9 +4,9 @@
 use super::{Finding, Kind, Severity};
 use crate::redis::{KeyIndexCheck, library};
 
-/// A warning for each reachable target where the key index cannot work: `notify-keyspace-events`
-/// lacks what it needs and this user may not set it, or a Redis Cluster. Nothing where the flags
-/// are set or `run` can set them.
+/// A warning for each reachable target (each primary of a cluster) where the key index cannot
+/// work: `notify-keyspace-events` lacks what it needs and this user may not set it. Nothing
+/// where the flags are set or `run` can set them.
 pub(super) async fn findings(targets: &mut [library::Target]) -> Vec<Finding> {
     let mut findings = Vec::new();
     for target in targets {
@@ -14,11 +14,18 @@ pub(super) async fn findings(targets: &mut [library::Target]) -> Vec<Finding> {
         let Some(deleter) = target.deleter() else {
             continue;
         };
-        let found = deleter
-            .key_index_check()
-            .await
-            .map_err(|e| crate::telemetry::chain(&e));
-        findings.extend(finding(&name, found));
+        match deleter.key_index_check().await {
+            Ok(checks) => {
+                for (primary, found) in checks {
+                    let name = match primary {
+                        Some(primary) => format!("{name} (primary {primary})"),
+                        None => name.clone(),
+                    };
+                    findings.extend(finding(&name, Ok(found)));
+                }
+            }
+            Err(err) => findings.extend(finding(&name, Err(crate::telemetry::chain(&err)))),
+        }
     }
     findings
 }
@@ -43,13 +50,6 @@ fn finding(target: &str, found: Result<KeyIndexCheck, String>) -> Option<Finding
                     .to_owned(),
             )
         }
-        Ok(KeyIndexCheck::Cluster) => (
-            format!(
-                "redis {target} is a Redis Cluster: {walked} (the key index serves a single \
-                     server for now)"
-            ),
-            "set [redis] key_index = false for a cluster".to_owned(),
-        ),
         Err(reason) => (
             format!(
                 "redis {target}: the key index's notify-keyspace-events could not be checked: \
@@ -95,12 +95,6 @@ mod tests {
                 .fix
                 .as_deref()
                 .is_some_and(|fix| fix.contains("Kgxen"))
-        );
-        let cluster = finding("redis://c", Ok(KeyIndexCheck::Cluster)).expect("a finding");
-        assert!(
-            cluster.message.contains("Redis Cluster"),
-            "{}",
-            cluster.message
         );
     }
 }

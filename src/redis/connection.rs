@@ -175,12 +175,7 @@ impl Connection {
             None => Client::open(url),
         }
         .map_err(|err| invalid_settings(target, err))?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(options.connection_timeout))
-            .set_response_timeout(Some(options.response_timeout))
-            // One quick retry rides out a blip; longer outages are the pipeline's backoff.
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_millis(500));
+        let config = manager_config(options);
         let mut manager = ConnectionManager::new_with_config(client.clone(), config.clone())
             .await
             .map_err(|source| connect_error(target, source))?;
@@ -245,6 +240,52 @@ impl Connection {
             Connection::Single(single) => Some(single.client.clone()),
             Connection::Cluster(_) => None,
         }
+    }
+
+    /// A client for the cluster node at `host:port`, with the seed URL's scheme, credentials
+    /// and TLS material: for what must reach that node itself and no other (the key index's
+    /// subscription, CONFIG and barriers: keyspace notifications are node-local). `None` for a
+    /// single server.
+    pub(super) fn node_client(&self, host: &str, port: u16) -> Option<RedisResult<Client>> {
+        let Connection::Cluster(cluster) = self else {
+            return None;
+        };
+        let url = with_address(&cluster.seed_url, host, port);
+        Some(match cluster.certificates.clone() {
+            Some(certificates) => Client::build_with_tls(url, certificates),
+            None => Client::open(url),
+        })
+    }
+
+    /// A single-server connection through `client`, opened at its first request, with the
+    /// timeouts of `options`.
+    pub(super) fn lazy(client: Client, options: &DeleterOptions) -> RedisResult<Connection> {
+        let config = manager_config(options);
+        let manager = ConnectionManager::new_lazy_with_config(client.clone(), config.clone())?;
+        Ok(Connection::Single(Box::new(Single {
+            client,
+            config,
+            manager,
+        })))
+    }
+
+    /// The `CLUSTER NODES` text of one node of the cluster (any that answers); `None` for a
+    /// single server.
+    pub(super) async fn cluster_nodes(&mut self) -> RedisResult<Option<String>> {
+        let Connection::Cluster(cluster) = self else {
+            return Ok(None);
+        };
+        let mut nodes = Cmd::new();
+        nodes.arg("CLUSTER").arg("NODES");
+        let reply = cluster
+            .connection()
+            .await?
+            .route_command(
+                nodes,
+                RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
+            )
+            .await?;
+        Ok(Some(::redis::from_redis_value(reply)?))
     }
 
     /// Whether this is a cluster connection (configured or detected).
@@ -568,6 +609,16 @@ async fn detect_cluster(
             Ok(false)
         }
     }
+}
+
+/// How a single-server connection times out and reconnects.
+fn manager_config(options: &DeleterOptions) -> ConnectionManagerConfig {
+    ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(options.connection_timeout))
+        .set_response_timeout(Some(options.response_timeout))
+        // One quick retry rides out a blip; longer outages are the pipeline's backoff.
+        .set_number_of_retries(1)
+        .set_max_delay(Duration::from_millis(500))
 }
 
 /// Settings the driver refused; its URL errors are fixed texts that never echo the URL or the

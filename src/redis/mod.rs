@@ -13,6 +13,7 @@ mod index;
 pub mod library;
 mod plan;
 pub mod slot;
+mod topology;
 mod walk;
 
 pub use self::error::DeleteError;
@@ -124,6 +125,8 @@ pub struct Deleter {
     seed_host: String,
     /// The connection to Redis.
     connection: Connection,
+    /// What it was connected with, for the connections to each primary that `check` opens.
+    options: DeleterOptions,
     /// See [`DeleterOptions::wait_replicas`].
     wait_replicas: u32,
     /// How long `WAIT` lets replicas take, in milliseconds: a second, or half the response
@@ -157,29 +160,28 @@ impl Deleter {
         if url.starts_with("rediss") {
             install_tls_provider();
         }
-        let connection = Connection::open(url, &target, &options).await?;
-        let index = options
-            .key_index
-            .as_ref()
-            .map(|key_index| match connection.single_client() {
-                Some(client) => index::Index::spawn(index::Spawn {
-                    connection: connection.duplicate(),
-                    client,
-                    options: key_index,
-                    target: target.clone(),
-                    connection_timeout: options.connection_timeout,
-                    response_timeout: options.response_timeout,
-                }),
-                None => index::Index::cluster(key_index, &target),
-            });
+        let mut connection = Connection::open(url, &target, &options).await?;
+        let seed_host = host_of(url).to_owned();
+        let index = match &options.key_index {
+            Some(key_index) => Some(
+                index::Index::spawn(&mut connection, &target, &seed_host, &options, key_index)
+                    .await
+                    .map_err(|err| DeleteError::InvalidSettings {
+                        target: target.clone(),
+                        reason: err.to_string(),
+                    })?,
+            ),
+            None => None,
+        };
         Ok(Deleter {
-            seed_host: host_of(url).to_owned(),
+            seed_host,
             target,
             connection,
             wait_replicas: options.wait_replicas,
             wait_timeout_ms: (options.response_timeout / 2)
                 .min(Duration::from_secs(1))
                 .as_millis() as u64,
+            options,
             walk: None,
             index,
         })
@@ -338,27 +340,22 @@ impl Deleter {
         &mut self,
         patterns: &[String],
     ) -> Result<Option<DeleteStats>, DeleteError> {
-        if self.index.is_none() {
-            return Ok(None);
-        }
-        let handle = self.connection.handle().await;
-        let mut handle = handle.map_err(|source| self.failed("connect", source))?;
         let Some(index) = self.index.as_mut() else {
             return Ok(None);
         };
-        let doomed = match index.prove(&mut handle, patterns).await {
+        // Each server's index replaces its own connections after an error.
+        let doomed = match index.prove(&mut self.connection, patterns).await {
             Ok(doomed) => doomed,
             Err((why, err)) => {
                 index.fell_back(why, patterns.len());
                 tracing::debug!(reason = why.label(), error = ?err.as_ref().map(ToString::to_string),
                     "patterns go to the SCAN walk: the key index cannot resolve them");
-                // A connection that failed is replaced, as after any other request.
-                if let Some(err) = err.filter(Classify::is_transient) {
-                    let _ = self.failed("key index barrier", err);
-                }
                 return Ok(None);
             }
         };
+        // UNLINK through the deleter's connection, which routes each key to its slot's primary.
+        let handle = self.connection.handle().await;
+        let mut handle = handle.map_err(|source| self.failed("connect", source))?;
         let deleted = handle.unlink(&doomed).await;
         let keys_deleted = deleted.map_err(|source| self.failed("UNLINK", source))?;
         self.replicated(&mut handle).await?;

@@ -29,23 +29,22 @@
 //! and never changed since was returned by that full `SCAN`. A `PUBLISH` that no subscriber
 //! received means the subscription is gone (or the connection now reaches another server).
 
+mod cluster;
 mod flags;
 mod keys;
+mod node;
 mod probe;
 mod task;
 
 pub use probe::KeyIndexCheck;
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
-
-use tokio::sync::{Notify, watch};
-use tokio_util::sync::{CancellationToken, DropGuard};
+use std::sync::{Mutex, MutexGuard};
 
 use self::keys::prefix_free;
-use super::connection::{Connection, Handle};
+use self::node::{NodeIndex, Unproven};
+use super::DeleterOptions;
+use super::connection::Connection;
 
 /// What the key index covers; `run` builds it from the loaded rules.
 #[derive(Clone, Debug)]
@@ -95,8 +94,16 @@ pub enum KeyIndexState {
 }
 
 /// The reasons patterns went to the walk instead of the index, as metric labels:
-/// building, unavailable, full, a pattern outside the indexed prefixes, a failed barrier.
-pub const KEY_INDEX_FALLBACKS: [&str; 5] = ["building", "unavailable", "full", "uncovered", "lost"];
+/// building, unavailable, full, a pattern outside the indexed prefixes, a failed barrier, a
+/// cluster slot migrating (or the cluster's slots changing while the batch was proven).
+pub const KEY_INDEX_FALLBACKS: [&str; 6] = [
+    "building",
+    "unavailable",
+    "full",
+    "uncovered",
+    "lost",
+    "moving",
+];
 
 /// What the key index did so far, for metrics and readiness.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -122,6 +129,8 @@ pub(super) enum Fallback {
     Uncovered,
     /// The barrier failed: not proven current.
     Lost,
+    /// A cluster slot is migrating, or the slots changed owner while the batch was proven.
+    Moving,
 }
 
 impl Fallback {
@@ -141,6 +150,10 @@ struct Shared {
     /// Bumped whenever the index starts over: a proof taken under one epoch says nothing of
     /// another.
     epoch: u64,
+    /// The server's `master_replid` when this epoch's build started (after its subscription
+    /// was confirmed, before its first SCAN page): a barrier that sees another one may be
+    /// looking at data a resync replaced without events.
+    replid: Option<String>,
 }
 
 /// The state of [`Shared`], without the count.
@@ -161,149 +174,66 @@ fn lock(shared: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
     shared.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// The reason given while the deleter talks to a Redis Cluster.
-const CLUSTER: &str = "Redis Cluster: the key index serves a single server for now";
-
-/// The deleter's side of the index.
+/// The deleter's side of the index: one server's, or one per primary of a cluster.
 pub(super) struct Index {
-    /// The state shared with the task.
-    shared: Arc<Mutex<Shared>>,
-    /// The last barrier token the task has seen on its subscription, and whether the probe
-    /// key's creation came before it (since the token before).
-    seen: watch::Receiver<Seen>,
-    /// Tells the task to start over.
-    rebuild: Arc<Notify>,
-    /// The private channel barrier tokens are published on, also the name of the probe key.
-    channel: String,
-    /// The last token published.
-    token: u64,
-    /// Whether the next barrier creates the probe key: while the flags read last hide `n`.
-    probe: bool,
+    /// The index of each server.
+    servers: Servers,
     /// The indexed prefixes, prefix-free.
     prefixes: Vec<Vec<u8>>,
-    /// See [`KeyIndexOptions::max_keys`].
-    max_keys: usize,
-    /// How long the task may take to see a token.
-    barrier_timeout: Duration,
     /// Patterns resolved so far.
     resolutions: u64,
     /// Fallbacks so far, by [`Fallback`].
     fallbacks: [u64; KEY_INDEX_FALLBACKS.len()],
-    /// Stops the task when the deleter goes.
-    _stop: DropGuard,
 }
 
-/// What the index task is given.
-pub(super) struct Spawn<'a> {
-    /// Its own connection, for CONFIG and SCAN.
-    pub(super) connection: Connection,
-    /// The client its subscription is opened from.
-    pub(super) client: ::redis::Client,
-    /// What to index.
-    pub(super) options: &'a KeyIndexOptions,
-    /// The URL with its password hidden, for logs.
-    pub(super) target: String,
-    /// How long the subscription's connection may take.
-    pub(super) connection_timeout: Duration,
-    /// How long a reply (a subscription's confirmation, a barrier token) may take.
-    pub(super) response_timeout: Duration,
+/// The servers indexed.
+enum Servers {
+    /// A single server.
+    Single(NodeIndex),
+    /// Every primary of a cluster.
+    Cluster(cluster::Primaries),
 }
 
 impl Index {
-    /// Starts the index task on its own connections.
-    pub(super) fn spawn(spawn: Spawn<'_>) -> Index {
-        let stop = CancellationToken::new();
-        let (seen_tx, seen) = watch::channel(Seen::default());
-        let timeout = spawn.response_timeout;
-        let index = Index::new(spawn.options, seen, Phase::Building, stop.clone(), timeout);
-        index.log_start(&spawn.target);
-        let db = spawn.client.get_connection_info().redis_settings().db();
-        let task = task::Task {
-            connection: spawn.connection,
-            client: spawn.client,
-            shared: index.shared.clone(),
-            seen: seen_tx,
-            rebuild: index.rebuild.clone(),
-            channel: index.channel.clone(),
-            keyspace: keys::channel_prefix(db),
-            prefixes: index.prefixes.clone(),
-            max_keys: index.max_keys,
-            target: spawn.target,
-            connection_timeout: spawn.connection_timeout,
-            response_timeout: spawn.response_timeout,
+    /// Starts the index of the deleter's `connection` (a single server, or a cluster whose
+    /// primaries are learnt here and at every resolution): each server's task on connections
+    /// of its own. `seed_host` stands for a cluster node that does not know its own address.
+    pub(super) async fn spawn(
+        connection: &mut Connection,
+        target: &str,
+        seed_host: &str,
+        options: &DeleterOptions,
+        key_index: &KeyIndexOptions,
+    ) -> Result<Index, ::redis::RedisError> {
+        let servers = match connection.single_client() {
+            Some(client) => Servers::Single(NodeIndex::spawn(
+                client,
+                target.to_owned(),
+                options,
+                key_index,
+                false,
+            )?),
+            None => {
+                let mut primaries = cluster::Primaries::new(target, seed_host, options, key_index);
+                // Best effort: the first resolution learns them otherwise.
+                let _ = primaries.prove(connection, &[]).await;
+                Servers::Cluster(primaries)
+            }
         };
-        tokio::spawn(task.run(stop));
-        index
-    }
-
-    /// An index that cannot work with a Redis Cluster: every pattern goes to the walk.
-    pub(super) fn cluster(options: &KeyIndexOptions, target: &str) -> Index {
-        tracing::warn!(target_url = %target, "[redis] key_index is on, but {CLUSTER}; \
-            patterns are resolved by the SCAN walk");
-        let (_, seen) = watch::channel(Seen::default());
-        let phase = Phase::Unavailable(CLUSTER.to_owned());
-        // No task: nothing ever waits for a token.
-        Index::new(
-            options,
-            seen,
-            phase,
-            CancellationToken::new(),
-            Duration::ZERO,
-        )
-    }
-
-    /// An index in `phase` whose task (if any) stops with `stop` and may take `barrier_timeout`
-    /// to deliver a token.
-    fn new(
-        options: &KeyIndexOptions,
-        seen: watch::Receiver<Seen>,
-        phase: Phase,
-        stop: CancellationToken,
-        barrier_timeout: Duration,
-    ) -> Index {
-        Index {
-            shared: Arc::new(Mutex::new(Shared {
-                keys: BTreeSet::new(),
-                phase,
-                epoch: 0,
-            })),
-            seen,
-            rebuild: Arc::new(Notify::new()),
-            channel: barrier_channel(),
-            token: 0,
-            probe: true,
-            prefixes: prefix_free(&options.prefixes),
-            max_keys: options.max_keys.max(1),
-            barrier_timeout,
+        Ok(Index {
+            servers,
+            prefixes: prefix_free(&key_index.prefixes),
             resolutions: 0,
             fallbacks: [0; KEY_INDEX_FALLBACKS.len()],
-            _stop: stop.drop_guard(),
-        }
+        })
     }
 
-    /// Logs what the index covers.
-    fn log_start(&self, target: &str) {
-        let prefixes: Vec<String> = self
-            .prefixes
-            .iter()
-            .map(|p| String::from_utf8_lossy(p).into_owned())
-            .collect();
-        tracing::info!(target_url = %target, prefixes = ?prefixes, max_keys = self.max_keys,
-            "key index building");
-    }
-
-    /// Its state now.
+    /// Its state now: on a cluster, Ready (holding the sum of the keys) only when every
+    /// primary's index is, else the worst state among them.
     pub(super) fn state(&self) -> KeyIndexState {
-        let shared = lock(&self.shared);
-        match &shared.phase {
-            Phase::Building => KeyIndexState::Building,
-            Phase::Ready => KeyIndexState::Ready {
-                keys: shared.keys.len(),
-            },
-            Phase::Full => KeyIndexState::Full {
-                max_keys: self.max_keys,
-            },
-            Phase::Unavailable(reason) => KeyIndexState::Unavailable(reason.clone()),
+        match &self.servers {
+            Servers::Single(index) => index.state(),
+            Servers::Cluster(primaries) => primaries.state(),
         }
     }
 
@@ -326,92 +256,22 @@ impl Index {
         self.resolutions += patterns as u64;
     }
 
-    /// The keys of the index that `patterns` match, once a barrier on `handle` (the deleter's
-    /// connection) proved it current (see the module documentation); else why the walk must
-    /// resolve them. A driver error comes with [`Fallback::Lost`], for the deleter to judge.
+    /// The keys that `patterns` match, once every server's index was proven current (see the
+    /// module documentation); else why the walk must resolve them. `connection` is the
+    /// deleter's, through which a cluster's primaries are first learnt. A driver error comes
+    /// with the reason, for the log.
     pub(super) async fn prove(
         &mut self,
-        handle: &mut Handle,
+        connection: &mut Connection,
         patterns: &[String],
-    ) -> Result<Vec<Vec<u8>>, (Fallback, Option<::redis::RedisError>)> {
-        let epoch = self.ready_epoch().map_err(|why| (why, None))?;
+    ) -> Result<Vec<Vec<u8>>, Unproven> {
         if !patterns.iter().all(|p| keys::covered(p, &self.prefixes)) {
             return Err((Fallback::Uncovered, None));
         }
-        self.token += 1;
-        let (token, probed) = (self.token, self.probe);
-        let (flags, receivers) = match barrier(handle, &self.channel, token, probed).await {
-            Ok(reply) => reply,
-            Err(err) => {
-                // A refusal (CONFIG renamed or denied since) is for a rebuild to find out; a
-                // connection problem says nothing about the index.
-                if task::refused(&err) {
-                    self.restart(epoch, "the barrier was refused");
-                }
-                return Err((Fallback::Lost, Some(err)));
-            }
-        };
-        let flags = flags.unwrap_or_default();
-        self.probe = !flags::shows_new(&flags);
-        if receivers == 0 {
-            self.restart(epoch, "its subscription is gone");
-            return Err((Fallback::Lost, None));
+        match &mut self.servers {
+            Servers::Single(index) => index.prove(patterns, None).await,
+            Servers::Cluster(primaries) => primaries.prove(connection, patterns).await,
         }
-        let seen = self.seen.wait_for(|s| s.token >= token);
-        let seen = match tokio::time::timeout(self.barrier_timeout, seen).await {
-            Ok(Ok(seen)) => Some(*seen),
-            _ => None,
-        };
-        let Some(seen) = seen else {
-            self.restart(
-                epoch,
-                "its subscription did not deliver the barrier in time",
-            );
-            return Err((Fallback::Lost, None));
-        };
-        let created = seen.token == token && seen.probe_created;
-        if !flags::proves(&flags, probed.then_some(created)) {
-            // Flags that now hide `n` while this barrier had no probe prove nothing either way:
-            // the next one has a probe.
-            if probed || flags::shows_new(&flags) {
-                self.restart(epoch, &format!("notify-keyspace-events is now {flags:?}"));
-            }
-            return Err((Fallback::Lost, None));
-        }
-        let shared = lock(&self.shared);
-        if shared.epoch != epoch || shared.phase != Phase::Ready {
-            return Err((Fallback::Lost, None));
-        }
-        Ok(keys::matching(&shared.keys, patterns))
-    }
-
-    /// The epoch of a ready index, or why it is not.
-    fn ready_epoch(&self) -> Result<u64, Fallback> {
-        let shared = lock(&self.shared);
-        match shared.phase {
-            Phase::Ready => Ok(shared.epoch),
-            Phase::Building => Err(Fallback::Building),
-            Phase::Full => Err(Fallback::Full),
-            Phase::Unavailable(_) => Err(Fallback::Unavailable),
-        }
-    }
-
-    /// Drops the index of `epoch` and has the task rebuild it, unless it started over already.
-    fn restart(&self, epoch: u64, why: &str) {
-        let mut shared = lock(&self.shared);
-        if shared.epoch != epoch || shared.phase != Phase::Ready {
-            return;
-        }
-        tracing::warn!(
-            reason = why,
-            "key index not proven current; rebuilding it, patterns \
-            use the SCAN walk meanwhile"
-        );
-        shared.epoch += 1;
-        shared.phase = Phase::Building;
-        shared.keys = BTreeSet::new();
-        drop(shared);
-        self.rebuild.notify_one();
     }
 }
 
@@ -423,57 +283,4 @@ pub(super) struct Seen {
     /// Whether the probe key was created (a `new` event on its channel) between the token
     /// before and this one.
     pub(super) probe_created: bool,
-}
-
-/// One round trip on the deleter's connection: the flags in force and the barrier's `PUBLISH`
-/// in one transaction, so the flags are those of the instant the token was published. Returns
-/// the flags and how many subscribers received the token (0: the index's subscription is gone).
-///
-/// With `probe`, the transaction also creates and deletes the probe key (named like the channel),
-/// whose `new` event then precedes the token: Redis's `CONFIG GET` leaves `n` out when every
-/// class of `A` is on, so there only the event itself shows that `new` events are published.
-/// Inside the transaction the key is never visible to anyone.
-async fn barrier(
-    handle: &mut Handle,
-    channel: &str,
-    token: u64,
-    probe: bool,
-) -> ::redis::RedisResult<(Option<String>, u64)> {
-    let Handle::Single(manager) = handle else {
-        return Err((
-            ::redis::ErrorKind::Client,
-            "the key index needs a single server",
-        )
-            .into());
-    };
-    let mut pipe = ::redis::pipe();
-    pipe.atomic()
-        .cmd("CONFIG")
-        .arg("GET")
-        .arg("notify-keyspace-events");
-    if probe {
-        pipe.cmd("SET").arg(channel).arg("").cmd("DEL").arg(channel);
-    }
-    pipe.cmd("PUBLISH").arg(channel).arg(token);
-    let replies: Vec<::redis::Value> = pipe.query_async(manager).await?;
-    let flags = replies.first().and_then(flags::from_reply);
-    let receivers = match replies.last() {
-        Some(reply) => ::redis::from_redis_value_ref(reply)?,
-        None => 0,
-    };
-    Ok((flags, receivers))
-}
-
-/// A channel no other client uses: the process and a per-process count, so that every deleter
-/// (one per target, and in tests many per process) has its own.
-fn barrier_channel() -> String {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let started = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    format!(
-        "invalidator:key-index:{}:{started}:{}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    )
 }

@@ -2,7 +2,8 @@
 //! needs set, and if not, may this user set them.
 
 use super::flags;
-use crate::redis::connection::Node;
+use crate::redis::connection::{Connection, Handle, Node};
+use crate::redis::topology;
 use crate::redis::{DeleteError, Deleter};
 
 /// Whether a server gives the key index the keyspace events it needs.
@@ -25,50 +26,75 @@ pub enum KeyIndexCheck {
         /// The server's answer.
         reason: String,
     },
-    /// A Redis Cluster: the key index serves a single server for now.
-    Cluster,
 }
 
 impl Deleter {
-    /// Whether the key index can get its keyspace events here. Setting `notify-keyspace-events`
-    /// to the value it has changes nothing and proves the permission to change it. A connection
-    /// problem is an error.
-    pub async fn key_index_check(&mut self) -> Result<KeyIndexCheck, DeleteError> {
-        if self.is_cluster() {
-            return Ok(KeyIndexCheck::Cluster);
-        }
-        let handle = self.connection.handle().await;
-        let mut handle = handle.map_err(|source| self.failed("connect", source))?;
-        let mut get = ::redis::cmd("CONFIG");
-        get.arg("GET").arg("notify-keyspace-events");
-        let now = match handle.on_node(&Node::Only, get).await {
-            Ok(reply) => flags::from_reply(&reply),
-            Err(err) if err.code().is_some() => {
-                return Ok(KeyIndexCheck::Refused {
-                    now: None,
-                    reason: format!("CONFIG GET: {err}"),
-                });
-            }
-            Err(source) => return Err(self.failed("CONFIG GET", source)),
+    /// Whether the key index can get its keyspace events here: the server's answer (named
+    /// `None`), or each cluster primary's, named by its address. Setting
+    /// `notify-keyspace-events` to the value it has changes nothing and proves the permission
+    /// to change it. A connection problem is an error.
+    pub async fn key_index_check(
+        &mut self,
+    ) -> Result<Vec<(Option<String>, KeyIndexCheck)>, DeleteError> {
+        let nodes = self.connection.cluster_nodes().await;
+        let Some(text) = nodes.map_err(|source| self.failed("CLUSTER NODES", source))? else {
+            let handle = self.connection.handle().await;
+            let mut handle = handle.map_err(|source| self.failed("connect", source))?;
+            let found = check(&mut handle).await;
+            return Ok(vec![(None, found.map_err(|(a, s)| self.failed(a, s))?)]);
         };
-        let Some(now) = now else {
+        let mut checks = Vec::new();
+        for (host, port) in topology::primaries(&text, &self.seed_host) {
+            let connection = match self.connection.node_client(&host, port) {
+                Some(client) => client.and_then(|c| Connection::lazy(c, &self.options)),
+                None => continue,
+            };
+            let found = match connection {
+                Ok(mut connection) => match connection.handle().await {
+                    Ok(mut handle) => check(&mut handle).await,
+                    Err(source) => Err(("connect", source)),
+                },
+                Err(source) => Err(("connect", source)),
+            };
+            let found = found.map_err(|(a, s)| self.failed(a, s))?;
+            checks.push((Some(format!("{host}:{port}")), found));
+        }
+        Ok(checks)
+    }
+}
+
+/// What one server answers (see [`Deleter::key_index_check`]); a connection problem is the
+/// request that failed and why.
+async fn check(handle: &mut Handle) -> Result<KeyIndexCheck, (&'static str, ::redis::RedisError)> {
+    let mut get = ::redis::cmd("CONFIG");
+    get.arg("GET").arg("notify-keyspace-events");
+    let now = match handle.on_node(&Node::Only, get).await {
+        Ok(reply) => flags::from_reply(&reply),
+        Err(err) if err.code().is_some() => {
             return Ok(KeyIndexCheck::Refused {
                 now: None,
-                reason: "CONFIG GET notify-keyspace-events returned nothing".to_owned(),
+                reason: format!("CONFIG GET: {err}"),
             });
-        };
-        let Some(wanted) = flags::merged(&now) else {
-            return Ok(KeyIndexCheck::Set);
-        };
-        let mut same = ::redis::cmd("CONFIG");
-        same.arg("SET").arg("notify-keyspace-events").arg(&now);
-        match handle.on_node(&Node::Only, same).await {
-            Ok(_) => Ok(KeyIndexCheck::Settable { now, wanted }),
-            Err(err) if err.code().is_some() => Ok(KeyIndexCheck::Refused {
-                now: Some(now),
-                reason: format!("CONFIG SET: {err}"),
-            }),
-            Err(source) => Err(self.failed("CONFIG SET", source)),
         }
+        Err(source) => return Err(("CONFIG GET", source)),
+    };
+    let Some(now) = now else {
+        return Ok(KeyIndexCheck::Refused {
+            now: None,
+            reason: "CONFIG GET notify-keyspace-events returned nothing".to_owned(),
+        });
+    };
+    let Some(wanted) = flags::merged(&now) else {
+        return Ok(KeyIndexCheck::Set);
+    };
+    let mut same = ::redis::cmd("CONFIG");
+    same.arg("SET").arg("notify-keyspace-events").arg(&now);
+    match handle.on_node(&Node::Only, same).await {
+        Ok(_) => Ok(KeyIndexCheck::Settable { now, wanted }),
+        Err(err) if err.code().is_some() => Ok(KeyIndexCheck::Refused {
+            now: Some(now),
+            reason: format!("CONFIG SET: {err}"),
+        }),
+        Err(source) => Err(("CONFIG SET", source)),
     }
 }

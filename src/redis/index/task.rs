@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use super::keys::{self, Effect};
 use super::{Phase, Seen, Shared, flags, lock};
 use crate::redis::connection::{Connection, Handle, Node};
+use crate::redis::topology::Myself;
 
 /// How long an index that cannot work here waits before it asks again (the flags may have been
 /// set by hand, CONFIG granted).
@@ -42,6 +43,8 @@ pub(super) struct Task {
     pub(super) prefixes: Vec<Vec<u8>>,
     /// The most keys it may hold.
     pub(super) max_keys: usize,
+    /// Whether the server is a cluster primary, whose probe key must hash to a slot it serves.
+    pub(super) cluster: bool,
     /// The URL with its password hidden, for logs.
     pub(super) target: String,
     /// How long opening the subscription may take.
@@ -133,6 +136,9 @@ impl Task {
             Ok(stream) => stream,
             Err(ended) => return ended,
         };
+        if let Err(ended) = self.record_replid(&mut handle, epoch).await {
+            return ended;
+        }
         self.follow(handle, stream, epoch).await
     }
 
@@ -144,6 +150,7 @@ impl Task {
         let mut shared = lock(&self.shared);
         shared.epoch += 1;
         shared.keys = BTreeSet::new();
+        shared.replid = None;
         if !matches!(shared.phase, Phase::Unavailable(_)) {
             shared.phase = Phase::Building;
         }
@@ -182,27 +189,64 @@ impl Task {
 
     /// Writes the barrier's probe key once (created and deleted in one transaction), so that a
     /// user who may not write it makes the index unavailable here instead of failing every
-    /// barrier: where the flags hide `n`, every barrier needs it.
+    /// barrier: where the flags hide `n`, every barrier needs it. A cluster primary that serves
+    /// no slot has no probe key yet (and no barrier), so there is nothing to try.
     async fn try_probe(&mut self, handle: &mut Handle) -> Result<(), Ended> {
+        let myself = if self.cluster {
+            let mut nodes = ::redis::cmd("CLUSTER");
+            nodes.arg("NODES");
+            let reply = handle.on_node(&Node::Only, nodes).await;
+            let text = reply.and_then(|reply| Ok(::redis::from_redis_value::<String>(reply)?));
+            let text = text.map_err(|e| judge("CLUSTER NODES", e))?;
+            Myself::of(&text)
+        } else {
+            None
+        };
+        if self.cluster && myself.is_none() {
+            return Err(Ended::Lost(
+                "CLUSTER NODES has no line of its own".to_owned(),
+            ));
+        }
+        let Some(key) = super::node::probe_key(&self.channel, myself.as_ref()) else {
+            return Ok(());
+        };
         let Handle::Single(manager) = handle else {
-            return Err(Ended::Unavailable(super::CLUSTER.to_owned()));
+            return Err(Ended::Lost(
+                "the key index needs a connection to one server".to_owned(),
+            ));
         };
         let mut pipe = ::redis::pipe();
         pipe.atomic()
             .cmd("SET")
-            .arg(&self.channel)
+            .arg(&key)
             .arg("")
             .ignore()
             .cmd("DEL")
-            .arg(&self.channel)
+            .arg(&key)
             .ignore();
         let written: ::redis::RedisResult<()> = pipe.query_async(manager).await;
         let action = format!(
-            "writing the barrier's probe key {} (needed where notify-keyspace-events shows A, \
-             which hides n)",
-            self.channel
+            "writing the barrier's probe key {key} (needed where notify-keyspace-events shows A, \
+             which hides n)"
         );
         written.map_err(|e| judge(&action, e))
+    }
+
+    /// Records the server's `master_replid` for the build of `epoch`: asked after the
+    /// subscription is confirmed and before the first SCAN page, so that a resync that replaces
+    /// the data after this build saw it changes the id a barrier reads.
+    async fn record_replid(&mut self, handle: &mut Handle, epoch: u64) -> Result<(), Ended> {
+        let mut info = ::redis::cmd("INFO");
+        info.arg("replication");
+        let reply = handle.on_node(&Node::Only, info).await;
+        let text = reply.and_then(|reply| Ok(::redis::from_redis_value::<String>(reply)?));
+        let text = text.map_err(|e| Ended::Lost(format!("INFO replication failed: {e}")))?;
+        let mut shared = lock(&self.shared);
+        if shared.epoch != epoch {
+            return Err(Ended::Rebuild);
+        }
+        shared.replid = super::node::replid(&text);
+        Ok(())
     }
 
     /// Opens the subscription: the barrier channel and every prefix's keyspace channels, both
@@ -217,9 +261,15 @@ impl Task {
             .iter()
             .map(|prefix| [self.keyspace.as_bytes(), &keys::under(prefix)].concat())
             .collect();
-        let probe = format!("{}{}", self.keyspace, self.channel);
+        // Every probe key is the channel with a hash tag (see `node::probe_key`).
+        let probes = [
+            self.keyspace.as_bytes(),
+            &keys::under(self.probe_start().as_bytes()),
+        ]
+        .concat();
         let subscribed = tokio::time::timeout(self.response_timeout, async {
-            sink.subscribe(&[&self.channel, &probe]).await?;
+            sink.subscribe(&self.channel).await?;
+            sink.psubscribe(&probes).await?;
             // No prefixes (rules without pattern templates): every pattern is uncovered.
             if channels.is_empty() {
                 return Ok(());
@@ -303,6 +353,12 @@ impl Task {
         }))
     }
 
+    /// What every probe key of this index begins with: its channel and the opening brace of
+    /// the hash tag.
+    fn probe_start(&self) -> String {
+        format!("{}{{", self.channel)
+    }
+
     /// Adds keys a SCAN returned.
     fn insert(&self, epoch: u64, found: Vec<Vec<u8>>) -> Result<(), Ended> {
         let mut shared = lock(&self.shared);
@@ -346,7 +402,7 @@ impl Task {
             let Some(key) = keys::key_of(&channel, &self.keyspace) else {
                 continue;
             };
-            if key == self.channel.as_bytes() {
+            if key.starts_with(self.probe_start().as_bytes()) {
                 *probe_created |= message.get_payload_bytes() == b"new";
                 continue;
             }

@@ -147,28 +147,6 @@ pub(super) async fn query<T: ::redis::FromRedisValue>(
     ::redis::from_redis_value(reply).map_err(|e| (action, e.into()))
 }
 
-/// The slots a node's `CLUSTER NODES` line of its own (`myself`) shows as migrating
-/// (`[slot->-id]`: `true`, keys leave from here) or importing (`[slot-<-id]`: `false`).
-pub(super) fn unstable_slots(cluster_nodes: &str) -> Vec<(u16, bool)> {
-    let Some(line) = cluster_nodes
-        .lines()
-        .find(|line| line.split(' ').nth(2).is_some_and(|f| f.contains("myself")))
-    else {
-        return Vec::new();
-    };
-    line.split(' ')
-        .filter_map(|field| {
-            let inner = field.strip_prefix('[')?.strip_suffix(']')?;
-            if let Some((slot, _)) = inner.split_once("->-") {
-                Some((slot.parse().ok()?, true))
-            } else {
-                let (slot, _) = inner.split_once("-<-")?;
-                Some((slot.parse().ok()?, false))
-            }
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -183,15 +161,5 @@ mod tests {
         let valkey = "redis_version:7.2.4\r\nserver_name:valkey\r\nvalkey_version:8.1.0\r\n";
         assert_eq!(Order::of(valkey, false), Order::Exact);
         assert_eq!(Order::of("run_id:x", false), Order::Exact);
-    }
-
-    #[test]
-    fn cluster_nodes_shows_the_migrating_and_importing_slots_of_myself() {
-        let text = "\
-a1 127.0.0.1:7000@17000 myself,master - 0 0 1 connected 0-5460 [5461->-b2] [7-<-c3]
-b2 127.0.0.1:7001@17001 master - 0 0 2 connected 5461-10922 [5461-<-a1]
-";
-        assert_eq!(unstable_slots(text), [(5461, true), (7, false)]);
-        assert!(unstable_slots("x y master - 0 0 1 connected 0-1").is_empty());
     }
 }

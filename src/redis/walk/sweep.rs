@@ -17,9 +17,10 @@
 use std::collections::{BTreeSet, HashMap};
 
 use super::super::connection::{Handle, KEYS_PER_UNLINK, Node, SCAN_COUNT};
+use super::super::topology::Myself;
 use super::super::{plan, slot};
 use super::Walker;
-use super::server::{Failure, Owners, keys_in_slot, query, unstable_slots};
+use super::server::{Failure, Owners, keys_in_slot, query};
 
 impl Walker {
     /// Sweeps, for the `ready` tickets' patterns, every slot that changed owner since one of
@@ -140,7 +141,8 @@ async fn migrating(
         let mut command = ::redis::cmd("CLUSTER");
         command.arg("NODES");
         let text: String = query(handle, node, command, "CLUSTER NODES").await?;
-        for (slot, from_here) in unstable_slots(&text) {
+        let markers = Myself::of(&text).map(|me| me.markers).unwrap_or_default();
+        for (slot, from_here) in markers {
             let sides = migrating.entry(slot).or_default();
             if from_here {
                 sides.insert(0, i);
