@@ -21,7 +21,7 @@ use crate::support::{Random, RedisCluster, RedisServer, wait_until};
 const STATE_DEADLINE: Duration = Duration::from_secs(20);
 
 /// A generous cap, for tests that do not test the cap.
-const NO_CAP: usize = 10_000_000;
+pub(crate) const NO_CAP: usize = 10_000_000;
 
 /// One database of a test server, through its own client (the harness's helpers use db 0).
 struct Db {
@@ -163,7 +163,7 @@ fn indexed_options(prefixes: &[&str], max_keys: usize) -> DeleterOptions {
 }
 
 /// A deleter for `url` that indexes `prefixes`.
-async fn indexed(url: &str, prefixes: &[&str], max_keys: usize) -> Deleter {
+pub(crate) async fn indexed(url: &str, prefixes: &[&str], max_keys: usize) -> Deleter {
     Deleter::connect_with(url, indexed_options(prefixes, max_keys))
         .await
         .unwrap_or_else(|e| panic!("connect: {}", chain(&e)))
@@ -171,7 +171,7 @@ async fn indexed(url: &str, prefixes: &[&str], max_keys: usize) -> Deleter {
 
 /// Polls the index's state until `wanted` holds; panics with the last state seen after
 /// [`STATE_DEADLINE`].
-async fn wait_state(
+pub(crate) async fn wait_state(
     deleter: &Deleter,
     what: &str,
     wanted: impl Fn(&KeyIndexState) -> bool,
@@ -212,7 +212,7 @@ async fn wait_ready_on_a_live_subscription(deleter: &Deleter, db: &Db, dead: &Ha
 }
 
 /// Waits until the index is Ready and returns how many keys it holds.
-async fn wait_ready(deleter: &Deleter) -> usize {
+pub(crate) async fn wait_ready(deleter: &Deleter) -> usize {
     match wait_state(deleter, "ready", |s| {
         matches!(s, KeyIndexState::Ready { .. })
     })
@@ -224,7 +224,7 @@ async fn wait_ready(deleter: &Deleter) -> usize {
 }
 
 /// Starts `patterns` as one batch (no literal keys) and waits for its resolution.
-async fn resolve(deleter: &mut Deleter, patterns: &[String]) -> DeleteStats {
+pub(crate) async fn resolve(deleter: &mut Deleter, patterns: &[String]) -> DeleteStats {
     let patterns: HashSet<String> = patterns.iter().cloned().collect();
     let resolution = deleter.start(&HashSet::new(), &patterns).await;
     let resolution = resolution.unwrap_or_else(|e| panic!("start: {}", chain(&e)));
@@ -267,7 +267,7 @@ async fn resolve_exactly(
 }
 
 /// Owned strings.
-fn strings(items: &[&str]) -> Vec<String> {
+pub(crate) fn strings(items: &[&str]) -> Vec<String> {
     items.iter().map(|s| (*s).to_owned()).collect()
 }
 

@@ -299,81 +299,6 @@ async fn patterns_that_arrive_one_by_one_during_a_pass_share_it() {
     );
 }
 
-/// The node id of a server.
-fn node_id(node: &RedisServer) -> String {
-    redis::cmd("CLUSTER")
-        .arg("MYID")
-        .query(&mut node.connection())
-        .expect("CLUSTER MYID")
-}
-
-/// Moves `slot` from `from` to `to` as `redis-cli --cluster reshard` does: importing and
-/// migrating states, MIGRATE of its keys in batches, then the new owner announced everywhere.
-fn migrate_slot(cluster: &RedisCluster, slot: u16, from: &RedisServer, to: &RedisServer) {
-    let (from_id, to_id) = (node_id(from), node_id(to));
-    let (mut src, mut dst) = (from.connection(), to.connection());
-    redis::cmd("CLUSTER")
-        .arg("SETSLOT")
-        .arg(slot)
-        .arg("IMPORTING")
-        .arg(&from_id)
-        .exec(&mut dst)
-        .expect("IMPORTING");
-    redis::cmd("CLUSTER")
-        .arg("SETSLOT")
-        .arg(slot)
-        .arg("MIGRATING")
-        .arg(&to_id)
-        .exec(&mut src)
-        .expect("MIGRATING");
-    loop {
-        let keys: Vec<Vec<u8>> = redis::cmd("CLUSTER")
-            .arg("GETKEYSINSLOT")
-            .arg(slot)
-            .arg(200)
-            .query(&mut src)
-            .expect("GETKEYSINSLOT");
-        if keys.is_empty() {
-            break;
-        }
-        redis::cmd("MIGRATE")
-            .arg("127.0.0.1")
-            .arg(to.port())
-            .arg("")
-            .arg(0)
-            .arg(5000)
-            .arg("KEYS")
-            .arg(&keys)
-            .exec(&mut src)
-            .expect("MIGRATE");
-    }
-    for node in cluster.primaries() {
-        redis::cmd("CLUSTER")
-            .arg("SETSLOT")
-            .arg(slot)
-            .arg("NODE")
-            .arg(&to_id)
-            .exec(&mut node.connection())
-            .expect("SETSLOT NODE");
-    }
-}
-
-/// The primary that owns `slot`, by `CLUSTER COUNTKEYSINSLOT` of a node that holds keys there.
-fn owner_of(cluster: &RedisCluster, slot: u16) -> &RedisServer {
-    cluster
-        .primaries()
-        .into_iter()
-        .find(|node| {
-            let n: u64 = redis::cmd("CLUSTER")
-                .arg("COUNTKEYSINSLOT")
-                .arg(slot)
-                .query(&mut node.connection())
-                .expect("COUNTKEYSINSLOT");
-            n > 0
-        })
-        .expect("a primary holds the slot's keys")
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn keys_of_a_slot_migrated_mid_walk_are_not_missed_by_both_primaries() {
     let cluster = RedisCluster::start(3);
@@ -383,7 +308,7 @@ async fn keys_of_a_slot_migrated_mid_walk_are_not_missed_by_both_primaries() {
     let spread: Vec<String> = (0..3_000).map(|i| format!("mv:{i}")).collect();
     let slot = key_slot(b"mv");
     cluster.set_keys(moving.iter().chain(&spread));
-    let from = owner_of(&cluster, slot);
+    let from = cluster.owner_of(slot);
     let to = cluster
         .primaries()
         .into_iter()
@@ -399,7 +324,7 @@ async fn keys_of_a_slot_migrated_mid_walk_are_not_missed_by_both_primaries() {
         .start(&HashSet::new(), &set(["{mv}:k:*", "mv:*"]))
         .await
         .unwrap_or_else(|e| panic!("start: {}", chain(&e)));
-    migrate_slot(&cluster, slot, from, to);
+    cluster.migrate_slot(slot, from, to);
     resolve_all(vec![resolution]).await;
     let left = cluster.scan_keys("{mv}:*");
     assert!(

@@ -617,6 +617,104 @@ impl RedisCluster {
         keys
     }
 
+    /// The node id of `node`.
+    pub fn node_id(node: &RedisServer) -> String {
+        redis::cmd("CLUSTER")
+            .arg("MYID")
+            .query(&mut node.connection())
+            .expect("CLUSTER MYID")
+    }
+
+    /// The primary that serves `slot`, by the `CLUSTER NODES` line each primary has of itself.
+    pub fn owner_of(&self, slot: u16) -> &RedisServer {
+        self.primaries()
+            .into_iter()
+            .find(|node| {
+                let text: String = redis::cmd("CLUSTER")
+                    .arg("NODES")
+                    .query(&mut node.connection())
+                    .expect("CLUSTER NODES");
+                let myself = text.lines().find(|l| l.contains("myself")).unwrap_or("");
+                myself.split(' ').skip(8).any(|range| {
+                    let (start, end) = range.split_once('-').unwrap_or((range, range));
+                    let (start, end) = (start.parse::<u16>(), end.parse::<u16>());
+                    matches!((start, end), (Ok(s), Ok(e)) if (s..=e).contains(&slot))
+                })
+            })
+            .expect("a primary serves the slot")
+    }
+
+    /// Moves `slot` from `from` to `to` as `redis-cli --cluster reshard` does: importing and
+    /// migrating states, MIGRATE of its keys in batches, then the new owner announced everywhere.
+    pub fn migrate_slot(&self, slot: u16, from: &RedisServer, to: &RedisServer) {
+        self.begin_migration(slot, from, to);
+        while self.migrate_keys(slot, from, to, 200) > 0 {}
+        self.end_migration(slot, to);
+    }
+
+    /// Marks `slot` importing on `to` and migrating on `from`.
+    pub fn begin_migration(&self, slot: u16, from: &RedisServer, to: &RedisServer) {
+        let (from_id, to_id) = (Self::node_id(from), Self::node_id(to));
+        redis::cmd("CLUSTER")
+            .arg("SETSLOT")
+            .arg(slot)
+            .arg("IMPORTING")
+            .arg(&from_id)
+            .exec(&mut to.connection())
+            .expect("IMPORTING");
+        redis::cmd("CLUSTER")
+            .arg("SETSLOT")
+            .arg(slot)
+            .arg("MIGRATING")
+            .arg(&to_id)
+            .exec(&mut from.connection())
+            .expect("MIGRATING");
+    }
+
+    /// MIGRATEs up to `count` keys of `slot` from `from` to `to`; returns how many moved.
+    pub fn migrate_keys(
+        &self,
+        slot: u16,
+        from: &RedisServer,
+        to: &RedisServer,
+        count: usize,
+    ) -> usize {
+        let mut src = from.connection();
+        let keys: Vec<Vec<u8>> = redis::cmd("CLUSTER")
+            .arg("GETKEYSINSLOT")
+            .arg(slot)
+            .arg(count)
+            .query(&mut src)
+            .expect("GETKEYSINSLOT");
+        if !keys.is_empty() {
+            redis::cmd("MIGRATE")
+                .arg("127.0.0.1")
+                .arg(to.port())
+                .arg("")
+                .arg(0)
+                .arg(5000)
+                .arg("KEYS")
+                .arg(&keys)
+                .exec(&mut src)
+                .expect("MIGRATE");
+        }
+        keys.len()
+    }
+
+    /// Announces `to` as the owner of `slot` on every primary, which ends its migration.
+    pub fn end_migration(&self, slot: u16, to: &RedisServer) {
+        let to_id = Self::node_id(to);
+        for node in self.primaries() {
+            redis::cmd("CLUSTER")
+                .arg("SETSLOT")
+                .arg(slot)
+                .arg("NODE")
+                .arg(&to_id)
+                .exec(&mut node.connection())
+                .expect("SETSLOT NODE");
+        }
+    }
+
     /// How many nodes hold at least one key, to check that test keys spread over the cluster.
     pub fn nodes_with_keys(&self) -> usize {
         self.primaries()

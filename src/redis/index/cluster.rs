@@ -96,6 +96,11 @@ impl Primaries {
     ) -> Result<Vec<Vec<u8>>, Unproven> {
         let first = self.read(connection).await?;
         if !first.primaries.iter().eq(self.nodes.keys()) {
+            // The deleter's slot map predates the change (a failover): the UNLINKs of the next
+            // batch from the index must not be sent by it to a primary that is gone.
+            if !self.nodes.is_empty() {
+                connection.reset();
+            }
             self.reconcile(connection, &first.primaries);
             return Err((Fallback::Building, None));
         }
