@@ -455,8 +455,10 @@ impl RedisCluster {
             .nodes
             .iter()
             .filter(|node| {
-                node.info("replication")
-                    .contains(&format!("master_port:{}", primary.port()))
+                node.is_running()
+                    && node
+                        .info("replication")
+                        .contains(&format!("master_port:{}", primary.port()))
             })
             .collect();
         assert!(

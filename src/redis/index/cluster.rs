@@ -27,6 +27,8 @@ pub(super) struct Primaries {
     options: DeleterOptions,
     /// What to index.
     key_index: KeyIndexOptions,
+    /// The topology the last batch was proven under.
+    proven: Option<Topology>,
 }
 
 /// What the primaries said of the cluster at one instant, to compare with another.
@@ -52,6 +54,7 @@ impl Primaries {
             seed_host: seed_host.to_owned(),
             options: options.clone(),
             key_index: key_index.clone(),
+            proven: None,
         }
     }
 
@@ -95,12 +98,14 @@ impl Primaries {
         patterns: &[String],
     ) -> Result<Vec<Vec<u8>>, Unproven> {
         let first = self.read(connection).await?;
+        // The deleter's slot map may predate a change of the topology (a failover, a fail
+        // back, a resharding): the UNLINKs of a batch from the index must not follow it to a
+        // primary that no longer serves the slot, so it is read again.
+        if self.proven.as_ref().is_some_and(|proven| *proven != first) {
+            connection.reset();
+            self.proven = None;
+        }
         if !first.primaries.iter().eq(self.nodes.keys()) {
-            // The deleter's slot map predates the change (a failover): the UNLINKs of the next
-            // batch from the index must not be sent by it to a primary that is gone.
-            if !self.nodes.is_empty() {
-                connection.reset();
-            }
             self.reconcile(connection, &first.primaries);
             return Err((Fallback::Building, None));
         }
@@ -135,6 +140,7 @@ impl Primaries {
         if self.read(connection).await? != first {
             return Err((Fallback::Moving, None));
         }
+        self.proven = Some(first);
         Ok(doomed)
     }
 
