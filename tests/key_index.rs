@@ -10,7 +10,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use invalidator::glob;
-use invalidator::redis::{DeleteStats, Deleter, DeleterOptions, KeyIndexOptions, KeyIndexState};
+use invalidator::redis::{
+    DeleteStats, Deleter, DeleterOptions, KEY_INDEX_FALLBACKS, KeyIndexOptions, KeyIndexState,
+};
 
 use crate::deleter::chain;
 use crate::e2e::{RULES, SCHEMA};
@@ -1136,16 +1138,6 @@ async fn a_resync_from_another_primary_is_noticed_and_its_keys_are_deleted() {
     );
 }
 
-/// The reasons of `invalidator_key_index_fallbacks_total`.
-const FALLBACK_REASONS: [&str; 6] = [
-    "building",
-    "unavailable",
-    "full",
-    "uncovered",
-    "lost",
-    "moving",
-];
-
 #[test]
 fn the_sidecar_resolves_rule_patterns_from_the_index_and_says_so_in_metrics() {
     let f = Fixture::new(SCHEMA, RULES);
@@ -1160,7 +1152,7 @@ fn the_sidecar_resolves_rule_patterns_from_the_index_and_says_so_in_metrics() {
         .spawn_with_env(&[], &[("INVALIDATOR_REDIS_KEY_INDEX", "true")]);
     sidecar.wait_ready();
     let (_, metrics) = sidecar.get("/metrics").expect("metrics");
-    for reason in FALLBACK_REASONS {
+    for reason in KEY_INDEX_FALLBACKS {
         let series = format!("invalidator_key_index_fallbacks_total{{reason=\"{reason}\"}} 0");
         assert!(metrics.contains(&series), "no {series} in:\n{metrics}");
     }

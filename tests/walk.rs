@@ -308,12 +308,7 @@ async fn keys_of_a_slot_migrated_mid_walk_are_not_missed_by_both_primaries() {
     let spread: Vec<String> = (0..3_000).map(|i| format!("mv:{i}")).collect();
     let slot = key_slot(b"mv");
     cluster.set_keys(moving.iter().chain(&spread));
-    let from = cluster.owner_of(slot);
-    let to = cluster
-        .primaries()
-        .into_iter()
-        .find(|node| node.port() != from.port())
-        .expect("another primary");
+    let (from, to) = cluster.owner_and_another(slot);
     // The keys of `mv:*` in the migrating slot, besides the tagged ones.
     let spread_moving = spread
         .iter()

@@ -646,6 +646,16 @@ impl RedisCluster {
             .expect("a primary serves the slot")
     }
 
+    /// The primary that serves `slot` and another one, to move it to.
+    pub fn owner_and_another(&self, slot: u16) -> (&RedisServer, &RedisServer) {
+        let from = self.owner_of(slot);
+        let to = self
+            .primaries()
+            .into_iter()
+            .find(|node| node.port() != from.port());
+        (from, to.expect("another primary"))
+    }
+
     /// Moves `slot` from `from` to `to` as `redis-cli --cluster reshard` does: importing and
     /// migrating states, MIGRATE of its keys in batches, then the new owner announced everywhere.
     pub fn migrate_slot(&self, slot: u16, from: &RedisServer, to: &RedisServer) {

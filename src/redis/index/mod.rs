@@ -4,30 +4,71 @@
 //!
 //! ```text
 //!  index task: CONFIG SET notify-keyspace-events +Kgxen ─▶ PSUBSCRIBE __keyspace@<db>__:<prefix>*
-//!              (+ SUBSCRIBE <barrier channel>) ─▶ SCAN MATCH <prefix>* ─▶ Ready
+//!              (+ SUBSCRIBE <barrier channel>) ─▶ INFO replication ─▶ SCAN MATCH <prefix>* ─▶ Ready
 //!              events: new/set/... insert the key, del/expired/evicted/rename_from/move_from remove it
-//!  deleter:    barrier (MULTI; CONFIG GET; [probe key]; PUBLISH <barrier> <token>; EXEC) ─▶ token seen
-//!              ─▶ range the set from each pattern's literal prefix ─▶ UNLINK ─▶ WAIT
+//!  deleter:    barrier (MULTI; CONFIG GET; INFO replication; [probe key]; PUBLISH <barrier> <token>;
+//!              EXEC) ─▶ token seen ─▶ range the set from each pattern's literal prefix ─▶ UNLINK ─▶ WAIT
+//!  cluster:    one such index per primary, each on its own connections to that primary; per batch:
+//!              every primary's CLUSTER NODES ─▶ every barrier ─▶ every CLUSTER NODES again, equal
 //! ```
 //!
 //! The deleter falls back to the shared SCAN walk whenever the index cannot prove itself: still
-//! building, unavailable (CONFIG refused, Redis Cluster), full, a pattern outside the indexed
-//! prefixes, or a barrier that failed. One batch is resolved entirely by one or the other.
+//! building (or a cluster's primaries just changed), unavailable (CONFIG refused), full, a
+//! pattern outside the indexed prefixes, a barrier that failed, or a cluster slot moving. One
+//! batch is resolved entirely by one or the other.
 //!
-//! Why a barrier proves the index current: Redis runs one command at a time, and a command that
-//! creates a key calls the keyspace notification while it runs, which appends the `new` event to
-//! the output buffer of every subscriber whose pattern matches before the command returns. The
-//! barrier's `PUBLISH` runs after every command that completed before it, so its message lands in
-//! the index's subscription buffer behind the events of all those commands, and one connection
-//! delivers its buffer in order. The index task applies the messages in that order, so once it
-//! has seen the barrier's token, every key created before the `PUBLISH` is in the index, unless a
-//! later event removed it again. The `CONFIG GET` in the same transaction shows that the events
-//! were still on (`K` and `n`) at that instant; where it cannot show `n` (Redis prints `A` alone
-//! when every class is on), the transaction also creates and deletes a probe key, whose `new`
-//! event must arrive before the token. The subscription is the one that was already there when
-//! the initial `SCAN` started (a new one starts the index over), so a key that existed before it
-//! and never changed since was returned by that full `SCAN`. A `PUBLISH` that no subscriber
-//! received means the subscription is gone (or the connection now reaches another server).
+//! Why a barrier proves a server's index current: Redis runs one command at a time, and a
+//! command that creates a key calls the keyspace notification while it runs, which appends the
+//! `new` event to the output buffer of every subscriber whose pattern matches before the command
+//! returns. The barrier's `PUBLISH` runs after every command that completed before it, so its
+//! message lands in the index's subscription buffer behind the events of all those commands, and
+//! one connection delivers its buffer in order. The index task applies the messages in that
+//! order, so once it has seen the barrier's token, every key created before the `PUBLISH` is in
+//! the index, unless a later event removed it again. The `CONFIG GET` in the same transaction
+//! shows that the events were still on (`K` and `n`) at that instant; where it cannot show `n`
+//! (Redis prints `A` alone when every class is on), the transaction also creates and deletes a
+//! probe key, whose `new` event must arrive before the token. The subscription is the one that
+//! was already there when the initial `SCAN` started (a new one starts the index over), so a key
+//! that existed before it and never changed since was returned by that full `SCAN`. A `PUBLISH`
+//! that no subscriber received means the subscription is gone (or the connection now reaches
+//! another server).
+//!
+//! Data that arrives without events: a full resync replaces a replica's whole dataset and
+//! announces no key. The build records the server's `master_replid` after its subscription is
+//! confirmed and before its first SCAN page, and every barrier reads it again in its transaction:
+//! a primary's data is replaced only by turning replica (which takes its primary's id) and being
+//! promoted again (which draws a new one), so the same id at both instants shows that no resync
+//! came in between, and another one starts the index over. A replica can resync without its id
+//! changing, so a barrier proves nothing while the server is one (`role:master` in the same
+//! reply). `REPLICAOF` and back on a single server, and a fail back to the same address in a
+//! cluster, are both caught so.
+//!
+//! On a Redis Cluster, keyspace notifications are node-local, and so is a `PUBLISH`'s delivery
+//! to a node's own subscribers during the command, and its reply (only that node's receivers).
+//! Each primary therefore has a server index of its own, subscribed, scanned and barriered on
+//! connections to that primary alone, with a probe key whose hash tag falls in a slot it serves.
+//! A batch is proven thus: (1) read every indexed primary's `CLUSTER NODES`; the primaries any
+//! of them names must be exactly the indexed ones (else the indexes are reconciled and the batch
+//! falls back as building), none may show a migrating or importing slot on its own line (else
+//! `moving`); (2) every primary that serves a slot passes its barrier, each at some instant t_N
+//! between the reads; (3) read them again: every own line (slots, markers, role, configuration
+//! epoch) and the set of primaries must equal the first read (else `moving`). The union of the
+//! primaries' matches is unlinked through the cluster connection, which routes each key to its
+//! slot's primary.
+//!
+//! Why that misses no key K present on its slot's owner from before the batch to its end: let O
+//! own K's slot s at the first read. At the second read O's line is unchanged, so O owns s then
+//! too. A key reaches another primary only by `RESTORE` (what `MIGRATE` sends) into a node that
+//! imports its slot or serves it, and a slot changes owner only by `CLUSTER SETSLOT ... NODE`
+//! after importing, which bumps the importer's configuration epoch, or by a failover, which
+//! bumps the new primary's epoch and changes the roles: each of these shows in a line of one of
+//! the reads unless it was undone within the window, and undoing it changes an epoch again. So
+//! O owned s throughout, K stayed on O, and the barrier at t_O proves that K (created before t_O,
+//! not removed since) is in O's index. A primary that serves no slot holds no key a client can
+//! reach, and a slot imported into it shows its marker, so it is not asked. Keys moved out of
+//! a slot and back within the window without a marker at either read were absent from their
+//! owner in between, which the promise does not cover. The cluster connection's slot map is read
+//! again whenever the topology differs from the last proven batch's, so the UNLINKs follow it.
 
 mod cluster;
 mod flags;
