@@ -9,9 +9,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use invalidator::redis::slot::key_slot;
-use invalidator::redis::{DeleteStats, Deleter, KEY_INDEX_FALLBACKS, KeyIndexState};
+use invalidator::redis::{DeleteStats, Deleter, KEY_INDEX_FALLBACKS, KeyIndexCheck, KeyIndexState};
 
-use crate::key_index::{NO_CAP, indexed, resolve, strings, wait_ready};
+use crate::key_index::{NO_CAP, indexed, resolve, strings, wait_ready, wait_state};
 use crate::support::{RedisCluster, RedisServer, wait_until};
 
 /// How long the cluster may take to settle after a failover (a hang guard).
@@ -382,4 +382,63 @@ async fn a_primary_whose_subscription_is_killed_falls_back_rebuilds_and_misses_n
     cluster.set_keys((0..300).map(|i| format!("pk:b:{i}")));
     resolve_exactly(&cluster, &mut deleter, &strings(&["pk:b:*"])).await;
     until_indexed(&cluster, &mut deleter, "pk:c:").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn check_asks_every_primary_and_a_refused_config_makes_the_index_unavailable_there() {
+    let cluster = RedisCluster::start(3);
+    let mut deleter = Deleter::connect(&cluster.url()).await.expect("connect");
+    let checks = deleter.key_index_check().await.expect("check");
+    let mut ports: Vec<u16> = cluster.primaries().iter().map(|n| n.port()).collect();
+    ports.sort();
+    let mut named: Vec<u16> = checks
+        .iter()
+        .map(|(primary, _)| {
+            let primary = primary.as_deref().expect("named by its address");
+            primary
+                .rsplit_once(':')
+                .and_then(|(_, p)| p.parse().ok())
+                .expect("a port")
+        })
+        .collect();
+    named.sort();
+    assert_eq!(named, ports, "{checks:?}");
+    assert!(
+        checks
+            .iter()
+            .all(|(_, check)| matches!(check, KeyIndexCheck::Settable { .. })),
+        "{checks:?}"
+    );
+    // One primary refuses CONFIG to this user: its answer is an error reply, on a connection
+    // to that primary alone.
+    let refusing = cluster.primaries()[2];
+    redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg("default")
+        .arg("-config")
+        .exec(&mut refusing.connection())
+        .expect("ACL SETUSER");
+    let checks = deleter.key_index_check().await.expect("check");
+    let port = format!(":{}", refusing.port());
+    for (primary, check) in &checks {
+        let refused = matches!(check, KeyIndexCheck::Refused { reason, .. } if reason.to_lowercase().contains("noperm"));
+        let here = primary.as_deref().is_some_and(|p| p.ends_with(&port));
+        assert_eq!(refused, here, "{checks:?}");
+    }
+    cluster.set_keys((0..100).map(|i| format!("rf:{i}")));
+    let mut deleter = indexed(&cluster.url(), &["rf:"], NO_CAP).await;
+    let state = wait_state(&deleter, "unavailable", |s| {
+        matches!(s, KeyIndexState::Unavailable(_))
+    })
+    .await;
+    let KeyIndexState::Unavailable(reason) = state else {
+        unreachable!("waited for it")
+    };
+    assert!(
+        reason.contains(&port) && reason.to_lowercase().contains("noperm"),
+        "{reason}"
+    );
+    let stats = resolve(&mut deleter, &strings(&["rf:*"])).await;
+    assert_eq!((stats.patterns_indexed, stats.keys_deleted), (0, 100));
+    assert_eq!(fallbacks(&deleter, "unavailable"), 1);
 }

@@ -123,10 +123,17 @@ impl Primaries {
                 serving.push((address.clone(), myself.clone()));
             }
         }
-        for (address, _) in &serving {
-            self.nodes[address]
-                .ready_epoch()
-                .map_err(|why| (why, None))?;
+        // The reason that lasts longest is the one to report: unavailable, full, building.
+        let unready = serving
+            .iter()
+            .filter_map(|(address, _)| self.nodes[address].ready_epoch().err())
+            .min_by_key(|why| match why {
+                Fallback::Unavailable => 0,
+                Fallback::Full => 1,
+                _ => 2,
+            });
+        if let Some(why) = unready {
+            return Err((why, None));
         }
         let proofs = join_all(self.nodes.iter_mut().filter_map(|(address, index)| {
             let (_, myself) = serving.iter().find(|(a, _)| a == address)?;
