@@ -443,14 +443,7 @@ fn with_key_index_the_rules_pattern_prefixes_are_indexed_and_resolve_patterns_en
         sidecar.metric("invalidator_key_index_resolutions_total") >= 1.0
     });
     let metrics = sidecar.get("/metrics").unwrap().1;
-    for reason in [
-        "building",
-        "unavailable",
-        "full",
-        "uncovered",
-        "lost",
-        "moving",
-    ] {
+    for reason in invalidator::redis::KEY_INDEX_FALLBACKS {
         let series = format!("invalidator_key_index_fallbacks_total{{reason=\"{reason}\"}}");
         assert!(
             metrics.contains(&series),
