@@ -154,8 +154,25 @@ async fn keys_written_while_patterns_resolve_are_never_missed() {
     wait_ready(&deleter).await;
     let stop = Arc::new(AtomicBool::new(false));
     let writer = spawn_writer(&cluster, "kw:", stop.clone());
+    // A hash tag of each primary's, for bursts written straight to it in one pipeline.
+    let mut tags: Vec<(&RedisServer, String)> = Vec::new();
+    for n in 0.. {
+        let tag = format!("t{n}");
+        let owner = cluster.owner_of(key_slot(tag.as_bytes()));
+        if !tags.iter().any(|(node, _)| node.port() == owner.port()) {
+            tags.push((owner, tag));
+        }
+        if tags.len() == 3 {
+            break;
+        }
+    }
     let mut indexed_rounds = 0;
     for round in 0..30 {
+        // Just before the call, so that their events are still on their way to the index
+        // when its barriers run.
+        for (node, tag) in &tags {
+            node.set_keys((0..500).map(|i| format!("kw:{{{tag}}}:r{round}:{i}")));
+        }
         // Every key that exists now was written before the call and must be gone after it.
         let before: Vec<String> = cluster.scan_keys("kw:*");
         let stats = resolve(&mut deleter, &strings(&["kw:*"])).await;
