@@ -4,7 +4,8 @@
 //! share one. The walk runs while any pattern is pending; a pattern that arrives mid-walk joins
 //! at the cursor the walk sends next, and is complete once the walk has wrapped around and comes
 //! back to that cursor. Every key SCAN returns is matched against all joined patterns at once
-//! (the prefix index of [`plan::shared_pass`]). Why that is a full SCAN iteration:
+//! (the prefix index of [`plan::JoinedPass`], which each join adds its patterns to and each
+//! completion removes them from). Why that is a full SCAN iteration:
 //!
 //! - SCAN promises every key present during a full iteration (cursor 0 back to 0), because the
 //!   cursor is a position in a fixed order of hash buckets (the reverse binary order of the
@@ -28,7 +29,7 @@
 //! Found keys are unlinked in full UNLINK chunks, and always before a pattern completes; with
 //! `wait_replicas`, replicas confirm them with `WAIT` first.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -201,8 +202,8 @@ struct NodeWalk {
     cursor: String,
     /// The tickets walked here.
     joiners: Vec<Joiner>,
-    /// The filter for all joiners' patterns; `None` when it must be built again.
-    pass: Option<plan::ScanPass>,
+    /// The filter for all joiners' patterns.
+    pass: plan::JoinedPass,
 }
 
 impl NodeWalk {
@@ -215,21 +216,16 @@ impl NodeWalk {
             verify: true,
             cursor: "0".to_owned(),
             joiners: Vec::new(),
-            pass: None,
+            pass: plan::JoinedPass::new(crate::glob::matches),
         }
     }
 
-    /// The pass for all joined patterns, built when the joiners changed.
-    fn pass(&mut self) -> &plan::ScanPass {
-        self.pass.get_or_insert_with(|| {
-            let patterns: BTreeSet<&str> = self
-                .joiners
-                .iter()
-                .flat_map(|j| j.patterns.iter().map(String::as_str))
-                .collect();
-            let patterns: Vec<&str> = patterns.into_iter().collect();
-            plan::shared_pass(&patterns, crate::glob::matches)
-        })
+    /// Adds `joiner` to the walk and its patterns to the filter.
+    fn join(&mut self, joiner: Joiner) {
+        for pattern in &joiner.patterns {
+            self.pass.join(pattern.as_bytes());
+        }
+        self.joiners.push(joiner);
     }
 
     /// Whether a joiner has covered a full iteration.
@@ -362,7 +358,7 @@ impl Walker {
         }
         for node in &mut self.nodes {
             node.joiners.clear();
-            node.pass = None;
+            node.pass = plan::JoinedPass::new(crate::glob::matches);
         }
         self.arrived.clear();
     }
@@ -387,7 +383,7 @@ impl Walker {
                 .filter(|node| !node.joiners.is_empty())
                 .map(|node| {
                     let mut handle = handle.clone();
-                    let match_arg = node.pass().match_arg().map(<[u8]>::to_vec);
+                    let match_arg = node.pass.match_arg();
                     let cursor = node.cursor.clone();
                     async move {
                         let page = handle.scan(&node.node, &cursor, match_arg.as_deref()).await;
@@ -401,7 +397,7 @@ impl Walker {
             match page {
                 Ok((next, keys)) => {
                     self.unclaimed.scan_calls += 1;
-                    let pass = node.pass();
+                    let pass = &node.pass;
                     self.doomed
                         .extend(keys.into_iter().filter(|key| pass.wants(key)));
                     if next == "0" {
@@ -484,11 +480,11 @@ impl Walker {
                     continue;
                 }
                 waiting += 1;
-                walk.pass = None;
-                walk.joiners.push(Joiner {
+                let start = walk.cursor.clone();
+                walk.join(Joiner {
                     ticket: id,
                     patterns: mine,
-                    start: walk.cursor.clone(),
+                    start,
                     laps: 0,
                 });
             }
@@ -520,17 +516,20 @@ impl Walker {
             if node.run_id != known {
                 continue;
             }
-            let (cursor, order) = (node.cursor.clone(), node.order);
-            let (done, walking): (Vec<Joiner>, Vec<Joiner>) = std::mem::take(&mut node.joiners)
-                .into_iter()
-                .partition(|j| j.complete_at(&cursor, order));
-            node.joiners = walking;
-            node.pass = None;
-            for joiner in done {
-                if let Some(ticket) = self.tickets.get_mut(&joiner.ticket) {
+            let (cursor, order) = (&node.cursor, node.order);
+            let (pass, tickets) = (&mut node.pass, &mut self.tickets);
+            node.joiners.retain(|joiner| {
+                if !joiner.complete_at(cursor, order) {
+                    return true;
+                }
+                for pattern in &joiner.patterns {
+                    pass.leave(pattern.as_bytes());
+                }
+                if let Some(ticket) = tickets.get_mut(&joiner.ticket) {
                     ticket.waiting -= 1;
                 }
-            }
+                false
+            });
         }
         Ok(())
     }
