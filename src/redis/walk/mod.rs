@@ -29,7 +29,7 @@
 //! Found keys are unlinked in full UNLINK chunks, and always before a pattern completes; with
 //! `wait_replicas`, replicas confirm them with `WAIT` first.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -200,8 +200,8 @@ struct NodeWalk {
     verify: bool,
     /// The cursor to send next.
     cursor: String,
-    /// The tickets walked here.
-    joiners: Vec<Joiner>,
+    /// The tickets walked here, in the order they joined.
+    joiners: VecDeque<Joiner>,
     /// The filter for all joiners' patterns.
     pass: plan::JoinedPass,
 }
@@ -215,7 +215,7 @@ impl NodeWalk {
             order: Order::Exact,
             verify: true,
             cursor: "0".to_owned(),
-            joiners: Vec::new(),
+            joiners: VecDeque::new(),
             pass: plan::JoinedPass::new(crate::glob::matches),
         }
     }
@@ -225,14 +225,39 @@ impl NodeWalk {
         for pattern in &joiner.patterns {
             self.pass.join(pattern.as_bytes());
         }
-        self.joiners.push(joiner);
+        self.joiners.push_back(joiner);
     }
 
     /// Whether a joiner has covered a full iteration.
     fn any_complete(&self) -> bool {
-        self.joiners
+        let done = |j: &Joiner| j.complete_at(&self.cursor, self.order);
+        match self.order {
+            Order::Exact => self.joiners.iter().any(done),
+            _ => self.joiners.front().is_some_and(done),
+        }
+    }
+
+    /// Takes the joiners that have covered a full iteration.
+    ///
+    /// Where the server's cursors are ordered, a joiner is done only once every earlier one
+    /// is: it joined later in the same lap, or in a later lap. So those are the first few, and
+    /// a page costs no look at every joiner; elsewhere any of them may be done.
+    fn take_complete(&mut self) -> Vec<Joiner> {
+        let (cursor, order) = (&self.cursor, self.order);
+        if order == Order::Exact {
+            let (done, walking): (VecDeque<Joiner>, VecDeque<Joiner>) =
+                std::mem::take(&mut self.joiners)
+                    .into_iter()
+                    .partition(|j| j.complete_at(cursor, order));
+            self.joiners = walking;
+            return done.into();
+        }
+        let done = self
+            .joiners
             .iter()
-            .any(|j| j.complete_at(&self.cursor, self.order))
+            .take_while(|j| j.complete_at(cursor, order))
+            .count();
+        self.joiners.drain(..done).collect()
     }
 
     /// Records the server it talks to, and starts over when that is another process.
@@ -516,20 +541,14 @@ impl Walker {
             if node.run_id != known {
                 continue;
             }
-            let (cursor, order) = (&node.cursor, node.order);
-            let (pass, tickets) = (&mut node.pass, &mut self.tickets);
-            node.joiners.retain(|joiner| {
-                if !joiner.complete_at(cursor, order) {
-                    return true;
-                }
+            for joiner in node.take_complete() {
                 for pattern in &joiner.patterns {
-                    pass.leave(pattern.as_bytes());
+                    node.pass.leave(pattern.as_bytes());
                 }
-                if let Some(ticket) = tickets.get_mut(&joiner.ticket) {
+                if let Some(ticket) = self.tickets.get_mut(&joiner.ticket) {
                     ticket.waiting -= 1;
                 }
-                false
-            });
+            }
         }
         Ok(())
     }
@@ -629,6 +648,33 @@ mod tests {
         for order in [Order::Reversed, Order::SlotThenReversed, Order::Exact] {
             assert!(joiner("0", 1).complete_at("0", order));
         }
+    }
+
+    #[test]
+    fn the_done_joiners_are_taken_from_the_front_where_cursors_are_ordered_else_from_anywhere() {
+        let walk = |order: Order, joiners: &[(&str, u8)]| {
+            let mut walk = NodeWalk::new(Node::Only);
+            walk.order = order;
+            walk.cursor = "6".to_owned();
+            for (ticket, &(start, laps)) in joiners.iter().enumerate() {
+                walk.join(Joiner {
+                    ticket: ticket as u64,
+                    ..joiner(start, laps)
+                });
+            }
+            walk
+        };
+        let tickets = |joiners: Vec<Joiner>| joiners.iter().map(|j| j.ticket).collect::<Vec<_>>();
+        // Reverse binary order of 8 buckets: 0 4 2 6 1 5 3 7; the walk is about to send 6.
+        let mut ordered = walk(Order::Reversed, &[("4", 2), ("2", 1), ("6", 1), ("1", 0)]);
+        assert!(ordered.any_complete());
+        assert_eq!(tickets(ordered.take_complete()), [0, 1, 2]);
+        assert_eq!(ordered.joiners.len(), 1);
+        assert!(!ordered.any_complete());
+        let mut exact = walk(Order::Exact, &[("2", 1), ("6", 1), ("4", 0)]);
+        assert!(exact.any_complete());
+        assert_eq!(tickets(exact.take_complete()), [1]);
+        assert_eq!(tickets(exact.joiners.drain(..).collect()), [0, 2]);
     }
 
     #[test]
