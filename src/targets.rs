@@ -51,7 +51,7 @@ pub async fn run_targets<K: Sink>(
     queue: mpsc::Receiver<Committed>,
     confirmed: watch::Sender<Position>,
     health: Arc<Health>,
-    max_batch_keys: usize,
+    limits: pipeline::Limits,
     cancel: CancellationToken,
 ) -> Result<(), K::Error> {
     // A permanent error of one target stops the others.
@@ -72,15 +72,7 @@ pub async fn run_targets<K: Sink>(
                     return Ok(());
                 };
                 reporting.set_redis(None);
-                pipeline::deliver(
-                    sink,
-                    rx,
-                    position_tx,
-                    &reporting,
-                    max_batch_keys,
-                    stop.clone(),
-                )
-                .await
+                pipeline::deliver(sink, rx, position_tx, &reporting, limits, stop.clone()).await
             }
             .await;
             if result.is_err() {
@@ -173,6 +165,12 @@ mod tests {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::time::Duration;
 
+    /// Small batches, so the targets see several.
+    const LIMITS: pipeline::Limits = pipeline::Limits {
+        batch_keys: 100,
+        pending_patterns: 100,
+    };
+
     #[derive(Debug, thiserror::Error)]
     #[error("down")]
     struct Down {
@@ -262,7 +260,7 @@ mod tests {
             queue_rx,
             confirmed_tx,
             health.clone(),
-            100,
+            LIMITS,
             cancel.clone(),
         ));
         for i in 1..=10 {
@@ -312,7 +310,7 @@ mod tests {
             queue_rx,
             confirmed_tx,
             Health::new(),
-            100,
+            LIMITS,
             cancel.clone(),
         ));
         let mut sent = 0u64;
@@ -363,7 +361,7 @@ mod tests {
             queue_rx,
             confirmed_tx,
             Health::new(),
-            100,
+            LIMITS,
             CancellationToken::new(),
         ));
         queue_tx.send(committed("k", 10)).await.unwrap();

@@ -51,6 +51,9 @@ pub(super) fn apply_env(raw: &mut RawConfig, name: &str, value: &str) -> Result<
         "INVALIDATOR_RULES_PATH" => raw.rules.path = Some(PathBuf::from(value)),
         "INVALIDATOR_HTTP_LISTEN" => raw.http.listen = v,
         "INVALIDATOR_PIPELINE_MAX_BATCH_KEYS" => raw.pipeline.max_batch_keys = Some(number(value)?),
+        "INVALIDATOR_PIPELINE_MAX_PENDING_PATTERNS" => {
+            raw.pipeline.max_pending_patterns = Some(number(value)?)
+        }
         "INVALIDATOR_PIPELINE_STATUS_INTERVAL_MS" => {
             raw.pipeline.status_interval_ms = Some(number(value)? as u64)
         }

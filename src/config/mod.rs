@@ -156,6 +156,9 @@ const TARGET_ENV_PREFIX: &str = "INVALIDATOR_REDIS_TARGETS_";
 pub struct PipelineConfig {
     /// A batch stops taking more transactions once it holds this many keys and patterns.
     pub max_batch_keys: usize,
+    /// No new batch starts while the batches in flight hold this many patterns that wait for
+    /// the SCAN walk, so memory stays bounded (about half a KiB each).
+    pub max_pending_patterns: usize,
     /// How often a standby status update is sent even when nothing changed.
     pub status_interval: Duration,
     /// Past this many distinct keys and patterns, one transaction's invalidations are replaced by
@@ -287,6 +290,7 @@ struct RawHttp {
 #[serde(deny_unknown_fields)]
 struct RawPipeline {
     max_batch_keys: Option<usize>,
+    max_pending_patterns: Option<usize>,
     status_interval_ms: Option<u64>,
     max_transaction_keys: Option<usize>,
     wait_visible: Option<bool>,
@@ -535,6 +539,20 @@ mod tests {
             err.to_string().contains("INVALIDATOR_REDIS_WAIT_REPLICAS"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn pipeline_max_pending_patterns_defaults_to_100000_and_comes_from_file_or_environment() {
+        let cfg = Config::load_with_env(None, &env(&[])).unwrap();
+        assert_eq!(cfg.pipeline.max_pending_patterns, 100_000);
+        let file = write("[pipeline]\nmax_pending_patterns = 500\n");
+        let cfg = Config::load_with_env(Some(file.path()), &env(&[])).unwrap();
+        assert_eq!(cfg.pipeline.max_pending_patterns, 500);
+        let var = "INVALIDATOR_PIPELINE_MAX_PENDING_PATTERNS";
+        let cfg = Config::load_with_env(Some(file.path()), &env(&[(var, "7")])).unwrap();
+        assert_eq!(cfg.pipeline.max_pending_patterns, 7);
+        let err = Config::load_with_env(None, &env(&[(var, "0")])).unwrap_err();
+        assert!(err.to_string().contains("at least 1"), "{err}");
     }
 
     #[test]

@@ -160,12 +160,17 @@ fn pipeline(raw: &RawPipeline, origins: &Origins) -> Result<PipelineConfig, Conf
     if max_batch_keys == 0 {
         return Err(at_least_one("pipeline.max_batch_keys"));
     }
+    let max_pending_patterns = raw.max_pending_patterns.unwrap_or(100_000);
+    if max_pending_patterns == 0 {
+        return Err(at_least_one("pipeline.max_pending_patterns"));
+    }
     let max_transaction_keys = raw.max_transaction_keys.unwrap_or(100_000);
     if max_transaction_keys == 0 {
         return Err(at_least_one("pipeline.max_transaction_keys"));
     }
     Ok(PipelineConfig {
         max_batch_keys,
+        max_pending_patterns,
         status_interval: Duration::from_millis(raw.status_interval_ms.unwrap_or(10_000).max(100)),
         max_transaction_keys,
         wait_visible: raw.wait_visible.unwrap_or(true),

@@ -8,7 +8,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::flights::{Flight, Flights};
-use super::{Batch, Committed, Finish, Position, Sink, backoff};
+use super::{Batch, Committed, Finish, Limits, Position, Sink, backoff};
 use crate::change::TableName;
 use crate::error::Classify;
 use crate::redis::{
@@ -26,11 +26,11 @@ pub async fn run_deleter<K: Sink>(
     queue: mpsc::Receiver<Committed>,
     confirmed: watch::Sender<Position>,
     health: Arc<Health>,
-    max_batch_keys: usize,
+    limits: Limits,
     cancel: CancellationToken,
 ) -> Result<(), K::Error> {
     let reporting = Reporting::single(health);
-    deliver(sink, queue, confirmed, &reporting, max_batch_keys, cancel).await
+    deliver(sink, queue, confirmed, &reporting, limits, cancel).await
 }
 
 /// A committed transaction as a delete loop receives it: owned with one Redis target, shared
@@ -317,12 +317,12 @@ pub async fn deliver<K: Sink, T: Queued>(
     mut queue: mpsc::Receiver<T>,
     confirmed: watch::Sender<Position>,
     report: &Reporting,
-    max_batch_keys: usize,
+    limits: Limits,
     cancel: CancellationToken,
 ) -> Result<(), K::Error> {
     let mut ping = tokio::time::interval(Duration::from_secs(5));
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut flights = Flights::new(max_batch_keys);
+    let mut flights = Flights::new(limits);
     report.key_index(sink.key_index());
     loop {
         let first = tokio::select! {
@@ -359,7 +359,7 @@ pub async fn deliver<K: Sink, T: Queued>(
         let mut end = head.position();
         let mut commits = vec![(head.end_lsn, head.commit_time_us)];
         let mut batch = Taken::One(first);
-        while batch.inv().len() < max_batch_keys {
+        while batch.inv().len() < limits.batch_keys {
             match queue.try_recv() {
                 Ok(next) => {
                     let c = next.committed();

@@ -13,7 +13,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use super::deliver::{Taken, delete_with_retry};
-use super::{Finish, Position, Queued, Reporting, Sink};
+use super::{Finish, Limits, Position, Queued, Reporting, Sink};
 use crate::change::{Lsn, unix_micros};
 use crate::redis::DeleteStats;
 use crate::telemetry;
@@ -34,25 +34,28 @@ pub(super) struct Flight<T, E> {
 pub(super) struct Flights<T, E> {
     /// The batches.
     queue: VecDeque<Flight<T, E>>,
-    /// Keys and patterns they hold together.
-    held: usize,
-    /// Past this many held keys and patterns no new batch starts: memory stays bounded.
-    limit: usize,
+    /// Literal keys they hold (deleted already; kept to start a batch again).
+    keys: usize,
+    /// Patterns they hold, which wait for the walk.
+    patterns: usize,
+    /// Past either limit no new batch starts: memory stays bounded.
+    limits: Limits,
 }
 
 impl<T: Queued, E> Flights<T, E> {
-    /// No batch in flight; at most `limit` keys and patterns held.
-    pub(super) fn new(limit: usize) -> Self {
+    /// No batch in flight; at most `limits` held.
+    pub(super) fn new(limits: Limits) -> Self {
         Flights {
             queue: VecDeque::new(),
-            held: 0,
-            limit,
+            keys: 0,
+            patterns: 0,
+            limits,
         }
     }
 
     /// Whether a new batch must wait for older ones to finish.
     pub(super) fn is_full(&self) -> bool {
-        self.held >= self.limit
+        self.keys >= self.limits.batch_keys || self.patterns >= self.limits.pending_patterns
     }
 
     /// Whether nothing is in flight.
@@ -62,7 +65,9 @@ impl<T: Queued, E> Flights<T, E> {
 
     /// Adds a started batch behind the others.
     pub(super) fn push(&mut self, flight: Flight<T, E>) {
-        self.held += flight.batch.inv().len();
+        let inv = flight.batch.inv();
+        self.keys += inv.keys.len();
+        self.patterns += inv.patterns.len();
         self.queue.push_back(flight);
     }
 
@@ -108,7 +113,9 @@ impl<T: Queued, E: std::error::Error + Send + 'static> Flights<T, E> {
         let Some(flight) = self.queue.pop_front() else {
             return Ok(true);
         };
-        self.held -= flight.batch.inv().len();
+        let inv = flight.batch.inv();
+        self.keys -= inv.keys.len();
+        self.patterns -= inv.patterns.len();
         report.keys_deleted.increment(stats.keys_deleted);
         report
             .patterns
@@ -186,7 +193,7 @@ mod tests {
     use tokio::sync::{mpsc, oneshot, watch};
     use tokio_util::sync::CancellationToken;
 
-    use super::super::{Batch, Committed, Finish, Position, Sink, run_deleter};
+    use super::super::{Batch, Committed, Finish, Limits, Position, Sink, run_deleter};
     use crate::change::Lsn;
     use crate::redis::DeleteStats;
     use crate::rules::Invalidation;
@@ -276,7 +283,10 @@ mod tests {
             queue_rx,
             confirmed_tx,
             Health::new(),
-            10_000,
+            Limits {
+                batch_keys: 10_000,
+                pending_patterns: 100_000,
+            },
             cancel.clone(),
         ));
         queue.send(pattern_commit(10, "a:*")).await.unwrap();
@@ -297,6 +307,61 @@ mod tests {
             confirmed.borrow().lsn == Lsn(20)
         })
         .await;
+        cancel.cancel();
+        deleter.await.unwrap().unwrap();
+    }
+
+    /// Starts a delete loop on `sink` with `limits`; returns its queue and its task.
+    fn deleting(
+        sink: &Gated,
+        limits: Limits,
+        cancel: &CancellationToken,
+    ) -> (
+        mpsc::Sender<Committed>,
+        tokio::task::JoinHandle<Result<(), std::io::Error>>,
+    ) {
+        let (queue, queue_rx) = mpsc::channel(8);
+        let (confirmed_tx, _) = watch::channel(Position::default());
+        let deleter = tokio::spawn(run_deleter(
+            sink.clone(),
+            queue_rx,
+            confirmed_tx,
+            Health::new(),
+            limits,
+            cancel.clone(),
+        ));
+        (queue, deleter)
+    }
+
+    #[tokio::test]
+    async fn patterns_in_flight_are_bounded_by_their_own_limit_not_by_the_keys() {
+        let sink = Gated::default();
+        let cancel = CancellationToken::new();
+        let limits = Limits {
+            batch_keys: 1,
+            pending_patterns: 3,
+        };
+        let (queue, deleter) = deleting(&sink, limits, &cancel);
+        for (i, pattern) in ["a:*", "b:*", "c:*", "d:*"].into_iter().enumerate() {
+            queue
+                .send(pattern_commit(10 * (i as u64 + 1), pattern))
+                .await
+                .unwrap();
+            // One at a time, so each is a batch of its own.
+            until("the batch starts", || sink.count() == (i + 1).min(3)).await;
+        }
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(
+            sink.count(),
+            3,
+            "a batch started past the pending patterns limit"
+        );
+        sink.open(0);
+        until("the fourth starts once one lands", || sink.count() == 4).await;
+        // At shutdown the loop lands what flies.
+        (1..4).for_each(|i| sink.open(i));
         cancel.cancel();
         deleter.await.unwrap().unwrap();
     }

@@ -47,6 +47,26 @@ pub use visibility::gated;
 /// is the buffer, and what is queued is not yet acknowledged.
 pub const QUEUE_DEPTH: usize = 64;
 
+/// How much the delete loop holds in flight, from `[pipeline]`.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Keys and patterns per batch, and literal keys held by the batches in flight.
+    pub batch_keys: usize,
+    /// Patterns held by the batches in flight: they wait for the walk and cost no SCAN of
+    /// their own, so many more of them may wait than keys.
+    pub pending_patterns: usize,
+}
+
+impl Limits {
+    /// The limits of `config`.
+    pub fn of(config: &crate::config::PipelineConfig) -> Limits {
+        Limits {
+            batch_keys: config.max_batch_keys,
+            pending_patterns: config.max_pending_patterns,
+        }
+    }
+}
+
 /// What one delete covers: the merged invalidations of one or more committed transactions.
 #[derive(Debug, Clone, Copy)]
 pub struct Batch<'a> {

@@ -172,6 +172,7 @@ fn settings(max_transaction_keys: usize) -> PipelineConfig {
     PipelineConfig {
         wait_visible: false,
         max_batch_keys: 10_000,
+        max_pending_patterns: 100_000,
         status_interval: Duration::from_secs(1),
         max_transaction_keys,
     }
@@ -214,7 +215,7 @@ impl Harness {
             let (sink, cancel, settings) = (sink.clone(), cancel.clone(), settings.clone());
             tokio::spawn(async move {
                 let health = Health::new();
-                let max = settings.max_batch_keys;
+                let max = Limits::of(&settings);
                 let _ = run_deleter(sink, queue_rx, confirmed_tx, health, max, cancel).await;
             })
         };

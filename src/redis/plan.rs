@@ -5,8 +5,12 @@
 //! - coalescing drops a pattern when a wider `prefix*` pattern of the same batch covers it;
 //! - above [`SHARED_PASS_THRESHOLD`] patterns, one shared pass returns the keys under the common
 //!   literal prefix and the client filters them with a Redis-faithful matcher.
+//!
+//! The shared walk's patterns come and go one join at a time, so its filter is a [`JoinedPass`]
+//! that patterns are added to and removed from, never rebuilt from all of them.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::ops::Bound;
 
 /// A Redis-faithful glob matcher: `matcher(pattern, subject)`.
 pub type GlobMatcher = fn(&[u8], &[u8]) -> bool;
@@ -152,6 +156,113 @@ pub fn shared_pass(patterns: &[&str], matcher: GlobMatcher) -> ScanPass {
     }
 }
 
+/// The pass of a walk that patterns join and leave: wants what [`shared_pass`] of the patterns
+/// joined now would want, with the same MATCH argument, at a cost per join or completion of a
+/// few tree operations, whatever the number of patterns.
+#[derive(Debug)]
+pub struct JoinedPass {
+    /// Every joined pattern, with how many joiners hold it.
+    patterns: BTreeMap<Vec<u8>, usize>,
+    /// The literal prefixes of the joined patterns, with how many patterns have each: their
+    /// common prefix is that of the least and the greatest.
+    literals: BTreeMap<Vec<u8>, usize>,
+    /// Literal prefixes of the `prefix*` patterns, sorted; one may begin another (see
+    /// [`JoinedPass::wants`]).
+    prefixes: BTreeSet<Vec<u8>>,
+    /// The other patterns, matched one by one.
+    globs: BTreeSet<Vec<u8>>,
+    /// The matcher for `globs`.
+    matcher: GlobMatcher,
+}
+
+impl JoinedPass {
+    /// A pass that no pattern has joined: it wants nothing.
+    pub fn new(matcher: GlobMatcher) -> JoinedPass {
+        JoinedPass {
+            patterns: BTreeMap::new(),
+            literals: BTreeMap::new(),
+            prefixes: BTreeSet::new(),
+            globs: BTreeSet::new(),
+            matcher,
+        }
+    }
+
+    /// Adds one joiner's `pattern`.
+    pub fn join(&mut self, pattern: &[u8]) {
+        let held = self.patterns.entry(pattern.to_vec()).or_insert(0);
+        *held += 1;
+        if *held > 1 {
+            return;
+        }
+        *self
+            .literals
+            .entry(literal_prefix(pattern).to_vec())
+            .or_insert(0) += 1;
+        match prefix_wildcard(pattern) {
+            Some(prefix) => self.prefixes.insert(prefix.to_vec()),
+            None => self.globs.insert(pattern.to_vec()),
+        };
+    }
+
+    /// Removes one joiner's `pattern` (added before with [`JoinedPass::join`]).
+    pub fn leave(&mut self, pattern: &[u8]) {
+        let Some(held) = self.patterns.get_mut(pattern) else {
+            return;
+        };
+        *held -= 1;
+        if *held > 0 {
+            return;
+        }
+        self.patterns.remove(pattern);
+        let literal = literal_prefix(pattern);
+        if let Some(count) = self.literals.get_mut(literal) {
+            *count -= 1;
+            if *count == 0 {
+                self.literals.remove(literal);
+            }
+        }
+        match prefix_wildcard(pattern) {
+            Some(prefix) => self.prefixes.remove(prefix),
+            None => self.globs.remove(pattern),
+        };
+    }
+
+    /// The MATCH argument to send, if any: a lone pattern itself, else the joined patterns'
+    /// common literal prefix followed by `*` (see [`shared_pass`]).
+    pub fn match_arg(&self) -> Option<Vec<u8>> {
+        if self.patterns.len() == 1 {
+            return self.patterns.keys().next().cloned();
+        }
+        let (first, last) = (
+            self.literals.keys().next()?,
+            self.literals.keys().next_back()?,
+        );
+        // In sorted order the common prefix of all is that of the two ends.
+        let common = common_prefix([first.as_slice(), last.as_slice()].into_iter());
+        (!common.is_empty()).then(|| [common, b"*"].concat())
+    }
+
+    /// Whether a key that SCAN returned is to be deleted.
+    ///
+    /// The greatest prefix `P <= K` either begins `K`, or every prefix of `K` below it lies
+    /// within the bytes that `P` and `K` share: a `Q < P` that begins `K` also begins `P`. So
+    /// the search continues below that common part, each step shorter than the last.
+    pub fn wants(&self, key: &[u8]) -> bool {
+        let mut bound = key;
+        while let Some(prefix) = self
+            .prefixes
+            .range::<[u8], _>((Bound::Unbounded, Bound::Included(bound)))
+            .next_back()
+        {
+            if key.starts_with(prefix) {
+                return true;
+            }
+            bound = &key[..common_prefix([prefix.as_slice(), bound].into_iter()).len()];
+        }
+        self.globs.iter().any(|glob| (self.matcher)(glob, key))
+    }
+}
+
 /// For a pattern of the form `L*` with no glob byte in `L`, returns `L`.
 fn prefix_wildcard(pattern: &[u8]) -> Option<&[u8]> {
     let prefix = pattern.strip_suffix(b"*")?;
@@ -191,6 +302,8 @@ fn common_prefix<'a>(mut items: impl Iterator<Item = &'a [u8]>) -> &'a [u8] {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
 
     /// A stub matcher that understands only `*`, enough to test the planning around it.
@@ -298,6 +411,44 @@ mod tests {
         assert_eq!(passes[0].match_arg(), None);
         assert!(passes[0].wants(b"3x"));
         assert!(!passes[0].wants(b"x3"));
+    }
+
+    /// A pattern, or a key, over few bytes, so that prefixes begin one another often.
+    fn short(bytes: &'static str, max: usize) -> impl Strategy<Value = Vec<u8>> {
+        proptest::collection::vec(proptest::sample::select(bytes.as_bytes()), 0..=max)
+    }
+
+    proptest! {
+        #[test]
+        fn a_joined_pass_wants_what_a_pass_built_from_its_patterns_wants(
+            steps in proptest::collection::vec((any::<bool>(), short("ab:*?", 5), any::<usize>()), 1..60),
+            keys in proptest::collection::vec(short("ab:", 6), 1..40),
+        ) {
+            let mut joined = JoinedPass::new(crate::glob::matches);
+            // The joiners' patterns, one entry per join, as the walk holds them.
+            let mut held: Vec<Vec<u8>> = Vec::new();
+            for (join, pattern, pick) in steps {
+                if join || held.is_empty() {
+                    joined.join(&pattern);
+                    held.push(pattern);
+                } else {
+                    let gone = held.swap_remove(pick % held.len());
+                    joined.leave(&gone);
+                }
+                let distinct: BTreeSet<&[u8]> = held.iter().map(Vec::as_slice).collect();
+                let texts: Vec<String> = distinct
+                    .iter()
+                    .map(|p| String::from_utf8(p.to_vec()).expect("ascii"))
+                    .collect();
+                let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+                let built = shared_pass(&refs, crate::glob::matches);
+                let match_arg = joined.match_arg();
+                prop_assert_eq!(match_arg.as_deref(), built.match_arg());
+                for key in &keys {
+                    prop_assert_eq!(joined.wants(key), built.wants(key), "key {:?}", key);
+                }
+            }
+        }
     }
 
     #[test]

@@ -219,7 +219,7 @@ async fn spawn_delete_loop(
     confirmed: watch::Sender<pipeline::Position>,
 ) -> Result<Option<DeleteLoop>, RunError> {
     let health = health.clone();
-    let max = config.pipeline.max_batch_keys;
+    let max = pipeline::Limits::of(&config.pipeline);
     let mut options = DeleterOptions::from_config(&config.redis)?;
     // Fixed at start: patterns of rules reloaded later with new prefixes are walked.
     if config.redis.key_index {

@@ -4,7 +4,8 @@
 //! share one. The walk runs while any pattern is pending; a pattern that arrives mid-walk joins
 //! at the cursor the walk sends next, and is complete once the walk has wrapped around and comes
 //! back to that cursor. Every key SCAN returns is matched against all joined patterns at once
-//! (the prefix index of [`plan::shared_pass`]). Why that is a full SCAN iteration:
+//! (the prefix index of [`plan::JoinedPass`], which each join adds its patterns to and each
+//! completion removes them from). Why that is a full SCAN iteration:
 //!
 //! - SCAN promises every key present during a full iteration (cursor 0 back to 0), because the
 //!   cursor is a position in a fixed order of hash buckets (the reverse binary order of the
@@ -28,7 +29,7 @@
 //! Found keys are unlinked in full UNLINK chunks, and always before a pattern completes; with
 //! `wait_replicas`, replicas confirm them with `WAIT` first.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -199,10 +200,10 @@ struct NodeWalk {
     verify: bool,
     /// The cursor to send next.
     cursor: String,
-    /// The tickets walked here.
-    joiners: Vec<Joiner>,
-    /// The filter for all joiners' patterns; `None` when it must be built again.
-    pass: Option<plan::ScanPass>,
+    /// The tickets walked here, in the order they joined.
+    joiners: VecDeque<Joiner>,
+    /// The filter for all joiners' patterns.
+    pass: plan::JoinedPass,
 }
 
 impl NodeWalk {
@@ -214,29 +215,49 @@ impl NodeWalk {
             order: Order::Exact,
             verify: true,
             cursor: "0".to_owned(),
-            joiners: Vec::new(),
-            pass: None,
+            joiners: VecDeque::new(),
+            pass: plan::JoinedPass::new(crate::glob::matches),
         }
     }
 
-    /// The pass for all joined patterns, built when the joiners changed.
-    fn pass(&mut self) -> &plan::ScanPass {
-        self.pass.get_or_insert_with(|| {
-            let patterns: BTreeSet<&str> = self
-                .joiners
-                .iter()
-                .flat_map(|j| j.patterns.iter().map(String::as_str))
-                .collect();
-            let patterns: Vec<&str> = patterns.into_iter().collect();
-            plan::shared_pass(&patterns, crate::glob::matches)
-        })
+    /// Adds `joiner` to the walk and its patterns to the filter.
+    fn join(&mut self, joiner: Joiner) {
+        for pattern in &joiner.patterns {
+            self.pass.join(pattern.as_bytes());
+        }
+        self.joiners.push_back(joiner);
     }
 
     /// Whether a joiner has covered a full iteration.
     fn any_complete(&self) -> bool {
-        self.joiners
+        let done = |j: &Joiner| j.complete_at(&self.cursor, self.order);
+        match self.order {
+            Order::Exact => self.joiners.iter().any(done),
+            _ => self.joiners.front().is_some_and(done),
+        }
+    }
+
+    /// Takes the joiners that have covered a full iteration.
+    ///
+    /// Where the server's cursors are ordered, a joiner is done only once every earlier one
+    /// is: it joined later in the same lap, or in a later lap. So those are the first few, and
+    /// a page costs no look at every joiner; elsewhere any of them may be done.
+    fn take_complete(&mut self) -> Vec<Joiner> {
+        let (cursor, order) = (&self.cursor, self.order);
+        if order == Order::Exact {
+            let (done, walking): (VecDeque<Joiner>, VecDeque<Joiner>) =
+                std::mem::take(&mut self.joiners)
+                    .into_iter()
+                    .partition(|j| j.complete_at(cursor, order));
+            self.joiners = walking;
+            return done.into();
+        }
+        let done = self
+            .joiners
             .iter()
-            .any(|j| j.complete_at(&self.cursor, self.order))
+            .take_while(|j| j.complete_at(cursor, order))
+            .count();
+        self.joiners.drain(..done).collect()
     }
 
     /// Records the server it talks to, and starts over when that is another process.
@@ -362,7 +383,7 @@ impl Walker {
         }
         for node in &mut self.nodes {
             node.joiners.clear();
-            node.pass = None;
+            node.pass = plan::JoinedPass::new(crate::glob::matches);
         }
         self.arrived.clear();
     }
@@ -387,7 +408,7 @@ impl Walker {
                 .filter(|node| !node.joiners.is_empty())
                 .map(|node| {
                     let mut handle = handle.clone();
-                    let match_arg = node.pass().match_arg().map(<[u8]>::to_vec);
+                    let match_arg = node.pass.match_arg();
                     let cursor = node.cursor.clone();
                     async move {
                         let page = handle.scan(&node.node, &cursor, match_arg.as_deref()).await;
@@ -401,7 +422,7 @@ impl Walker {
             match page {
                 Ok((next, keys)) => {
                     self.unclaimed.scan_calls += 1;
-                    let pass = node.pass();
+                    let pass = &node.pass;
                     self.doomed
                         .extend(keys.into_iter().filter(|key| pass.wants(key)));
                     if next == "0" {
@@ -484,11 +505,11 @@ impl Walker {
                     continue;
                 }
                 waiting += 1;
-                walk.pass = None;
-                walk.joiners.push(Joiner {
+                let start = walk.cursor.clone();
+                walk.join(Joiner {
                     ticket: id,
                     patterns: mine,
-                    start: walk.cursor.clone(),
+                    start,
                     laps: 0,
                 });
             }
@@ -520,13 +541,10 @@ impl Walker {
             if node.run_id != known {
                 continue;
             }
-            let (cursor, order) = (node.cursor.clone(), node.order);
-            let (done, walking): (Vec<Joiner>, Vec<Joiner>) = std::mem::take(&mut node.joiners)
-                .into_iter()
-                .partition(|j| j.complete_at(&cursor, order));
-            node.joiners = walking;
-            node.pass = None;
-            for joiner in done {
+            for joiner in node.take_complete() {
+                for pattern in &joiner.patterns {
+                    node.pass.leave(pattern.as_bytes());
+                }
                 if let Some(ticket) = self.tickets.get_mut(&joiner.ticket) {
                     ticket.waiting -= 1;
                 }
@@ -630,6 +648,33 @@ mod tests {
         for order in [Order::Reversed, Order::SlotThenReversed, Order::Exact] {
             assert!(joiner("0", 1).complete_at("0", order));
         }
+    }
+
+    #[test]
+    fn the_done_joiners_are_taken_from_the_front_where_cursors_are_ordered_else_from_anywhere() {
+        let walk = |order: Order, joiners: &[(&str, u8)]| {
+            let mut walk = NodeWalk::new(Node::Only);
+            walk.order = order;
+            walk.cursor = "6".to_owned();
+            for (ticket, &(start, laps)) in joiners.iter().enumerate() {
+                walk.join(Joiner {
+                    ticket: ticket as u64,
+                    ..joiner(start, laps)
+                });
+            }
+            walk
+        };
+        let tickets = |joiners: Vec<Joiner>| joiners.iter().map(|j| j.ticket).collect::<Vec<_>>();
+        // Reverse binary order of 8 buckets: 0 4 2 6 1 5 3 7; the walk is about to send 6.
+        let mut ordered = walk(Order::Reversed, &[("4", 2), ("2", 1), ("6", 1), ("1", 0)]);
+        assert!(ordered.any_complete());
+        assert_eq!(tickets(ordered.take_complete()), [0, 1, 2]);
+        assert_eq!(ordered.joiners.len(), 1);
+        assert!(!ordered.any_complete());
+        let mut exact = walk(Order::Exact, &[("2", 1), ("6", 1), ("4", 0)]);
+        assert!(exact.any_complete());
+        assert_eq!(tickets(exact.take_complete()), [1]);
+        assert_eq!(tickets(exact.joiners.drain(..).collect()), [0, 2]);
     }
 
     #[test]
