@@ -204,6 +204,8 @@ struct NodeWalk {
     joiners: VecDeque<Joiner>,
     /// The filter for all joiners' patterns.
     pass: plan::JoinedPass,
+    /// The keys of the last page, not matched yet.
+    page: Vec<Vec<u8>>,
 }
 
 impl NodeWalk {
@@ -217,7 +219,16 @@ impl NodeWalk {
             cursor: "0".to_owned(),
             joiners: VecDeque::new(),
             pass: plan::JoinedPass::new(crate::glob::matches),
+            page: Vec::new(),
         }
+    }
+
+    /// Whether its next page is worth sending now: a joiner still needs it. One whose
+    /// iteration ends at the cursor does not, so a lone pattern costs no page past its lap.
+    fn wants_page(&self) -> bool {
+        self.joiners
+            .iter()
+            .any(|j| !j.complete_at(&self.cursor, self.order))
     }
 
     /// Adds `joiner` to the walk and its patterns to the filter.
@@ -388,43 +399,53 @@ impl Walker {
         self.arrived.clear();
     }
 
-    /// One step: admit what arrived, complete what is due, then one SCAN page on every walk.
+    /// One step: admit what arrived, send every walk's next SCAN, and while those pages are on
+    /// their way, filter the pages that came last, complete what is due and answer what is
+    /// done.
+    ///
+    /// Overlapping the two keeps Redis serving SCAN pages while the keys of the page before are
+    /// matched and unlinked, instead of each waiting for the other. It changes nothing a pattern
+    /// sees: a join is admitted before the SCAN of the cursor it starts at is sent, and the
+    /// joiners completing at that cursor need only the pages before it, which are filtered and
+    /// unlinked before they complete. A page sent to a server process that turns out to be
+    /// another one when a completion reads its `run_id` is dropped, as the walk starts over.
     async fn round(&mut self) -> Result<(), Failure> {
         let mut handle = self.connection.handle().await.map_err(|e| ("connect", e))?;
         if self.stale || !self.arrived.is_empty() {
             self.refresh().await?;
         }
         self.admit();
-        self.complete(&mut handle).await?;
-        self.finish(&mut handle).await?;
         for node in self.nodes.iter_mut().filter(|n| n.verify) {
             if !node.joiners.is_empty() {
                 node.serves(server(&mut handle, &node.node).await?);
             }
         }
-        let steps = join_all(
+        let scans = join_all(
             self.nodes
-                .iter_mut()
-                .filter(|node| !node.joiners.is_empty())
-                .map(|node| {
+                .iter()
+                .enumerate()
+                .filter(|(_, node)| node.wants_page())
+                .map(|(i, node)| {
                     let mut handle = handle.clone();
-                    let match_arg = node.pass.match_arg();
-                    let cursor = node.cursor.clone();
+                    let (target, cursor) = (node.node.clone(), node.cursor.clone());
+                    let (match_arg, run_id) = (node.pass.match_arg(), node.run_id.clone());
                     async move {
-                        let page = handle.scan(&node.node, &cursor, match_arg.as_deref()).await;
-                        (node, page)
+                        let page = handle.scan(&target, &cursor, match_arg.as_deref()).await;
+                        (i, run_id, page)
                     }
                 }),
-        )
-        .await;
+        );
+        let (pages, between) = tokio::join!(scans, self.between_pages(&mut handle));
+        between?;
         let mut failed = None;
-        for (node, page) in steps {
+        for (i, run_id, page) in pages {
+            let node = &mut self.nodes[i];
             match page {
+                // Sent to a process the walk no longer follows: it started over meanwhile.
+                Ok(_) if node.run_id != run_id => {}
                 Ok((next, keys)) => {
                     self.unclaimed.scan_calls += 1;
-                    let pass = &node.pass;
-                    self.doomed
-                        .extend(keys.into_iter().filter(|key| pass.wants(key)));
+                    node.page = keys;
                     if next == "0" {
                         for joiner in &mut node.joiners {
                             joiner.laps = joiner.laps.saturating_add(1);
@@ -435,11 +456,27 @@ impl Walker {
                 Err(source) => failed = Some(("SCAN", source)),
             }
         }
-        if let Some(failure) = failed {
-            return Err(failure);
+        match failed {
+            Some(failure) => Err(failure),
+            None => Ok(()),
         }
+    }
+
+    /// What a round does while its SCAN pages are on their way: matches the keys of the pages
+    /// that came last, completes the joiners that are due and answers the finished tickets.
+    async fn between_pages(&mut self, handle: &mut Handle) -> Result<(), Failure> {
+        for node in &mut self.nodes {
+            let pass = &node.pass;
+            self.doomed.extend(
+                std::mem::take(&mut node.page)
+                    .into_iter()
+                    .filter(|key| pass.wants(key)),
+            );
+        }
+        self.complete(handle).await?;
+        self.finish(handle).await?;
         if self.doomed.len() >= KEYS_PER_UNLINK {
-            self.unlink(&mut handle).await?;
+            self.unlink(handle).await?;
         }
         Ok(())
     }
