@@ -2,9 +2,10 @@
 //! the index cannot work (one primary refusing CONFIG, a user without channels) must name every
 //! target where `run` will find the index unavailable, and no other.
 
-use invalidator::redis::{Deleter, DeleterOptions, KeyIndexCheck};
+use invalidator::redis::{Deleter, DeleterOptions, KeyIndexCheck, KeyIndexState};
 
 use crate::deleter::chain;
+use crate::key_index::{NO_CAP, indexed, wait_state};
 use crate::support::{RedisCluster, RedisServer};
 
 /// Creates the user `sidecar` (password `pw`) on `server` with every command, key and channel.
@@ -83,4 +84,44 @@ async fn check_says_the_index_is_unavailable_to_a_user_without_channels() {
         reason.to_uppercase().contains("NOPERM"),
         "the reason names the refusal: {reason}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn check_says_the_index_is_unavailable_where_a_shows_and_the_probe_key_is_refused() {
+    let redis = RedisServer::start();
+    // `A` hides `n`, so every barrier writes a probe key; this user may write the cache's keys
+    // alone.
+    let mut admin = redis.connection();
+    redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("notify-keyspace-events")
+        .arg("AK")
+        .exec(&mut admin)
+        .expect("CONFIG SET");
+    redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg("sidecar")
+        .arg("on")
+        .arg(">pw")
+        .arg("~ix:*")
+        .arg("&*")
+        .arg("+@all")
+        .exec(&mut admin)
+        .expect("ACL SETUSER");
+    let url = format!("redis://sidecar:pw@127.0.0.1:{}/0", redis.port());
+    let checks = check(&url).await;
+    let [(None, KeyIndexCheck::NoProbe { reason })] = &checks[..] else {
+        panic!("check must say the index is unavailable: {checks:?}");
+    };
+    assert!(
+        reason.to_uppercase().contains("NOPERM"),
+        "the reason names the refusal: {reason}"
+    );
+    // And so it is, for the same reason, when the index starts.
+    let deleter = indexed(&url, &["ix:"], NO_CAP).await;
+    let state = wait_state(&deleter, "unavailable", |s| {
+        matches!(s, KeyIndexState::Unavailable(_))
+    })
+    .await;
+    assert!(format!("{state:?}").contains("probe key"), "{state:?}");
 }

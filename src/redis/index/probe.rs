@@ -1,11 +1,12 @@
 //! What `invalidator check` asks of a server for the key index: are the notification flags it
-//! needs set, and if not, may this user set them; and may this user subscribe to its channels.
+//! needs set, and if not, may this user set them; may this user subscribe to its channels; and,
+//! where the flags show `A`, write its probe key.
 
 use std::time::Duration;
 
 use super::{flags, keys, node};
 use crate::redis::connection::{Connection, Handle, Node};
-use crate::redis::topology;
+use crate::redis::topology::{self, Myself};
 use crate::redis::{DeleteError, Deleter};
 
 /// Whether a server gives the key index the keyspace events it needs.
@@ -34,6 +35,12 @@ pub enum KeyIndexCheck {
         /// The server's answer.
         reason: String,
     },
+    /// The flags show `A`, which hides `n`, so every barrier writes a probe key, and this user
+    /// may not: the index is unavailable and patterns are walked.
+    NoProbe {
+        /// The server's answer.
+        reason: String,
+    },
 }
 
 impl Deleter {
@@ -50,7 +57,7 @@ impl Deleter {
             let mut handle = handle.map_err(|source| self.failed("connect", source))?;
             let client = self.connection.single_client();
             let timeout = self.options.response_timeout;
-            let found = check(&mut handle, client, timeout).await;
+            let found = check(&mut handle, client, false, timeout).await;
             return Ok(vec![(None, found.map_err(|(a, s)| self.failed(a, s))?)]);
         };
         let mut checks = Vec::new();
@@ -65,7 +72,7 @@ impl Deleter {
             let timeout = self.options.response_timeout;
             let found = match connection {
                 Ok((client, mut connection)) => match connection.handle().await {
-                    Ok(mut handle) => check(&mut handle, Some(client), timeout).await,
+                    Ok(mut handle) => check(&mut handle, Some(client), true, timeout).await,
                     Err(source) => Err(("connect", source)),
                 },
                 Err(source) => Err(("connect", source)),
@@ -78,11 +85,12 @@ impl Deleter {
 }
 
 /// What one server answers (see [`Deleter::key_index_check`]), through `handle` and, for the
-/// subscription, `client` (the same server); a connection problem is the request that failed
-/// and why.
+/// subscription, `client` (the same server; `cluster`: a cluster primary); a connection
+/// problem is the request that failed and why.
 async fn check(
     handle: &mut Handle,
     client: Option<::redis::Client>,
+    cluster: bool,
     timeout: Duration,
 ) -> Result<KeyIndexCheck, (&'static str, ::redis::RedisError)> {
     let mut get = ::redis::cmd("CONFIG");
@@ -109,6 +117,13 @@ async fn check(
         && let Some(reason) = subscription_refused(&client, timeout).await?
     {
         return Ok(KeyIndexCheck::NoChannels { reason });
+    }
+    // `run` keeps `A` (the flags it adds do not remove it), and `A` hides `n`: the index then
+    // writes its probe key at every barrier, and is unavailable where it may not.
+    if !flags::shows_new(&now)
+        && let Some(reason) = probe_refused(handle, cluster).await?
+    {
+        return Ok(KeyIndexCheck::NoProbe { reason });
     }
     let Some(wanted) = flags::merged(&now) else {
         return Ok(KeyIndexCheck::Set);
@@ -156,5 +171,56 @@ async fn subscription_refused(
             "SUBSCRIBE and PSUBSCRIBE of the key index's channels: {err}"
         ))),
         Err(source) => Err(("SUBSCRIBE", source)),
+    }
+}
+
+/// Writes a probe key as the index does (created and deleted in one transaction, hash-tagged
+/// into one of a cluster primary's own slots): the server's refusal if it refuses. A primary
+/// that serves no slot has no probe key yet, so nothing is written.
+async fn probe_refused(
+    handle: &mut Handle,
+    cluster: bool,
+) -> Result<Option<String>, (&'static str, ::redis::RedisError)> {
+    let myself = if cluster {
+        let mut nodes = ::redis::cmd("CLUSTER");
+        nodes.arg("NODES");
+        let reply = handle.on_node(&Node::Only, nodes).await;
+        let text = reply.and_then(|reply| Ok(::redis::from_redis_value::<String>(reply)?));
+        match text {
+            Ok(text) => Myself::of(&text),
+            Err(err) if err.code().is_some() => {
+                return Ok(Some(format!("CLUSTER NODES: {err}")));
+            }
+            Err(source) => return Err(("CLUSTER NODES", source)),
+        }
+    } else {
+        None
+    };
+    if cluster && myself.is_none() {
+        return Ok(None);
+    }
+    let Some(key) = node::probe_key(&node::barrier_channel(), myself.as_ref()) else {
+        return Ok(None);
+    };
+    let Handle::Single(manager) = handle else {
+        return Ok(None);
+    };
+    let mut pipe = ::redis::pipe();
+    pipe.atomic()
+        .cmd("SET")
+        .arg(&key)
+        .arg("")
+        .ignore()
+        .cmd("DEL")
+        .arg(&key)
+        .ignore();
+    let written: ::redis::RedisResult<()> = pipe.query_async(manager).await;
+    match written {
+        Ok(()) => Ok(None),
+        Err(err) if err.code().is_some() => Ok(Some(format!(
+            "writing the barrier's probe key {key} (needed where notify-keyspace-events shows A, \
+             which hides n): {err}"
+        ))),
+        Err(source) => Err(("writing the probe key", source)),
     }
 }
