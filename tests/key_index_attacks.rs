@@ -1,12 +1,17 @@
 //! Attacks on the live key index by an operator on a bad day: `invalidator check` asked where
-//! the index cannot work (one primary refusing CONFIG, a user without channels) must name every
-//! target where `run` will find the index unavailable, and no other.
+//! the index cannot work (one primary refusing CONFIG, a user without channels, a probe key it
+//! may not write) must name every target where `run` will find the index unavailable, and no
+//! other; a cluster primary restarted at its address from an old snapshot must be indexed
+//! again, its keys deleted exactly as a SCAN of every primary finds them, and no batch fail.
 
-use invalidator::redis::{Deleter, DeleterOptions, KeyIndexCheck, KeyIndexState};
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use invalidator::redis::{DeleteStats, Deleter, DeleterOptions, KeyIndexCheck, KeyIndexState};
 
 use crate::deleter::chain;
-use crate::key_index::{NO_CAP, indexed, wait_state};
-use crate::support::{RedisCluster, RedisServer};
+use crate::key_index::{NO_CAP, indexed, resolve, strings, wait_ready, wait_state};
+use crate::support::{RedisCluster, RedisServer, wait_until};
 
 /// Creates the user `sidecar` (password `pw`) on `server` with every command, key and channel.
 fn add_user(server: &RedisServer) {
@@ -124,4 +129,81 @@ async fn check_says_the_index_is_unavailable_where_a_shows_and_the_probe_key_is_
     })
     .await;
     assert!(format!("{state:?}").contains("probe key"), "{state:?}");
+}
+
+/// Resolves `patterns` and checks that the cluster holds exactly what it held before without
+/// what SCAN on every primary found for them; returns the statistics.
+async fn resolve_exactly_on(
+    cluster: &RedisCluster,
+    deleter: &mut Deleter,
+    patterns: &[String],
+) -> DeleteStats {
+    let before: HashSet<String> = cluster.all_keys().into_iter().collect();
+    let doomed: HashSet<String> = patterns.iter().flat_map(|p| cluster.scan_keys(p)).collect();
+    let stats = resolve(deleter, patterns).await;
+    let after: HashSet<String> = cluster.all_keys().into_iter().collect();
+    let missed: Vec<&String> = after.intersection(&doomed).take(5).collect();
+    let wrongly: Vec<&String> = before
+        .difference(&doomed)
+        .filter(|k| !after.contains(*k))
+        .take(5)
+        .collect();
+    assert!(
+        missed.is_empty() && wrongly.is_empty(),
+        "{patterns:?}: missed {missed:?}, wrongly deleted {wrongly:?} ({stats:?})"
+    );
+    stats
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_primary_restarted_from_an_old_snapshot_is_indexed_again_and_its_keys_deleted() {
+    let cluster = RedisCluster::start(3);
+    let keys = |round: u32| (0..300).map(move |i| format!("rs:r{round}:{i}"));
+    cluster.set_keys(keys(0));
+    let mut deleter = indexed(&cluster.url(), &["rs:"], NO_CAP).await;
+    wait_ready(&deleter).await;
+    let restarted = cluster.primaries()[2];
+    // The snapshot holds round 0, which the next batch deletes from the index and the server.
+    redis::cmd("SAVE")
+        .exec(&mut restarted.connection())
+        .expect("SAVE");
+    let patterns = strings(&["rs:*"]);
+    let stats = resolve_exactly_on(&cluster, &mut deleter, &patterns).await;
+    assert_eq!(stats.patterns_indexed, 1, "{stats:?}");
+    // Same address, same node id, and round 0's keys of its slots back, without an event.
+    restarted.kill();
+    restarted.start_again();
+    wait_until(
+        Duration::from_secs(30),
+        "the cluster is whole again",
+        || {
+            cluster.primaries().iter().all(|node| {
+                let info: String = redis::cmd("CLUSTER")
+                    .arg("INFO")
+                    .query(&mut node.connection())
+                    .expect("CLUSTER INFO");
+                info.contains("cluster_state:ok")
+            })
+        },
+    );
+    let back = restarted.scan_keys("rs:r0:*").len();
+    assert!(back > 0, "the snapshot brought keys back");
+    cluster.set_keys(keys(1));
+    let start = Instant::now();
+    loop {
+        // No batch may fail: the first proven after the restart must not UNLINK through the
+        // deleter's connection to the killed process (it would wait out its timeout).
+        let stats = resolve_exactly_on(&cluster, &mut deleter, &patterns).await;
+        if stats.patterns_indexed == 1 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the index did not serve again: {:?}",
+            deleter.key_index_report()
+        );
+        cluster.set_keys(keys(2));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(cluster.scan_keys("rs:*").is_empty());
 }
