@@ -2,12 +2,17 @@
 //! the index cannot work (one primary refusing CONFIG, a user without channels, a probe key it
 //! may not write) must name every target where `run` will find the index unavailable, and no
 //! other; a cluster primary restarted at its address from an old snapshot must be indexed
-//! again, its keys deleted exactly as a SCAN of every primary finds them, and no batch fail.
+//! again, its keys deleted exactly as a SCAN of every primary finds them, and no batch fail;
+//! a slot migration left half begun (importing on its target, nothing on its source) must fall
+//! back and still delete the keys already on the target.
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use invalidator::redis::{DeleteStats, Deleter, DeleterOptions, KeyIndexCheck, KeyIndexState};
+use invalidator::redis::slot::key_slot;
+use invalidator::redis::{
+    DeleteStats, Deleter, DeleterOptions, KEY_INDEX_FALLBACKS, KeyIndexCheck, KeyIndexState,
+};
 
 use crate::deleter::chain;
 use crate::key_index::{NO_CAP, indexed, resolve, strings, wait_ready, wait_state};
@@ -206,4 +211,45 @@ async fn a_primary_restarted_from_an_old_snapshot_is_indexed_again_and_its_keys_
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(cluster.scan_keys("rs:*").is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slot_importing_on_its_target_alone_falls_back_as_moving_and_misses_nothing() {
+    let cluster = RedisCluster::start(3);
+    let slot = key_slot(b"hm");
+    let (from, to) = cluster.owner_and_another(slot);
+    // One slot's keys, for a pattern with its hash tag (walked on the owner alone) and one
+    // without (walked on every primary).
+    let keys = (0..150)
+        .map(|i| format!("{{hm}}:{i}"))
+        .chain((0..150).map(|i| format!("hm:{{hm}}:{i}")));
+    cluster.set_keys(keys);
+    let mut deleter = indexed(&cluster.url(), &["{hm}:", "hm:"], NO_CAP).await;
+    wait_ready(&deleter).await;
+    // An operator's half-begun resharding: the target imports, the source was never marked
+    // migrating, and some keys were MIGRATEd over all the same. No client reaches them now;
+    // every one will be served once the slot is handed over.
+    redis::cmd("CLUSTER")
+        .arg("SETSLOT")
+        .arg(slot)
+        .arg("IMPORTING")
+        .arg(RedisCluster::node_id(from))
+        .exec(&mut to.connection())
+        .expect("IMPORTING");
+    assert_eq!(cluster.migrate_keys(slot, from, to, 200), 200);
+    for (round, pattern) in ["{hm}:*", "hm:*"].into_iter().enumerate() {
+        assert!(
+            !to.scan_keys(pattern).is_empty(),
+            "{pattern}: keys on the target"
+        );
+        let stats = resolve_exactly_on(&cluster, &mut deleter, &strings(&[pattern])).await;
+        assert_eq!(stats.patterns_indexed, 0, "{stats:?}");
+        assert_eq!(stats.keys_deleted, 150, "{pattern}: {stats:?}");
+        let report = deleter.key_index_report().expect("an index");
+        let moving = KEY_INDEX_FALLBACKS.iter().position(|r| *r == "moving");
+        assert_eq!(
+            report.fallbacks[moving.expect("a reason")],
+            round as u64 + 1
+        );
+    }
 }
