@@ -16,6 +16,7 @@ mod guarded_fill;
 mod identifiers;
 mod invalidate;
 mod key_index;
+mod key_index_attacks;
 mod key_index_cluster;
 mod memory;
 mod notify;

@@ -5,8 +5,9 @@ use super::{Finding, Kind, Severity};
 use crate::redis::{KeyIndexCheck, library};
 
 /// A warning for each reachable target (each primary of a cluster) where the key index cannot
-/// work: `notify-keyspace-events` lacks what it needs and this user may not set it. Nothing
-/// where the flags are set or `run` can set them.
+/// work: `notify-keyspace-events` lacks what it needs and this user may not set it, or this user
+/// may not subscribe to the index's channels, or (where the flags show `A`) write its probe
+/// key. Nothing where the flags are set or `run` can set them, and the rest is allowed.
 pub(super) async fn findings(targets: &mut [library::Target]) -> Vec<Finding> {
     let mut findings = Vec::new();
     for target in targets {
@@ -50,6 +51,23 @@ fn finding(target: &str, found: Result<KeyIndexCheck, String>) -> Option<Finding
                     .to_owned(),
             )
         }
+        Ok(KeyIndexCheck::NoChannels { reason }) => (
+            format!(
+                "redis {target}: this user may not subscribe to the key index's channels ({reason}): {walked}"
+            ),
+            // An ACL grants a subscription pattern only literally, and the index's barrier and
+            // probe patterns are new at every start: only every channel will do.
+            "grant this user every channel (ACL allchannels, or &*)".to_owned(),
+        ),
+        Ok(KeyIndexCheck::NoProbe { reason }) => (
+            format!(
+                "redis {target}: the key index cannot write its probe key ({reason}): {walked}"
+            ),
+            "allow this user to write the keys invalidator:key-index:* (ACL \
+             ~invalidator:key-index:*), or set notify-keyspace-events to the classes it needs \
+             instead of A (Kgxen suffices for the index)"
+                .to_owned(),
+        ),
         Err(reason) => (
             format!(
                 "redis {target}: the key index's notify-keyspace-events could not be checked: \
@@ -95,6 +113,28 @@ mod tests {
                 .fix
                 .as_deref()
                 .is_some_and(|fix| fix.contains("Kgxen"))
+        );
+        let no_channels = KeyIndexCheck::NoChannels {
+            reason: "SUBSCRIBE: NOPERM".to_owned(),
+        };
+        let found = finding("redis://r", Ok(no_channels)).expect("a finding");
+        assert!(found.message.contains("NOPERM"), "{}", found.message);
+        assert!(
+            found
+                .fix
+                .as_deref()
+                .is_some_and(|fix| fix.contains("allchannels"))
+        );
+        let no_probe = KeyIndexCheck::NoProbe {
+            reason: "writing the barrier's probe key: NOPERM".to_owned(),
+        };
+        let found = finding("redis://r", Ok(no_probe)).expect("a finding");
+        assert!(found.message.contains("probe key"), "{}", found.message);
+        assert!(
+            found
+                .fix
+                .as_deref()
+                .is_some_and(|fix| fix.contains("~invalidator:key-index:*"))
         );
     }
 }

@@ -461,6 +461,51 @@ impl Handle {
         Ok(deleted)
     }
 
+    /// Deletes `keys`, found on the cluster primary `node` in a slot it imports, on that node
+    /// itself, each slot's behind an `ASKING`: an UNLINK routed to the slot's owner reaches
+    /// them only if the owner redirects it (its slot marked migrating), and a slot imported
+    /// without that (an operator's half-begun resharding) would keep them, to be served once
+    /// the slot is handed over. A node that does not import the slot (any more) answers MOVED,
+    /// and no client can reach the key there: nothing is deleted. Returns how many existed.
+    pub(super) async fn unlink_asking(
+        &mut self,
+        node: &Node,
+        keys: &[Vec<u8>],
+    ) -> RedisResult<u64> {
+        let (Handle::Cluster(connection), Node::Primary { host, port, .. }) = (self, node) else {
+            return Ok(0);
+        };
+        let mut slots: std::collections::BTreeMap<u16, Vec<&Vec<u8>>> =
+            std::collections::BTreeMap::new();
+        for key in keys {
+            slots
+                .entry(super::slot::key_slot(key))
+                .or_default()
+                .push(key);
+        }
+        let mut deleted = 0;
+        for chunk in slots.values().flat_map(|keys| keys.chunks(KEYS_PER_UNLINK)) {
+            // One pipeline, written as one buffer: nothing else on the node's multiplexed
+            // connection comes between the ASKING and its UNLINK.
+            let mut pipe = ::redis::pipe();
+            pipe.cmd("ASKING").cmd("UNLINK").arg(chunk);
+            let route = SingleNodeRoutingInfo::ByAddress {
+                host: host.clone(),
+                port: *port,
+            };
+            match connection.route_pipeline(pipe, 1, 1, route).await {
+                Ok(replies) => {
+                    if let Some(reply) = replies.first() {
+                        deleted += ::redis::from_redis_value_ref::<u64>(reply)?;
+                    }
+                }
+                Err(err) if err.code() == Some("MOVED") => {}
+                Err(err) => return Err(err),
+            }
+        }
+        Ok(deleted)
+    }
+
     /// Runs one SCAN step on `node` and returns the next cursor and the page of keys.
     pub(super) async fn scan(
         &mut self,

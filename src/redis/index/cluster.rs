@@ -29,6 +29,8 @@ pub(super) struct Primaries {
     key_index: KeyIndexOptions,
     /// The topology the last batch was proven under.
     proven: Option<Topology>,
+    /// The epoch of each primary's index when the last batch was proven.
+    proven_epochs: BTreeMap<Address, u64>,
 }
 
 /// What the primaries said of the cluster at one instant, to compare with another.
@@ -55,6 +57,7 @@ impl Primaries {
             options: options.clone(),
             key_index: key_index.clone(),
             proven: None,
+            proven_epochs: BTreeMap::new(),
         }
     }
 
@@ -135,6 +138,19 @@ impl Primaries {
         if let Some(why) = unready {
             return Err((why, None));
         }
+        // All ready now, so every serving primary has an epoch.
+        let epochs: BTreeMap<Address, u64> = serving
+            .iter()
+            .filter_map(|(address, _)| {
+                Some((address.clone(), self.nodes[address].ready_epoch().ok()?))
+            })
+            .collect();
+        // An index that started over since the last proven batch most often lost its server (a
+        // restart at the same address shows the same line): the deleter's connection to it
+        // may be just as broken, and an UNLINK on it would wait out its timeout.
+        if epochs != self.proven_epochs {
+            connection.reset();
+        }
         let proofs = join_all(self.nodes.iter_mut().filter_map(|(address, index)| {
             let (_, myself) = serving.iter().find(|(a, _)| a == address)?;
             Some(index.prove(patterns, Some(myself)))
@@ -148,6 +164,7 @@ impl Primaries {
             return Err((Fallback::Moving, None));
         }
         self.proven = Some(first);
+        self.proven_epochs = epochs;
         Ok(doomed)
     }
 

@@ -68,7 +68,9 @@
 //! reach, and a slot imported into it shows its marker, so it is not asked. Keys moved out of
 //! a slot and back within the window without a marker at either read were absent from their
 //! owner in between, which the promise does not cover. The cluster connection's slot map is read
-//! again whenever the topology differs from the last proven batch's, so the UNLINKs follow it.
+//! again whenever the topology differs from the last proven batch's, so the UNLINKs follow it,
+//! and whenever a primary's index started over since (a primary restarted at its address shows
+//! the same line, and the connection to the killed process would only time out).
 
 mod cluster;
 mod flags;

@@ -329,7 +329,7 @@ pub(super) fn replid(info: &str) -> Option<String> {
 
 /// A channel no other client uses: the process and a per-process count, so that every index
 /// (one per server, and in tests many per process) has its own.
-fn barrier_channel() -> String {
+pub(super) fn barrier_channel() -> String {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let started = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -5,7 +5,9 @@
 //! now, is read once more where its keys can be: a migrating slot on its migrating side first,
 //! then on its importing side (keys only move from the first to the second, so a key missed on
 //! one is on the other); a stable slot on its owner alone, since a primary holds keys only of
-//! the slots it serves or imports; a slot no primary serves on every primary.
+//! the slots it serves or imports; a slot no primary serves on every primary. The keys read on
+//! an importing side are unlinked on that node behind `ASKING`, not routed to the slot's owner:
+//! a slot imported without its source marked migrating sends no UNLINK there.
 //!
 //! A slot is read with `CLUSTER COUNTKEYSINSLOT` and `GETKEYSINSLOT`: a request or two per slot.
 //! A failover moves every slot of the failed primary at once (5,461 of them with three
@@ -74,7 +76,14 @@ impl Walker {
             let last = owner(s).filter(|i| !sides.contains(i));
             for &i in sides.iter().chain(&last) {
                 let keys = keys_in_slot(handle, &nodes[i], s).await?;
-                self.found(handle, &pass, keys).await?;
+                if nodes[i].owns(s) {
+                    self.found(handle, &pass, keys).await?;
+                    continue;
+                }
+                // The importing side: its keys are where a routed UNLINK may not go.
+                let doomed: Vec<Vec<u8>> = keys.into_iter().filter(|k| pass.wants(k)).collect();
+                let deleted = handle.unlink_asking(&nodes[i], &doomed).await;
+                self.unclaimed.keys_deleted += deleted.map_err(|e| ("UNLINK", e))?;
             }
         }
         for (node, slots) in nodes.iter().zip(&stable) {
