@@ -157,7 +157,7 @@ pub struct PipelineConfig {
     /// A batch stops taking more transactions once it holds this many keys and patterns.
     pub max_batch_keys: usize,
     /// No new batch starts while the batches in flight hold this many patterns that wait for
-    /// the SCAN walk, so memory stays bounded (about half a KiB each).
+    /// the SCAN walk, so memory stays bounded (an estimated half a KiB each at most).
     pub max_pending_patterns: usize,
     /// How often a standby status update is sent even when nothing changed.
     pub status_interval: Duration,
