@@ -993,19 +993,9 @@ async fn a_user_without_channel_permissions_makes_the_index_unavailable() {
     let redis = RedisServer::start();
     // What `ACL SETUSER` gives a new user on Redis 7 (`acl-pubsub-default resetchannels`):
     // every command and key, no channel.
-    Db::of(&redis, 0).run(
-        redis::cmd("ACL")
-            .arg("SETUSER")
-            .arg("sidecar")
-            .arg("on")
-            .arg(">pw")
-            .arg("~*")
-            .arg("+@all")
-            .arg("resetchannels"),
-    );
+    let url = redis.acl_user(&["~*", "+@all", "resetchannels"]);
     let db = Db::of(&redis, 0);
     write_keys(&db, "np:", 200);
-    let url = format!("redis://sidecar:pw@127.0.0.1:{}/0", redis.port());
     let mut deleter = indexed(&url, &["np:"], NO_CAP).await;
     // Refused, not lost: retrying cannot help, and the operator must be told what to grant.
     let state = wait_state(&deleter, "unavailable", |s| {

@@ -6,31 +6,17 @@
 //! a slot migration left half begun (importing on its target, nothing on its source) must fall
 //! back and still delete the keys already on the target.
 
-use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use invalidator::redis::slot::key_slot;
 use invalidator::redis::{
-    DeleteStats, Deleter, DeleterOptions, KEY_INDEX_FALLBACKS, KeyIndexCheck, KeyIndexState,
+    Deleter, DeleterOptions, KEY_INDEX_FALLBACKS, KeyIndexCheck, KeyIndexState,
 };
 
 use crate::deleter::chain;
-use crate::key_index::{NO_CAP, indexed, resolve, strings, wait_ready, wait_state};
+use crate::key_index::{NO_CAP, indexed, strings, wait_ready, wait_state};
+use crate::key_index_cluster::resolve_exactly;
 use crate::support::{RedisCluster, RedisServer, wait_until};
-
-/// Creates the user `sidecar` (password `pw`) on `server` with every command, key and channel.
-fn add_user(server: &RedisServer) {
-    redis::cmd("ACL")
-        .arg("SETUSER")
-        .arg("sidecar")
-        .arg("on")
-        .arg(">pw")
-        .arg("~*")
-        .arg("&*")
-        .arg("+@all")
-        .exec(&mut server.connection())
-        .expect("ACL SETUSER");
-}
 
 /// `check`'s answer for `url`, through a deleter without the index (as `check` builds it).
 async fn check(url: &str) -> Vec<(Option<String>, KeyIndexCheck)> {
@@ -47,7 +33,7 @@ async fn check(url: &str) -> Vec<(Option<String>, KeyIndexCheck)> {
 async fn check_names_the_one_primary_that_refuses_config_and_no_other() {
     let cluster = RedisCluster::start(3);
     for node in cluster.primaries() {
-        add_user(node);
+        node.acl_user(&["~*", "&*", "+@all"]);
     }
     let refusing = cluster.primaries()[1];
     redis::cmd("ACL")
@@ -75,17 +61,7 @@ async fn check_says_the_index_is_unavailable_to_a_user_without_channels() {
     let redis = RedisServer::start();
     // What `ACL SETUSER` gives a new user on Redis 7 (`acl-pubsub-default resetchannels`):
     // CONFIG is allowed, so only the subscription is refused when `run` starts the index.
-    redis::cmd("ACL")
-        .arg("SETUSER")
-        .arg("sidecar")
-        .arg("on")
-        .arg(">pw")
-        .arg("~*")
-        .arg("+@all")
-        .arg("resetchannels")
-        .exec(&mut redis.connection())
-        .expect("ACL SETUSER");
-    let url = format!("redis://sidecar:pw@127.0.0.1:{}/0", redis.port());
+    let url = redis.acl_user(&["~*", "+@all", "resetchannels"]);
     let checks = check(&url).await;
     let [(None, KeyIndexCheck::NoChannels { reason })] = &checks[..] else {
         panic!("check must say the index is unavailable: {checks:?}");
@@ -108,17 +84,7 @@ async fn check_says_the_index_is_unavailable_where_a_shows_and_the_probe_key_is_
         .arg("AK")
         .exec(&mut admin)
         .expect("CONFIG SET");
-    redis::cmd("ACL")
-        .arg("SETUSER")
-        .arg("sidecar")
-        .arg("on")
-        .arg(">pw")
-        .arg("~ix:*")
-        .arg("&*")
-        .arg("+@all")
-        .exec(&mut admin)
-        .expect("ACL SETUSER");
-    let url = format!("redis://sidecar:pw@127.0.0.1:{}/0", redis.port());
+    let url = redis.acl_user(&["~ix:*", "&*", "+@all"]);
     let checks = check(&url).await;
     let [(None, KeyIndexCheck::NoProbe { reason })] = &checks[..] else {
         panic!("check must say the index is unavailable: {checks:?}");
@@ -136,30 +102,6 @@ async fn check_says_the_index_is_unavailable_where_a_shows_and_the_probe_key_is_
     assert!(format!("{state:?}").contains("probe key"), "{state:?}");
 }
 
-/// Resolves `patterns` and checks that the cluster holds exactly what it held before without
-/// what SCAN on every primary found for them; returns the statistics.
-async fn resolve_exactly_on(
-    cluster: &RedisCluster,
-    deleter: &mut Deleter,
-    patterns: &[String],
-) -> DeleteStats {
-    let before: HashSet<String> = cluster.all_keys().into_iter().collect();
-    let doomed: HashSet<String> = patterns.iter().flat_map(|p| cluster.scan_keys(p)).collect();
-    let stats = resolve(deleter, patterns).await;
-    let after: HashSet<String> = cluster.all_keys().into_iter().collect();
-    let missed: Vec<&String> = after.intersection(&doomed).take(5).collect();
-    let wrongly: Vec<&String> = before
-        .difference(&doomed)
-        .filter(|k| !after.contains(*k))
-        .take(5)
-        .collect();
-    assert!(
-        missed.is_empty() && wrongly.is_empty(),
-        "{patterns:?}: missed {missed:?}, wrongly deleted {wrongly:?} ({stats:?})"
-    );
-    stats
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_primary_restarted_from_an_old_snapshot_is_indexed_again_and_its_keys_deleted() {
     let cluster = RedisCluster::start(3);
@@ -173,7 +115,7 @@ async fn a_primary_restarted_from_an_old_snapshot_is_indexed_again_and_its_keys_
         .exec(&mut restarted.connection())
         .expect("SAVE");
     let patterns = strings(&["rs:*"]);
-    let stats = resolve_exactly_on(&cluster, &mut deleter, &patterns).await;
+    let stats = resolve_exactly(&cluster, &mut deleter, &patterns).await;
     assert_eq!(stats.patterns_indexed, 1, "{stats:?}");
     // Same address, same node id, and round 0's keys of its slots back, without an event.
     restarted.kill();
@@ -198,7 +140,7 @@ async fn a_primary_restarted_from_an_old_snapshot_is_indexed_again_and_its_keys_
     loop {
         // No batch may fail: the first proven after the restart must not UNLINK through the
         // deleter's connection to the killed process (it would wait out its timeout).
-        let stats = resolve_exactly_on(&cluster, &mut deleter, &patterns).await;
+        let stats = resolve_exactly(&cluster, &mut deleter, &patterns).await;
         if stats.patterns_indexed == 1 {
             break;
         }
@@ -242,7 +184,7 @@ async fn a_slot_importing_on_its_target_alone_falls_back_as_moving_and_misses_no
             !to.scan_keys(pattern).is_empty(),
             "{pattern}: keys on the target"
         );
-        let stats = resolve_exactly_on(&cluster, &mut deleter, &strings(&[pattern])).await;
+        let stats = resolve_exactly(&cluster, &mut deleter, &strings(&[pattern])).await;
         assert_eq!(stats.patterns_indexed, 0, "{stats:?}");
         assert_eq!(stats.keys_deleted, 150, "{pattern}: {stats:?}");
         let report = deleter.key_index_report().expect("an index");

@@ -26,7 +26,7 @@ fn fallbacks(deleter: &Deleter, reason: &str) -> u64 {
 
 /// Resolves `patterns` and checks that the cluster holds exactly what it held before without
 /// what SCAN on every primary found for them; returns the statistics.
-async fn resolve_exactly(
+pub(crate) async fn resolve_exactly(
     cluster: &RedisCluster,
     deleter: &mut Deleter,
     patterns: &[String],

@@ -247,6 +247,20 @@ impl RedisServer {
         let _ = std::fs::remove_file(self.dir.join("server.pid"));
     }
 
+    /// Creates the user `sidecar` (password `pw`) with the ACL `rules` (`~*`, `&*`, `+@all`,
+    /// ...) and returns the URL that logs in as it, database 0.
+    pub fn acl_user(&self, rules: &[&str]) -> String {
+        redis::cmd("ACL")
+            .arg("SETUSER")
+            .arg("sidecar")
+            .arg("on")
+            .arg(">pw")
+            .arg(rules)
+            .exec(&mut self.connection())
+            .expect("ACL SETUSER");
+        format!("redis://sidecar:pw@127.0.0.1:{}/0", self.port())
+    }
+
     /// Starts the killed server again on the same port (empty: nothing was persisted).
     pub fn start_again(&self) {
         if let Err(log) = self.spawn() {

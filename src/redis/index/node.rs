@@ -245,6 +245,32 @@ impl NodeIndex {
     }
 }
 
+/// Creates and deletes the probe `key` in one transaction (never visible outside it), as a
+/// barrier does: what the index task and `check` try once, so that a user who may not write it
+/// is told so instead of failing every barrier. Errors come with what was being done.
+pub(super) async fn write_probe(
+    manager: &mut ::redis::aio::ConnectionManager,
+    key: &str,
+) -> Result<(), (String, ::redis::RedisError)> {
+    let mut pipe = ::redis::pipe();
+    pipe.atomic()
+        .cmd("SET")
+        .arg(key)
+        .arg("")
+        .ignore()
+        .cmd("DEL")
+        .arg(key)
+        .ignore();
+    let written: ::redis::RedisResult<()> = pipe.query_async(manager).await;
+    written.map_err(|err| {
+        let action = format!(
+            "writing the barrier's probe key {key} (needed where notify-keyspace-events shows A, \
+             which hides n)"
+        );
+        (action, err)
+    })
+}
+
 /// The probe key of the index on `channel`: the channel with a hash tag, `{}` on a single
 /// server, and on a cluster primary (`myself`) one whose slot it serves, so that the primary
 /// itself writes it; `None` for a primary that serves no slot.

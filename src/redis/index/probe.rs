@@ -205,22 +205,9 @@ async fn probe_refused(
     let Handle::Single(manager) = handle else {
         return Ok(None);
     };
-    let mut pipe = ::redis::pipe();
-    pipe.atomic()
-        .cmd("SET")
-        .arg(&key)
-        .arg("")
-        .ignore()
-        .cmd("DEL")
-        .arg(&key)
-        .ignore();
-    let written: ::redis::RedisResult<()> = pipe.query_async(manager).await;
-    match written {
+    match node::write_probe(manager, &key).await {
         Ok(()) => Ok(None),
-        Err(err) if err.code().is_some() => Ok(Some(format!(
-            "writing the barrier's probe key {key} (needed where notify-keyspace-events shows A, \
-             which hides n): {err}"
-        ))),
-        Err(source) => Err(("writing the probe key", source)),
+        Err((action, err)) if err.code().is_some() => Ok(Some(format!("{action}: {err}"))),
+        Err((_, source)) => Err(("writing the probe key", source)),
     }
 }

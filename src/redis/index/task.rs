@@ -215,21 +215,8 @@ impl Task {
                 "the key index needs a connection to one server".to_owned(),
             ));
         };
-        let mut pipe = ::redis::pipe();
-        pipe.atomic()
-            .cmd("SET")
-            .arg(&key)
-            .arg("")
-            .ignore()
-            .cmd("DEL")
-            .arg(&key)
-            .ignore();
-        let written: ::redis::RedisResult<()> = pipe.query_async(manager).await;
-        let action = format!(
-            "writing the barrier's probe key {key} (needed where notify-keyspace-events shows A, \
-             which hides n)"
-        );
-        written.map_err(|e| judge(&action, e))
+        let written = super::node::write_probe(manager, &key).await;
+        written.map_err(|(action, e)| judge(&action, e))
     }
 
     /// Records the server's `master_replid` for the build of `epoch`: asked after the
