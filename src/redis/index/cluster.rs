@@ -27,10 +27,9 @@ pub(super) struct Primaries {
     options: DeleterOptions,
     /// What to index.
     key_index: KeyIndexOptions,
-    /// The topology the last batch was proven under.
-    proven: Option<Topology>,
-    /// The epoch of each primary's index when the last batch was proven.
-    proven_epochs: BTreeMap<Address, u64>,
+    /// The topology the last batch was proven under, and the epoch of each serving primary's
+    /// index then.
+    proven: Option<(Topology, BTreeMap<Address, u64>)>,
 }
 
 /// What the primaries said of the cluster at one instant, to compare with another.
@@ -57,7 +56,6 @@ impl Primaries {
             options: options.clone(),
             key_index: key_index.clone(),
             proven: None,
-            proven_epochs: BTreeMap::new(),
         }
     }
 
@@ -101,13 +99,6 @@ impl Primaries {
         patterns: &[String],
     ) -> Result<Vec<Vec<u8>>, Unproven> {
         let first = self.read(connection).await?;
-        // The deleter's slot map may predate a change of the topology (a failover, a fail
-        // back, a resharding): the UNLINKs of a batch from the index must not follow it to a
-        // primary that no longer serves the slot, so it is read again.
-        if self.proven.as_ref().is_some_and(|proven| *proven != first) {
-            connection.reset();
-            self.proven = None;
-        }
         if !first.primaries.iter().eq(self.nodes.keys()) {
             self.reconcile(connection, &first.primaries);
             return Err((Fallback::Building, None));
@@ -145,10 +136,13 @@ impl Primaries {
                 Some((address.clone(), self.nodes[address].ready_epoch().ok()?))
             })
             .collect();
-        // An index that started over since the last proven batch most often lost its server (a
-        // restart at the same address shows the same line): the deleter's connection to it
-        // may be just as broken, and an UNLINK on it would wait out its timeout.
-        if epochs != self.proven_epochs {
+        // The UNLINKs of this batch go through the deleter's connection, which must follow
+        // neither a slot map older than a change of the topology (a failover, a fail back, a
+        // resharding) to a primary that no longer serves the slot, nor a connection to a
+        // primary whose index started over: that most often lost its server (a restart at the
+        // same address shows the same line), and an UNLINK on it would wait out its timeout.
+        let now = (first, epochs);
+        if self.proven.as_ref().is_some_and(|last| *last != now) {
             connection.reset();
         }
         let proofs = join_all(self.nodes.iter_mut().filter_map(|(address, index)| {
@@ -160,11 +154,10 @@ impl Primaries {
         for proof in proofs {
             doomed.extend(proof?);
         }
-        if self.read(connection).await? != first {
+        if self.read(connection).await? != now.0 {
             return Err((Fallback::Moving, None));
         }
-        self.proven = Some(first);
-        self.proven_epochs = epochs;
+        self.proven = Some(now);
         Ok(doomed)
     }
 
