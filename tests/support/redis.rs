@@ -23,6 +23,10 @@ pub struct RedisServer {
     dir: PathBuf,
     /// The port on 127.0.0.1 (the TLS port for a TLS server); kept across restarts.
     port: u16,
+    /// The cluster bus port of a cluster node; kept across restarts. Redis would take the port
+    /// plus 10000 otherwise, which lies in the kernel's ephemeral range (see [`free_port`]),
+    /// where outgoing connections hold ports: every start attempt of a node once failed so.
+    bus_port: u16,
     /// Arguments after the harness's own, such as `--requirepass`.
     extra_args: Vec<String>,
     /// The CA certificate (PEM) that signed the server certificate, for a TLS server.
@@ -97,6 +101,7 @@ impl RedisServer {
         let mut server = RedisServer {
             dir,
             port: 0,
+            bus_port: 0,
             extra_args,
             tls_ca,
             tls_auth_clients,
@@ -105,6 +110,7 @@ impl RedisServer {
         };
         for attempt in 1..=START_ATTEMPTS {
             server.port = free_port();
+            server.bus_port = free_port();
             match server.spawn() {
                 Ok(()) => return server,
                 Err(log) if attempt == START_ATTEMPTS => panic!("redis did not start:\n{log}"),
@@ -310,6 +316,9 @@ impl RedisServer {
                 .arg(if self.tls_auth_clients { "yes" } else { "no" }),
             None => cmd.args(["--port", &port]),
         };
+        if self.extra_args.iter().any(|arg| arg == "--cluster-enabled") {
+            cmd.args(["--cluster-port", &self.bus_port.to_string()]);
+        }
         let mut child = cmd
             .args(&self.extra_args)
             .current_dir(&self.dir)
